@@ -1,1 +1,23 @@
-//! The local world harness (issue [2]).
+//! The local world: a real Kubernetes control plane with simulated NVIDIA GPU
+//! nodes, for Strata's e2e tests, benchmarks and demo.
+//!
+//! - [`tools`]: the pinned upstream binaries, built from their Go modules.
+//! - [`cluster`]: etcd, kube-apiserver, kube-controller-manager,
+//!   kube-scheduler and KWOK as local processes on loopback.
+//! - [`topology`]: the simulated GPU nodes.
+//! - [`runner`]: starts local processes for pods, listening on the pod IP.
+//! - [`harness`]: what tests use: one shared cluster per test binary, a
+//!   namespace per test, helpers for waiting and for kubectl and helm.
+
+pub mod cluster;
+pub mod error;
+pub mod harness;
+pub mod http;
+pub mod pki;
+pub mod process;
+pub mod runner;
+pub mod tools;
+pub mod topology;
+pub mod wait;
+
+pub use error::{Error, Result};

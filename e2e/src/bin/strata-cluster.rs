@@ -1,0 +1,187 @@
+//! strata-cluster: runs the local world (a real Kubernetes control plane with
+//! simulated NVIDIA GPU nodes) until interrupted, or until its standard input
+//! closes when started with --exit-on-stdin-eof (how tests own it: if the test
+//! process dies, even by a panic or a kill, the pipe closes and the cluster
+//! goes with it).
+//!
+//! When the cluster is ready it prints one line of JSON (ClusterInfo) on
+//! stdout; logs go to stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use strata_e2e::cluster::{Cluster, Options};
+use strata_e2e::runner::{PodRunner, RunnerConfig};
+use strata_e2e::topology::Topology;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Run Strata's local world: Kubernetes on loopback with simulated GPU nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the cluster and keep it up.
+    Up {
+        /// Working directory (PKI, etcd data, logs, kubeconfig). Default: a
+        /// temporary directory, removed on exit unless --keep.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Topology file of the simulated nodes.
+        #[arg(long)]
+        topology: Option<PathBuf>,
+        /// Pod runner configuration (profiles of local processes to start for
+        /// pods labelled e2e.strata.ai/run): a YAML file, or `-` for one line
+        /// of JSON on standard input (how the test harness passes it, leaving
+        /// no file behind).
+        #[arg(long)]
+        runner_config: Option<PathBuf>,
+        /// Seconds to wait for each component.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Exit (and clean up) when standard input reaches end of file.
+        #[arg(long)]
+        exit_on_stdin_eof: bool,
+        /// Keep the working directory on exit.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
+        )
+        .init();
+    let Command::Up {
+        dir,
+        topology,
+        runner_config,
+        timeout,
+        exit_on_stdin_eof,
+        keep,
+    } = Cli::parse().command;
+
+    let bin_dir = match tokio::task::spawn_blocking(strata_e2e::tools::ensure_binaries).await {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let runner_config: Result<Option<RunnerConfig>, String> = match runner_config {
+        Some(p) if p.as_os_str() == "-" => {
+            let mut line = String::new();
+            match stdin.read_line(&mut line).await {
+                Ok(_) => serde_json::from_str(&line)
+                    .map(Some)
+                    .map_err(|e| format!("runner config on stdin: {e}")),
+                Err(e) => Err(format!("reading stdin: {e}")),
+            }
+        }
+        Some(p) => RunnerConfig::load(&p).map(Some).map_err(|e| e.to_string()),
+        None => Ok(None),
+    };
+    let runner_config = match runner_config {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = Options {
+        dir,
+        topology: topology.unwrap_or_else(Topology::default_path),
+        bin_dir,
+        timeout: Duration::from_secs(timeout),
+    };
+    let mut cluster = match Cluster::start(opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("cluster did not come up: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runner = match runner_config {
+        Some(config) => {
+            match PodRunner::start(&cluster.info.kubeconfig, config, &cluster.info.log_dir).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!("pod runner did not start: {e}");
+                    cluster.shutdown(keep).await;
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
+    match serde_json::to_string(&cluster.info) {
+        Ok(line) => println!("{line}"),
+        Err(e) => tracing::error!("{e}"),
+    }
+
+    let code = wait_for_exit(&mut cluster, exit_on_stdin_eof, stdin).await;
+    if let Some(r) = runner {
+        r.stop().await;
+    }
+    cluster.shutdown(keep).await;
+    code
+}
+
+async fn wait_for_exit(
+    cluster: &mut Cluster,
+    exit_on_stdin_eof: bool,
+    mut stdin: tokio::io::BufReader<tokio::io::Stdin>,
+) -> ExitCode {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    let stdin_closed = async {
+        if !exit_on_stdin_eof {
+            return std::future::pending::<()>().await;
+        }
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(stdin_closed);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return ExitCode::SUCCESS; }
+            _ = int.recv() => { tracing::info!("interrupted: stopping"); return ExitCode::SUCCESS; }
+            _ = &mut stdin_closed => { tracing::info!("stdin closed: stopping"); return ExitCode::SUCCESS; }
+            _ = health.tick() => {
+                if let Err(e) = cluster.check() {
+                    tracing::error!("a component died: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! What e2e tests use: one local world per test binary, a namespace per test,
+//! and helpers for kubectl, helm and waiting on conditions.
+//!
+//! The world runs in a `strata-cluster` child process whose standard input is
+//! a pipe from the test binary: when the test binary exits for any reason
+//! (success, panic, abort, kill), the pipe closes and the cluster stops and
+//! removes its directory. Set `STRATA_E2E_KUBECONFIG` to run the tests
+//! against a cluster you keep up yourself (see docs/testing.md).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::wait::{Condition, await_condition};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+
+use crate::cluster::{ClusterInfo, client_from};
+use crate::error::{Error, Result};
+use crate::runner::RunnerConfig;
+
+/// Label on every namespace a test creates.
+pub const TEST_NAMESPACE_LABEL: &str = "e2e.strata.ai/test";
+
+/// The shared local world of a test binary.
+pub struct World {
+    /// Where things are.
+    pub info: ClusterInfo,
+    _supervisor: Option<Mutex<Child>>,
+}
+
+static WORLD: OnceLock<std::result::Result<World, String>> = OnceLock::new();
+
+/// The world of this test binary, started on first use.
+///
+/// `cluster_exe` is the `strata-cluster` binary (in tests:
+/// `env!("CARGO_BIN_EXE_strata-cluster")`); `runner` the pod runner's
+/// profiles. Panics with the reason if the world cannot start.
+pub fn world(cluster_exe: &str, runner: impl FnOnce() -> RunnerConfig) -> &'static World {
+    let result = WORLD
+        .get_or_init(|| start_world(Path::new(cluster_exe), runner()).map_err(|e| e.to_string()));
+    match result {
+        Ok(w) => w,
+        Err(e) => panic!("the local world did not start: {e}"),
+    }
+}
+
+fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
+    if let Ok(kubeconfig) = std::env::var("STRATA_E2E_KUBECONFIG") {
+        let bin_dir = crate::tools::ensure_binaries()?;
+        let kubeconfig = PathBuf::from(kubeconfig);
+        let dir = kubeconfig
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        return Ok(World {
+            info: ClusterInfo {
+                log_dir: dir.join("logs"),
+                dir,
+                kubeconfig,
+                server: String::new(),
+                bin_dir,
+                nodes: Vec::new(),
+                startup_seconds: 0.0,
+            },
+            _supervisor: None,
+        });
+    }
+    let config = serde_json::to_string(&runner).map_err(|e| Error::Serialize {
+        what: "runner config".into(),
+        reason: e.to_string(),
+    })?;
+    let mut child = Command::new(exe)
+        .args(["up", "--exit-on-stdin-eof", "--runner-config", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            name: exe.display().to_string(),
+            source,
+        })?;
+    {
+        use std::io::Write;
+        let stdin = child
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Error::Tools("no stdin".into()))?;
+        writeln!(stdin, "{config}").map_err(crate::error::io_err("strata-cluster stdin"))?;
+    }
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Tools("no stdout".into()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    // Generous: on a cold machine strata-cluster first builds the upstream
+    // binaries (e2e/tools/build.sh), which takes minutes.
+    let timeout = Duration::from_secs(1800);
+    let line = rx.recv_timeout(timeout).map_err(|_| Error::Timeout {
+        what: "strata-cluster to report ready".into(),
+        seconds: timeout.as_secs(),
+    })?;
+    if line.trim().is_empty() {
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        return Err(Error::Tools(format!(
+            "strata-cluster exited ({status}) before the cluster was ready; see its log above"
+        )));
+    }
+    let info: ClusterInfo = serde_json::from_str(line.trim()).map_err(|e| Error::Serialize {
+        what: "strata-cluster's ready line".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(World {
+        info,
+        _supervisor: Some(Mutex::new(child)),
+    })
+}
+
+impl World {
+    /// A client with the admin kubeconfig (create one per test: clients are
+    /// bound to the runtime they were made on).
+    pub async fn client(&self) -> Client {
+        match client_from(&self.info.kubeconfig).await {
+            Ok(c) => c,
+            Err(e) => panic!("client for {}: {e}", self.info.kubeconfig.display()),
+        }
+    }
+
+    /// Path of an upstream binary (kubectl, helm, ...).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.info.bin_dir.join(name)
+    }
+
+    /// Runs kubectl against the world.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.run_tool("kubectl", args, None)
+    }
+
+    /// Runs kubectl with `stdin` as standard input.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        self.run_tool("kubectl", args, Some(stdin))
+    }
+
+    /// Runs helm against the world (its caches kept inside the world's directory).
+    pub fn helm(&self, args: &[&str]) -> Output {
+        self.run_tool("helm", args, None)
+    }
+
+    fn run_tool(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        use std::io::Write;
+        let helm_home = self.info.dir.join("helm");
+        let mut cmd = Command::new(self.bin(tool));
+        cmd.args(args)
+            .env("KUBECONFIG", &self.info.kubeconfig)
+            .env("HELM_CACHE_HOME", helm_home.join("cache"))
+            .env("HELM_CONFIG_HOME", helm_home.join("config"))
+            .env("HELM_DATA_HOME", helm_home.join("data"))
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => panic!("running {tool}: {e}"),
+        };
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            let _ = pipe.write_all(text.as_bytes());
+        }
+        match child.wait_with_output() {
+            Ok(o) => o,
+            Err(e) => panic!("running {tool}: {e}"),
+        }
+    }
+}
+
+static NS_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Creates a fresh namespace `<prefix>-<unique>` labelled as a test namespace.
+pub async fn test_namespace(client: &Client, prefix: &str) -> Result<String> {
+    let n = NS_COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let name = format!(
+        "{prefix}-{}-{n}-{:05x}",
+        std::process::id() % 10_000,
+        nanos % 0xfffff
+    );
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some([(TEST_NAMESPACE_LABEL.to_string(), "true".to_string())].into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(name)
+}
+
+/// Deletes a namespace and waits until it is gone.
+pub async fn delete_namespace(client: &Client, name: &str, timeout: Duration) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    wait_for(api, name, timeout, |ns: Option<&Namespace>| ns.is_none()).await
+}
+
+/// Waits (with a watch) until `condition` holds for the named object.
+pub async fn wait_for<K>(
+    api: Api<K>,
+    name: &str,
+    timeout: Duration,
+    condition: impl Condition<K>,
+) -> Result<()>
+where
+    K: Resource + Clone + std::fmt::Debug + DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+{
+    let what = format!("{} {name}", K::kind(&Default::default()));
+    crate::wait::within(&what, timeout, async {
+        await_condition(api, name, condition)
+            .await
+            .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+        Ok(())
+    })
+    .await
+}

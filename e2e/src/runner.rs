@@ -1,0 +1,544 @@
+//! The pod runner: for pods bound to simulated nodes that carry the label
+//! `e2e.strata.ai/run: <profile>`, it starts the profile's local processes
+//! listening on the pod's IP (loopback), marks the pod Ready while the
+//! containers' readiness probes pass, reports a process that exits as the pod
+//! failing (phase Failed), and stops the processes when the pod goes away.
+//!
+//! This is how real binaries (the sidecar, the engine simulator) run "inside"
+//! KWOK's pods and answer on real sockets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result, io_err};
+use crate::process::Component;
+
+/// The label that asks the runner to run a pod; its value names the profile.
+pub const RUN_LABEL: &str = "e2e.strata.ai/run";
+
+/// Profiles of processes, by name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// Profile name (the label value) to what runs.
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+/// What runs for one pod.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Profile {
+    /// The processes, started in order.
+    pub processes: Vec<ProcessSpec>,
+}
+
+/// One local process. In `args` and `env` values, `${POD_IP}`, `${POD_NAME}`,
+/// `${POD_NAMESPACE}`, `${POD_UID}` and `${NODE_NAME}` are replaced by the
+/// pod's values.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Name, used in logs and failure messages (usually the container's name).
+    pub name: String,
+    /// Executable.
+    pub command: PathBuf,
+    /// Arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Also pass the literal `env` values of this container of the pod.
+    #[serde(default)]
+    pub container_env: Option<String>,
+}
+
+impl RunnerConfig {
+    /// Reads a YAML configuration.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        serde_yaml_ng::from_str(&text).map_err(|e| Error::Serialize {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The pod values a template may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodVars {
+    /// status.podIP.
+    pub ip: String,
+    /// metadata.name.
+    pub name: String,
+    /// metadata.namespace.
+    pub namespace: String,
+    /// metadata.uid.
+    pub uid: String,
+    /// spec.nodeName.
+    pub node: String,
+}
+
+impl PodVars {
+    /// The values of a running pod; None until it is bound and has an IP.
+    pub fn of(pod: &Pod) -> Option<Self> {
+        let status = pod.status.as_ref()?;
+        Some(Self {
+            ip: status.pod_ip.clone()?,
+            name: pod.metadata.name.clone()?,
+            namespace: pod.metadata.namespace.clone()?,
+            uid: pod.metadata.uid.clone()?,
+            node: pod.spec.as_ref()?.node_name.clone()?,
+        })
+    }
+
+    /// Replaces the placeholders in `template`.
+    pub fn expand(&self, template: &str) -> String {
+        template
+            .replace("${POD_IP}", &self.ip)
+            .replace("${POD_NAME}", &self.name)
+            .replace("${POD_NAMESPACE}", &self.namespace)
+            .replace("${POD_UID}", &self.uid)
+            .replace("${NODE_NAME}", &self.node)
+    }
+}
+
+/// What the runner should do with a pod it sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Desired {
+    /// Start its processes (not running yet).
+    Start(String),
+    /// Leave it alone (already running, or not ready to start).
+    Nothing,
+    /// Stop its processes (terminating, finished or failed).
+    Stop,
+}
+
+/// Pure decision for one pod, given whether its processes run now.
+pub fn desired(pod: &Pod, running: bool) -> Desired {
+    let terminating = pod.metadata.deletion_timestamp.is_some();
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending");
+    if terminating || phase == "Failed" || phase == "Succeeded" {
+        return if running {
+            Desired::Stop
+        } else {
+            Desired::Nothing
+        };
+    }
+    if running {
+        return Desired::Nothing;
+    }
+    match (phase, PodVars::of(pod), pod.labels().get(RUN_LABEL)) {
+        ("Running", Some(vars), Some(profile)) if crate::http::is_loopback_str(&vars.ip) => {
+            Desired::Start(profile.clone())
+        }
+        _ => Desired::Nothing,
+    }
+}
+
+struct RunningPod {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+/// The runner, watching pods in the background.
+pub struct PodRunner {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl PodRunner {
+    /// Starts watching pods with the admin kubeconfig.
+    pub async fn start(kubeconfig: &Path, config: RunnerConfig, log_dir: &Path) -> Result<Self> {
+        let client = crate::cluster::client_from(kubeconfig).await?;
+        let (stop, stopped) = oneshot::channel();
+        let log_dir = log_dir.join("pods");
+        let task = tokio::spawn(run(client, config, log_dir, stopped));
+        Ok(Self { stop, task })
+    }
+
+    /// Stops the runner and every process it started.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+async fn run(
+    client: Client,
+    config: RunnerConfig,
+    log_dir: PathBuf,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let stream = watcher(pods, watcher::Config::default().labels(RUN_LABEL)).default_backoff();
+    tokio::pin!(stream);
+    let mut running: HashMap<String, RunningPod> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            event = stream.next() => {
+                let Some(event) = event else { break };
+                let pod = match event {
+                    Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => p,
+                    Ok(watcher::Event::Delete(p)) => {
+                        if let Some(r) = running.remove(&p.uid().unwrap_or_default()) {
+                            stop_pod(r).await;
+                        }
+                        continue;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!("pod watch: {e}");
+                        continue;
+                    }
+                };
+                let uid = pod.uid().unwrap_or_default();
+                // Reap tasks that ended on their own (a crashed pod).
+                running.retain(|_, r| !r.task.is_finished() || r.stop.is_closed());
+                match desired(&pod, running.contains_key(&uid)) {
+                    Desired::Start(profile_name) => {
+                        let Some(profile) = config.profiles.get(&profile_name).cloned() else {
+                            tracing::warn!(pod = %pod.name_any(), profile = %profile_name, "no such runner profile");
+                            mark_failed(&client, &pod, &format!("the pod runner has no profile {profile_name:?}")).await;
+                            continue;
+                        };
+                        let (stop, stop_rx) = oneshot::channel();
+                        let task = tokio::spawn(run_pod(client.clone(), pod.clone(), profile, log_dir.clone(), stop_rx));
+                        running.insert(uid, RunningPod { stop, task });
+                    }
+                    Desired::Stop => {
+                        if let Some(r) = running.remove(&uid) {
+                            stop_pod(r).await;
+                        }
+                    }
+                    Desired::Nothing => {}
+                }
+            }
+        }
+    }
+    for (_, r) in running.drain() {
+        stop_pod(r).await;
+    }
+}
+
+async fn stop_pod(r: RunningPod) {
+    let _ = r.stop.send(());
+    let _ = r.task.await;
+}
+
+async fn run_pod(
+    client: Client,
+    pod: Pod,
+    profile: Profile,
+    log_dir: PathBuf,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let Some(vars) = PodVars::of(&pod) else {
+        return;
+    };
+    let pod_name = format!("{}/{}", vars.namespace, vars.name);
+    let containers: Vec<Container> = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default();
+    let mut procs = Vec::new();
+    for spec in &profile.processes {
+        let mut env: Vec<(String, String)> = Vec::new();
+        if let Some(c) = spec
+            .container_env
+            .as_ref()
+            .and_then(|n| containers.iter().find(|c| &c.name == n))
+        {
+            for e in c.env.iter().flatten() {
+                if let Some(v) = &e.value {
+                    env.push((e.name.clone(), vars.expand(v)));
+                }
+            }
+        }
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), vars.expand(v))));
+        env.push(("POD_IP".into(), vars.ip.clone()));
+        env.push(("POD_NAME".into(), vars.name.clone()));
+        env.push(("POD_NAMESPACE".into(), vars.namespace.clone()));
+        let args: Vec<String> = spec.args.iter().map(|a| vars.expand(a)).collect();
+        let log_name = format!("{}_{}_{}", vars.namespace, vars.name, spec.name);
+        match Component::spawn(&log_name, &spec.command, &args, &env, &log_dir) {
+            Ok(c) => procs.push((spec.name.clone(), c)),
+            Err(e) => {
+                tracing::warn!(pod = %pod_name, "{e}");
+                mark_failed(
+                    &client,
+                    &pod,
+                    &format!("process {} could not start: {e}", spec.name),
+                )
+                .await;
+                for (_, mut c) in procs {
+                    c.stop(Duration::from_secs(2)).await;
+                }
+                let _ = stop.await;
+                return;
+            }
+        }
+    }
+    tracing::info!(pod = %pod_name, processes = procs.len(), ip = %vars.ip, "started pod processes");
+
+    let probes: Vec<(Probe, Container)> = containers
+        .iter()
+        .filter_map(|c| c.readiness_probe.clone().map(|p| (p, c.clone())))
+        .collect();
+    let period = probes
+        .iter()
+        .filter_map(|(p, _)| p.period_seconds)
+        .min()
+        .map_or(Duration::from_secs(1), |s| {
+            Duration::from_secs(s.clamp(1, 2) as u64)
+        });
+    let mut ready: Option<bool> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_probe = tokio::time::Instant::now() - period;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                if let Some((name, status)) = procs.iter_mut().find_map(|(n, c)| c.check_running().err().map(|e| (n.clone(), e))) {
+                    let message = match &status {
+                        Error::Exited { status, .. } => format!("process {name} exited ({status})"),
+                        other => format!("process {name}: {other}"),
+                    };
+                    tracing::warn!(pod = %pod_name, "{message}");
+                    for (_, c) in procs.iter_mut() {
+                        c.stop(Duration::from_secs(2)).await;
+                    }
+                    mark_failed(&client, &pod, &message).await;
+                    let _ = (&mut stop).await;
+                    return;
+                }
+                if last_probe.elapsed() < period {
+                    continue;
+                }
+                last_probe = tokio::time::Instant::now();
+                let mut ok = true;
+                for (probe, container) in &probes {
+                    ok &= probe_once(probe, container, &vars.ip).await;
+                }
+                if ready != Some(ok) {
+                    ready = Some(ok);
+                    set_ready(&client, &pod, ok).await;
+                }
+            }
+        }
+    }
+    for (_, c) in procs.iter_mut() {
+        c.stop(Duration::from_secs(5)).await;
+    }
+    tracing::info!(pod = %pod_name, "stopped pod processes");
+}
+
+fn resolve_port(port: &IntOrString, container: &Container) -> Option<u16> {
+    match port {
+        IntOrString::Int(p) => u16::try_from(*p).ok(),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
+async fn probe_once(probe: &Probe, container: &Container, ip: &str) -> bool {
+    let Ok(ip) = ip.parse::<IpAddr>() else {
+        return false;
+    };
+    let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
+    if let Some(get) = &probe.http_get {
+        let Some(port) = resolve_port(&get.port, container) else {
+            return false;
+        };
+        let path = get.path.clone().unwrap_or_else(|| "/".into());
+        return crate::http::get(SocketAddr::new(ip, port), &path, timeout)
+            .await
+            .is_ok_and(|r| (200..400).contains(&r.status));
+    }
+    if let Some(tcp) = &probe.tcp_socket {
+        let Some(port) = resolve_port(&tcp.port, container) else {
+            return false;
+        };
+        return tokio::time::timeout(
+            timeout,
+            tokio::net::TcpStream::connect(SocketAddr::new(ip, port)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+    }
+    // exec and gRPC probes are not simulated: a running process counts as ready.
+    true
+}
+
+fn now() -> String {
+    Timestamp::now().to_string()
+}
+
+async fn set_ready(client: &Client, pod: &Pod, ready: bool) {
+    let status = if ready { "True" } else { "False" };
+    let reason = if ready {
+        "ProbesPassed"
+    } else {
+        "ReadinessProbeFailed"
+    };
+    let patch = serde_json::json!({
+        "status": {
+            "conditions": [
+                {"type": "Ready", "status": status, "reason": reason, "lastTransitionTime": now()},
+                {"type": "ContainersReady", "status": status, "reason": reason, "lastTransitionTime": now()},
+            ],
+        }
+    });
+    patch_status(client, pod, &patch).await;
+}
+
+async fn mark_failed(client: &Client, pod: &Pod, message: &str) {
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default();
+    let statuses: Vec<serde_json::Value> = containers
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "image": c.image.clone().unwrap_or_default(),
+                "imageID": "",
+                "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": message, "finishedAt": now()}},
+            })
+        })
+        .collect();
+    let patch = serde_json::json!({
+        "status": {
+            "phase": "Failed",
+            "reason": "ProcessExited",
+            "message": message,
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "ProcessExited", "message": message, "lastTransitionTime": now()},
+                {"type": "ContainersReady", "status": "False", "reason": "ProcessExited", "message": message, "lastTransitionTime": now()},
+            ],
+            "containerStatuses": statuses,
+        }
+    });
+    patch_status(client, pod, &patch).await;
+}
+
+async fn patch_status(client: &Client, pod: &Pod, patch: &serde_json::Value) {
+    let (Some(ns), Some(name)) = (
+        pod.metadata.namespace.as_deref(),
+        pod.metadata.name.as_deref(),
+    ) else {
+        return;
+    };
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    if let Err(e) = api
+        .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+    {
+        tracing::warn!(pod = %name, "status patch: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+    use kube::api::ObjectMeta;
+
+    fn pod(phase: &str, ip: Option<&str>, label: bool, deleting: bool) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some("ns".into()),
+                uid: Some("u".into()),
+                labels: label.then(|| BTreeMap::from([(RUN_LABEL.to_string(), "web".to_string())])),
+                deletion_timestamp: deleting.then(|| {
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now())
+                }),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("h100-0".into()),
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                pod_ip: ip.map(Into::into),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn decides_what_to_do_with_a_pod() {
+        let ip = Some("127.64.0.5");
+        assert_eq!(
+            desired(&pod("Running", ip, true, false), false),
+            Desired::Start("web".into())
+        );
+        assert_eq!(
+            desired(&pod("Running", ip, true, false), true),
+            Desired::Nothing
+        );
+        assert_eq!(
+            desired(&pod("Pending", None, true, false), false),
+            Desired::Nothing
+        );
+        assert_eq!(
+            desired(&pod("Running", ip, false, false), false),
+            Desired::Nothing
+        );
+        assert_eq!(
+            desired(&pod("Running", ip, true, true), true),
+            Desired::Stop
+        );
+        assert_eq!(
+            desired(&pod("Failed", ip, true, false), true),
+            Desired::Stop
+        );
+        assert_eq!(
+            desired(&pod("Failed", ip, true, false), false),
+            Desired::Nothing
+        );
+        // Never listen on a non-loopback pod IP.
+        assert_eq!(
+            desired(&pod("Running", Some("10.0.0.5"), true, false), false),
+            Desired::Nothing
+        );
+    }
+
+    #[test]
+    fn expands_pod_values() {
+        let vars = PodVars::of(&pod("Running", Some("127.64.0.9"), true, false)).expect("vars");
+        assert_eq!(
+            vars.expand("--listen=${POD_IP}:8080 --name=${POD_NAMESPACE}/${POD_NAME}@${NODE_NAME}"),
+            "--listen=127.64.0.9:8080 --name=ns/p@h100-0"
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! The pinned upstream binaries (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler, kubectl, KWOK, Helm), built by e2e/tools/build.sh from
+//! their Go modules and cached outside the checkout, keyed by version.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{Error, Result};
+
+/// Names of the binaries the local world runs.
+pub const BINARIES: [&str; 7] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+    "helm",
+];
+
+/// The build script.
+pub fn build_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/build.sh")
+}
+
+/// Where the binaries are: `$STRATA_BIN_DIR` if set (and complete), otherwise
+/// the output of `e2e/tools/build.sh`, which builds what is missing (minutes
+/// on a cold machine) and reuses the cache otherwise.
+pub fn ensure_binaries() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("STRATA_BIN_DIR") {
+        let dir = PathBuf::from(dir);
+        if complete(&dir) {
+            return Ok(dir);
+        }
+    }
+    let script = build_script();
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::Tools(format!("running {}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(Error::Tools(format!(
+            "{} failed ({})",
+            script.display(),
+            out.status
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .last()
+        .map(|l| PathBuf::from(l.trim()))
+        .ok_or_else(|| Error::Tools("build.sh printed no directory".into()))?;
+    if complete(&dir) {
+        Ok(dir)
+    } else {
+        Err(Error::Tools(format!(
+            "{} lacks some of {BINARIES:?}",
+            dir.display()
+        )))
+    }
+}
+
+fn complete(dir: &Path) -> bool {
+    BINARIES.iter().all(|b| dir.join(b).is_file())
+}

@@ -1,0 +1,680 @@
+//! Self-tests of the local world: a real control plane (etcd, kube-apiserver
+//! with RBAC and PodSecurity, kube-controller-manager, kube-scheduler) with
+//! KWOK-simulated GPU nodes, the pod runner, and Strata's chart and CRDs
+//! installed with Helm and checked by the real API server.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use strata_e2e::harness::{World, delete_namespace, test_namespace, wait_for, world};
+use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn the_world() -> &'static World {
+    world(env!("CARGO_BIN_EXE_strata-cluster"), || RunnerConfig {
+        profiles: BTreeMap::from([(
+            "http-echo".to_string(),
+            Profile {
+                processes: vec![ProcessSpec {
+                    name: "http".into(),
+                    command: PathBuf::from(env!("CARGO_BIN_EXE_strata-e2e-http")),
+                    args: vec![
+                        "--listen".into(),
+                        "${POD_IP}:8080".into(),
+                        "--name".into(),
+                        "${POD_NAMESPACE}/${POD_NAME}".into(),
+                    ],
+                    ..ProcessSpec::default()
+                }],
+            },
+        )]),
+    })
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+static CHART: Mutex<bool> = Mutex::new(false);
+
+/// Installs charts/strata once per world, with the real helm.
+fn ensure_chart(w: &World) {
+    let mut installed = CHART.lock().unwrap_or_else(|p| p.into_inner());
+    if *installed {
+        return;
+    }
+    let chart = repo().join("charts/strata");
+    let chart = chart.to_string_lossy();
+    let out = w.helm(&["lint", &chart]);
+    assert!(out.status.success(), "helm lint: {}", text(&out));
+    let out = w.helm(&[
+        "upgrade",
+        "--install",
+        "strata",
+        &chart,
+        "--namespace",
+        "strata-system",
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "2m",
+    ]);
+    assert!(out.status.success(), "helm install: {}", text(&out));
+    *installed = true;
+}
+
+async fn crds_established(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in [
+        "gpupools.strata.ai",
+        "models.strata.ai",
+        "adapters.strata.ai",
+    ] {
+        wait_for(
+            crds.clone(),
+            name,
+            TIMEOUT,
+            |c: Option<&CustomResourceDefinition>| {
+                c.and_then(|c| c.status.as_ref())
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+fn api_for(client: &Client, obj: &Value, ns: &str) -> Api<DynamicObject> {
+    let kind = obj["kind"].as_str().expect("kind");
+    let gvk = GroupVersionKind::gvk("strata.ai", "v1alpha1", kind);
+    let plural = match kind {
+        "GPUPool" => "gpupools",
+        "Model" => "models",
+        _ => "adapters",
+    };
+    let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+    if kind == "GPUPool" {
+        Api::all_with(client.clone(), &ar)
+    } else {
+        Api::namespaced_with(client.clone(), ns, &ar)
+    }
+}
+
+fn sample(name: &str, unique: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join("samples").join(name)).expect("sample");
+    let mut obj: Value = serde_yaml_ng::from_str(&text).expect("sample yaml");
+    // Cluster-scoped names must not collide between cases; namespaces come from the test.
+    let name = format!(
+        "{}-{unique}",
+        obj["metadata"]["name"].as_str().expect("name")
+    );
+    obj["metadata"] = json!({ "name": name });
+    obj
+}
+
+#[tokio::test]
+async fn kubectl_reports_kubernetes_1_36() {
+    let w = the_world();
+    let out = w.kubectl(&["version", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let server = v["serverVersion"]["gitVersion"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(server.starts_with("v1.36."), "server version {server}");
+    assert_eq!(v["serverVersion"]["minor"], "36");
+}
+
+#[tokio::test]
+async fn simulated_gpu_nodes_follow_the_topology() {
+    let w = the_world();
+    let client = w.client().await;
+    let nodes: Api<Node> = Api::all(client);
+    let list = nodes.list(&Default::default()).await.expect("list nodes");
+    let mut gpus: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for n in &list.items {
+        let labels = n.metadata.labels.clone().unwrap_or_default();
+        let status = n.status.clone().expect("status");
+        for a in status
+            .addresses
+            .iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+        {
+            assert!(
+                a.address.starts_with("127."),
+                "{:?}: InternalIP {} is not loopback",
+                n.metadata.name,
+                a.address
+            );
+        }
+        assert!(
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            "{:?} is Ready",
+            n.metadata.name
+        );
+        let taints = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        match labels.get("nvidia.com/gpu.product") {
+            Some(product) => {
+                let cap = status
+                    .allocatable
+                    .as_ref()
+                    .and_then(|a| a.get("nvidia.com/gpu"))
+                    .expect("gpu capacity");
+                assert_eq!(
+                    labels.get("nvidia.com/gpu.count"),
+                    Some(&cap.0),
+                    "count label matches capacity"
+                );
+                assert!(labels.contains_key("nvidia.com/gpu.memory"));
+                assert!(
+                    taints
+                        .iter()
+                        .any(|t| t.key == "nvidia.com/gpu" && t.effect == "NoSchedule"),
+                    "GPU taint"
+                );
+                let e = gpus.entry(product.clone()).or_insert((0, cap.0.clone()));
+                e.0 += 1;
+            }
+            None => assert!(taints.is_empty(), "the CPU node has no GPU taint"),
+        }
+    }
+    assert_eq!(
+        gpus.get("NVIDIA-H100-80GB-HBM3"),
+        Some(&(2, "8".to_string()))
+    );
+    assert_eq!(
+        gpus.get("NVIDIA-A100-SXM4-80GB"),
+        Some(&(1, "4".to_string()))
+    );
+    assert_eq!(gpus.get("NVIDIA-L4"), Some(&(2, "1".to_string())));
+    assert_eq!(list.items.len(), 6);
+}
+
+fn gpu_pod(name: &str, gpus: u32) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "containers": [{
+                "name": "engine",
+                "image": "vllm/vllm-openai:v0.11.0",
+                "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}},
+            }],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }
+    }))
+    .expect("pod")
+}
+
+#[tokio::test]
+async fn the_scheduler_binds_gpu_pods_and_rejects_oversized_ones() {
+    let w = the_world();
+    let client = w.client().await;
+    let ns = test_namespace(&client, "sched").await.expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    pods.create(&PostParams::default(), &gpu_pod("two-gpus", 2))
+        .await
+        .expect("create");
+    wait_for(pods.clone(), "two-gpus", TIMEOUT, |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.phase.as_deref())
+            == Some("Running")
+    })
+    .await
+    .expect("the 2-GPU pod runs");
+    let pod = pods.get("two-gpus").await.expect("get");
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("bound");
+    assert!(
+        node.starts_with("h100-") || node.starts_with("a100-"),
+        "bound to a node with 2 free GPUs: {node}"
+    );
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP");
+    assert!(
+        ip.starts_with("127.64."),
+        "pod IP {ip} is in the loopback pod CIDR"
+    );
+
+    pods.create(&PostParams::default(), &gpu_pod("nine-gpus", 9))
+        .await
+        .expect("create");
+    wait_for(pods.clone(), "nine-gpus", TIMEOUT, |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.type_ == "PodScheduled"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("Unschedulable")
+                })
+            })
+    })
+    .await
+    .expect("the 9-GPU pod is Unschedulable");
+    let pod = pods.get("nine-gpus").await.expect("get");
+    assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Pending"));
+    assert!(pod.spec.and_then(|s| s.node_name).is_none(), "not bound");
+
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("cleanup");
+}
+
+#[tokio::test]
+async fn the_pod_runner_serves_http_on_the_pod_ip_and_reports_crashes() {
+    let w = the_world();
+    let client = w.client().await;
+    let ns = test_namespace(&client, "runner").await.expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "labels": {RUN_LABEL: "http-echo"}},
+        "spec": {"containers": [{
+            "name": "http",
+            "image": "strata.ai/e2e-http:test",
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1},
+        }]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create");
+    wait_for(pods.clone(), "web", TIMEOUT, |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await
+    .expect("the runner makes the pod Ready once its probe passes");
+
+    let ip = pods
+        .get("web")
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("pod IP");
+    let addr: SocketAddr = format!("{ip}:8080").parse().expect("addr");
+    let resp = strata_e2e::http::get(addr, "/", Duration::from_secs(5))
+        .await
+        .expect("GET /");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, format!("hello from {ns}/web"));
+
+    // A crash: the process exits, the pod fails with a message saying so.
+    let resp = strata_e2e::http::get(addr, "/exit?code=3", Duration::from_secs(5))
+        .await
+        .expect("GET /exit");
+    assert_eq!(resp.status, 200);
+    wait_for(pods.clone(), "web", TIMEOUT, |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.phase.as_deref())
+            == Some("Failed")
+    })
+    .await
+    .expect("a crashed process fails the pod");
+    let status = pods.get("web").await.expect("get").status.expect("status");
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("http") && message.contains("exit status: 3"),
+        "message: {message}"
+    );
+    assert!(
+        strata_e2e::http::get(addr, "/", Duration::from_secs(2))
+            .await
+            .is_err(),
+        "nothing listens any more"
+    );
+
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("cleanup");
+}
+
+#[tokio::test]
+async fn the_pod_runner_stops_processes_of_deleted_pods() {
+    let w = the_world();
+    let client = w.client().await;
+    let ns = test_namespace(&client, "runner-del")
+        .await
+        .expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "labels": {RUN_LABEL: "http-echo"}},
+        "spec": {"containers": [{
+            "name": "http",
+            "image": "strata.ai/e2e-http:test",
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        }]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create");
+    wait_for(pods.clone(), "web", TIMEOUT, |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await
+    .expect("ready");
+    let ip = pods
+        .get("web")
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("pod IP");
+    let addr: SocketAddr = format!("{ip}:8080").parse().expect("addr");
+    assert!(
+        strata_e2e::http::get(addr, "/healthz", Duration::from_secs(5))
+            .await
+            .is_ok()
+    );
+
+    pods.delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(pods.clone(), "web", TIMEOUT, |p: Option<&Pod>| p.is_none())
+        .await
+        .expect("pod gone");
+    strata_e2e::wait::poll_until(
+        "the process to stop listening",
+        TIMEOUT,
+        Duration::from_millis(200),
+        || async move {
+            Ok(
+                strata_e2e::http::get(addr, "/healthz", Duration::from_secs(1))
+                    .await
+                    .is_err(),
+            )
+        },
+    )
+    .await
+    .expect("process stopped");
+
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("cleanup");
+}
+
+#[tokio::test]
+async fn helm_installs_the_crds_and_the_api_server_enforces_their_rules() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        name: String,
+        base: String,
+        patch: Value,
+        #[serde(default)]
+        update: bool,
+        expect: String,
+    }
+    let w = the_world();
+    ensure_chart(w);
+    let client = w.client().await;
+    crds_established(&client).await;
+    let ns = test_namespace(&client, "api").await.expect("namespace");
+
+    // Every sample is accepted.
+    for (i, name) in [
+        "gpupool-h100.yaml",
+        "gpupool-l4.yaml",
+        "model-llama.yaml",
+        "adapter-sql.yaml",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let obj = sample(name, &format!("{ns}-s{i}"));
+        let dynobj: DynamicObject = serde_json::from_value(obj.clone()).expect("dynamic");
+        api_for(&client, &obj, &ns)
+            .create(&PostParams::default(), &dynobj)
+            .await
+            .unwrap_or_else(|e| panic!("{name} should be accepted: {e}"));
+    }
+
+    let table =
+        std::fs::read_to_string(repo().join("crds/testdata/invalid-specs.yaml")).expect("table");
+    let cases: Vec<Case> = serde_yaml_ng::from_str(&table).expect("cases");
+    assert!(cases.len() >= 20);
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let base = sample(&case.base, &format!("{ns}-c{i}"));
+        let mut obj = base.clone();
+        strata_crds::validation::merge_patch(&mut obj, &case.patch);
+        let api = api_for(&client, &obj, &ns);
+        let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+        let result = if case.update {
+            let base_obj: DynamicObject = serde_json::from_value(base).expect("dynamic");
+            api.create(&PostParams::default(), &base_obj)
+                .await
+                .expect("base is accepted");
+            let pp = PatchParams::apply("strata-e2e").force();
+            api.patch(&name, &pp, &Patch::Apply(&obj)).await.map(|_| ())
+        } else {
+            let dynobj: DynamicObject = serde_json::from_value(obj).expect("dynamic");
+            api.create(
+                &PostParams {
+                    dry_run: true,
+                    ..PostParams::default()
+                },
+                &dynobj,
+            )
+            .await
+            .map(|_| ())
+        };
+        match result {
+            Ok(()) => failures.push(format!("{}: accepted by the API server", case.name)),
+            Err(kube::Error::Api(e)) if e.message.contains(&case.expect) => {}
+            Err(e) => failures.push(format!("{}: {e}; expected {:?}", case.name, case.expect)),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+
+    // The scale subresource: kubectl scale within bounds works, outside is refused.
+    let model = sample("model-llama.yaml", &format!("{ns}-scale"));
+    let mname = model["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let out = w.kubectl(&[
+        "scale",
+        "-n",
+        &ns,
+        &format!("model/{mname}"),
+        "--replicas=3",
+    ]);
+    assert!(!out.status.success(), "no such model yet");
+    let dynobj: DynamicObject = serde_json::from_value(model.clone()).expect("dynamic");
+    api_for(&client, &model, &ns)
+        .create(&PostParams::default(), &dynobj)
+        .await
+        .expect("model");
+    let out = w.kubectl(&[
+        "scale",
+        "-n",
+        &ns,
+        &format!("model/{mname}"),
+        "--replicas=3",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let got = api_for(&client, &model, &ns)
+        .get(&mname)
+        .await
+        .expect("get");
+    assert_eq!(got.data["spec"]["replicas"], 3);
+    let out = w.kubectl(&[
+        "scale",
+        "-n",
+        &ns,
+        &format!("model/{mname}"),
+        "--replicas=30",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("replicas must lie between minReplicas and maxReplicas"),
+        "{}",
+        text(&out)
+    );
+
+    // kubectl explain teaches the API.
+    let out = w.kubectl(&["explain", "model.spec.sla"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("timeToFirstToken"), "{}", text(&out));
+
+    // Clean up cluster-scoped pools made above.
+    let pools = api_for(&client, &json!({"kind": "GPUPool"}), &ns);
+    for p in pools.list(&Default::default()).await.expect("pools").items {
+        if p.metadata.name.as_deref().is_some_and(|n| n.contains(&ns)) {
+            let _ = pools
+                .delete(
+                    p.metadata.name.as_deref().unwrap_or_default(),
+                    &DeleteParams::default(),
+                )
+                .await;
+        }
+    }
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("cleanup");
+}
+
+#[tokio::test]
+async fn pod_security_admission_and_rbac_are_enforced() {
+    let w = the_world();
+    let client = w.client().await;
+    let ns = test_namespace(&client, "psa").await.expect("namespace");
+    let out = w.kubectl(&[
+        "label",
+        "namespace",
+        &ns,
+        "pod-security.kubernetes.io/enforce=restricted",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // No securityContext at all: fine for "privileged", not for "restricted".
+    let unhardened: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .expect("pod");
+    let err = pods
+        .create(&PostParams::default(), &unhardened)
+        .await
+        .expect_err("PodSecurity rejects it");
+    assert!(
+        err.to_string()
+            .contains("violates PodSecurity \"restricted"),
+        "{err}"
+    );
+
+    let out = w.kubectl(&["create", "serviceaccount", "nobody", "-n", &ns]);
+    assert!(out.status.success(), "{}", text(&out));
+    let who = format!("system:serviceaccount:{ns}:nobody");
+    let out = w.kubectl(&["auth", "can-i", "list", "pods", "-n", &ns, "--as", &who]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "no",
+        "RBAC denies an unbound ServiceAccount"
+    );
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("cleanup");
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_removes_everything_in_it() {
+    let w = the_world();
+    let client = w.client().await;
+    let ns = test_namespace(&client, "gone").await.expect("namespace");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"k": "v"}}))
+            .expect("cm");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("configmap");
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "svc"},
+        "spec": {"selector": {"app": "x"}, "ports": [{"port": 80}]}
+    }))
+    .expect("svc");
+    let svc = svcs
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("service");
+    let cluster_ip = svc.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
+    assert!(
+        cluster_ip.starts_with("127.128."),
+        "ClusterIPs are loopback too: {cluster_ip}"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(&PostParams::default(), &gpu_pod("engine", 1))
+        .await
+        .expect("pod");
+    wait_for(pods.clone(), "engine", TIMEOUT, |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.phase.as_deref())
+            == Some("Running")
+    })
+    .await
+    .expect("running");
+
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("namespace deleted");
+    assert!(matches!(cms.get("cfg").await, Err(kube::Error::Api(e)) if e.code == 404));
+    assert!(matches!(svcs.get("svc").await, Err(kube::Error::Api(e)) if e.code == 404));
+    assert!(matches!(pods.get("engine").await, Err(kube::Error::Api(e)) if e.code == 404));
+}
