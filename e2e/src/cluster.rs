@@ -34,6 +34,7 @@ const KWOK_STAGES: &str = include_str!("../kwok/stages.yaml");
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Directory for PKI, data, logs and kubeconfigs; a temporary one if None.
+    /// Its etcd/, pki/, logs/, kwok/ and helm/ are reset on start.
     pub dir: Option<PathBuf>,
     /// Topology file (default: e2e/topology/default.yaml).
     pub topology: PathBuf,
@@ -100,6 +101,13 @@ impl Cluster {
         let (temp, dir) = match &opts.dir {
             Some(d) => {
                 std::fs::create_dir_all(d).map_err(io_err(d))?;
+                // A fresh world each start: only the parts this harness writes.
+                for part in ["etcd", "pki", "logs", "kwok", "helm"] {
+                    let p = d.join(part);
+                    if p.exists() {
+                        std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+                    }
+                }
                 (None, d.clone())
             }
             None => {

@@ -54,13 +54,14 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
     if let Ok(kubeconfig) = std::env::var("STRATA_E2E_KUBECONFIG") {
         let bin_dir = crate::tools::ensure_binaries()?;
         let kubeconfig = PathBuf::from(kubeconfig);
-        let dir = kubeconfig
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let dir = kubeconfig.parent().map(Path::to_path_buf).unwrap_or_default();
+        let log_dir = dir.join("logs");
+        // The cluster is yours; the pod runner with this binary's profiles
+        // runs in the test process (run one test binary at a time).
+        start_runner_thread(kubeconfig.clone(), runner, log_dir.clone())?;
         return Ok(World {
             info: ClusterInfo {
-                log_dir: dir.join("logs"),
+                log_dir,
                 dir,
                 kubeconfig,
                 server: String::new(),
@@ -124,6 +125,40 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
         info,
         _supervisor: Some(Mutex::new(child)),
     })
+}
+
+/// Runs the pod runner on a thread of its own (with its own runtime) for the
+/// rest of the test process.
+fn start_runner_thread(kubeconfig: PathBuf, runner: RunnerConfig, log_dir: PathBuf) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            match crate::runner::PodRunner::start(&kubeconfig, runner, &log_dir).await {
+                Ok(_runner) => {
+                    let _ = tx.send(Ok(()));
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        });
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Tools(format!("pod runner: {e}"))),
+        Err(_) => Err(Error::Timeout {
+            what: "the pod runner to start".into(),
+            seconds: 60,
+        }),
+    }
 }
 
 impl World {

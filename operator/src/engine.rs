@@ -1,0 +1,277 @@
+//! What each inference engine needs: image, command line, port, health path.
+//! Pure: from the Model's engine settings, source and the replica's pool
+//! overrides to the engine container's command, arguments and environment.
+
+use strata_crds::model::{EngineType, ModelSpec, PoolPreference};
+
+/// Where the weights are mounted when they are not fetched by the engine itself.
+pub const MODEL_DIR: &str = "/models";
+
+/// Default images, pinned. A Model's engine.image overrides them.
+pub fn default_image(engine: EngineType) -> Option<&'static str> {
+    match engine {
+        EngineType::VLlm => Some("docker.io/vllm/vllm-openai:v0.11.0"),
+        EngineType::SgLang => Some("docker.io/lmsysorg/sglang:v0.5.3-cu126"),
+        EngineType::Tgi => Some("ghcr.io/huggingface/text-generation-inference:3.3.6"),
+        EngineType::LlamaCpp => Some("ghcr.io/ggml-org/llama.cpp:server-cuda-b6700"),
+        EngineType::Custom => None,
+    }
+}
+
+/// Default port of each engine (inside the pod, on loopback).
+pub fn default_port(engine: EngineType) -> u16 {
+    match engine {
+        EngineType::VLlm => 8000,
+        EngineType::SgLang => 30000,
+        EngineType::Tgi => 3000,
+        EngineType::LlamaCpp => 8081,
+        EngineType::Custom => 8000,
+    }
+}
+
+/// The engine's own health endpoint (the sidecar's readiness follows it).
+pub fn health_path(engine: EngineType) -> &'static str {
+    match engine {
+        EngineType::VLlm | EngineType::SgLang | EngineType::Tgi | EngineType::LlamaCpp | EngineType::Custom => {
+            "/health"
+        }
+    }
+}
+
+/// Short name of the engine, as the sidecar's --engine flag takes it.
+pub fn kind_name(engine: EngineType) -> &'static str {
+    match engine {
+        EngineType::VLlm => "vllm",
+        EngineType::SgLang => "sglang",
+        EngineType::Tgi => "tgi",
+        EngineType::LlamaCpp => "llamacpp",
+        EngineType::Custom => "custom",
+    }
+}
+
+/// How the weights reach the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsLocation {
+    /// The engine downloads from the Hugging Face Hub itself.
+    HuggingFace {
+        /// `<organization>/<repository>`.
+        repo: String,
+        /// Revision, if pinned.
+        revision: Option<String>,
+    },
+    /// A directory in the pod (a mounted claim, image volume or download).
+    Path(String),
+}
+
+/// A parsed source URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// hf://org/repo[@rev]
+    Hf {
+        /// org/repo.
+        repo: String,
+        /// Revision.
+        revision: Option<String>,
+    },
+    /// s3:// or gs://: fetched by an init container into an emptyDir.
+    Bucket {
+        /// The full URI.
+        uri: String,
+    },
+    /// pvc://claim/path
+    Pvc {
+        /// Claim name.
+        claim: String,
+        /// Path inside the claim.
+        path: String,
+    },
+    /// oci://reference: mounted as an image volume.
+    Oci {
+        /// Image reference without the scheme.
+        reference: String,
+    },
+}
+
+/// Parses a source URI already validated by the CRD.
+pub fn parse_source(uri: &str) -> Option<SourceKind> {
+    if let Some(rest) = uri.strip_prefix("hf://") {
+        let (repo, revision) = match rest.split_once('@') {
+            Some((r, rev)) => (r.to_string(), Some(rev.to_string())),
+            None => (rest.to_string(), None),
+        };
+        return Some(SourceKind::Hf { repo, revision });
+    }
+    if uri.starts_with("s3://") || uri.starts_with("gs://") {
+        return Some(SourceKind::Bucket { uri: uri.to_string() });
+    }
+    if let Some(rest) = uri.strip_prefix("pvc://") {
+        let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+        return Some(SourceKind::Pvc {
+            claim: claim.to_string(),
+            path: path.trim_matches('/').to_string(),
+        });
+    }
+    if let Some(rest) = uri.strip_prefix("oci://") {
+        return Some(SourceKind::Oci {
+            reference: rest.to_string(),
+        });
+    }
+    None
+}
+
+/// Where the engine finds the weights for a source.
+pub fn weights_location(source: &SourceKind) -> WeightsLocation {
+    match source {
+        SourceKind::Hf { repo, revision } => WeightsLocation::HuggingFace {
+            repo: repo.clone(),
+            revision: revision.clone(),
+        },
+        SourceKind::Bucket { .. } | SourceKind::Oci { .. } => WeightsLocation::Path(MODEL_DIR.to_string()),
+        SourceKind::Pvc { path, .. } if path.is_empty() => WeightsLocation::Path(MODEL_DIR.to_string()),
+        SourceKind::Pvc { path, .. } => WeightsLocation::Path(format!("{MODEL_DIR}/{path}")),
+    }
+}
+
+/// The engine container's command (None: the image's entrypoint) and arguments.
+pub fn command_line(
+    spec: &ModelSpec,
+    pool: Option<&PoolPreference>,
+    served_name: &str,
+    gpus: i64,
+    port: u16,
+    weights: &WeightsLocation,
+) -> (Option<Vec<String>>, Vec<String>) {
+    let model_ref = match weights {
+        WeightsLocation::HuggingFace { repo, .. } => repo.clone(),
+        WeightsLocation::Path(p) => p.clone(),
+    };
+    let revision = match weights {
+        WeightsLocation::HuggingFace { revision, .. } => revision.clone(),
+        WeightsLocation::Path(_) => None,
+    };
+    let s = |v: &str| v.to_string();
+    let (command, mut args) = match spec.engine.engine_type {
+        EngineType::VLlm => {
+            let mut a = vec![
+                s("--model"),
+                model_ref,
+                s("--host"),
+                s("127.0.0.1"),
+                s("--port"),
+                port.to_string(),
+                s("--served-model-name"),
+                s(served_name),
+                s("--tensor-parallel-size"),
+                gpus.to_string(),
+            ];
+            if let Some(rev) = revision {
+                a.extend([s("--revision"), rev]);
+            }
+            if let Some(limits) = &spec.adapters {
+                a.extend([
+                    s("--enable-lora"),
+                    s("--max-loras"),
+                    limits.max_per_replica.to_string(),
+                    s("--max-lora-rank"),
+                    limits.max_rank.to_string(),
+                ]);
+            }
+            (None, a)
+        }
+        EngineType::SgLang => {
+            let mut a = vec![
+                s("-m"),
+                s("sglang.launch_server"),
+                s("--model-path"),
+                model_ref,
+                s("--host"),
+                s("127.0.0.1"),
+                s("--port"),
+                port.to_string(),
+                s("--served-model-name"),
+                s(served_name),
+                s("--tp"),
+                gpus.to_string(),
+            ];
+            if let Some(rev) = revision {
+                a.extend([s("--revision"), rev]);
+            }
+            if let Some(limits) = &spec.adapters {
+                a.extend([
+                    s("--enable-lora"),
+                    s("--max-loras-per-batch"),
+                    limits.max_per_replica.to_string(),
+                    s("--max-lora-rank"),
+                    limits.max_rank.to_string(),
+                ]);
+            }
+            (Some(vec![s("python3")]), a)
+        }
+        EngineType::Tgi => {
+            let mut a = vec![
+                s("--model-id"),
+                model_ref,
+                s("--hostname"),
+                s("127.0.0.1"),
+                s("--port"),
+                port.to_string(),
+                s("--num-shard"),
+                gpus.to_string(),
+            ];
+            if let Some(rev) = revision {
+                a.extend([s("--revision"), rev]);
+            }
+            (None, a)
+        }
+        EngineType::LlamaCpp => {
+            let mut a = match weights {
+                WeightsLocation::HuggingFace { repo, .. } => vec![s("--hf-repo"), repo.clone()],
+                WeightsLocation::Path(p) => vec![s("--model"), p.clone()],
+            };
+            a.extend([
+                s("--host"),
+                s("127.0.0.1"),
+                s("--port"),
+                port.to_string(),
+                s("--alias"),
+                s(served_name),
+                s("--n-gpu-layers"),
+                s("999"),
+            ]);
+            (None, a)
+        }
+        EngineType::Custom => (None, Vec::new()),
+    };
+    args.extend(spec.engine.args.iter().cloned());
+    if let Some(p) = pool {
+        args.extend(p.args.iter().cloned());
+    }
+    (command, args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_source_scheme() {
+        assert_eq!(
+            parse_source("hf://meta-llama/Llama-3.1-8B@main"),
+            Some(SourceKind::Hf { repo: "meta-llama/Llama-3.1-8B".into(), revision: Some("main".into()) })
+        );
+        assert_eq!(parse_source("s3://bucket/x"), Some(SourceKind::Bucket { uri: "s3://bucket/x".into() }));
+        assert_eq!(
+            parse_source("pvc://models/llama/8b/"),
+            Some(SourceKind::Pvc { claim: "models".into(), path: "llama/8b".into() })
+        );
+        assert_eq!(
+            parse_source("oci://ghcr.io/acme/llama:v1"),
+            Some(SourceKind::Oci { reference: "ghcr.io/acme/llama:v1".into() })
+        );
+        assert_eq!(parse_source("https://x"), None);
+        assert_eq!(
+            weights_location(&SourceKind::Pvc { claim: "c".into(), path: "a/b".into() }),
+            WeightsLocation::Path("/models/a/b".into())
+        );
+    }
+}

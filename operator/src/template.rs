@@ -1,0 +1,366 @@
+//! The pod of one replica, built from the Model, its pool and the node
+//! placement chose. Pure: no API calls. The template hash covers everything
+//! but the node, so that a spec change (and only a spec change) rolls pods.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ImageVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use strata_crds::model::{Model, PoolPreference};
+
+use crate::engine::{self, MODEL_DIR, SourceKind};
+use crate::labels;
+
+/// Port the sidecar serves the OpenAI API on (the pod's front door).
+pub const SIDECAR_HTTP_PORT: i32 = 8080;
+/// Port of the sidecar's /metrics, /healthz, /readyz and adapter API.
+pub const SIDECAR_ADMIN_PORT: i32 = 9090;
+/// Image of the init container that copies s3:// and gs:// weights.
+pub const FETCH_IMAGE: &str = "docker.io/rclone/rclone:1.71";
+
+/// Operator-wide settings that shape every pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Image of strata-sidecar.
+    pub sidecar_image: String,
+    /// Labels added to every model pod (e.g. for a service mesh or the local world's pod runner).
+    pub extra_pod_labels: BTreeMap<String, String>,
+}
+
+/// Everything that decides one replica's pod.
+#[derive(Debug, Clone)]
+pub struct ReplicaTemplate<'a> {
+    /// The Model.
+    pub model: &'a Model,
+    /// The pool preference the replica is placed under.
+    pub pool: &'a PoolPreference,
+    /// The pool's tolerations.
+    pub tolerations: &'a [Toleration],
+    /// The pool's GPU resource name.
+    pub gpu_resource: &'a str,
+    /// Operator settings.
+    pub settings: &'a Settings,
+}
+
+/// Errors building a pod (the Model lacks something the API cannot check).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TemplateError {
+    /// The Model has no name, namespace or uid yet.
+    #[error("the Model has no {0} (not yet persisted?)")]
+    MissingMetadata(&'static str),
+    /// The source URI is not one Strata understands.
+    #[error("unsupported source {0:?}")]
+    Source(String),
+    /// No image for the engine.
+    #[error("engine {0} needs engine.image")]
+    NoImage(&'static str),
+}
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+/// FNV-1a, 64 bit: a stable hash (unlike std's), so that an operator
+/// upgrade does not roll every pod.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The name clients use for the Model.
+pub fn served_name(model: &Model) -> String {
+    model
+        .spec
+        .served_name
+        .clone()
+        .or_else(|| model.metadata.name.clone())
+        .unwrap_or_default()
+}
+
+/// GPUs per replica on a pool.
+pub fn gpus_on(model: &Model, pool: &PoolPreference) -> i64 {
+    i64::from(pool.gpus_per_replica.unwrap_or(model.spec.gpus_per_replica))
+}
+
+impl ReplicaTemplate<'_> {
+    /// The pod spec without the node: what the template hash covers.
+    pub fn pod_spec(&self) -> Result<PodSpec, TemplateError> {
+        let spec = &self.model.spec;
+        let engine_type = spec.engine.engine_type;
+        let image = spec
+            .engine
+            .image
+            .clone()
+            .or_else(|| engine::default_image(engine_type).map(str::to_string))
+            .ok_or(TemplateError::NoImage(engine::kind_name(engine_type)))?;
+        let source = engine::parse_source(&spec.source.uri).ok_or_else(|| TemplateError::Source(spec.source.uri.clone()))?;
+        let weights = engine::weights_location(&source);
+        let port = spec.engine.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(engine::default_port(engine_type));
+        let gpus = gpus_on(self.model, self.pool);
+        let served = served_name(self.model);
+        let (command, args) = engine::command_line(spec, Some(self.pool), &served, gpus, port, &weights);
+
+        // Environment: the Model's, then the pool's (overriding by name).
+        let mut env: Vec<EnvVar> = spec.engine.env.clone();
+        for e in &self.pool.env {
+            env.retain(|x| x.name != e.name);
+            env.push(e.clone());
+        }
+        if spec.engine.engine_type == strata_crds::model::EngineType::Custom {
+            env.push(EnvVar { name: s("PORT"), value: Some(port.to_string()), value_from: None });
+        }
+        let env_from = spec.source.credentials_secret_ref.as_ref().map(|r| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource { name: r.name.clone(), optional: Some(false) }),
+                ..EnvFromSource::default()
+            }]
+        });
+
+        let mut limits = BTreeMap::from([(self.gpu_resource.to_string(), Quantity(gpus.to_string()))]);
+        let mut requests = limits.clone();
+        if let Some(r) = &spec.engine.resources {
+            for (k, v) in [("cpu", &r.cpu), ("memory", &r.memory)] {
+                if let Some(q) = v {
+                    requests.insert(s(k), q.clone());
+                    if k == "memory" {
+                        limits.insert(s(k), q.clone());
+                    }
+                }
+            }
+        }
+
+        let mut volumes = vec![Volume {
+            name: s("dshm"),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some(s("Memory")),
+                size_limit: spec.engine.resources.as_ref().and_then(|r| r.shared_memory.clone()),
+            }),
+            ..Volume::default()
+        }];
+        let mut mounts = vec![VolumeMount { name: s("dshm"), mount_path: s("/dev/shm"), ..VolumeMount::default() }];
+        let mut init_containers = Vec::new();
+        match &source {
+            SourceKind::Hf { .. } => {}
+            SourceKind::Pvc { claim, .. } => {
+                volumes.push(Volume {
+                    name: s("model"),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim.clone(),
+                        read_only: Some(true),
+                    }),
+                    ..Volume::default()
+                });
+                mounts.push(VolumeMount { name: s("model"), mount_path: s(MODEL_DIR), read_only: Some(true), ..VolumeMount::default() });
+            }
+            SourceKind::Oci { reference } => {
+                volumes.push(Volume {
+                    name: s("model"),
+                    image: Some(ImageVolumeSource { reference: Some(reference.clone()), pull_policy: Some(s("IfNotPresent")) }),
+                    ..Volume::default()
+                });
+                mounts.push(VolumeMount { name: s("model"), mount_path: s(MODEL_DIR), read_only: Some(true), ..VolumeMount::default() });
+            }
+            SourceKind::Bucket { uri } => {
+                volumes.push(Volume {
+                    name: s("model"),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                });
+                mounts.push(VolumeMount { name: s("model"), mount_path: s(MODEL_DIR), read_only: Some(true), ..VolumeMount::default() });
+                // rclone reads credentials from the standard AWS_* / GOOGLE_* variables.
+                let remote = if let Some(rest) = uri.strip_prefix("s3://") {
+                    format!(":s3,env_auth=true:{rest}")
+                } else {
+                    format!(":gcs,env_auth=true:{}", uri.trim_start_matches("gs://"))
+                };
+                init_containers.push(Container {
+                    name: s("fetch-weights"),
+                    image: Some(s(FETCH_IMAGE)),
+                    args: Some(vec![s("copy"), remote, s(MODEL_DIR), s("--transfers=16")]),
+                    env_from: env_from.clone(),
+                    volume_mounts: Some(vec![VolumeMount { name: s("model"), mount_path: s(MODEL_DIR), ..VolumeMount::default() }]),
+                    security_context: Some(hardened()),
+                    ..Container::default()
+                });
+            }
+        }
+
+        let engine_container = Container {
+            name: s("engine"),
+            image: Some(image),
+            command,
+            args: Some(args),
+            env: (!env.is_empty()).then_some(env),
+            env_from: env_from.clone(),
+            resources: Some(ResourceRequirements { limits: Some(limits), requests: Some(requests), claims: None }),
+            volume_mounts: Some(mounts),
+            ..Container::default()
+        };
+
+        let sidecar = Container {
+            name: s("strata-sidecar"),
+            image: Some(self.settings.sidecar_image.clone()),
+            args: Some(vec![
+                format!("--listen=0.0.0.0:{SIDECAR_HTTP_PORT}"),
+                format!("--admin-listen=0.0.0.0:{SIDECAR_ADMIN_PORT}"),
+                format!("--engine-url=http://127.0.0.1:{port}"),
+                format!("--engine={}", engine::kind_name(engine_type)),
+                format!("--engine-health-path={}", engine::health_path(engine_type)),
+                format!("--served-model={served}"),
+            ]),
+            env: Some(vec![
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+            ]),
+            ports: Some(vec![
+                ContainerPort { name: Some(s("http")), container_port: SIDECAR_HTTP_PORT, protocol: Some(s("TCP")), ..ContainerPort::default() },
+                ContainerPort { name: Some(s("admin")), container_port: SIDECAR_ADMIN_PORT, protocol: Some(s("TCP")), ..ContainerPort::default() },
+            ]),
+            readiness_probe: Some(Probe {
+                http_get: Some(HTTPGetAction { path: Some(s("/readyz")), port: IntOrString::String(s("admin")), ..HTTPGetAction::default() }),
+                period_seconds: Some(5),
+                failure_threshold: Some(3),
+                timeout_seconds: Some(2),
+                ..Probe::default()
+            }),
+            liveness_probe: Some(Probe {
+                http_get: Some(HTTPGetAction { path: Some(s("/healthz")), port: IntOrString::String(s("admin")), ..HTTPGetAction::default() }),
+                period_seconds: Some(10),
+                failure_threshold: Some(6),
+                timeout_seconds: Some(2),
+                ..Probe::default()
+            }),
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([(s("cpu"), Quantity(s("100m"))), (s("memory"), Quantity(s("64Mi")))])),
+                limits: Some(BTreeMap::from([(s("memory"), Quantity(s("256Mi")))])),
+                claims: None,
+            }),
+            security_context: Some(hardened()),
+            ..Container::default()
+        };
+
+        Ok(PodSpec {
+            containers: vec![engine_container, sidecar],
+            init_containers: (!init_containers.is_empty()).then_some(init_containers),
+            volumes: Some(volumes),
+            tolerations: (!self.tolerations.is_empty()).then(|| self.tolerations.to_vec()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(60),
+            security_context: Some(PodSecurityContext {
+                seccomp_profile: Some(SeccompProfile { type_: s("RuntimeDefault"), localhost_profile: None }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        })
+    }
+
+    /// The template hash: 10 hex digits of FNV-1a over the node-free pod spec.
+    pub fn hash(&self) -> Result<String, TemplateError> {
+        let spec = self.pod_spec()?;
+        let json = serde_json::to_vec(&(&spec, &self.pool.name)).unwrap_or_default();
+        Ok(format!("{:010x}", fnv1a(&json) & 0xff_ffff_ffff))
+    }
+
+    /// Labels of the replica's pods (and the selector of its Service, minus pool and hash).
+    pub fn labels(&self, hash: &str) -> BTreeMap<String, String> {
+        let name = self.model.metadata.name.clone().unwrap_or_default();
+        let mut l = self.settings.extra_pod_labels.clone();
+        l.extend(model_selector(&name));
+        l.insert(s(labels::APP_NAME), s("strata-model"));
+        l.insert(s(labels::APP_COMPONENT), s("inference"));
+        l.insert(s(labels::MANAGED_BY), s(labels::MANAGER));
+        l.insert(s(labels::POOL), self.pool.name.clone());
+        l.insert(s(labels::TEMPLATE_HASH), s(hash));
+        l
+    }
+
+    /// The full pod for a replica on `node`.
+    pub fn pod(&self, node: &str) -> Result<Pod, TemplateError> {
+        let meta = &self.model.metadata;
+        let name = meta.name.clone().ok_or(TemplateError::MissingMetadata("name"))?;
+        let namespace = meta.namespace.clone().ok_or(TemplateError::MissingMetadata("namespace"))?;
+        let uid = meta.uid.clone().ok_or(TemplateError::MissingMetadata("uid"))?;
+        let hash = self.hash()?;
+        let mut spec = self.pod_spec()?;
+        spec.affinity = Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_fields: Some(vec![NodeSelectorRequirement {
+                            key: s("metadata.name"),
+                            operator: s("In"),
+                            values: Some(vec![s(node)]),
+                        }]),
+                        match_expressions: None,
+                    }],
+                }),
+                preferred_during_scheduling_ignored_during_execution: None,
+            }),
+            ..Affinity::default()
+        });
+        Ok(Pod {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{name}-{}-", &hash[..8.min(hash.len())])),
+                namespace: Some(namespace),
+                labels: Some(self.labels(&hash)),
+                annotations: Some(BTreeMap::from([(s(labels::GPUS), gpus_on(self.model, self.pool).to_string())])),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: s(strata_crds::API_VERSION),
+                    kind: s("Model"),
+                    name,
+                    uid,
+                    controller: Some(true),
+                    block_owner_deletion: Some(true),
+                }]),
+                ..ObjectMeta::default()
+            },
+            spec: Some(spec),
+            status: None,
+        })
+    }
+}
+
+/// The labels that select every pod of a Model.
+pub fn model_selector(model: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(s(labels::MODEL), s(model)), (s(labels::APP_INSTANCE), s(model))])
+}
+
+/// The selector in string form (status.selector, for the scale subresource).
+pub fn selector_string(model: &str) -> String {
+    model_selector(model).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: s(name),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: s(path), api_version: None }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn hardened() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        capabilities: Some(Capabilities { drop: Some(vec![s("ALL")]), add: None }),
+        seccomp_profile: Some(SeccompProfile { type_: s("RuntimeDefault"), localhost_profile: None }),
+        ..SecurityContext::default()
+    }
+}
