@@ -114,6 +114,11 @@ pub fn validate(obj: &Value, old: Option<&Value>) -> Result<(), ValidationError>
     }
 }
 
+/// Parses YAML text into JSON (for tests and tools that read manifests).
+pub fn yaml_to_json(text: &str) -> Result<Value, serde_yaml_ng::Error> {
+    serde_yaml_ng::from_str(text)
+}
+
 /// Applies a JSON merge patch (RFC 7386) to `target`.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
     match patch {

@@ -54,7 +54,10 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
     if let Ok(kubeconfig) = std::env::var("STRATA_E2E_KUBECONFIG") {
         let bin_dir = crate::tools::ensure_binaries()?;
         let kubeconfig = PathBuf::from(kubeconfig);
-        let dir = kubeconfig.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = kubeconfig
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let log_dir = dir.join("logs");
         // The cluster is yours; the pod runner with this binary's profiles
         // runs in the test process (run one test binary at a time).
@@ -132,7 +135,10 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
 fn start_runner_thread(kubeconfig: PathBuf, runner: RunnerConfig, log_dir: PathBuf) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = tx.send(Err(e.to_string()));

@@ -32,9 +32,11 @@ pub fn default_port(engine: EngineType) -> u16 {
 /// The engine's own health endpoint (the sidecar's readiness follows it).
 pub fn health_path(engine: EngineType) -> &'static str {
     match engine {
-        EngineType::VLlm | EngineType::SgLang | EngineType::Tgi | EngineType::LlamaCpp | EngineType::Custom => {
-            "/health"
-        }
+        EngineType::VLlm
+        | EngineType::SgLang
+        | EngineType::Tgi
+        | EngineType::LlamaCpp
+        | EngineType::Custom => "/health",
     }
 }
 
@@ -102,7 +104,9 @@ pub fn parse_source(uri: &str) -> Option<SourceKind> {
         return Some(SourceKind::Hf { repo, revision });
     }
     if uri.starts_with("s3://") || uri.starts_with("gs://") {
-        return Some(SourceKind::Bucket { uri: uri.to_string() });
+        return Some(SourceKind::Bucket {
+            uri: uri.to_string(),
+        });
     }
     if let Some(rest) = uri.strip_prefix("pvc://") {
         let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -126,8 +130,12 @@ pub fn weights_location(source: &SourceKind) -> WeightsLocation {
             repo: repo.clone(),
             revision: revision.clone(),
         },
-        SourceKind::Bucket { .. } | SourceKind::Oci { .. } => WeightsLocation::Path(MODEL_DIR.to_string()),
-        SourceKind::Pvc { path, .. } if path.is_empty() => WeightsLocation::Path(MODEL_DIR.to_string()),
+        SourceKind::Bucket { .. } | SourceKind::Oci { .. } => {
+            WeightsLocation::Path(MODEL_DIR.to_string())
+        }
+        SourceKind::Pvc { path, .. } if path.is_empty() => {
+            WeightsLocation::Path(MODEL_DIR.to_string())
+        }
         SourceKind::Pvc { path, .. } => WeightsLocation::Path(format!("{MODEL_DIR}/{path}")),
     }
 }
@@ -257,20 +265,36 @@ mod tests {
     fn parses_every_source_scheme() {
         assert_eq!(
             parse_source("hf://meta-llama/Llama-3.1-8B@main"),
-            Some(SourceKind::Hf { repo: "meta-llama/Llama-3.1-8B".into(), revision: Some("main".into()) })
+            Some(SourceKind::Hf {
+                repo: "meta-llama/Llama-3.1-8B".into(),
+                revision: Some("main".into())
+            })
         );
-        assert_eq!(parse_source("s3://bucket/x"), Some(SourceKind::Bucket { uri: "s3://bucket/x".into() }));
+        assert_eq!(
+            parse_source("s3://bucket/x"),
+            Some(SourceKind::Bucket {
+                uri: "s3://bucket/x".into()
+            })
+        );
         assert_eq!(
             parse_source("pvc://models/llama/8b/"),
-            Some(SourceKind::Pvc { claim: "models".into(), path: "llama/8b".into() })
+            Some(SourceKind::Pvc {
+                claim: "models".into(),
+                path: "llama/8b".into()
+            })
         );
         assert_eq!(
             parse_source("oci://ghcr.io/acme/llama:v1"),
-            Some(SourceKind::Oci { reference: "ghcr.io/acme/llama:v1".into() })
+            Some(SourceKind::Oci {
+                reference: "ghcr.io/acme/llama:v1".into()
+            })
         );
         assert_eq!(parse_source("https://x"), None);
         assert_eq!(
-            weights_location(&SourceKind::Pvc { claim: "c".into(), path: "a/b".into() }),
+            weights_location(&SourceKind::Pvc {
+                claim: "c".into(),
+                path: "a/b".into()
+            }),
             WeightsLocation::Path("/models/a/b".into())
         );
     }

@@ -79,7 +79,9 @@ impl Selector {
         if self.match_labels.is_empty() && self.match_expressions.is_empty() {
             return false;
         }
-        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| {
                 let value = labels.get(&r.key);
                 match r.operator.as_str() {
@@ -125,7 +127,8 @@ pub struct NodeView {
 impl NodeView {
     /// Free GPUs of `resource`.
     pub fn free(&self, resource: &str) -> i64 {
-        self.allocatable.get(resource).copied().unwrap_or(0) - self.used.get(resource).copied().unwrap_or(0)
+        self.allocatable.get(resource).copied().unwrap_or(0)
+            - self.used.get(resource).copied().unwrap_or(0)
     }
 }
 
@@ -223,7 +226,12 @@ impl Outcome {
 }
 
 /// Why a node cannot take a replica of a pool right now, or None if it can.
-fn node_unfit(node: &NodeView, pool: &PoolView, gpus: i64, avoid: &[String]) -> Option<&'static str> {
+fn node_unfit(
+    node: &NodeView,
+    pool: &PoolView,
+    gpus: i64,
+    avoid: &[String],
+) -> Option<&'static str> {
     if !node.ready {
         return Some("not Ready");
     }
@@ -241,7 +249,13 @@ fn node_unfit(node: &NodeView, pool: &PoolView, gpus: i64, avoid: &[String]) -> 
     if blocked {
         return Some("a taint the pool does not tolerate");
     }
-    if node.allocatable.get(&pool.gpu_resource).copied().unwrap_or(0) < gpus {
+    if node
+        .allocatable
+        .get(&pool.gpu_resource)
+        .copied()
+        .unwrap_or(0)
+        < gpus
+    {
         return Some("too few GPUs in total");
     }
     if node.free(&pool.gpu_resource) < gpus {
@@ -269,7 +283,10 @@ fn describe(pool: &PoolView, nodes: &[&NodeView], gpus: i64, avoid: &[String]) -
             *counts.entry(why).or_default() += 1;
         }
     }
-    let detail: Vec<String> = counts.iter().map(|(why, n)| format!("{n} node(s) {why}")).collect();
+    let detail: Vec<String> = counts
+        .iter()
+        .map(|(why, n)| format!("{n} node(s) {why}"))
+        .collect();
     format!(
         "{free} of {total} {} free on {} node(s), no node has {gpus} free ({})",
         pool.gpu_resource,
@@ -331,12 +348,15 @@ pub fn place(nodes: &[NodeView], pools: &[PoolView], request: &Request) -> Outco
             let why = match pools.iter().find(|p| p.name == pref.pool) {
                 None => "no such GPUPool".to_string(),
                 Some(pool) => {
-                    let count = pref.existing + placed_on_pool.get(&pool.name).copied().unwrap_or(0);
+                    let count =
+                        pref.existing + placed_on_pool.get(&pool.name).copied().unwrap_or(0);
                     if pref.max_replicas.is_some_and(|max| count >= max) {
                         format!("holds its maximum of {} replica(s) for this Model", count)
                     } else {
-                        let matching: Vec<&NodeView> =
-                            nodes.iter().filter(|n| pool.selector.matches(&n.labels)).collect();
+                        let matching: Vec<&NodeView> = nodes
+                            .iter()
+                            .filter(|n| pool.selector.matches(&n.labels))
+                            .collect();
                         describe(pool, &matching, pref.gpus, &request.avoid_nodes)
                     }
                 }
@@ -376,7 +396,10 @@ mod tests {
         PoolView {
             name: name.into(),
             selector: Selector {
-                match_labels: BTreeMap::from([("nvidia.com/gpu.product".to_string(), product.to_string())]),
+                match_labels: BTreeMap::from([(
+                    "nvidia.com/gpu.product".to_string(),
+                    product.to_string(),
+                )]),
                 match_expressions: vec![],
             },
             tolerations: vec![Toleration {
@@ -467,7 +490,11 @@ mod tests {
             },
             Case {
                 name: "falls back to the second pool in order when the first is full",
-                nodes: vec![node("h-a", "H100", 8, 8), node("l-a", "L4", 1, 0), node("l-b", "L4", 1, 0)],
+                nodes: vec![
+                    node("h-a", "H100", 8, 8),
+                    node("l-a", "L4", 1, 0),
+                    node("l-b", "L4", 1, 0),
+                ],
                 pools: vec![h100(), l4()],
                 request: request(vec![pref("h100", 1), pref("l4", 1)], 2),
                 expect_nodes: vec!["l-a", "l-b"],
@@ -492,8 +519,14 @@ mod tests {
             Case {
                 name: "cordoned and NotReady nodes are skipped",
                 nodes: vec![
-                    NodeView { unschedulable: true, ..node("h-a", "H100", 8, 0) },
-                    NodeView { ready: false, ..node("h-b", "H100", 8, 0) },
+                    NodeView {
+                        unschedulable: true,
+                        ..node("h-a", "H100", 8, 0)
+                    },
+                    NodeView {
+                        ready: false,
+                        ..node("h-b", "H100", 8, 0)
+                    },
                     node("h-c", "H100", 8, 7),
                 ],
                 pools: vec![h100()],
@@ -505,7 +538,11 @@ mod tests {
                 name: "an untolerated taint keeps replicas off a node",
                 nodes: vec![
                     NodeView {
-                        taints: vec![Taint { key: "maintenance".into(), value: None, effect: "NoExecute".into() }],
+                        taints: vec![Taint {
+                            key: "maintenance".into(),
+                            value: None,
+                            effect: "NoExecute".into(),
+                        }],
                         ..node("h-a", "H100", 8, 0)
                     },
                     node("h-b", "H100", 8, 0),
@@ -518,7 +555,11 @@ mod tests {
             Case {
                 name: "a PreferNoSchedule taint does not block",
                 nodes: vec![NodeView {
-                    taints: vec![Taint { key: "soft".into(), value: None, effect: "PreferNoSchedule".into() }],
+                    taints: vec![Taint {
+                        key: "soft".into(),
+                        value: None,
+                        effect: "PreferNoSchedule".into(),
+                    }],
                     ..node("h-a", "H100", 8, 0)
                 }],
                 pools: vec![h100()],
@@ -530,7 +571,14 @@ mod tests {
                 name: "a pool's maxReplicas for the Model is respected",
                 nodes: vec![node("l-a", "L4", 1, 0), node("l-b", "L4", 1, 0)],
                 pools: vec![l4()],
-                request: request(vec![Preference { max_replicas: Some(2), existing: 1, ..pref("l4", 1) }], 2),
+                request: request(
+                    vec![Preference {
+                        max_replicas: Some(2),
+                        existing: 1,
+                        ..pref("l4", 1)
+                    }],
+                    2,
+                ),
                 expect_nodes: vec!["l-a"],
                 expect_unplaced: 1,
             },
@@ -538,7 +586,10 @@ mod tests {
                 name: "a node the scheduler refused is avoided",
                 nodes: vec![node("h-a", "H100", 8, 0), node("h-b", "H100", 8, 1)],
                 pools: vec![h100()],
-                request: Request { avoid_nodes: vec!["h-b".into()], ..request(vec![pref("h100", 1)], 1) },
+                request: Request {
+                    avoid_nodes: vec!["h-b".into()],
+                    ..request(vec![pref("h100", 1)], 1)
+                },
                 expect_nodes: vec!["h-a"],
                 expect_unplaced: 0,
             },
@@ -566,18 +617,37 @@ mod tests {
             let out = place(&case.nodes, &case.pools, &case.request);
             assert_eq!(nodes_of(&out), case.expect_nodes, "{}", case.name);
             assert_eq!(out.unplaced, case.expect_unplaced, "{}", case.name);
-            assert_eq!(out.reasons.is_empty(), case.expect_unplaced == 0, "{}", case.name);
+            assert_eq!(
+                out.reasons.is_empty(),
+                case.expect_unplaced == 0,
+                "{}",
+                case.name
+            );
         }
     }
 
     #[test]
     fn the_reason_names_what_is_missing() {
-        let nodes = vec![node("h-a", "H100", 8, 6), node("h-b", "H100", 8, 6), node("l-a", "L4", 1, 1)];
-        let pools = vec![pool("h100", "H100", Policy::BinPack), pool("l4", "L4", Policy::Spread)];
-        let out = place(&nodes, &pools, &request(vec![pref("h100", 4), pref("l4", 4), pref("a100", 4)], 1));
+        let nodes = vec![
+            node("h-a", "H100", 8, 6),
+            node("h-b", "H100", 8, 6),
+            node("l-a", "L4", 1, 1),
+        ];
+        let pools = vec![
+            pool("h100", "H100", Policy::BinPack),
+            pool("l4", "L4", Policy::Spread),
+        ];
+        let out = place(
+            &nodes,
+            &pools,
+            &request(vec![pref("h100", 4), pref("l4", 4), pref("a100", 4)], 1),
+        );
         assert_eq!(out.unplaced, 1);
         let text = out.explain(4);
-        assert!(text.contains("h100: 4 of 16 nvidia.com/gpu free on 2 node(s), no node has 4 free"), "{text}");
+        assert!(
+            text.contains("h100: 4 of 16 nvidia.com/gpu free on 2 node(s), no node has 4 free"),
+            "{text}"
+        );
         assert!(text.contains("2 node(s) full"), "{text}");
         assert!(text.contains("l4: 0 of 1"), "{text}");
         assert!(text.contains("too few GPUs in total"), "{text}");
@@ -586,22 +656,38 @@ mod tests {
 
     #[test]
     fn selectors_and_tolerations_follow_kubernetes_semantics() {
-        let labels = BTreeMap::from([("a".to_string(), "1".to_string()), ("b".to_string(), "2".to_string())]);
+        let labels = BTreeMap::from([
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "2".to_string()),
+        ]);
         let req = |key: &str, op: &str, values: &[&str]| Requirement {
             key: key.into(),
             operator: op.into(),
             values: values.iter().map(|v| v.to_string()).collect(),
         };
-        let sel = |exprs: Vec<Requirement>| Selector { match_labels: BTreeMap::new(), match_expressions: exprs };
+        let sel = |exprs: Vec<Requirement>| Selector {
+            match_labels: BTreeMap::new(),
+            match_expressions: exprs,
+        };
         assert!(sel(vec![req("a", "In", &["1", "3"])]).matches(&labels));
         assert!(!sel(vec![req("a", "NotIn", &["1"])]).matches(&labels));
         assert!(sel(vec![req("c", "NotIn", &["1"])]).matches(&labels));
         assert!(sel(vec![req("b", "Exists", &[])]).matches(&labels));
         assert!(!sel(vec![req("b", "DoesNotExist", &[])]).matches(&labels));
-        assert!(!Selector::default().matches(&labels), "an empty selector takes no node");
+        assert!(
+            !Selector::default().matches(&labels),
+            "an empty selector takes no node"
+        );
 
-        let taint = Taint { key: "k".into(), value: Some("v".into()), effect: "NoSchedule".into() };
-        let tol = |key: Option<&str>, op: Option<&str>, value: Option<&str>, effect: Option<&str>| Toleration {
+        let taint = Taint {
+            key: "k".into(),
+            value: Some("v".into()),
+            effect: "NoSchedule".into(),
+        };
+        let tol = |key: Option<&str>,
+                   op: Option<&str>,
+                   value: Option<&str>,
+                   effect: Option<&str>| Toleration {
             key: key.map(Into::into),
             operator: op.map(Into::into),
             value: value.map(Into::into),

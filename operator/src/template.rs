@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ImageVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ImageVolumeSource, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -104,12 +106,18 @@ impl ReplicaTemplate<'_> {
             .clone()
             .or_else(|| engine::default_image(engine_type).map(str::to_string))
             .ok_or(TemplateError::NoImage(engine::kind_name(engine_type)))?;
-        let source = engine::parse_source(&spec.source.uri).ok_or_else(|| TemplateError::Source(spec.source.uri.clone()))?;
+        let source = engine::parse_source(&spec.source.uri)
+            .ok_or_else(|| TemplateError::Source(spec.source.uri.clone()))?;
         let weights = engine::weights_location(&source);
-        let port = spec.engine.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(engine::default_port(engine_type));
+        let port = spec
+            .engine
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(engine::default_port(engine_type));
         let gpus = gpus_on(self.model, self.pool);
         let served = served_name(self.model);
-        let (command, args) = engine::command_line(spec, Some(self.pool), &served, gpus, port, &weights);
+        let (command, args) =
+            engine::command_line(spec, Some(self.pool), &served, gpus, port, &weights);
 
         // Environment: the Model's, then the pool's (overriding by name).
         let mut env: Vec<EnvVar> = spec.engine.env.clone();
@@ -118,16 +126,24 @@ impl ReplicaTemplate<'_> {
             env.push(e.clone());
         }
         if spec.engine.engine_type == strata_crds::model::EngineType::Custom {
-            env.push(EnvVar { name: s("PORT"), value: Some(port.to_string()), value_from: None });
+            env.push(EnvVar {
+                name: s("PORT"),
+                value: Some(port.to_string()),
+                value_from: None,
+            });
         }
         let env_from = spec.source.credentials_secret_ref.as_ref().map(|r| {
             vec![EnvFromSource {
-                secret_ref: Some(SecretEnvSource { name: r.name.clone(), optional: Some(false) }),
+                secret_ref: Some(SecretEnvSource {
+                    name: r.name.clone(),
+                    optional: Some(false),
+                }),
                 ..EnvFromSource::default()
             }]
         });
 
-        let mut limits = BTreeMap::from([(self.gpu_resource.to_string(), Quantity(gpus.to_string()))]);
+        let mut limits =
+            BTreeMap::from([(self.gpu_resource.to_string(), Quantity(gpus.to_string()))]);
         let mut requests = limits.clone();
         if let Some(r) = &spec.engine.resources {
             for (k, v) in [("cpu", &r.cpu), ("memory", &r.memory)] {
@@ -144,11 +160,19 @@ impl ReplicaTemplate<'_> {
             name: s("dshm"),
             empty_dir: Some(EmptyDirVolumeSource {
                 medium: Some(s("Memory")),
-                size_limit: spec.engine.resources.as_ref().and_then(|r| r.shared_memory.clone()),
+                size_limit: spec
+                    .engine
+                    .resources
+                    .as_ref()
+                    .and_then(|r| r.shared_memory.clone()),
             }),
             ..Volume::default()
         }];
-        let mut mounts = vec![VolumeMount { name: s("dshm"), mount_path: s("/dev/shm"), ..VolumeMount::default() }];
+        let mut mounts = vec![VolumeMount {
+            name: s("dshm"),
+            mount_path: s("/dev/shm"),
+            ..VolumeMount::default()
+        }];
         let mut init_containers = Vec::new();
         match &source {
             SourceKind::Hf { .. } => {}
@@ -161,15 +185,28 @@ impl ReplicaTemplate<'_> {
                     }),
                     ..Volume::default()
                 });
-                mounts.push(VolumeMount { name: s("model"), mount_path: s(MODEL_DIR), read_only: Some(true), ..VolumeMount::default() });
+                mounts.push(VolumeMount {
+                    name: s("model"),
+                    mount_path: s(MODEL_DIR),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
             }
             SourceKind::Oci { reference } => {
                 volumes.push(Volume {
                     name: s("model"),
-                    image: Some(ImageVolumeSource { reference: Some(reference.clone()), pull_policy: Some(s("IfNotPresent")) }),
+                    image: Some(ImageVolumeSource {
+                        reference: Some(reference.clone()),
+                        pull_policy: Some(s("IfNotPresent")),
+                    }),
                     ..Volume::default()
                 });
-                mounts.push(VolumeMount { name: s("model"), mount_path: s(MODEL_DIR), read_only: Some(true), ..VolumeMount::default() });
+                mounts.push(VolumeMount {
+                    name: s("model"),
+                    mount_path: s(MODEL_DIR),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
             }
             SourceKind::Bucket { uri } => {
                 volumes.push(Volume {
@@ -177,7 +214,12 @@ impl ReplicaTemplate<'_> {
                     empty_dir: Some(EmptyDirVolumeSource::default()),
                     ..Volume::default()
                 });
-                mounts.push(VolumeMount { name: s("model"), mount_path: s(MODEL_DIR), read_only: Some(true), ..VolumeMount::default() });
+                mounts.push(VolumeMount {
+                    name: s("model"),
+                    mount_path: s(MODEL_DIR),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
                 // rclone reads credentials from the standard AWS_* / GOOGLE_* variables.
                 let remote = if let Some(rest) = uri.strip_prefix("s3://") {
                     format!(":s3,env_auth=true:{rest}")
@@ -189,7 +231,11 @@ impl ReplicaTemplate<'_> {
                     image: Some(s(FETCH_IMAGE)),
                     args: Some(vec![s("copy"), remote, s(MODEL_DIR), s("--transfers=16")]),
                     env_from: env_from.clone(),
-                    volume_mounts: Some(vec![VolumeMount { name: s("model"), mount_path: s(MODEL_DIR), ..VolumeMount::default() }]),
+                    volume_mounts: Some(vec![VolumeMount {
+                        name: s("model"),
+                        mount_path: s(MODEL_DIR),
+                        ..VolumeMount::default()
+                    }]),
                     security_context: Some(hardened()),
                     ..Container::default()
                 });
@@ -203,7 +249,11 @@ impl ReplicaTemplate<'_> {
             args: Some(args),
             env: (!env.is_empty()).then_some(env),
             env_from: env_from.clone(),
-            resources: Some(ResourceRequirements { limits: Some(limits), requests: Some(requests), claims: None }),
+            resources: Some(ResourceRequirements {
+                limits: Some(limits),
+                requests: Some(requests),
+                claims: None,
+            }),
             volume_mounts: Some(mounts),
             ..Container::default()
         };
@@ -224,25 +274,46 @@ impl ReplicaTemplate<'_> {
                 field_env("POD_NAMESPACE", "metadata.namespace"),
             ]),
             ports: Some(vec![
-                ContainerPort { name: Some(s("http")), container_port: SIDECAR_HTTP_PORT, protocol: Some(s("TCP")), ..ContainerPort::default() },
-                ContainerPort { name: Some(s("admin")), container_port: SIDECAR_ADMIN_PORT, protocol: Some(s("TCP")), ..ContainerPort::default() },
+                ContainerPort {
+                    name: Some(s("http")),
+                    container_port: SIDECAR_HTTP_PORT,
+                    protocol: Some(s("TCP")),
+                    ..ContainerPort::default()
+                },
+                ContainerPort {
+                    name: Some(s("admin")),
+                    container_port: SIDECAR_ADMIN_PORT,
+                    protocol: Some(s("TCP")),
+                    ..ContainerPort::default()
+                },
             ]),
             readiness_probe: Some(Probe {
-                http_get: Some(HTTPGetAction { path: Some(s("/readyz")), port: IntOrString::String(s("admin")), ..HTTPGetAction::default() }),
+                http_get: Some(HTTPGetAction {
+                    path: Some(s("/readyz")),
+                    port: IntOrString::String(s("admin")),
+                    ..HTTPGetAction::default()
+                }),
                 period_seconds: Some(5),
                 failure_threshold: Some(3),
                 timeout_seconds: Some(2),
                 ..Probe::default()
             }),
             liveness_probe: Some(Probe {
-                http_get: Some(HTTPGetAction { path: Some(s("/healthz")), port: IntOrString::String(s("admin")), ..HTTPGetAction::default() }),
+                http_get: Some(HTTPGetAction {
+                    path: Some(s("/healthz")),
+                    port: IntOrString::String(s("admin")),
+                    ..HTTPGetAction::default()
+                }),
                 period_seconds: Some(10),
                 failure_threshold: Some(6),
                 timeout_seconds: Some(2),
                 ..Probe::default()
             }),
             resources: Some(ResourceRequirements {
-                requests: Some(BTreeMap::from([(s("cpu"), Quantity(s("100m"))), (s("memory"), Quantity(s("64Mi")))])),
+                requests: Some(BTreeMap::from([
+                    (s("cpu"), Quantity(s("100m"))),
+                    (s("memory"), Quantity(s("64Mi"))),
+                ])),
                 limits: Some(BTreeMap::from([(s("memory"), Quantity(s("256Mi")))])),
                 claims: None,
             }),
@@ -259,7 +330,10 @@ impl ReplicaTemplate<'_> {
             enable_service_links: Some(false),
             termination_grace_period_seconds: Some(60),
             security_context: Some(PodSecurityContext {
-                seccomp_profile: Some(SeccompProfile { type_: s("RuntimeDefault"), localhost_profile: None }),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: s("RuntimeDefault"),
+                    localhost_profile: None,
+                }),
                 ..PodSecurityContext::default()
             }),
             ..PodSpec::default()
@@ -289,9 +363,18 @@ impl ReplicaTemplate<'_> {
     /// The full pod for a replica on `node`.
     pub fn pod(&self, node: &str) -> Result<Pod, TemplateError> {
         let meta = &self.model.metadata;
-        let name = meta.name.clone().ok_or(TemplateError::MissingMetadata("name"))?;
-        let namespace = meta.namespace.clone().ok_or(TemplateError::MissingMetadata("namespace"))?;
-        let uid = meta.uid.clone().ok_or(TemplateError::MissingMetadata("uid"))?;
+        let name = meta
+            .name
+            .clone()
+            .ok_or(TemplateError::MissingMetadata("name"))?;
+        let namespace = meta
+            .namespace
+            .clone()
+            .ok_or(TemplateError::MissingMetadata("namespace"))?;
+        let uid = meta
+            .uid
+            .clone()
+            .ok_or(TemplateError::MissingMetadata("uid"))?;
         let hash = self.hash()?;
         let mut spec = self.pod_spec()?;
         spec.affinity = Some(Affinity {
@@ -315,7 +398,10 @@ impl ReplicaTemplate<'_> {
                 generate_name: Some(format!("{name}-{}-", &hash[..8.min(hash.len())])),
                 namespace: Some(namespace),
                 labels: Some(self.labels(&hash)),
-                annotations: Some(BTreeMap::from([(s(labels::GPUS), gpus_on(self.model, self.pool).to_string())])),
+                annotations: Some(BTreeMap::from([(
+                    s(labels::GPUS),
+                    gpus_on(self.model, self.pool).to_string(),
+                )])),
                 owner_references: Some(vec![OwnerReference {
                     api_version: s(strata_crds::API_VERSION),
                     kind: s("Model"),
@@ -334,12 +420,19 @@ impl ReplicaTemplate<'_> {
 
 /// The labels that select every pod of a Model.
 pub fn model_selector(model: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([(s(labels::MODEL), s(model)), (s(labels::APP_INSTANCE), s(model))])
+    BTreeMap::from([
+        (s(labels::MODEL), s(model)),
+        (s(labels::APP_INSTANCE), s(model)),
+    ])
 }
 
 /// The selector in string form (status.selector, for the scale subresource).
 pub fn selector_string(model: &str) -> String {
-    model_selector(model).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    model_selector(model)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
@@ -347,7 +440,10 @@ fn field_env(name: &str, path: &str) -> EnvVar {
         name: s(name),
         value: None,
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: s(path), api_version: None }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: s(path),
+                api_version: None,
+            }),
             ..EnvVarSource::default()
         }),
     }
@@ -359,8 +455,161 @@ fn hardened() -> SecurityContext {
         read_only_root_filesystem: Some(true),
         run_as_non_root: Some(true),
         run_as_user: Some(65532),
-        capabilities: Some(Capabilities { drop: Some(vec![s("ALL")]), add: None }),
-        seccomp_profile: Some(SeccompProfile { type_: s("RuntimeDefault"), localhost_profile: None }),
+        capabilities: Some(Capabilities {
+            drop: Some(vec![s("ALL")]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: s("RuntimeDefault"),
+            localhost_profile: None,
+        }),
         ..SecurityContext::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> Model {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../samples/model-llama.yaml"
+        ))
+        .expect("sample");
+        let v = strata_crds::validation::yaml_to_json(&text).expect("yaml");
+        let mut m: Model = serde_json::from_value(v).expect("model");
+        m.metadata.uid = Some("uid-1".into());
+        m
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            sidecar_image: "ghcr.io/strata-ai/strata-sidecar:test".into(),
+            extra_pod_labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn builds_the_replica_pod() {
+        let m = model();
+        let s = settings();
+        let tol = vec![Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            ..Toleration::default()
+        }];
+        let l4 = &m.spec.pools[1];
+        let t = ReplicaTemplate {
+            model: &m,
+            pool: l4,
+            tolerations: &tol,
+            gpu_resource: "nvidia.com/gpu",
+            settings: &s,
+        };
+        let pod = t.pod("l4-0").expect("pod");
+        let spec = pod.spec.expect("spec");
+        let engine = &spec.containers[0];
+        let args = engine.args.clone().unwrap_or_default();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--model", "meta-llama/Llama-3.1-8B-Instruct"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["--max-model-len", "8192"]),
+            "pool args appended: {args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["--host", "127.0.0.1"]),
+            "the engine listens on loopback only"
+        );
+        assert_eq!(
+            engine
+                .resources
+                .as_ref()
+                .and_then(|r| r.limits.as_ref())
+                .and_then(|l| l.get("nvidia.com/gpu"))
+                .map(|q| q.0.as_str()),
+            Some("1")
+        );
+        assert_eq!(
+            engine
+                .env_from
+                .as_ref()
+                .and_then(|e| e[0].secret_ref.as_ref())
+                .map(|s| s.name.as_str()),
+            Some("hf-token")
+        );
+        let sidecar = &spec.containers[1];
+        let sc = sidecar.security_context.clone().expect("hardened");
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert!(sidecar.readiness_probe.is_some());
+        let affinity = serde_json::to_string(&spec.affinity).expect("json");
+        assert!(
+            affinity.contains("l4-0") && affinity.contains("metadata.name"),
+            "{affinity}"
+        );
+        assert_eq!(spec.tolerations.map(|t| t.len()), Some(1));
+        let labels = pod.metadata.labels.expect("labels");
+        assert_eq!(
+            labels.get(labels::MODEL).map(String::as_str),
+            Some("llama-3-1-8b")
+        );
+        assert_eq!(labels.get(labels::POOL).map(String::as_str), Some("l4"));
+        let owner = &pod.metadata.owner_references.expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("Model", Some(true))
+        );
+    }
+
+    #[test]
+    fn the_hash_is_stable_and_follows_the_template() {
+        let m = model();
+        let s = settings();
+        let h100 = &m.spec.pools[0];
+        let l4 = &m.spec.pools[1];
+        let t = |pool| ReplicaTemplate {
+            model: &m,
+            pool,
+            tolerations: &[],
+            gpu_resource: "nvidia.com/gpu",
+            settings: &s,
+        };
+        let a = t(h100).hash().expect("hash");
+        assert_eq!(a, t(h100).hash().expect("hash"), "deterministic");
+        assert_ne!(a, t(l4).hash().expect("hash"), "pools differ");
+        assert_eq!(a.len(), 10);
+        let pod_a = t(h100).pod("h100-0").expect("pod");
+        let pod_b = t(h100).pod("h100-1").expect("pod");
+        assert_eq!(
+            pod_a
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(labels::TEMPLATE_HASH).cloned()),
+            Some(a.clone())
+        );
+        assert_eq!(
+            pod_a.metadata.labels, pod_b.metadata.labels,
+            "the node is not in the hash"
+        );
+        let mut changed = m.clone();
+        changed.spec.engine.args.push("--enforce-eager".into());
+        let b = ReplicaTemplate {
+            model: &changed,
+            pool: &changed.spec.pools[0],
+            tolerations: &[],
+            gpu_resource: "nvidia.com/gpu",
+            settings: &s,
+        }
+        .hash()
+        .expect("hash");
+        assert_ne!(a, b, "a spec change rolls pods");
+        // FNV-1a test vectors: the hash must never change between releases.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }

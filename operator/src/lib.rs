@@ -1,0 +1,15 @@
+//! strata-operator: places model replicas on GPU pools, rolls and scales
+//! them, and reports what it did.
+//!
+//! Pure core: [`placement`], [`rollout`], [`template`], [`engine`], [`view`],
+//! [`conditions`] take plain values and return plain values. Thin shell:
+//! [`controller`] reads the cluster and applies the plans; [`leader`],
+//! [`server`] and [`metrics`] run the process.
+
+pub mod conditions;
+pub mod engine;
+pub mod labels;
+pub mod placement;
+pub mod rollout;
+pub mod template;
+pub mod view;
