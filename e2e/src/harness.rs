@@ -59,9 +59,9 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         let log_dir = dir.join("logs");
-        // The cluster is yours; the pod runner with this binary's profiles
-        // runs in the test process (run one test binary at a time).
-        start_runner_thread(kubeconfig.clone(), runner, log_dir.clone())?;
+        // The cluster is yours; the pod runner with this binary's profiles runs
+        // in a child owned like a world (run one test binary at a time).
+        let runner_child = start_runner_child(exe, &kubeconfig, &runner, &log_dir)?;
         return Ok(World {
             info: ClusterInfo {
                 log_dir,
@@ -72,7 +72,7 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
                 nodes: Vec::new(),
                 startup_seconds: 0.0,
             },
-            _supervisor: None,
+            _supervisor: Some(Mutex::new(runner_child)),
         });
     }
     let config = serde_json::to_string(&runner).map_err(|e| Error::Serialize {
@@ -130,41 +130,57 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
     })
 }
 
-/// Runs the pod runner on a thread of its own (with its own runtime) for the
-/// rest of the test process.
-fn start_runner_thread(kubeconfig: PathBuf, runner: RunnerConfig, log_dir: PathBuf) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = tx.send(Err(e.to_string()));
-                return;
-            }
-        };
-        rt.block_on(async move {
-            match crate::runner::PodRunner::start(&kubeconfig, runner, &log_dir).await {
-                Ok(_runner) => {
-                    let _ = tx.send(Ok(()));
-                    std::future::pending::<()>().await;
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                }
-            }
-        });
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::Tools(format!("pod runner: {e}"))),
-        Err(_) => Err(Error::Timeout {
-            what: "the pod runner to start".into(),
-            seconds: 60,
-        }),
+/// Starts `strata-cluster runner` for an existing cluster; it stops every
+/// pod process when this test process ends (its stdin closes).
+fn start_runner_child(
+    exe: &Path,
+    kubeconfig: &Path,
+    runner: &RunnerConfig,
+    log_dir: &Path,
+) -> Result<Child> {
+    use std::io::Write;
+    let config = serde_json::to_string(runner).map_err(|e| Error::Serialize {
+        what: "runner config".into(),
+        reason: e.to_string(),
+    })?;
+    let mut child = Command::new(exe)
+        .args([
+            "runner",
+            "--exit-on-stdin-eof",
+            "--runner-config",
+            "-",
+            "--kubeconfig",
+        ])
+        .arg(kubeconfig)
+        .arg("--log-dir")
+        .arg(log_dir.join("pods"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            name: exe.display().to_string(),
+            source,
+        })?;
+    let stdin = child
+        .stdin
+        .as_mut()
+        .ok_or_else(|| Error::Tools("no stdin".into()))?;
+    writeln!(stdin, "{config}").map_err(crate::error::io_err("strata-cluster runner stdin"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Tools("no stdout".into()))?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(crate::error::io_err("strata-cluster runner stdout"))?;
+    if !line.contains("ready") {
+        return Err(Error::Tools(
+            "strata-cluster runner did not start; see its log above".into(),
+        ));
     }
+    Ok(child)
 }
 
 impl World {
@@ -225,6 +241,75 @@ impl World {
             Err(e) => panic!("running {tool}: {e}"),
         }
     }
+}
+
+/// Writes a kubeconfig that authenticates as a ServiceAccount (a bound
+/// token from the TokenRequest API), so that a process run with it is held
+/// to that ServiceAccount's RBAC by the real API server.
+pub async fn service_account_kubeconfig(
+    world: &World,
+    namespace: &str,
+    name: &str,
+) -> Result<PathBuf> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let client = world.client().await;
+    let api: Api<ServiceAccount> = Api::namespaced(client, namespace);
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: None,
+            expiration_seconds: Some(6 * 3600),
+            bound_object_ref: None,
+        }),
+        ..TokenRequest::default()
+    };
+    let token = api
+        .create_token_request(name, &PostParams::default(), &req)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| Error::Kubeconfig("the TokenRequest returned no token".into()))?;
+    let admin = std::fs::read_to_string(&world.info.kubeconfig)
+        .map_err(crate::error::io_err(&world.info.kubeconfig))?;
+    let server = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .ok_or_else(|| Error::Kubeconfig("no server in the admin kubeconfig".into()))?
+        .to_string();
+    let ca = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority: "))
+        .ok_or_else(|| Error::Kubeconfig("no CA in the admin kubeconfig".into()))?
+        .to_string();
+    let path = world
+        .info
+        .dir
+        .join(format!("sa-{namespace}-{name}.kubeconfig"));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: strata-e2e\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: strata-e2e\n  context:\n    cluster: strata-e2e\n    user: {name}\n    namespace: {namespace}\ncurrent-context: strata-e2e\n"
+    );
+    std::fs::write(&path, text).map_err(crate::error::io_err(&path))?;
+    Ok(path)
+}
+
+/// A binary of this workspace (built by `cargo build --workspace --bins`,
+/// which the test command runs before the tests): next to the test binary's
+/// directory.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found; build it first: cargo build -p <its package> (scripts/test does)",
+        path.display()
+    );
+    path
 }
 
 static NS_COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -154,6 +154,7 @@ pub fn desired(pod: &Pod, running: bool) -> Desired {
 }
 
 struct RunningPod {
+    ip: String,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
@@ -220,9 +221,20 @@ async fn run(
                             mark_failed(&client, &pod, &format!("the pod runner has no profile {profile_name:?}")).await;
                             continue;
                         };
+                        // KWOK reuses the IPs of deleted pods: whatever still runs on
+                        // this IP belongs to a pod that is gone; stop it first so the
+                        // new processes can bind.
+                        let ip = PodVars::of(&pod).map(|v| v.ip).unwrap_or_default();
+                        let stale: Vec<String> = running.iter().filter(|(_, r)| r.ip == ip).map(|(u, _)| u.clone()).collect();
+                        for u in stale {
+                            if let Some(r) = running.remove(&u) {
+                                tracing::info!(ip = %ip, "stopping the processes of a previous pod with this IP");
+                                stop_pod(r).await;
+                            }
+                        }
                         let (stop, stop_rx) = oneshot::channel();
                         let task = tokio::spawn(run_pod(client.clone(), pod.clone(), profile, log_dir.clone(), stop_rx));
-                        running.insert(uid, RunningPod { stop, task });
+                        running.insert(uid, RunningPod { ip, stop, task });
                     }
                     Desired::Stop => {
                         if let Some(r) = running.remove(&uid) {

@@ -19,7 +19,8 @@ mkdir -p "$bin_dir"
 
 log() { printf '[strata-tools] %s\n' "$*" >&2; }
 
-sum_key() { sha256sum "$here/$1/go.mod" "$here/$1/go.sum" | sha256sum | cut -c1-12; }
+# The key covers the pinned modules and this script (its -ldflags).
+sum_key() { sha256sum "$here/$1/go.mod" "$here/$1/go.sum" "$here/build.sh" | sha256sum | cut -c1-12; }
 
 # build <component> <version> <binaries...> -- <go build args...>
 build() {
@@ -45,6 +46,10 @@ build() {
     log "$comp $version: built in $(( $(date +%s) - start ))s"
   fi
   for b in "${bins[@]}"; do ln -sf "$dest/$b" "$bin_dir/$b"; done
+  # Older builds of this component (other versions or keys) are no longer used.
+  for old in "$bin_dir/$comp"-*; do
+    if [[ "$old" != "$dest" && -d "$old" ]]; then rm -rf "$old"; fi
+  done
 }
 
 k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
@@ -52,6 +57,12 @@ k8s_ldflags=""
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor"
   k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
+
+# Helm's offline default Kubernetes version (helm template, helm lint): ours.
+helm_k8s=""
+for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+  helm_k8s+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
 done
 
 components=("$@")
@@ -66,7 +77,7 @@ for c in "${components[@]}"; do
     kwok) build kwok "$KWOK_VERSION" kwok -- \
             -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok ;;
     helm) build helm "$HELM_VERSION" helm -- \
-            -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm ;;
+            -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION $helm_k8s" helm.sh/helm/v3/cmd/helm ;;
     *) log "unknown component $c"; exit 2 ;;
   esac
 done

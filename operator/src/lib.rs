@@ -7,9 +7,14 @@
 //! [`server`] and [`metrics`] run the process.
 
 pub mod conditions;
+pub mod controller;
 pub mod engine;
+pub mod error;
 pub mod labels;
+pub mod leader;
+pub mod metrics;
 pub mod placement;
 pub mod rollout;
+pub mod server;
 pub mod template;
 pub mod view;

@@ -1,14 +1,218 @@
-//! strata-operator. The controllers arrive with issue [3]; until then this
-//! binary only reports that it is not implemented, so nothing mistakes it for
-//! a working operator.
+//! strata-operator: thin entry point. Parses flags, checks the CRDs, serves
+//! health and metrics, elects a leader, runs the controllers, shuts down
+//! gracefully on SIGTERM.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
-fn main() -> ExitCode {
-    eprintln!(
-        "strata-operator {}: the controllers are not implemented yet (issue [3]); API group {}",
-        env!("CARGO_PKG_VERSION"),
-        strata_crds::API_VERSION
+use clap::Parser;
+use kube::api::ListParams;
+use kube::{Api, Client};
+use strata_crds::{GPUPool, Model};
+use strata_operator::controller::{self, Config};
+use strata_operator::leader::{Elector, LeaseConfig};
+use strata_operator::metrics::Metrics;
+use strata_operator::server::{self, Health};
+use strata_operator::template::Settings;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Strata: places foundation models on NVIDIA GPU pools and keeps them inside their SLAs"
+)]
+struct Cli {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "STRATA_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease (run two replicas; one reconciles).
+    #[arg(long, env = "STRATA_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "strata-operator")]
+    lease_name: String,
+    /// Namespace of the leader Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "strata-system")]
+    lease_namespace: String,
+    /// Seconds a Lease lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// This instance's identity (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Image of strata-sidecar, added to every model pod.
+    #[arg(long, env = "STRATA_SIDECAR_IMAGE", default_value = concat!("ghcr.io/strata-ai/strata-sidecar:", env!("CARGO_PKG_VERSION")))]
+    sidecar_image: String,
+    /// Label added to every model pod, KEY=VALUE (repeatable).
+    #[arg(long = "pod-label", value_parser = parse_label)]
+    pod_labels: Vec<(String, String)>,
+    /// Seconds a replica may stay Unschedulable before it is placed elsewhere.
+    #[arg(long, default_value_t = 30)]
+    unschedulable_grace_seconds: u64,
+    /// Seconds between reconciles of converged objects.
+    #[arg(long, default_value_t = 60)]
+    resync_seconds: u64,
+    /// Log format: text or json.
+    #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+async fn check_crds(client: &Client) -> Result<(), String> {
+    let lp = ListParams::default().limit(1);
+    let hint = "install them with `kubectl apply --server-side -f charts/strata/crds/` (or `helm install strata charts/strata`)";
+    if let Err(e) = Api::<Model>::all(client.clone()).list(&lp).await {
+        return Err(match e {
+            kube::Error::Api(ae) if ae.code == 404 => {
+                format!("the Model CRD (models.strata.ai) is not installed; {hint}")
+            }
+            other => format!("listing Models failed: {other}"),
+        });
+    }
+    if let Err(e) = Api::<GPUPool>::all(client.clone()).list(&lp).await {
+        return Err(match e {
+            kube::Error::Api(ae) if ae.code == 404 => {
+                format!("the GPUPool CRD (gpupools.strata.ai) is not installed; {hint}")
+            }
+            other => format!("listing GPUPools failed: {other}"),
+        });
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if cli.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let metrics = match Metrics::new() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("no Kubernetes client configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = check_crds(&client).await {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
+
+    let identity = cli
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("strata-operator-{}", std::process::id()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let health = Health {
+        ready: ready.clone(),
+        metrics: metrics.clone(),
+    };
+    let server = tokio::spawn(server::serve(
+        cli.metrics_addr,
+        health,
+        stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    let config = Config {
+        template: Settings {
+            sidecar_image: cli.sidecar_image.clone(),
+            extra_pod_labels: cli.pod_labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        },
+        unschedulable_grace: cli.unschedulable_grace_seconds,
+        resync: Duration::from_secs(cli.resync_seconds),
+    };
+
+    let elector = cli.leader_elect.then(|| {
+        Elector::new(
+            client.clone(),
+            LeaseConfig {
+                name: cli.lease_name.clone(),
+                namespace: cli.lease_namespace.clone(),
+                identity: identity.clone(),
+                duration: Duration::from_secs(cli.lease_duration_seconds),
+            },
+        )
+    });
+    let mut code = ExitCode::SUCCESS;
+    if let Some(elector) = &elector {
+        // A standby is healthy and ready to serve its endpoints; it just does not reconcile.
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(identity = %identity, lease = %cli.lease_name, "waiting to lead");
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = stopped(stop_rx.clone()) => {
+                let _ = server.await;
+                return code;
+            }
+        }
+        tracing::info!(identity = %identity, "leading");
+        metrics.leader.set(1);
+        ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+    let controllers = controller::run(
+        client.clone(),
+        metrics.clone(),
+        config,
+        identity,
+        ready,
+        stopped(stop_rx.clone()),
     );
-    ExitCode::FAILURE
+    match &elector {
+        Some(elector) => {
+            tokio::select! {
+                _ = controllers => {}
+                _ = elector.hold() => {
+                    tracing::error!("lost leadership; exiting so that a standby takes over");
+                    code = ExitCode::FAILURE;
+                }
+            }
+            metrics.leader.set(0);
+            elector.release().await;
+        }
+        None => controllers.await,
+    }
+    server.abort();
+    code
 }

@@ -701,3 +701,45 @@ mod tests {
         assert!(!tol(None, None, None, None).tolerates(&taint));
     }
 }
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn bin_pack_from_two_empty_nodes_uses_one() {
+        let n = |name: &str| NodeView {
+            name: name.into(),
+            labels: BTreeMap::from([("p".to_string(), "h".to_string())]),
+            taints: vec![],
+            allocatable: BTreeMap::from([("nvidia.com/gpu".to_string(), 8)]),
+            used: BTreeMap::new(),
+            ready: true,
+            unschedulable: false,
+        };
+        let pool = PoolView {
+            name: "h".into(),
+            selector: Selector {
+                match_labels: BTreeMap::from([("p".to_string(), "h".to_string())]),
+                match_expressions: vec![],
+            },
+            tolerations: vec![],
+            policy: Policy::BinPack,
+            gpu_resource: "nvidia.com/gpu".into(),
+        };
+        let req = Request {
+            preferences: vec![Preference {
+                pool: "h".into(),
+                gpus: 1,
+                max_replicas: None,
+                existing: 0,
+            }],
+            replicas: 2,
+            existing_per_node: BTreeMap::new(),
+            avoid_nodes: vec![],
+        };
+        let out = place(&[n("b"), n("a")], &[pool], &req);
+        let nodes: Vec<&str> = out.assignments.iter().map(|a| a.node.as_str()).collect();
+        assert_eq!(nodes, ["a", "a"]);
+    }
+}

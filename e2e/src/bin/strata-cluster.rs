@@ -30,6 +30,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run only the pod runner against an existing cluster (used by tests
+    /// when STRATA_E2E_KUBECONFIG points at a cluster kept up by hand).
+    Runner {
+        /// Admin kubeconfig of the cluster.
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        /// Runner configuration: a YAML file, or `-` for one JSON line on stdin.
+        #[arg(long)]
+        runner_config: PathBuf,
+        /// Directory for the pod processes' logs.
+        #[arg(long)]
+        log_dir: PathBuf,
+        /// Exit (stopping every pod process) when standard input closes.
+        #[arg(long)]
+        exit_on_stdin_eof: bool,
+    },
     /// Start the cluster and keep it up.
     Up {
         /// Working directory (PKI, etcd data, logs, kubeconfig). Default: a
@@ -66,14 +82,33 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
         )
         .init();
-    let Command::Up {
-        dir,
-        topology,
-        runner_config,
-        timeout,
-        exit_on_stdin_eof,
-        keep,
-    } = Cli::parse().command;
+    let (dir, topology, runner_config, timeout, exit_on_stdin_eof, keep) = match Cli::parse()
+        .command
+    {
+        Command::Up {
+            dir,
+            topology,
+            runner_config,
+            timeout,
+            exit_on_stdin_eof,
+            keep,
+        } => (
+            dir,
+            topology,
+            runner_config,
+            timeout,
+            exit_on_stdin_eof,
+            keep,
+        ),
+        Command::Runner {
+            kubeconfig,
+            runner_config,
+            log_dir,
+            exit_on_stdin_eof,
+        } => {
+            return run_runner_only(kubeconfig, runner_config, log_dir, exit_on_stdin_eof).await;
+        }
+    };
 
     let bin_dir = match tokio::task::spawn_blocking(strata_e2e::tools::ensure_binaries).await {
         Ok(Ok(d)) => d,
@@ -184,4 +219,68 @@ async fn wait_for_exit(
             }
         }
     }
+}
+
+async fn read_runner_config(
+    path: &std::path::Path,
+    stdin: &mut tokio::io::BufReader<tokio::io::Stdin>,
+) -> Result<RunnerConfig, String> {
+    if path.as_os_str() == "-" {
+        let mut line = String::new();
+        stdin
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("reading stdin: {e}"))?;
+        serde_json::from_str(&line).map_err(|e| format!("runner config on stdin: {e}"))
+    } else {
+        RunnerConfig::load(path).map_err(|e| e.to_string())
+    }
+}
+
+async fn run_runner_only(
+    kubeconfig: PathBuf,
+    config: PathBuf,
+    log_dir: PathBuf,
+    exit_on_stdin_eof: bool,
+) -> ExitCode {
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let config = match read_runner_config(&config, &mut stdin).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runner = match PodRunner::start(&kubeconfig, config, &log_dir).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("pod runner did not start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{{\"runner\":\"ready\"}}");
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return ExitCode::FAILURE;
+    };
+    let stdin_closed = async {
+        if !exit_on_stdin_eof {
+            return std::future::pending::<()>().await;
+        }
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = stdin_closed => {}
+    }
+    runner.stop().await;
+    ExitCode::SUCCESS
 }

@@ -1,7 +1,7 @@
 //! strata-e2e-http: a trivial HTTP process for the pod runner's self-test.
 //!
 //! `strata-e2e-http --listen 127.64.0.5:8080 --name ns/pod` answers
-//! `GET /healthz` with "ok", `GET /` with "hello from <name>", and
+//! `GET /healthz` and `GET /readyz` with "ok", `GET /` with "hello from <name>", and
 //! `GET /exit?code=N` by answering and then exiting with status N (a crash,
 //! as far as the pod runner can tell). Test-only; never in a product image.
 
@@ -44,7 +44,7 @@ fn main() -> ExitCode {
             header.clear();
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-        let (status, body, exit) = if path == "/healthz" {
+        let (status, body, exit) = if path == "/healthz" || path == "/readyz" {
             ("200 OK", "ok".to_string(), None)
         } else if let Some(code) = path.strip_prefix("/exit?code=") {
             ("200 OK", "exiting".to_string(), code.parse::<u8>().ok())

@@ -1,0 +1,285 @@
+//! The controllers: the thin layer that reads the cluster, runs the pure
+//! planners, and applies their plans.
+
+pub mod model;
+pub mod pool;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use strata_crds::{GPUPool, Model};
+use tokio::sync::Mutex;
+
+use crate::labels;
+use crate::metrics::Metrics;
+use crate::template::Settings;
+
+/// Operator settings from the command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What shapes every pod.
+    pub template: Settings,
+    /// Seconds a pod may stay Unschedulable before it is placed elsewhere.
+    pub unschedulable_grace: u64,
+    /// How often converged objects are reconciled anyway.
+    pub resync: Duration,
+}
+
+/// A replica pod created but not yet seen in the pod cache: placement must
+/// count its GPUs.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The Model's key (namespace/name).
+    pub model: String,
+    /// Node it is pinned to.
+    pub node: String,
+    /// GPU resource name.
+    pub resource: String,
+    /// GPUs.
+    pub gpus: i64,
+    /// When it was created.
+    pub at: Instant,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub config: Config,
+    /// Every node.
+    pub nodes: Store<Node>,
+    /// Every pod (GPU accounting counts other workloads too).
+    pub pods: Store<Pod>,
+    /// Every GPUPool.
+    pub pools: Store<GPUPool>,
+    /// Serializes placement across Models and remembers pods created but
+    /// not yet in the cache (pod name to what it holds).
+    pub placement: Mutex<HashMap<String, Planned>>,
+    /// Nodes the scheduler refused, per Model key, with when.
+    pub avoid: Mutex<HashMap<String, Vec<(String, Instant)>>>,
+}
+
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(async move {
+        tokio::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::warn!("watch: {e}");
+            }
+        }
+    });
+    reader
+}
+
+/// A digest of what matters about a node for placement: readiness,
+/// cordon, taints, labels and GPU allocatable (not heartbeats).
+fn node_digest(node: &Node) -> u64 {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.status.clone())
+        });
+    let gpus: BTreeMap<String, String> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter(|(k, _)| k.starts_with("nvidia.com/"))
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let spec = node.spec.as_ref();
+    let key = serde_json::json!([
+        ready,
+        spec.and_then(|s| s.unschedulable),
+        spec.and_then(|s| s.taints.clone()),
+        node.metadata.labels,
+        gpus,
+    ]);
+    crate::template::fnv1a(key.to_string().as_bytes())
+}
+
+/// Runs both controllers until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    metrics: Metrics,
+    config: Config,
+    identity: String,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default());
+    let pods = spawn_reflector(Api::<Pod>::all(client.clone()), watcher::Config::default());
+    let pools = spawn_reflector(
+        Api::<GPUPool>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    for (what, fut) in [
+        (
+            "nodes",
+            Box::pin(nodes.wait_until_ready())
+                as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
+        ),
+        ("pods", Box::pin(pods.wait_until_ready())),
+        ("gpupools", Box::pin(pools.wait_until_ready())),
+    ] {
+        if fut.await.is_err() {
+            tracing::error!("the {what} cache stopped before it was ready");
+            return;
+        }
+    }
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!("caches synced; reconciling");
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: labels::MANAGER.into(),
+            instance: Some(identity),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder,
+        metrics,
+        config,
+        nodes: nodes.clone(),
+        pods: pods.clone(),
+        pools: pools.clone(),
+        placement: Mutex::new(HashMap::new()),
+        avoid: Mutex::new(HashMap::new()),
+    });
+
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    let owned =
+        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let model_controller = Controller::new(
+        Api::<Model>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let model_store = model_controller.store();
+    let node_digests: std::sync::Mutex<HashMap<String, u64>> =
+        std::sync::Mutex::new(HashMap::new());
+    let models_for_nodes = model_store.clone();
+    let models_for_pools = model_store.clone();
+    let models = model_controller
+        .owns(Api::<Pod>::all(client.clone()), owned.clone())
+        .watches(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            move |node: Node| {
+                // Only changes that matter for placement wake every Model.
+                let digest = node_digest(&node);
+                let changed = match node_digests.lock() {
+                    Ok(mut d) => d.insert(node.name_any(), digest) != Some(digest),
+                    Err(_) => true,
+                };
+                if changed {
+                    models_for_nodes
+                        .state()
+                        .iter()
+                        .map(|m| ObjectRef::from_obj(m.as_ref()))
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            },
+        )
+        .watches(
+            Api::<GPUPool>::all(client.clone()),
+            watcher::Config::default(),
+            move |pool: GPUPool| {
+                let name = pool.name_any();
+                models_for_pools
+                    .state()
+                    .iter()
+                    .filter(|m| m.spec.pools.iter().any(|p| p.name == name))
+                    .map(|m| ObjectRef::from_obj(m.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stop(rx.clone()))
+        .run(model::reconcile, model::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("model controller: {e}");
+            }
+        });
+
+    let pool_store = pools.clone();
+    let pool_store2 = pools.clone();
+    let gpupools = Controller::new(
+        Api::<GPUPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        move |_node: Node| {
+            pool_store
+                .state()
+                .iter()
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    )
+    .watches(Api::<Pod>::all(client.clone()), owned, move |pod: Pod| {
+        let pool = pod.labels().get(labels::POOL).cloned();
+        pool_store2
+            .state()
+            .iter()
+            .filter(|p| Some(p.name_any()) == pool)
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect::<Vec<_>>()
+    })
+    .graceful_shutdown_on(stop(rx))
+    .run(pool::reconcile, pool::error_policy, ctx.clone())
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::debug!("gpupool controller: {e}");
+        }
+    });
+
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    futures::join!(models, gpupools);
+    tracing::info!("controllers stopped");
+}

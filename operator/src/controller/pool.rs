@@ -1,0 +1,195 @@
+//! The GPUPool controller: capacity, allocation and the Models on a pool.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use strata_crds::GPUPool;
+use strata_crds::common::ObjectRef;
+use strata_crds::gpupool::{GPUPoolStatus, PoolModelStatus, PoolNodeStatus};
+
+use super::Context;
+use crate::conditions::{self, Set};
+use crate::error::{Error, Result};
+use crate::placement::NodeView;
+use crate::{labels, view};
+
+const CONTROLLER: &str = "gpupool";
+
+/// Reconciles one GPUPool.
+pub async fn reconcile(pool: Arc<GPUPool>, ctx: Arc<Context>) -> Result<Action> {
+    let m = &ctx.metrics;
+    m.in_flight.with_label_values(&[CONTROLLER]).inc();
+    let start = Instant::now();
+    let res = reconcile_inner(&pool, &ctx).await;
+    m.in_flight.with_label_values(&[CONTROLLER]).dec();
+    m.reconcile_duration
+        .with_label_values(&[CONTROLLER])
+        .observe(start.elapsed().as_secs_f64());
+    m.reconciles
+        .with_label_values(&[CONTROLLER, if res.is_ok() { "success" } else { "error" }])
+        .inc();
+    res
+}
+
+/// On error: count it and retry soon.
+pub fn error_policy(pool: Arc<GPUPool>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .errors
+        .with_label_values(&[CONTROLLER, err.metric_label()])
+        .inc();
+    tracing::warn!(pool = %pool.name_any(), category = err.metric_label(), "reconcile failed: {err}");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn why_unschedulable(n: &NodeView, pool: &GPUPool) -> Option<String> {
+    if !n.ready {
+        return Some("NotReady".into());
+    }
+    if n.unschedulable {
+        return Some("Cordoned".into());
+    }
+    let v = view::pool_view(pool);
+    let untolerated = n
+        .taints
+        .iter()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .find(|t| !v.tolerations.iter().any(|tol| tol.tolerates(t)));
+    untolerated.map(|t| {
+        format!(
+            "Taint {}={}:{} not tolerated",
+            t.key,
+            t.value.clone().unwrap_or_default(),
+            t.effect
+        )
+    })
+}
+
+/// The status of a pool from the views of its nodes and the pods placed on it (pure).
+pub fn pool_status(
+    pool: &GPUPool,
+    nodes: &[NodeView],
+    models: BTreeMap<(String, String), (i32, i32)>,
+) -> GPUPoolStatus {
+    let v = view::pool_view(pool);
+    let resource = &pool.spec.gpu_resource_name;
+    let mut status = GPUPoolStatus::default();
+    for n in nodes.iter().filter(|n| v.selector.matches(&n.labels)) {
+        let capacity = n.allocatable.get(resource).copied().unwrap_or(0);
+        let allocated = n.used.get(resource).copied().unwrap_or(0);
+        let reason = why_unschedulable(n, pool);
+        status.node_count += 1;
+        if reason.is_none() {
+            status.gpu_capacity += capacity as i32;
+            status.gpu_free += (capacity - allocated).max(0) as i32;
+        }
+        status.gpu_allocated += allocated as i32;
+        status.nodes.push(PoolNodeStatus {
+            name: n.name.clone(),
+            gpu_product: n.labels.get("nvidia.com/gpu.product").cloned(),
+            gpu_capacity: capacity as i32,
+            gpu_allocated: allocated as i32,
+            schedulable: reason.is_none(),
+            reason,
+        });
+    }
+    status.models = models
+        .into_iter()
+        .map(|((namespace, name), (replicas, gpus))| PoolModelStatus {
+            model: ObjectRef { namespace, name },
+            replicas,
+            gpus,
+        })
+        .collect();
+    status
+}
+
+async fn reconcile_inner(pool: &GPUPool, ctx: &Context) -> Result<Action> {
+    let name = pool.name_any();
+    let nodes = ctx.nodes.state();
+    let pods = ctx.pods.state();
+    let views = view::node_views(
+        nodes.iter().map(|n| n.as_ref()),
+        pods.iter().map(|p| p.as_ref()),
+    );
+    let mut models: BTreeMap<(String, String), (i32, i32)> = BTreeMap::new();
+    for p in pods
+        .iter()
+        .filter(|p| view::pod_holds_resources(p) && p.metadata.deletion_timestamp.is_none())
+    {
+        let l = p.labels();
+        if l.get(labels::POOL) != Some(&name)
+            || l.get(labels::MANAGED_BY).map(String::as_str) != Some(labels::MANAGER)
+        {
+            continue;
+        }
+        let (Some(model), Some(ns)) = (l.get(labels::MODEL), p.namespace()) else {
+            continue;
+        };
+        let e = models.entry((ns, model.clone())).or_default();
+        e.0 += 1;
+        e.1 += view::pod_gpu_requests(p).values().sum::<i64>() as i32;
+    }
+    let mut status = pool_status(pool, &views, models);
+    let schedulable = status.nodes.iter().filter(|n| n.schedulable).count();
+    let ready = if status.node_count == 0 {
+        Set::new(
+            "Ready",
+            false,
+            "NoNodes",
+            "no node matches the nodeSelector",
+        )
+    } else if schedulable == 0 || status.gpu_capacity == 0 {
+        Set::new(
+            "Ready",
+            false,
+            "NoSchedulableNodes",
+            format!(
+                "{} node(s) match, none can take replicas",
+                status.node_count
+            ),
+        )
+    } else {
+        Set::new(
+            "Ready",
+            true,
+            "NodesAvailable",
+            format!(
+                "{schedulable} schedulable node(s), {} of {} GPUs free",
+                status.gpu_free, status.gpu_capacity
+            ),
+        )
+    };
+    let existing = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    status.observed_generation = pool.metadata.generation;
+    status.conditions = conditions::merge(
+        &existing,
+        &[ready],
+        pool.metadata.generation,
+        &Time(Timestamp::now()),
+    );
+    if let Some(old) = &pool.status {
+        status.power_watts = old.power_watts;
+        status.energy_joules = old.energy_joules;
+    }
+    let api: Api<GPUPool> = Api::all(ctx.client.clone());
+    let patch =
+        json!({"apiVersion": strata_crds::API_VERSION, "kind": "GPUPool", "status": status});
+    api.patch_status(
+        &name,
+        &PatchParams::apply(labels::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(Action::requeue(ctx.config.resync))
+}
