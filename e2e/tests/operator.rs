@@ -395,11 +395,10 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         })
     })
     .await;
-    let m = models.get("llama").await.expect("model");
-    assert_eq!(
-        condition(&m, "Progressing").map(|c| c.1),
-        Some("RolloutComplete".into())
-    );
+    wait_model(&models, "llama", "Progressing/RolloutComplete", |m| {
+        condition(m, "Progressing").is_some_and(|c| c.0 == "True" && c.1 == "RolloutComplete")
+    })
+    .await;
     watch.abort();
     let min = *min_ready.lock().expect("lock");
     assert!(
@@ -597,6 +596,17 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         metrics.body
     );
     assert!(metrics.body.contains("strata_leader 1"));
+    assert!(
+        metrics
+            .body
+            .contains("strata_reconcile_queue_depth{controller=\"model\"} 0"),
+        "the backlog is drained"
+    );
+    assert!(
+        metrics
+            .body
+            .contains("strata_reconcile_duration_seconds_bucket{controller=\"model\"")
+    );
     assert!(
         metrics
             .body

@@ -17,7 +17,7 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// Reconciles running now, by controller.
     pub in_flight: IntGaugeVec,
-    /// Objects whose reconcile is queued or running, by controller.
+    /// Objects whose latest generation has not been reconciled yet, by controller.
     pub queue_depth: IntGaugeVec,
     /// Replica pods created, by pool.
     pub placements: IntCounterVec,
@@ -62,7 +62,7 @@ impl Metrics {
         let queue_depth = IntGaugeVec::new(
             Opts::new(
                 "strata_reconcile_queue_depth",
-                "Objects with a reconcile scheduled (requeued or triggered) but not finished.",
+                "Objects whose latest spec generation no reconcile has handled yet (the work backlog).",
             ),
             &["controller"],
         )?;

@@ -183,6 +183,7 @@ pub async fn run(
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let rx_backlog = rx.clone();
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
@@ -276,10 +277,47 @@ pub async fn run(
         }
     });
 
+    // Backlog: objects whose latest generation no reconcile has handled yet.
+    let backlog_metrics = ctx.metrics.clone();
+    let backlog_models = model_store.clone();
+    let backlog_pools = pools.clone();
+    let mut backlog_stop = rx_backlog;
+    let backlog = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = backlog_stop.wait_for(|v| *v) => return,
+            }
+            let models = backlog_models
+                .state()
+                .iter()
+                .filter(|m| {
+                    m.status.as_ref().and_then(|s| s.observed_generation) != m.metadata.generation
+                })
+                .count();
+            let pools = backlog_pools
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.status.as_ref().and_then(|s| s.observed_generation) != p.metadata.generation
+                })
+                .count();
+            backlog_metrics
+                .queue_depth
+                .with_label_values(&["model"])
+                .set(models as i64);
+            backlog_metrics
+                .queue_depth
+                .with_label_values(&["gpupool"])
+                .set(pools as i64);
+        }
+    });
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);
     });
     futures::join!(models, gpupools);
+    backlog.abort();
     tracing::info!("controllers stopped");
 }
