@@ -1,1 +1,19 @@
-//! strata-sidecar library.
+//! strata-sidecar: the front door of every model pod. An OpenAI-compatible
+//! proxy that measures every request (TTFT, inter-token and end-to-end
+//! latency, tokens), reads the engine's own metrics, samples NVML for the
+//! pod's GPUs, loads LoRA adapters when the operator asks, and serves it all
+//! on `/metrics`.
+//!
+//! Pure parts: [`sse`], [`measure`], [`promtext`], [`engine`], and the
+//! device selection and energy accounting in [`nvml`].
+
+pub mod admin;
+pub mod app;
+pub mod engine;
+pub mod measure;
+pub mod metrics;
+pub mod nvml;
+pub mod promtext;
+pub mod proxy;
+pub mod server;
+pub mod sse;
