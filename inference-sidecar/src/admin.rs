@@ -26,13 +26,21 @@ pub async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.engine_ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "the engine is not answering its health check").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is not answering its health check",
+        )
+            .into_response()
     }
 }
 
 /// GET /metrics.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -46,7 +54,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// read on every call, so a rotated Secret takes effect without a restart.
 /// No file, an empty file or a missing header: refused.
 pub fn authorized(app: &App, headers: &HeaderMap) -> bool {
-    let Some(path) = &app.config.adapter_token_file else { return false };
+    let Some(path) = &app.config.adapter_token_file else {
+        return false;
+    };
     let Ok(expected) = std::fs::read_to_string(path) else {
         tracing::warn!(path = %path.display(), "the adapter token file cannot be read; refusing adapter calls");
         return false;
@@ -74,7 +84,11 @@ fn unauthorized() -> Response {
 }
 
 fn problem(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({"error": {"message": message, "code": status.as_u16()}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"message": message, "code": status.as_u16()}})),
+    )
+        .into_response()
 }
 
 /// A load request.
@@ -104,86 +118,167 @@ pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 /// POST /v1/adapters: load (idempotent).
 pub async fn load(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     if !authorized(&app, &headers) {
-        app.metrics.adapter_operations.with_label_values(&["load", "unauthorized"]).inc();
+        app.metrics
+            .adapter_operations
+            .with_label_values(&["load", "unauthorized"])
+            .inc();
         return unauthorized();
     }
     let req: LoadRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("expected {{\"name\", \"source\"}}: {e}")),
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"name\", \"source\"}}: {e}"),
+            );
+        }
     };
     if req.name.is_empty() || req.name == app.config.served_model {
-        return problem(StatusCode::BAD_REQUEST, format!("invalid adapter name {:?}", req.name));
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!("invalid adapter name {:?}", req.name),
+        );
     }
     let Some((load_path, _)) = app.config.engine.adapter_paths() else {
-        return problem(StatusCode::NOT_IMPLEMENTED, format!("the {:?} engine cannot load adapters at run time", app.config.engine));
+        return problem(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "the {:?} engine cannot load adapters at run time",
+                app.config.engine
+            ),
+        );
     };
     let mut adapters = app.adapters.write().await;
     if let Some(existing) = adapters.get(&req.name) {
         return if *existing == req.source {
-            app.metrics.adapter_operations.with_label_values(&["load", "already_loaded"]).inc();
+            app.metrics
+                .adapter_operations
+                .with_label_values(&["load", "already_loaded"])
+                .inc();
             Json(json!({"name": req.name, "status": "loaded", "changed": false})).into_response()
         } else {
             problem(
                 StatusCode::CONFLICT,
-                format!("adapter {} is loaded from {existing}, not {}; unload it first", req.name, req.source),
+                format!(
+                    "adapter {} is loaded from {existing}, not {}; unload it first",
+                    req.name, req.source
+                ),
             )
         };
     }
     let body = json!({"lora_name": req.name, "lora_path": req.source}).to_string();
-    match app.call(Method::POST, load_path, Some(Bytes::from(body)), Duration::from_secs(300)).await {
+    match app
+        .call(
+            Method::POST,
+            load_path,
+            Some(Bytes::from(body)),
+            Duration::from_secs(300),
+        )
+        .await
+    {
         Ok((status, _)) if status.is_success() => {}
         // The engine already has it (the sidecar restarted): take it as loaded.
-        Ok((status, text)) if status == StatusCode::BAD_REQUEST && String::from_utf8_lossy(&text).contains("already") => {}
+        Ok((status, text))
+            if status == StatusCode::BAD_REQUEST
+                && String::from_utf8_lossy(&text).contains("already") => {}
         Ok((status, text)) => {
-            app.metrics.adapter_operations.with_label_values(&["load", "engine_error"]).inc();
+            app.metrics
+                .adapter_operations
+                .with_label_values(&["load", "engine_error"])
+                .inc();
             return problem(
                 StatusCode::BAD_GATEWAY,
-                format!("the engine refused to load {} ({status}): {}", req.name, String::from_utf8_lossy(&text)),
+                format!(
+                    "the engine refused to load {} ({status}): {}",
+                    req.name,
+                    String::from_utf8_lossy(&text)
+                ),
             );
         }
         Err(e) => {
-            app.metrics.adapter_operations.with_label_values(&["load", "engine_error"]).inc();
+            app.metrics
+                .adapter_operations
+                .with_label_values(&["load", "engine_error"])
+                .inc();
             return problem(StatusCode::BAD_GATEWAY, e.to_string());
         }
     }
     adapters.insert(req.name.clone(), req.source.clone());
     app.metrics.adapters_loaded.set(adapters.len() as i64);
-    app.metrics.adapter_operations.with_label_values(&["load", "success"]).inc();
+    app.metrics
+        .adapter_operations
+        .with_label_values(&["load", "success"])
+        .inc();
     tracing::info!(adapter = %req.name, source = %req.source, "adapter loaded");
-    (StatusCode::CREATED, Json(json!({"name": req.name, "status": "loaded", "changed": true}))).into_response()
+    (
+        StatusCode::CREATED,
+        Json(json!({"name": req.name, "status": "loaded", "changed": true})),
+    )
+        .into_response()
 }
 
 /// DELETE /v1/adapters/{name}: unload (idempotent).
-pub async fn unload(State(app): State<Arc<App>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+pub async fn unload(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
     if !authorized(&app, &headers) {
-        app.metrics.adapter_operations.with_label_values(&["unload", "unauthorized"]).inc();
+        app.metrics
+            .adapter_operations
+            .with_label_values(&["unload", "unauthorized"])
+            .inc();
         return unauthorized();
     }
     let Some((_, unload_path)) = app.config.engine.adapter_paths() else {
-        return problem(StatusCode::NOT_IMPLEMENTED, "this engine cannot unload adapters at run time".into());
+        return problem(
+            StatusCode::NOT_IMPLEMENTED,
+            "this engine cannot unload adapters at run time".into(),
+        );
     };
     let mut adapters = app.adapters.write().await;
     if !adapters.contains_key(&name) {
-        return Json(json!({"name": name, "status": "not_loaded", "changed": false})).into_response();
+        return Json(json!({"name": name, "status": "not_loaded", "changed": false}))
+            .into_response();
     }
     let body = json!({"lora_name": name}).to_string();
-    match app.call(Method::POST, unload_path, Some(Bytes::from(body)), Duration::from_secs(60)).await {
+    match app
+        .call(
+            Method::POST,
+            unload_path,
+            Some(Bytes::from(body)),
+            Duration::from_secs(60),
+        )
+        .await
+    {
         Ok((status, _)) if status.is_success() || status == StatusCode::NOT_FOUND => {}
         Ok((status, text)) => {
-            app.metrics.adapter_operations.with_label_values(&["unload", "engine_error"]).inc();
+            app.metrics
+                .adapter_operations
+                .with_label_values(&["unload", "engine_error"])
+                .inc();
             return problem(
                 StatusCode::BAD_GATEWAY,
-                format!("the engine refused to unload {name} ({status}): {}", String::from_utf8_lossy(&text)),
+                format!(
+                    "the engine refused to unload {name} ({status}): {}",
+                    String::from_utf8_lossy(&text)
+                ),
             );
         }
         Err(e) => {
-            app.metrics.adapter_operations.with_label_values(&["unload", "engine_error"]).inc();
+            app.metrics
+                .adapter_operations
+                .with_label_values(&["unload", "engine_error"])
+                .inc();
             return problem(StatusCode::BAD_GATEWAY, e.to_string());
         }
     }
     adapters.remove(&name);
     app.metrics.adapters_loaded.set(adapters.len() as i64);
-    app.metrics.adapter_operations.with_label_values(&["unload", "success"]).inc();
+    app.metrics
+        .adapter_operations
+        .with_label_values(&["unload", "success"])
+        .inc();
     tracing::info!(adapter = %name, "adapter unloaded");
     Json(json!({"name": name, "status": "unloaded", "changed": true})).into_response()
 }
@@ -210,7 +305,15 @@ pub async fn watch_engine_health(app: Arc<App>, every: Duration) {
 /// A missing or malformed endpoint reads as unknown (`strata_engine_metrics_up 0`).
 pub async fn scrape_engine(app: Arc<App>, every: Duration) {
     loop {
-        let stats = match app.call(Method::GET, &app.config.metrics_path, None, Duration::from_secs(3)).await {
+        let stats = match app
+            .call(
+                Method::GET,
+                &app.config.metrics_path,
+                None,
+                Duration::from_secs(3),
+            )
+            .await
+        {
             Ok((s, body)) if s.is_success() => {
                 let samples = promtext::parse(&String::from_utf8_lossy(&body));
                 Some(app.config.engine.stats(&samples))

@@ -88,7 +88,9 @@ impl App {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<(http::StatusCode, Bytes), EngineError> {
-        let mut req = http::Request::builder().method(method).uri(format!("{}{path}", self.config.engine_url));
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.config.engine_url));
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
@@ -99,6 +101,8 @@ impl App {
             let bytes = resp.into_body().collect().await?.to_bytes();
             Ok::<_, EngineError>((status, bytes))
         };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| EngineError::Timeout(timeout))?
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| EngineError::Timeout(timeout))?
     }
 }

@@ -42,7 +42,11 @@ impl EngineKind {
                 &["vllm:num_requests_running"],
                 &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
             ),
-            Self::Sglang => (&["sglang:num_queue_reqs"], &["sglang:num_running_reqs"], &["sglang:token_usage"]),
+            Self::Sglang => (
+                &["sglang:num_queue_reqs"],
+                &["sglang:num_running_reqs"],
+                &["sglang:token_usage"],
+            ),
             Self::Tgi => (&["tgi_queue_size"], &["tgi_batch_current_size"], &[]),
             Self::Llamacpp => (
                 &["llamacpp:requests_deferred"],
@@ -73,17 +77,35 @@ mod tests {
 
     #[test]
     fn reads_each_engines_names() {
-        let vllm_old = promtext::parse("vllm:num_requests_waiting{model_name=\"m\"} 4\nvllm:num_requests_running{model_name=\"m\"} 2\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\n");
+        let vllm_old = promtext::parse(
+            "vllm:num_requests_waiting{model_name=\"m\"} 4\nvllm:num_requests_running{model_name=\"m\"} 2\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\n",
+        );
         assert_eq!(
             EngineKind::Vllm.stats(&vllm_old),
-            EngineStats { queue: Some(4.0), running: Some(2.0), kv_cache: Some(0.5) }
+            EngineStats {
+                queue: Some(4.0),
+                running: Some(2.0),
+                kv_cache: Some(0.5)
+            }
         );
         let vllm_new = promtext::parse("vllm:kv_cache_usage_perc{engine=\"0\"} 0.75\n");
         assert_eq!(EngineKind::Vllm.stats(&vllm_new).kv_cache, Some(0.75));
-        let sglang = promtext::parse("sglang:num_queue_reqs 3\nsglang:num_running_reqs 9\nsglang:token_usage 0.4\n");
+        let sglang = promtext::parse(
+            "sglang:num_queue_reqs 3\nsglang:num_running_reqs 9\nsglang:token_usage 0.4\n",
+        );
         assert_eq!(EngineKind::Sglang.stats(&sglang).queue, Some(3.0));
         let tgi = promtext::parse("tgi_queue_size 1\ntgi_batch_current_size 5\n");
-        assert_eq!(EngineKind::Tgi.stats(&tgi), EngineStats { queue: Some(1.0), running: Some(5.0), kv_cache: None });
-        assert_eq!(EngineKind::Vllm.stats(&promtext::parse("garbage")), EngineStats::default());
+        assert_eq!(
+            EngineKind::Tgi.stats(&tgi),
+            EngineStats {
+                queue: Some(1.0),
+                running: Some(5.0),
+                kv_cache: None
+            }
+        );
+        assert_eq!(
+            EngineKind::Vllm.stats(&promtext::parse("garbage")),
+            EngineStats::default()
+        );
     }
 }

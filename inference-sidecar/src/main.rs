@@ -14,7 +14,10 @@ use strata_sidecar::server::{self, Intervals};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Strata's inference sidecar: measures every request, meters the GPUs, loads adapters")]
+#[command(
+    version,
+    about = "Strata's inference sidecar: measures every request, meters the GPUs, loads adapters"
+)]
 struct Cli {
     /// Address of the OpenAI-compatible API (the pod's front door).
     #[arg(long, default_value = "0.0.0.0:8080")]
@@ -63,9 +66,13 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if cli.log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -77,7 +84,12 @@ async fn main() -> ExitCode {
         }
     };
     let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.05, 3600.0));
-    let _sampler = strata_sidecar::nvml::start(cli.nvml_lib.as_deref(), cli.gpus.clone(), secs(cli.nvml_interval), metrics.clone());
+    let _sampler = strata_sidecar::nvml::start(
+        cli.nvml_lib.as_deref(),
+        cli.gpus.clone(),
+        secs(cli.nvml_interval),
+        metrics.clone(),
+    );
     let app = Arc::new(App::new(
         Config {
             engine_url: cli.engine_url.trim_end_matches('/').to_string(),
@@ -89,7 +101,10 @@ async fn main() -> ExitCode {
         },
         metrics,
     ));
-    let (api, admin) = match (server::bind(cli.listen).await, server::bind(cli.admin_listen).await) {
+    let (api, admin) = match (
+        server::bind(cli.listen).await,
+        server::bind(cli.admin_listen).await,
+    ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!("binding {} / {}: {e}", cli.listen, cli.admin_listen);
@@ -98,7 +113,10 @@ async fn main() -> ExitCode {
     };
     tracing::info!(api = %cli.listen, admin = %cli.admin_listen, engine = %app.config.engine_url, "strata-sidecar serving");
     let shutdown = async {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {
@@ -107,7 +125,10 @@ async fn main() -> ExitCode {
         }
         tracing::info!("shutting down");
     };
-    let intervals = Intervals { health: secs(cli.engine_health_interval), engine_metrics: secs(cli.engine_metrics_interval) };
+    let intervals = Intervals {
+        health: secs(cli.engine_health_interval),
+        engine_metrics: secs(cli.engine_metrics_interval),
+    };
     match server::run(app, api, admin, intervals, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -27,7 +27,8 @@ pub fn classify(chunk: &Value) -> ChunkKind {
     }
     let has_output = choices.is_some_and(|cs| {
         cs.iter().any(|c| {
-            let nonempty = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+            let nonempty =
+                |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
             let delta = c.get("delta");
             nonempty(c.get("text"))
                 || nonempty(delta.and_then(|d| d.get("content")))
@@ -39,7 +40,11 @@ pub fn classify(chunk: &Value) -> ChunkKind {
                     .is_some_and(|t| !t.is_empty())
         })
     });
-    if has_output { ChunkKind::Token } else { ChunkKind::Other }
+    if has_output {
+        ChunkKind::Token
+    } else {
+        ChunkKind::Other
+    }
 }
 
 /// Token counts from a usage object.
@@ -56,7 +61,10 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
     let u = v.get("usage")?;
     Some(Usage {
         prompt: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
-        completion: u.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+        completion: u
+            .get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
     })
 }
 
@@ -107,7 +115,11 @@ impl StreamMeasure {
 
     /// The measurement, the stream having ended at `end`.
     pub fn finish(&self, end: Duration) -> Measurement {
-        let tokens = self.usage.map(|u| u.completion).filter(|c| *c > 0).unwrap_or(self.chunks);
+        let tokens = self
+            .usage
+            .map(|u| u.completion)
+            .filter(|c| *c > 0)
+            .unwrap_or(self.chunks);
         let itl = match (self.first, self.last) {
             (Some(f), Some(l)) if tokens >= 2 && l > f => Some((l - f) / (tokens - 1) as u32),
             _ => None,
@@ -137,9 +149,21 @@ mod tests {
         let role = json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]});
         assert_eq!(m.chunk(&role, ms(5)), ChunkKind::Other);
         // One event carrying several tokens: usage says 5 tokens in 3 chunks.
-        assert_eq!(m.chunk(&json!({"choices": [{"delta": {"content": "Hel"}}]}), ms(100)), ChunkKind::Token);
-        m.chunk(&json!({"choices": [{"delta": {"content": "lo, wor"}}]}), ms(140));
-        m.chunk(&json!({"choices": [{"delta": {"content": "ld"}, "finish_reason": "stop"}]}), ms(180));
+        assert_eq!(
+            m.chunk(
+                &json!({"choices": [{"delta": {"content": "Hel"}}]}),
+                ms(100)
+            ),
+            ChunkKind::Token
+        );
+        m.chunk(
+            &json!({"choices": [{"delta": {"content": "lo, wor"}}]}),
+            ms(140),
+        );
+        m.chunk(
+            &json!({"choices": [{"delta": {"content": "ld"}, "finish_reason": "stop"}]}),
+            ms(180),
+        );
         let usage = json!({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}});
         assert_eq!(m.chunk(&usage, ms(181)), ChunkKind::Usage);
         let r = m.finish(ms(182));
@@ -162,12 +186,20 @@ mod tests {
 
     #[test]
     fn reasoning_and_tool_calls_count_as_output() {
-        assert_eq!(classify(&json!({"choices": [{"delta": {"reasoning_content": "hmm"}}]})), ChunkKind::Token);
         assert_eq!(
-            classify(&json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f"}}]}}]})),
+            classify(&json!({"choices": [{"delta": {"reasoning_content": "hmm"}}]})),
             ChunkKind::Token
         );
-        assert_eq!(classify(&json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})), ChunkKind::Other);
+        assert_eq!(
+            classify(
+                &json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f"}}]}}]})
+            ),
+            ChunkKind::Token
+        );
+        assert_eq!(
+            classify(&json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})),
+            ChunkKind::Other
+        );
         assert_eq!(classify(&json!("garbage")), ChunkKind::Other);
     }
 

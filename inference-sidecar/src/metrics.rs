@@ -1,18 +1,19 @@
 //! The sidecar's Prometheus metrics (`strata_` prefix, base units).
 
 use prometheus::{
-    Counter, CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Counter, CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// Latency buckets that resolve SLA targets from 10 ms to 60 s.
 pub const LATENCY_BUCKETS: [f64; 24] = [
-    0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
-    30.0, 45.0, 60.0,
+    0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+    7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 ];
 /// Inter-token latency buckets, 1 ms to 10 s.
 pub const ITL_BUCKETS: [f64; 22] = [
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-    1.0, 2.5, 5.0, 10.0,
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Every metric the sidecar serves.
@@ -75,47 +76,119 @@ impl Metrics {
         let req_labels = &["model", "adapter"];
         let gpu_labels = &["gpu", "uuid"];
         let h = |name: &str, help: &str, buckets: &[f64]| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), req_labels)
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                req_labels,
+            )
         };
         let m = Self {
-            ttft: h("strata_request_time_to_first_token_seconds", "Time to first token of streamed requests.", &LATENCY_BUCKETS)?,
-            itl: h("strata_request_inter_token_latency_seconds", "Mean inter-token latency of streamed requests.", &ITL_BUCKETS)?,
-            e2e: h("strata_request_e2e_latency_seconds", "End-to-end request latency.", &LATENCY_BUCKETS)?,
-            prompt_tokens: IntCounterVec::new(Opts::new("strata_request_prompt_tokens_total", "Prompt tokens."), req_labels)?,
+            ttft: h(
+                "strata_request_time_to_first_token_seconds",
+                "Time to first token of streamed requests.",
+                &LATENCY_BUCKETS,
+            )?,
+            itl: h(
+                "strata_request_inter_token_latency_seconds",
+                "Mean inter-token latency of streamed requests.",
+                &ITL_BUCKETS,
+            )?,
+            e2e: h(
+                "strata_request_e2e_latency_seconds",
+                "End-to-end request latency.",
+                &LATENCY_BUCKETS,
+            )?,
+            prompt_tokens: IntCounterVec::new(
+                Opts::new("strata_request_prompt_tokens_total", "Prompt tokens."),
+                req_labels,
+            )?,
             generation_tokens: IntCounterVec::new(
-                Opts::new("strata_request_generation_tokens_total", "Generated tokens."),
+                Opts::new(
+                    "strata_request_generation_tokens_total",
+                    "Generated tokens.",
+                ),
                 req_labels,
             )?,
             requests: IntCounterVec::new(
                 Opts::new("strata_requests_total", "Requests by endpoint and outcome."),
                 &["model", "adapter", "endpoint", "outcome"],
             )?,
-            in_flight: IntGaugeVec::new(Opts::new("strata_requests_in_flight", "Requests in flight."), &["model"])?,
-            engine_queue: prometheus::Gauge::new("strata_engine_queue_depth", "Requests waiting in the engine.")?,
-            engine_running: prometheus::Gauge::new("strata_engine_running_requests", "Requests the engine is processing.")?,
-            engine_kv_cache: prometheus::Gauge::new("strata_engine_kv_cache_usage_ratio", "Engine KV-cache use, 0 to 1.")?,
-            engine_metrics_up: IntGauge::new("strata_engine_metrics_up", "1 when the engine's metrics were read at the last scrape.")?,
-            engine_up: IntGauge::new("strata_engine_up", "1 while the engine answers its health check.")?,
-            gpu_visible: IntGauge::new("strata_gpu_visible", "GPUs the NVML sampler sees (0: no driver or no GPU).")?,
-            gpu_utilization: GaugeVec::new(Opts::new("strata_gpu_utilization_ratio", "GPU utilization, 0 to 1."), gpu_labels)?,
-            gpu_memory_used: GaugeVec::new(Opts::new("strata_gpu_memory_used_bytes", "GPU memory used."), gpu_labels)?,
-            gpu_memory_total: GaugeVec::new(Opts::new("strata_gpu_memory_total_bytes", "GPU memory total."), gpu_labels)?,
-            gpu_power: GaugeVec::new(Opts::new("strata_gpu_power_watts", "GPU power draw."), gpu_labels)?,
-            gpu_temperature: GaugeVec::new(Opts::new("strata_gpu_temperature_celsius", "GPU temperature."), gpu_labels)?,
+            in_flight: IntGaugeVec::new(
+                Opts::new("strata_requests_in_flight", "Requests in flight."),
+                &["model"],
+            )?,
+            engine_queue: prometheus::Gauge::new(
+                "strata_engine_queue_depth",
+                "Requests waiting in the engine.",
+            )?,
+            engine_running: prometheus::Gauge::new(
+                "strata_engine_running_requests",
+                "Requests the engine is processing.",
+            )?,
+            engine_kv_cache: prometheus::Gauge::new(
+                "strata_engine_kv_cache_usage_ratio",
+                "Engine KV-cache use, 0 to 1.",
+            )?,
+            engine_metrics_up: IntGauge::new(
+                "strata_engine_metrics_up",
+                "1 when the engine's metrics were read at the last scrape.",
+            )?,
+            engine_up: IntGauge::new(
+                "strata_engine_up",
+                "1 while the engine answers its health check.",
+            )?,
+            gpu_visible: IntGauge::new(
+                "strata_gpu_visible",
+                "GPUs the NVML sampler sees (0: no driver or no GPU).",
+            )?,
+            gpu_utilization: GaugeVec::new(
+                Opts::new("strata_gpu_utilization_ratio", "GPU utilization, 0 to 1."),
+                gpu_labels,
+            )?,
+            gpu_memory_used: GaugeVec::new(
+                Opts::new("strata_gpu_memory_used_bytes", "GPU memory used."),
+                gpu_labels,
+            )?,
+            gpu_memory_total: GaugeVec::new(
+                Opts::new("strata_gpu_memory_total_bytes", "GPU memory total."),
+                gpu_labels,
+            )?,
+            gpu_power: GaugeVec::new(
+                Opts::new("strata_gpu_power_watts", "GPU power draw."),
+                gpu_labels,
+            )?,
+            gpu_temperature: GaugeVec::new(
+                Opts::new("strata_gpu_temperature_celsius", "GPU temperature."),
+                gpu_labels,
+            )?,
             gpu_energy: CounterVec::new(
-                Opts::new("strata_gpu_energy_joules_total", "GPU energy used since the sidecar started (from the NVML energy counter)."),
+                Opts::new(
+                    "strata_gpu_energy_joules_total",
+                    "GPU energy used since the sidecar started (from the NVML energy counter).",
+                ),
                 gpu_labels,
             )?,
             gpu_energy_resets: IntCounterVec::new(
-                Opts::new("strata_gpu_energy_counter_resets_total", "Times the NVML energy counter went backwards (driver reload)."),
+                Opts::new(
+                    "strata_gpu_energy_counter_resets_total",
+                    "Times the NVML energy counter went backwards (driver reload).",
+                ),
                 gpu_labels,
             )?,
-            adapters_loaded: IntGauge::new("strata_adapters_loaded", "LoRA adapters loaded in the engine.")?,
+            adapters_loaded: IntGauge::new(
+                "strata_adapters_loaded",
+                "LoRA adapters loaded in the engine.",
+            )?,
             adapter_operations: IntCounterVec::new(
-                Opts::new("strata_adapter_operations_total", "Adapter loads and unloads by result."),
+                Opts::new(
+                    "strata_adapter_operations_total",
+                    "Adapter loads and unloads by result.",
+                ),
                 &["operation", "result"],
             )?,
-            energy_total: Counter::new("strata_pod_gpu_energy_joules_total", "Energy of all the pod's GPUs since the sidecar started.")?,
+            energy_total: Counter::new(
+                "strata_pod_gpu_energy_joules_total",
+                "Energy of all the pod's GPUs since the sidecar started.",
+            )?,
             registry: r,
         };
         let reg = &m.registry;

@@ -30,7 +30,9 @@ pub fn select(devices: &[(u32, String)], spec: Option<&str>) -> Vec<u32> {
         let found = if let Ok(idx) = item.parse::<u32>() {
             devices.iter().find(|(i, _)| *i == idx)
         } else {
-            devices.iter().find(|(_, u)| u == item || (item.len() >= 8 && u.starts_with(item)))
+            devices
+                .iter()
+                .find(|(_, u)| u == item || (item.len() >= 8 && u.starts_with(item)))
         };
         if let Some((i, _)) = found
             && !out.contains(i)
@@ -63,10 +65,19 @@ impl EnergyAccumulator {
     /// not this pod's.
     pub fn update(&mut self, uuid: &str, counter_mj: u64) -> EnergyDelta {
         let delta = match self.last_mj.get(uuid) {
-            None => EnergyDelta { joules: 0.0, reset: false },
-            Some(prev) if counter_mj >= *prev => EnergyDelta { joules: (counter_mj - prev) as f64 / 1000.0, reset: false },
+            None => EnergyDelta {
+                joules: 0.0,
+                reset: false,
+            },
+            Some(prev) if counter_mj >= *prev => EnergyDelta {
+                joules: (counter_mj - prev) as f64 / 1000.0,
+                reset: false,
+            },
             // Reset: what the counter shows now was used since the reset.
-            Some(_) => EnergyDelta { joules: counter_mj as f64 / 1000.0, reset: true },
+            Some(_) => EnergyDelta {
+                joules: counter_mj as f64 / 1000.0,
+                reset: true,
+            },
         };
         self.last_mj.insert(uuid.to_string(), counter_mj);
         delta
@@ -90,7 +101,12 @@ impl Drop for Sampler {
 
 /// Starts sampling on a thread of its own (NVML calls block). Returns None,
 /// after one log line, when NVML cannot be initialised.
-pub fn start(lib: Option<&str>, visible: Option<String>, interval: Duration, metrics: Metrics) -> Option<Sampler> {
+pub fn start(
+    lib: Option<&str>,
+    visible: Option<String>,
+    interval: Duration,
+    metrics: Metrics,
+) -> Option<Sampler> {
     let mut builder = Nvml::builder();
     if let Some(path) = lib {
         builder.lib_path(OsStr::new(path));
@@ -105,11 +121,20 @@ pub fn start(lib: Option<&str>, visible: Option<String>, interval: Duration, met
     };
     let count = nvml.device_count().unwrap_or(0);
     let devices: Vec<(u32, String)> = (0..count)
-        .filter_map(|i| nvml.device_by_index(i).ok().and_then(|d| d.uuid().ok()).map(|u| (i, u)))
+        .filter_map(|i| {
+            nvml.device_by_index(i)
+                .ok()
+                .and_then(|d| d.uuid().ok())
+                .map(|u| (i, u))
+        })
         .collect();
     let chosen = select(&devices, visible.as_deref());
     metrics.gpu_visible.set(chosen.len() as i64);
-    tracing::info!(gpus = chosen.len(), of = count, "sampling NVML every {interval:?}");
+    tracing::info!(
+        gpus = chosen.len(),
+        of = count,
+        "sampling NVML every {interval:?}"
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
@@ -122,27 +147,52 @@ pub fn start(lib: Option<&str>, visible: Option<String>, interval: Duration, met
             }
         })
         .ok()?;
-    Some(Sampler { stop, thread: Some(thread) })
+    Some(Sampler {
+        stop,
+        thread: Some(thread),
+    })
 }
 
-fn sample_once(nvml: &Nvml, devices: &[(u32, String)], chosen: &[u32], energy: &mut EnergyAccumulator, m: &Metrics) {
+fn sample_once(
+    nvml: &Nvml,
+    devices: &[(u32, String)],
+    chosen: &[u32],
+    energy: &mut EnergyAccumulator,
+    m: &Metrics,
+) {
     for idx in chosen {
-        let Ok(dev) = nvml.device_by_index(*idx) else { continue };
-        let uuid = devices.iter().find(|(i, _)| i == idx).map(|(_, u)| u.clone()).unwrap_or_default();
+        let Ok(dev) = nvml.device_by_index(*idx) else {
+            continue;
+        };
+        let uuid = devices
+            .iter()
+            .find(|(i, _)| i == idx)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_default();
         let gpu = idx.to_string();
         let labels = [gpu.as_str(), uuid.as_str()];
         if let Ok(u) = dev.utilization_rates() {
-            m.gpu_utilization.with_label_values(&labels).set(f64::from(u.gpu) / 100.0);
+            m.gpu_utilization
+                .with_label_values(&labels)
+                .set(f64::from(u.gpu) / 100.0);
         }
         if let Ok(mem) = dev.memory_info() {
-            m.gpu_memory_used.with_label_values(&labels).set(mem.used as f64);
-            m.gpu_memory_total.with_label_values(&labels).set(mem.total as f64);
+            m.gpu_memory_used
+                .with_label_values(&labels)
+                .set(mem.used as f64);
+            m.gpu_memory_total
+                .with_label_values(&labels)
+                .set(mem.total as f64);
         }
         if let Ok(mw) = dev.power_usage() {
-            m.gpu_power.with_label_values(&labels).set(f64::from(mw) / 1000.0);
+            m.gpu_power
+                .with_label_values(&labels)
+                .set(f64::from(mw) / 1000.0);
         }
         if let Ok(t) = dev.temperature(TemperatureSensor::Gpu) {
-            m.gpu_temperature.with_label_values(&labels).set(f64::from(t));
+            m.gpu_temperature
+                .with_label_values(&labels)
+                .set(f64::from(t));
         }
         if let Ok(mj) = dev.total_energy_consumption() {
             let d = energy.update(&uuid, mj);
@@ -163,7 +213,11 @@ mod tests {
     use super::*;
 
     fn devs() -> Vec<(u32, String)> {
-        vec![(0, "GPU-aaaaaaaa-1111".into()), (1, "GPU-bbbbbbbb-2222".into()), (2, "GPU-cccccccc-3333".into())]
+        vec![
+            (0, "GPU-aaaaaaaa-1111".into()),
+            (1, "GPU-bbbbbbbb-2222".into()),
+            (2, "GPU-cccccccc-3333".into()),
+        ]
     }
 
     #[test]
@@ -174,7 +228,11 @@ mod tests {
         assert_eq!(select(&devs(), Some("2,0")), [2, 0]);
         assert_eq!(select(&devs(), Some("GPU-bbbbbbbb-2222")), [1]);
         assert_eq!(select(&devs(), Some("GPU-cccccccc")), [2], "UUID prefix");
-        assert_eq!(select(&devs(), Some("7,GPU-zzzz")), Vec::<u32>::new(), "unknown devices are skipped");
+        assert_eq!(
+            select(&devs(), Some("7,GPU-zzzz")),
+            Vec::<u32>::new(),
+            "unknown devices are skipped"
+        );
     }
 
     #[test]

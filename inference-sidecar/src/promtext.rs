@@ -40,7 +40,10 @@ fn parse_labels(s: &str) -> Option<BTreeMap<String, String>> {
         }
         let end = end?;
         out.insert(key.trim().trim_start_matches(',').trim().to_string(), value);
-        rest = after[end + 1..].trim_start().trim_start_matches(',').trim_start();
+        rest = after[end + 1..]
+            .trim_start()
+            .trim_start_matches(',')
+            .trim_start();
     }
     Some(out)
 }
@@ -62,7 +65,9 @@ pub fn parse(text: &str) -> Vec<Sample> {
             }
         };
         let value_str = value_part.split_whitespace().next().unwrap_or("");
-        let Ok(value) = value_str.parse::<f64>() else { continue };
+        let Ok(value) = value_str.parse::<f64>() else {
+            continue;
+        };
         let (name, labels) = match head.split_once('{') {
             Some((n, l)) => match parse_labels(l.trim_end_matches('}')) {
                 Some(labels) => (n.to_string(), labels),
@@ -73,7 +78,11 @@ pub fn parse(text: &str) -> Vec<Sample> {
         if name.is_empty() {
             continue;
         }
-        out.push(Sample { name, labels, value });
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
     }
     out
 }
@@ -91,7 +100,11 @@ pub fn sum(samples: &[Sample], name: &str) -> Option<f64> {
 
 /// Mean of the samples named `name`, if any exists.
 pub fn mean(samples: &[Sample], name: &str) -> Option<f64> {
-    let values: Vec<f64> = samples.iter().filter(|s| s.name == name).map(|s| s.value).collect();
+    let values: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.value)
+        .collect();
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
@@ -113,9 +126,16 @@ vllm:gpu_cache_usage_perc{model_name="llama"} 0.25 1700000000000
 "#;
         let s = parse(text);
         assert_eq!(sum(&s, "vllm:num_requests_waiting"), Some(3.0));
-        assert_eq!(s[1].labels.get("model_name").map(String::as_str), Some("a,b \"q\""));
+        assert_eq!(
+            s[1].labels.get("model_name").map(String::as_str),
+            Some("a,b \"q\"")
+        );
         assert_eq!(sum(&s, "tgi_queue_size"), Some(2.0));
-        assert_eq!(mean(&s, "vllm:gpu_cache_usage_perc"), Some(0.25), "timestamps ignored");
+        assert_eq!(
+            mean(&s, "vllm:gpu_cache_usage_perc"),
+            Some(0.25),
+            "timestamps ignored"
+        );
         assert_eq!(sum(&s, "missing"), None);
         assert_eq!(s.len(), 4);
     }

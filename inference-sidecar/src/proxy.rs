@@ -50,7 +50,14 @@ struct Recorder {
 impl Recorder {
     fn new(app: Arc<App>, model: String, adapter: String, endpoint: &'static str) -> Self {
         app.metrics.in_flight.with_label_values(&[&model]).inc();
-        Self { app, model, adapter, endpoint, start: Instant::now(), done: false }
+        Self {
+            app,
+            model,
+            adapter,
+            endpoint,
+            start: Instant::now(),
+            done: false,
+        }
     }
 
     fn finish(&mut self, m: Option<Measurement>, outcome: &str) {
@@ -74,8 +81,14 @@ impl Recorder {
             if let Some(t) = m.itl {
                 metrics.itl.with_label_values(&l).observe(t.as_secs_f64());
             }
-            metrics.prompt_tokens.with_label_values(&l).inc_by(m.prompt_tokens);
-            metrics.generation_tokens.with_label_values(&l).inc_by(m.completion_tokens);
+            metrics
+                .prompt_tokens
+                .with_label_values(&l)
+                .inc_by(m.prompt_tokens);
+            metrics
+                .generation_tokens
+                .with_label_values(&l)
+                .inc_by(m.completion_tokens);
         }
     }
 }
@@ -110,11 +123,21 @@ fn endpoint_of(path: &str) -> &'static str {
 pub async fn forward(State(app): State<Arc<App>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| path.clone());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
     let endpoint = endpoint_of(&path);
     let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}"), "invalid_request_error"),
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body: {e}"),
+                "invalid_request_error",
+            );
+        }
     };
     let served = app.config.served_model.clone();
 
@@ -130,7 +153,10 @@ pub async fn forward(State(app): State<Arc<App>>, req: Request) -> Response {
         Some(m) if m == served => String::new(),
         Some(m) => {
             if !app.adapters.read().await.contains_key(m) {
-                app.metrics.requests.with_label_values(&[&served, "unknown", endpoint, "not_found"]).inc();
+                app.metrics
+                    .requests
+                    .with_label_values(&[&served, "unknown", endpoint, "not_found"])
+                    .inc();
                 let loaded: Vec<String> = app.adapters.read().await.keys().cloned().collect();
                 return error(
                     StatusCode::NOT_FOUND,
@@ -144,13 +170,21 @@ pub async fn forward(State(app): State<Arc<App>>, req: Request) -> Response {
             m.to_string()
         }
     };
-    let stream = parsed.as_ref().and_then(|v| v.get("stream")).and_then(Value::as_bool) == Some(true);
+    let stream = parsed
+        .as_ref()
+        .and_then(|v| v.get("stream"))
+        .and_then(Value::as_bool)
+        == Some(true);
     let mut strip_usage = false;
     let mut body = body;
-    if stream && matches!(endpoint, "chat" | "completions")
+    if stream
+        && matches!(endpoint, "chat" | "completions")
         && let Some(v) = parsed.as_mut()
     {
-        let asked = v.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+        let asked = v
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
         if !asked {
             // Ask for the usage chunk (exact token counts) and drop it from what the client sees.
             match v.get_mut("stream_options").and_then(Value::as_object_mut) {
@@ -183,14 +217,22 @@ pub async fn forward(State(app): State<Arc<App>>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => {
             recorder.finish(None, "client_error");
-            return error(StatusCode::BAD_REQUEST, format!("cannot forward: {e}"), "invalid_request_error");
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot forward: {e}"),
+                "invalid_request_error",
+            );
         }
     };
     let resp = match app.client.request(upstream).await {
         Ok(r) => r,
         Err(e) => {
             recorder.finish(None, "engine_unavailable");
-            return error(StatusCode::BAD_GATEWAY, format!("the engine is unreachable: {e}"), "engine_unavailable");
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("the engine is unreachable: {e}"),
+                "engine_unavailable",
+            );
         }
     };
     let status = resp.status();
@@ -212,10 +254,16 @@ pub async fn forward(State(app): State<Arc<App>>, req: Request) -> Response {
             Ok(b) => b.to_bytes(),
             Err(e) => {
                 recorder.finish(None, "engine_error");
-                return error(StatusCode::BAD_GATEWAY, format!("reading the engine's answer: {e}"), "engine_error");
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("reading the engine's answer: {e}"),
+                    "engine_error",
+                );
             }
         };
-        let usage = serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| usage_of(&v));
+        let usage = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| usage_of(&v));
         let m = Measurement {
             ttft: None,
             itl: None,
@@ -255,7 +303,13 @@ pub async fn forward(State(app): State<Arc<App>>, req: Request) -> Response {
             out
         }
     }
-    let state = St { body: resp.into_body(), splitter: Splitter::default(), measure: StreamMeasure::default(), recorder, strip_usage };
+    let state = St {
+        body: resp.into_body(),
+        splitter: Splitter::default(),
+        measure: StreamMeasure::default(),
+        recorder,
+        strip_usage,
+    };
     let events = futures::stream::unfold(Some(state), |st| async move {
         let mut st = st?;
         loop {
@@ -279,7 +333,11 @@ pub async fn forward(State(app): State<Arc<App>>, req: Request) -> Response {
                     let out = st.process(rest);
                     let m = st.measure.finish(st.recorder.start.elapsed());
                     st.recorder.finish(Some(m), "success");
-                    return if out.is_empty() { None } else { Some((Ok(Bytes::from(out)), None)) };
+                    return if out.is_empty() {
+                        None
+                    } else {
+                        Some((Ok(Bytes::from(out)), None))
+                    };
                 }
             }
         }

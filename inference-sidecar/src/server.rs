@@ -55,7 +55,8 @@ pub async fn run(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let api_srv = axum::serve(api, api_router(app.clone())).with_graceful_shutdown(wait(rx.clone()));
+    let api_srv =
+        axum::serve(api, api_router(app.clone())).with_graceful_shutdown(wait(rx.clone()));
     let admin_srv = axum::serve(admin, admin_router(app)).with_graceful_shutdown(wait(rx));
     tokio::spawn(async move {
         shutdown.await;

@@ -91,7 +91,11 @@ mod tests {
             let mut events = s.feed(&stream[..cut]);
             events.extend(s.feed(&stream[cut..]));
             let data: Vec<String> = events.iter().filter_map(|e| e.data.clone()).collect();
-            assert_eq!(data, ["{\"a\":1}", "{\"b\":\"é\"}", "[DONE]"], "cut at {cut}");
+            assert_eq!(
+                data,
+                ["{\"a\":1}", "{\"b\":\"é\"}", "[DONE]"],
+                "cut at {cut}"
+            );
             let raw: Vec<u8> = events.iter().flat_map(|e| e.raw.clone()).collect();
             assert_eq!(raw, stream, "bytes pass unchanged");
             assert!(s.finish().is_none());
