@@ -47,7 +47,11 @@ pub struct Profile {
 
 /// One local process. In `args` and `env` values, `${POD_IP}`, `${POD_NAME}`,
 /// `${POD_NAMESPACE}`, `${POD_UID}` and `${NODE_NAME}` are replaced by the
-/// pod's values.
+/// pod's values; `${POD_DIR}` by a directory of the pod's own (shared by its
+/// processes, e.g. for a simulated GPU's load file); `${GPU_COUNT}` and
+/// `${GPU_UUIDS}` by the number of `nvidia.com/*` GPUs the pod's containers
+/// request and stable fake UUIDs for them; `${ARG:<container>:<flag>}` by
+/// the value that follows `<flag>` (or `<flag>=`) in that container's args.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProcessSpec {
@@ -64,6 +68,12 @@ pub struct ProcessSpec {
     /// Also pass the literal `env` values of this container of the pod.
     #[serde(default)]
     pub container_env: Option<String>,
+    /// Start with this container's own `args` from the pod spec (then
+    /// `args`). Pods share the host's network here, so in the container's
+    /// args and env, `0.0.0.0` and `127.0.0.1` become the pod IP: what a
+    /// container binds or reaches on "its" loopback is its pod's address.
+    #[serde(default)]
+    pub container_args: Option<String>,
 }
 
 impl RunnerConfig {
@@ -90,6 +100,12 @@ pub struct PodVars {
     pub uid: String,
     /// spec.nodeName.
     pub node: String,
+    /// A directory of the pod's own (set by the runner).
+    pub dir: String,
+    /// GPUs the pod requests.
+    pub gpus: u32,
+    /// The containers' args, by container name.
+    pub container_args: BTreeMap<String, Vec<String>>,
 }
 
 impl PodVars {
@@ -102,17 +118,78 @@ impl PodVars {
             namespace: pod.metadata.namespace.clone()?,
             uid: pod.metadata.uid.clone()?,
             node: pod.spec.as_ref()?.node_name.clone()?,
+            dir: String::new(),
+            gpus: pod
+                .spec
+                .as_ref()?
+                .containers
+                .iter()
+                .filter_map(|c| c.resources.as_ref().and_then(|r| r.limits.clone()))
+                .flat_map(|l| l.into_iter())
+                .filter(|(k, _)| k.starts_with("nvidia.com/"))
+                .filter_map(|(_, q)| q.0.parse::<u32>().ok())
+                .sum(),
+            container_args: pod
+                .spec
+                .as_ref()?
+                .containers
+                .iter()
+                .map(|c| (c.name.clone(), c.args.clone().unwrap_or_default()))
+                .collect(),
         })
+    }
+
+    /// Stable fake GPU UUIDs for the pod's GPUs.
+    pub fn gpu_uuids(&self) -> Vec<String> {
+        let compact: String = self.uid.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        let stem = format!("{compact:0<32}");
+        (0..self.gpus)
+            .map(|i| {
+                format!("GPU-{}-{}-{}-{}-{:04x}{}", &stem[0..8], &stem[8..12], &stem[12..16], &stem[16..20], i, &stem[24..32])
+            })
+            .collect()
+    }
+
+    /// The value after `flag` in a container's args.
+    pub fn arg(&self, container: &str, flag: &str) -> Option<String> {
+        let args = self.container_args.get(container)?;
+        let with_eq = format!("{flag}=");
+        args.iter().enumerate().find_map(|(i, a)| {
+            if a == flag {
+                args.get(i + 1).cloned()
+            } else {
+                a.strip_prefix(&with_eq).map(str::to_string)
+            }
+        })
+    }
+
+    /// Rewrites a container's own arg or env value for the shared host network.
+    pub fn rewrite(&self, value: &str) -> String {
+        value.replace("0.0.0.0", &self.ip).replace("127.0.0.1", &self.ip)
     }
 
     /// Replaces the placeholders in `template`.
     pub fn expand(&self, template: &str) -> String {
-        template
+        let mut out = template
             .replace("${POD_IP}", &self.ip)
             .replace("${POD_NAME}", &self.name)
             .replace("${POD_NAMESPACE}", &self.namespace)
             .replace("${POD_UID}", &self.uid)
             .replace("${NODE_NAME}", &self.node)
+            .replace("${POD_DIR}", &self.dir)
+            .replace("${GPU_COUNT}", &self.gpus.to_string())
+            .replace("${GPU_UUIDS}", &self.gpu_uuids().join(","));
+        while let Some(start) = out.find("${ARG:") {
+            let Some(len) = out[start..].find('}') else { break };
+            let inner = &out[start + 6..start + len];
+            let value = inner
+                .split_once(':')
+                .and_then(|(c, f)| self.arg(c, f))
+                .map(|v| self.rewrite(&v))
+                .unwrap_or_default();
+            out.replace_range(start..start + len + 1, &value);
+        }
+        out
     }
 }
 
@@ -263,9 +340,14 @@ async fn run_pod(
     log_dir: PathBuf,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let Some(vars) = PodVars::of(&pod) else {
+    let Some(mut vars) = PodVars::of(&pod) else {
         return;
     };
+    let pod_dir = log_dir.join(format!("{}_{}.d", vars.namespace, vars.name));
+    if let Err(e) = std::fs::create_dir_all(&pod_dir) {
+        tracing::warn!("creating {}: {e}", pod_dir.display());
+    }
+    vars.dir = pod_dir.display().to_string();
     let pod_name = format!("{}/{}", vars.namespace, vars.name);
     let containers: Vec<Container> = pod
         .spec
@@ -282,7 +364,7 @@ async fn run_pod(
         {
             for e in c.env.iter().flatten() {
                 if let Some(v) = &e.value {
-                    env.push((e.name.clone(), vars.expand(v)));
+                    env.push((e.name.clone(), vars.rewrite(&vars.expand(v))));
                 }
             }
         }
@@ -290,7 +372,13 @@ async fn run_pod(
         env.push(("POD_IP".into(), vars.ip.clone()));
         env.push(("POD_NAME".into(), vars.name.clone()));
         env.push(("POD_NAMESPACE".into(), vars.namespace.clone()));
-        let args: Vec<String> = spec.args.iter().map(|a| vars.expand(a)).collect();
+        let mut args: Vec<String> = spec
+            .container_args
+            .as_ref()
+            .and_then(|c| vars.container_args.get(c))
+            .map(|a| a.iter().map(|x| vars.rewrite(x)).collect())
+            .unwrap_or_default();
+        args.extend(spec.args.iter().map(|a| vars.expand(a)));
         let log_name = format!("{}_{}_{}", vars.namespace, vars.name, spec.name);
         match Component::spawn(&log_name, &spec.command, &args, &env, &log_dir) {
             Ok(c) => procs.push((spec.name.clone(), c)),
@@ -543,6 +631,38 @@ mod tests {
             desired(&pod("Running", Some("10.0.0.5"), true, false), false),
             Desired::Nothing
         );
+    }
+
+    #[test]
+    fn expands_gpus_dirs_and_container_args() {
+        let mut p = pod("Running", Some("127.64.0.9"), true, false);
+        p.metadata.uid = Some("0123abcd-4567-89ef-0123-456789abcdef".into());
+        if let Some(spec) = p.spec.as_mut() {
+            spec.containers = vec![
+                serde_json::from_value(serde_json::json!({
+                    "name": "engine",
+                    "args": ["--model", "m", "--served-model-name", "llama", "--port=8000", "--host", "127.0.0.1"],
+                    "resources": {"limits": {"nvidia.com/gpu": "2"}}
+                }))
+                .expect("container"),
+            ];
+        }
+        let mut vars = PodVars::of(&p).expect("vars");
+        vars.dir = "/tmp/pod".into();
+        assert_eq!(vars.gpus, 2);
+        let uuids = vars.gpu_uuids();
+        assert_eq!(uuids.len(), 2);
+        assert_ne!(uuids[0], uuids[1]);
+        assert!(uuids[0].starts_with("GPU-0123abcd-"), "{}", uuids[0]);
+        let groups: Vec<usize> = uuids[0].trim_start_matches("GPU-").split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{}", uuids[0]);
+        assert_eq!(vars.gpu_uuids(), uuids, "stable");
+        assert_eq!(
+            vars.expand("--listen=${POD_IP}:${ARG:engine:--port} --model ${ARG:engine:--served-model-name} --dir ${POD_DIR} --n ${GPU_COUNT} --x ${ARG:engine:--missing}"),
+            "--listen=127.64.0.9:8000 --model llama --dir /tmp/pod --n 2 --x "
+        );
+        assert_eq!(vars.rewrite("http://127.0.0.1:8000"), "http://127.64.0.9:8000");
+        assert_eq!(vars.rewrite("--listen=0.0.0.0:8080"), "--listen=127.64.0.9:8080");
     }
 
     #[test]
