@@ -16,6 +16,7 @@ pub mod http;
 pub mod pki;
 pub mod process;
 pub mod runner;
+pub mod sim;
 pub mod tools;
 pub mod topology;
 pub mod wait;

@@ -1,0 +1,116 @@
+//! strata-engine-sim: an inference engine simulator speaking vLLM's
+//! OpenAI-compatible HTTP API with a latency model (FIFO queueing, prefill
+//! time, inter-token latency growing with the batch), so that load produces
+//! SLA pressure. See `strata_e2e::sim`. Test and demo only; never in a
+//! product image.
+//!
+//! `strata-engine-sim --listen 127.64.0.5:8000 --model llama-3-8b --speed 0.6`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use strata_e2e::sim::{self, SimConfig};
+
+#[derive(Parser)]
+#[command(about = "Simulated vLLM engine for Strata's tests and demo")]
+struct Cli {
+    /// Address to listen on (the pod IP and a port).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Served model name.
+    #[arg(long)]
+    model: String,
+    /// Most sequences running at once; the others queue, first in first out.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Prefill time per prompt token, in milliseconds (at speed 1).
+    #[arg(long, default_value_t = 0.2)]
+    prefill_ms_per_token: f64,
+    /// Time per output token with a batch of one, in milliseconds (at speed 1).
+    #[arg(long, default_value_t = 20.0)]
+    itl_ms: f64,
+    /// Growth of the time per output token with the batch:
+    /// itl = itl-ms * (1 + factor * (batch - 1)).
+    #[arg(long, default_value_t = 0.05)]
+    itl_batch_factor: f64,
+    /// GPU speed factor; durations are divided by it (H100 1.0, A100 0.6, L4 0.25).
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Output tokens when a request does not say max_tokens.
+    #[arg(long, default_value_t = 64)]
+    max_tokens_default: u32,
+    /// File to publish the simulated GPU utilization to (for the fake NVML library).
+    #[arg(long)]
+    load_file: Option<PathBuf>,
+    /// Most LoRA adapters loaded at once.
+    #[arg(long, default_value_t = 4)]
+    max_loras: usize,
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let config = SimConfig {
+        model: cli.model,
+        max_batch: cli.max_batch,
+        prefill_ms_per_token: cli.prefill_ms_per_token,
+        itl_ms: cli.itl_ms,
+        itl_batch_factor: cli.itl_batch_factor,
+        speed: cli.speed,
+        max_tokens_default: cli.max_tokens_default,
+        load_file: cli.load_file,
+        max_loras: cli.max_loras,
+    };
+    if let Err(e) = config.validate() {
+        tracing::error!("invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
+    let listener = match tokio::net::TcpListener::bind(cli.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("listen {}: {e}", cli.listen);
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(
+        listen = %cli.listen,
+        model = %config.model,
+        max_batch = config.max_batch,
+        speed = config.speed,
+        "engine simulator serving"
+    );
+    match sim::serve(listener, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

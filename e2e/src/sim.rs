@@ -1,0 +1,1368 @@
+//! An inference engine simulator: speaks enough of vLLM's OpenAI-compatible
+//! HTTP API (completions, chat completions, streaming, LoRA adapters,
+//! `/v1/models`, `/health`, `/metrics`) for Strata's e2e tests, benchmarks
+//! and demo, with a latency model that makes load produce SLA pressure.
+//! Test and demo only; never in a product image.
+//!
+//! The latency model (the pure functions below, no sleeping):
+//!
+//! - at most `max_batch` sequences run at once; the others wait, first in
+//!   first out (the wait is queueing time);
+//! - after admission, prefill takes `prompt_tokens * prefill_ms_per_token / speed`;
+//! - then each output token takes
+//!   `itl_ms * (1 + itl_batch_factor * (running - 1)) / speed`, where `running` is the
+//!   number of sequences running at that step, so inter-token latency grows
+//!   with load;
+//! - the time to first token is queueing + prefill + the first token step.
+//!
+//! Prompt tokens are `ceil(chars / 4)` over all message contents (at least 1);
+//! a request always generates exactly `max_tokens` tokens (finish reason
+//! `length`), which keeps token counts deterministic.
+//!
+//! When a load file is configured, the simulated GPU utilization
+//! ([`utilization`]) is written there every 100 ms and whenever the number of
+//! running sequences changes, for the fake NVML library to report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
+
+// ---------------------------------------------------------------------------
+// Configuration and the pure latency model
+// ---------------------------------------------------------------------------
+
+/// The simulator's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Served model name.
+    pub model: String,
+    /// Most sequences running at once; the others queue, first in first out.
+    pub max_batch: usize,
+    /// Prefill time per prompt token, in milliseconds, at speed 1.
+    pub prefill_ms_per_token: f64,
+    /// Time per output token with a batch of one, in milliseconds, at speed 1.
+    pub itl_ms: f64,
+    /// How the time per output token grows with the batch:
+    /// `itl_ms * (1 + itl_batch_factor * (batch - 1))`.
+    pub itl_batch_factor: f64,
+    /// GPU speed factor; all durations are divided by it (H100 1.0, A100 0.6, L4 0.25).
+    pub speed: f64,
+    /// Output tokens when a request does not say `max_tokens`.
+    pub max_tokens_default: u32,
+    /// Where to publish the simulated GPU utilization, if anywhere.
+    pub load_file: Option<PathBuf>,
+    /// Most LoRA adapters loaded at once.
+    pub max_loras: usize,
+}
+
+impl SimConfig {
+    /// A configuration with the defaults of `strata-engine-sim` for `model`.
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            max_batch: 16,
+            prefill_ms_per_token: 0.2,
+            itl_ms: 20.0,
+            itl_batch_factor: 0.05,
+            speed: 1.0,
+            max_tokens_default: 64,
+            load_file: None,
+            max_loras: 4,
+        }
+    }
+
+    /// Checks that the numbers make sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.model.is_empty() {
+            return Err("the model name must not be empty".into());
+        }
+        if self.max_batch == 0 {
+            return Err("max-batch must be at least 1".into());
+        }
+        if !(self.speed.is_finite() && self.speed > 0.0) {
+            return Err(format!("speed must be positive, got {}", self.speed));
+        }
+        for (name, v) in [
+            ("prefill-ms-per-token", self.prefill_ms_per_token),
+            ("itl-ms", self.itl_ms),
+            ("itl-batch-factor", self.itl_batch_factor),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{name} must be a non-negative number, got {v}"));
+            }
+        }
+        if self.max_tokens_default == 0 {
+            return Err("max-tokens-default must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds (possibly fractional, never negative) as a duration.
+fn millis(ms: f64) -> Duration {
+    if ms.is_finite() && ms > 0.0 {
+        Duration::from_secs_f64(ms / 1000.0)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Prompt tokens for a text of `chars` characters: `ceil(chars / 4)`, at least 1.
+pub fn prompt_tokens(chars: usize) -> u32 {
+    u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX).max(1)
+}
+
+/// Prefill time for `prompt_tokens` tokens.
+pub fn prefill_duration(config: &SimConfig, prompt_tokens: u32) -> Duration {
+    millis(f64::from(prompt_tokens) * config.prefill_ms_per_token / config.speed)
+}
+
+/// Time to produce one output token while `running` sequences run (counted
+/// as at least 1).
+pub fn token_step(config: &SimConfig, running: usize) -> Duration {
+    let extra = running.max(1) as f64 - 1.0;
+    millis(config.itl_ms * (1.0 + config.itl_batch_factor * extra) / config.speed)
+}
+
+/// Time to first token after waiting `queue` for admission, with `running`
+/// sequences running (this one included) at the first step.
+pub fn time_to_first_token(
+    config: &SimConfig,
+    queue: Duration,
+    prompt_tokens: u32,
+    running: usize,
+) -> Duration {
+    queue + prefill_duration(config, prompt_tokens) + token_step(config, running)
+}
+
+/// Whole request duration after admission with a constant batch of
+/// `running` sequences: prefill plus `completion_tokens` steps.
+pub fn service_duration(
+    config: &SimConfig,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    running: usize,
+) -> Duration {
+    prefill_duration(config, prompt_tokens) + token_step(config, running) * completion_tokens
+}
+
+/// Simulated GPU utilization in `[0, 1]`: `running / max_batch * 2`, so half
+/// the batch saturates the GPU.
+pub fn utilization(running: usize, max_batch: usize) -> f64 {
+    if max_batch == 0 {
+        return if running > 0 { 1.0 } else { 0.0 };
+    }
+    (running as f64 / max_batch as f64 * 2.0).clamp(0.0, 1.0)
+}
+
+/// KV-cache usage in `[0, 1]`, approximated as `running / max_batch`.
+pub fn kv_cache_usage(running: usize, max_batch: usize) -> f64 {
+    if max_batch == 0 {
+        return 0.0;
+    }
+    (running as f64 / max_batch as f64).clamp(0.0, 1.0)
+}
+
+/// The text of output token `index`.
+pub fn token_text(index: u32) -> String {
+    format!(" tok{index}")
+}
+
+// ---------------------------------------------------------------------------
+// Metrics (Prometheus text format, vLLM names)
+// ---------------------------------------------------------------------------
+
+/// vLLM's buckets for `vllm:time_to_first_token_seconds`.
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+/// vLLM's buckets for `vllm:inter_token_latency_seconds`.
+pub const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+/// vLLM's buckets for `vllm:e2e_request_latency_seconds`.
+pub const E2E_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// A Prometheus histogram: per-bucket (not cumulative) counts, sum, count.
+#[derive(Debug, Clone)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.counts[i] += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\",{labels}}} {cumulative}",
+                float(*bound)
+            );
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\",{labels}}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", float(self.sum));
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+/// A float the way Python's Prometheus client writes it (`1.0`, `0.25`).
+fn float(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// A label value, escaped for the text format.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[derive(Debug, Clone)]
+struct Metrics {
+    prompt_tokens: u64,
+    generation_tokens: u64,
+    request_success: u64,
+    ttft: Histogram,
+    itl: Histogram,
+    e2e: Histogram,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            prompt_tokens: 0,
+            generation_tokens: 0,
+            request_success: 0,
+            ttft: Histogram::new(TTFT_BUCKETS),
+            itl: Histogram::new(ITL_BUCKETS),
+            e2e: Histogram::new(E2E_BUCKETS),
+        }
+    }
+
+    fn render(&self, model: &str, running: usize, waiting: usize, max_batch: usize) -> String {
+        let labels = format!("model_name=\"{}\"", label_value(model));
+        let mut out = String::new();
+        let mut scalar = |name: &str, kind: &str, help: &str, extra: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name}{{{extra}{labels}}} {value}");
+        };
+        scalar(
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            "",
+            running.to_string(),
+        );
+        scalar(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            "",
+            waiting.to_string(),
+        );
+        scalar(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            "",
+            float(kv_cache_usage(running, max_batch)),
+        );
+        scalar(
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            "",
+            self.prompt_tokens.to_string(),
+        );
+        scalar(
+            "vllm:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            "",
+            self.generation_tokens.to_string(),
+        );
+        scalar(
+            "vllm:request_success_total",
+            "counter",
+            "Count of successfully processed requests.",
+            "finished_reason=\"length\",",
+            self.request_success.to_string(),
+        );
+        self.ttft.render(
+            &mut out,
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            &labels,
+        );
+        self.itl.render(
+            &mut out,
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            &labels,
+        );
+        self.e2e.render(
+            &mut out,
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            &labels,
+        );
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The simulator state
+// ---------------------------------------------------------------------------
+
+/// A running simulator: the engine state behind the HTTP API. Cheap to
+/// clone (shared state).
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: SimConfig,
+    /// FIFO admission: one permit per running sequence.
+    admission: Arc<Semaphore>,
+    /// Running sequences; watched by the load publisher.
+    running: watch::Sender<usize>,
+    waiting: AtomicUsize,
+    /// Loaded LoRA adapters, name and path, in load order.
+    loras: Mutex<Vec<(String, String)>>,
+    metrics: Mutex<Metrics>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Simulator {
+    /// A simulator for `config` (which must validate).
+    pub fn new(config: SimConfig) -> Result<Self, String> {
+        config.validate()?;
+        let (running, _) = watch::channel(0);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                admission: Arc::new(Semaphore::new(config.max_batch)),
+                config,
+                running,
+                waiting: AtomicUsize::new(0),
+                loras: Mutex::new(Vec::new()),
+                metrics: Mutex::new(Metrics::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.inner.config
+    }
+
+    /// Sequences running now.
+    pub fn running(&self) -> usize {
+        *self.inner.running.borrow()
+    }
+
+    /// Requests waiting for admission now.
+    pub fn waiting(&self) -> usize {
+        self.inner.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Loaded LoRA adapters (name, path), in load order.
+    pub fn loras(&self) -> Vec<(String, String)> {
+        lock(&self.inner.loras).clone()
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        let metrics = lock(&self.inner.metrics).clone();
+        metrics.render(
+            &self.inner.config.model,
+            self.running(),
+            self.waiting(),
+            self.inner.config.max_batch,
+        )
+    }
+
+    /// The HTTP API.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/completions", post(completions))
+            .route("/v1/models", get(models))
+            .route("/v1/load_lora_adapter", post(load_lora))
+            .route("/v1/unload_lora_adapter", post(unload_lora))
+            .route("/health", get(health))
+            .route("/metrics", get(metrics))
+            .with_state(self.clone())
+    }
+
+    /// Publishes [`utilization`] to `path` every 100 ms and whenever the
+    /// number of running sequences changes, until the simulator is dropped
+    /// or the task is aborted.
+    pub fn publish_load(&self, path: PathBuf) -> tokio::task::JoinHandle<()> {
+        let mut rx = self.inner.running.subscribe();
+        let max_batch = self.inner.config.max_batch;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_error = None;
+            loop {
+                let running = *rx.borrow_and_update();
+                let text = format!("{:.4}\n", utilization(running, max_batch));
+                match write_atomic(&path, text.as_bytes()).await {
+                    Ok(()) => last_error = None,
+                    Err(e) => {
+                        // Say it once, not every 100 ms.
+                        let msg = e.to_string();
+                        if last_error.as_ref() != Some(&msg) {
+                            tracing::warn!(path = %path.display(), "cannot write the load file: {msg}");
+                        }
+                        last_error = Some(msg);
+                    }
+                }
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+        })
+    }
+
+    fn model_known(&self, name: &str) -> bool {
+        name == self.inner.config.model || lock(&self.inner.loras).iter().any(|(n, _)| n == name)
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Writes `<path>.tmp`, then renames it to `path`.
+async fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    tokio::fs::write(&tmp, data).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+/// Serves the simulator for `config` on `listener` until `shutdown`
+/// completes (then lets in-flight requests finish). Publishes the load file
+/// if the configuration names one.
+pub async fn serve(
+    listener: TcpListener,
+    config: SimConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let sim = Simulator::new(config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    serve_simulator(listener, sim, shutdown).await
+}
+
+/// Like [`serve`], for an existing [`Simulator`] (whose state the caller can
+/// inspect).
+pub async fn serve_simulator(
+    listener: TcpListener,
+    sim: Simulator,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let publisher = sim.config().load_file.clone().map(|p| sim.publish_load(p));
+    let result = axum::serve(listener, sim.router())
+        .with_graceful_shutdown(shutdown)
+        .await;
+    if let Some(p) = publisher {
+        p.abort();
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------
+// One sequence: admission, prefill, decode
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeqEvent {
+    /// Admitted into the running batch.
+    Admitted,
+    /// Output token `index` produced.
+    Token { index: u32, last: bool },
+    /// All tokens produced; metrics recorded, batch slot released.
+    Finished,
+}
+
+/// Counts a request as waiting while it lives.
+struct WaitingGuard(Simulator);
+
+impl WaitingGuard {
+    fn new(sim: &Simulator) -> Self {
+        sim.inner.waiting.fetch_add(1, Ordering::SeqCst);
+        Self(sim.clone())
+    }
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.0.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts a sequence as running while it lives, and holds its batch slot
+/// (released after the count goes down).
+struct RunningGuard {
+    sim: Simulator,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl RunningGuard {
+    fn new(sim: &Simulator, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        sim.inner.running.send_modify(|n| *n += 1);
+        Self {
+            sim: sim.clone(),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.sim
+            .inner
+            .running
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Sleeps until `deadline`; false if the consumer went away first.
+async fn sleep_until(deadline: Instant, tx: &mpsc::UnboundedSender<SeqEvent>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep_until(deadline) => true,
+        () = tx.closed() => false,
+    }
+}
+
+/// Runs one sequence, reporting to `tx`; stops early when `tx`'s receiver
+/// is dropped (the client went away).
+async fn run_sequence(
+    sim: Simulator,
+    arrived: Instant,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    tx: mpsc::UnboundedSender<SeqEvent>,
+) {
+    let waiting = WaitingGuard::new(&sim);
+    let permit = tokio::select! {
+        p = sim.inner.admission.clone().acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return,
+        },
+        () = tx.closed() => return,
+    };
+    drop(waiting);
+    let running = RunningGuard::new(&sim, permit);
+    if tx.send(SeqEvent::Admitted).is_err() {
+        return;
+    }
+    let config = &sim.inner.config;
+    // Deadlines accumulate, so timer granularity does not add up over tokens.
+    let mut deadline = Instant::now() + prefill_duration(config, prompt_tokens);
+    if !sleep_until(deadline, &tx).await {
+        return;
+    }
+    lock(&sim.inner.metrics).prompt_tokens += u64::from(prompt_tokens);
+    let mut previous: Option<Instant> = None;
+    for index in 0..completion_tokens {
+        deadline += token_step(config, sim.running());
+        if !sleep_until(deadline, &tx).await {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut m = lock(&sim.inner.metrics);
+            m.generation_tokens += 1;
+            match previous {
+                None => m.ttft.observe((now - arrived).as_secs_f64()),
+                Some(p) => m.itl.observe((now - p).as_secs_f64()),
+            }
+        }
+        previous = Some(now);
+        let last = index + 1 == completion_tokens;
+        if tx.send(SeqEvent::Token { index, last }).is_err() {
+            return;
+        }
+    }
+    {
+        let mut m = lock(&sim.inner.metrics);
+        m.request_success += 1;
+        m.e2e.observe(arrived.elapsed().as_secs_f64());
+    }
+    drop(running);
+    let _ = tx.send(SeqEvent::Finished);
+}
+
+// ---------------------------------------------------------------------------
+// HTTP handlers
+// ---------------------------------------------------------------------------
+
+/// A vLLM-style JSON error.
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = json!({
+        "error": {
+            "message": message.into(),
+            "type": kind,
+            "param": null,
+            "code": status.as_u16(),
+        }
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "BadRequestError", message)
+}
+
+fn not_found(message: impl Into<String>) -> Response {
+    error(StatusCode::NOT_FOUND, "NotFoundError", message)
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    #[serde(default)]
+    content: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<Message>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: Value,
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+/// Characters of a message content: a string, or a list of parts with `text`.
+fn content_chars(content: &Value) -> usize {
+    match content {
+        Value::String(s) => s.chars().count(),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match p {
+                Value::String(s) => s.chars().count(),
+                other => other
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .map_or(0, |s| s.chars().count()),
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// What a validated request asks for.
+struct Job {
+    kind: Kind,
+    model: String,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    stream: bool,
+    include_usage: bool,
+}
+
+async fn chat_completions(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let req: ChatRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    let chars = req.messages.iter().map(|m| content_chars(&m.content)).sum();
+    let job = Job {
+        kind: Kind::Chat,
+        model: req.model.unwrap_or_else(|| sim.config().model.clone()),
+        prompt_tokens: prompt_tokens(chars),
+        completion_tokens: req
+            .max_tokens
+            .or(req.max_completion_tokens)
+            .unwrap_or(sim.config().max_tokens_default),
+        stream: req.stream,
+        include_usage: req.stream_options.unwrap_or_default().include_usage,
+    };
+    run_job(sim, job).await
+}
+
+async fn completions(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let req: CompletionRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    let chars = match &req.prompt {
+        Value::String(s) => s.chars().count(),
+        _ => return bad_request("prompt must be a string"),
+    };
+    let job = Job {
+        kind: Kind::Completion,
+        model: req.model.unwrap_or_else(|| sim.config().model.clone()),
+        prompt_tokens: prompt_tokens(chars),
+        completion_tokens: req.max_tokens.unwrap_or(sim.config().max_tokens_default),
+        stream: req.stream,
+        include_usage: req.stream_options.unwrap_or_default().include_usage,
+    };
+    run_job(sim, job).await
+}
+
+async fn run_job(sim: Simulator, job: Job) -> Response {
+    if !sim.model_known(&job.model) {
+        return not_found(format!("The model `{}` does not exist.", job.model));
+    }
+    if job.completion_tokens == 0 {
+        return bad_request("max_tokens must be at least 1, got 0.");
+    }
+    let arrived = Instant::now();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run_sequence(
+        sim.clone(),
+        arrived,
+        job.prompt_tokens,
+        job.completion_tokens,
+        tx,
+    ));
+    let prefix = match job.kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    };
+    let out = Output {
+        id: format!("{prefix}-{:016x}", sim.next_id()),
+        created: now_unix(),
+        job,
+    };
+    if out.job.stream {
+        stream_response(out, rx)
+    } else {
+        whole_response(out, rx).await
+    }
+}
+
+/// The fixed parts of a response.
+struct Output {
+    id: String,
+    created: u64,
+    job: Job,
+}
+
+impl Output {
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.job.prompt_tokens,
+            "completion_tokens": self.job.completion_tokens,
+            "total_tokens": u64::from(self.job.prompt_tokens) + u64::from(self.job.completion_tokens),
+        })
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.job.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn chunk(&self, choices: Value) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.job.model,
+            "choices": choices,
+        });
+        if self.job.include_usage
+            && let Some(obj) = v.as_object_mut()
+        {
+            obj.insert("usage".into(), Value::Null);
+        }
+        v
+    }
+
+    /// The server-sent events for one sequence event, if any.
+    fn sse(&self, event: SeqEvent) -> Option<Bytes> {
+        let data = |v: &Value| format!("data: {v}\n\n");
+        let text = match (event, self.job.kind) {
+            (SeqEvent::Admitted, Kind::Chat) => data(&self.chunk(json!([{
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": null,
+                "finish_reason": null,
+            }]))),
+            (SeqEvent::Admitted, Kind::Completion) => return None,
+            (SeqEvent::Token { index, last }, kind) => {
+                let finish = if last { json!("length") } else { Value::Null };
+                let choice = match kind {
+                    Kind::Chat => json!({
+                        "index": 0,
+                        "delta": {"content": token_text(index)},
+                        "logprobs": null,
+                        "finish_reason": finish,
+                    }),
+                    Kind::Completion => json!({
+                        "index": 0,
+                        "text": token_text(index),
+                        "logprobs": null,
+                        "finish_reason": finish,
+                    }),
+                };
+                data(&self.chunk(json!([choice])))
+            }
+            (SeqEvent::Finished, _) => {
+                let mut s = String::new();
+                if self.job.include_usage {
+                    let v = json!({
+                        "id": self.id,
+                        "object": self.object(true),
+                        "created": self.created,
+                        "model": self.job.model,
+                        "choices": [],
+                        "usage": self.usage(),
+                    });
+                    s.push_str(&data(&v));
+                }
+                s.push_str("data: [DONE]\n\n");
+                s
+            }
+        };
+        Some(Bytes::from(text))
+    }
+}
+
+fn stream_response(out: Output, rx: mpsc::UnboundedReceiver<SeqEvent>) -> Response {
+    let events = futures::stream::unfold((out, rx), |(out, mut rx)| async move {
+        loop {
+            let event = rx.recv().await?;
+            if let Some(bytes) = out.sse(event) {
+                return Some((Ok::<_, std::convert::Infallible>(bytes), (out, rx)));
+            }
+        }
+    });
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(events),
+    )
+        .into_response()
+}
+
+async fn whole_response(out: Output, mut rx: mpsc::UnboundedReceiver<SeqEvent>) -> Response {
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(SeqEvent::Admitted) => {}
+            Some(SeqEvent::Token { index, .. }) => text.push_str(&token_text(index)),
+            Some(SeqEvent::Finished) => break,
+            None => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalServerError",
+                    "the request was aborted",
+                );
+            }
+        }
+    }
+    let choice = match out.job.kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": null,
+            "finish_reason": "length",
+            "stop_reason": null,
+        }),
+        Kind::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": null,
+            "finish_reason": "length",
+            "stop_reason": null,
+        }),
+    };
+    axum::Json(json!({
+        "id": out.id,
+        "object": out.object(false),
+        "created": out.created,
+        "model": out.job.model,
+        "choices": [choice],
+        "usage": out.usage(),
+    }))
+    .into_response()
+}
+
+async fn models(State(sim): State<Simulator>) -> Response {
+    let model = &sim.config().model;
+    let created = now_unix();
+    let mut data = vec![json!({
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": model,
+        "parent": null,
+    })];
+    for (name, path) in sim.loras() {
+        data.push(json!({
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": path,
+            "parent": model,
+        }));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct LoadLora {
+    #[serde(default)]
+    lora_name: String,
+    #[serde(default)]
+    lora_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct UnloadLora {
+    #[serde(default)]
+    lora_name: String,
+}
+
+async fn load_lora(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let req: LoadLora = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    if req.lora_name.is_empty() || req.lora_path.is_empty() {
+        return bad_request("Both 'lora_name' and 'lora_path' must be provided.");
+    }
+    if req.lora_name == sim.config().model {
+        return bad_request(format!(
+            "The lora adapter name '{}' is the served model name.",
+            req.lora_name
+        ));
+    }
+    {
+        let mut loras = lock(&sim.inner.loras);
+        if loras.iter().any(|(n, _)| *n == req.lora_name) {
+            return bad_request(format!(
+                "The lora adapter '{}' has already been loaded.",
+                req.lora_name
+            ));
+        }
+        let max = sim.config().max_loras;
+        if loras.len() >= max {
+            return bad_request(format!(
+                "Cannot load LoRA adapter '{}': {max} adapters are loaded already, the maximum.",
+                req.lora_name
+            ));
+        }
+        loras.push((req.lora_name.clone(), req.lora_path.clone()));
+    }
+    tracing::info!(name = %req.lora_name, path = %req.lora_path, "loaded LoRA adapter");
+    format!(
+        "Success: LoRA adapter '{}' added successfully.",
+        req.lora_name
+    )
+    .into_response()
+}
+
+async fn unload_lora(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let req: UnloadLora = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    if req.lora_name.is_empty() {
+        return bad_request("'lora_name' needs to be provided to unload a LoRA adapter.");
+    }
+    {
+        let mut loras = lock(&sim.inner.loras);
+        let Some(i) = loras.iter().position(|(n, _)| *n == req.lora_name) else {
+            return not_found(format!(
+                "The lora adapter '{}' cannot be found.",
+                req.lora_name
+            ));
+        };
+        loras.remove(i);
+    }
+    tracing::info!(name = %req.lora_name, "unloaded LoRA adapter");
+    format!(
+        "Success: LoRA adapter '{}' removed successfully.",
+        req.lora_name
+    )
+    .into_response()
+}
+
+async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn metrics(State(sim): State<Simulator>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        sim.metrics_text(),
+    )
+        .into_response()
+}
+
+/// Parses the samples of a Prometheus text exposition into
+/// `series -> value`, where `series` is the text before the value (name and
+/// labels as written). For tests and tools reading `/metrics`.
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SimConfig {
+        SimConfig::new("m")
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-6
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = config();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.max_batch, 16);
+        assert!(close(c.prefill_ms_per_token, 0.2));
+        assert!(close(c.itl_ms, 20.0));
+        assert!(close(c.itl_batch_factor, 0.05));
+        assert!(close(c.speed, 1.0));
+        assert_eq!(c.max_tokens_default, 64);
+        assert_eq!(c.max_loras, 4);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let cases: Vec<fn(&mut SimConfig)> = vec![
+            |c| c.max_batch = 0,
+            |c| c.speed = 0.0,
+            |c| c.speed = -1.0,
+            |c| c.speed = f64::NAN,
+            |c| c.itl_ms = -1.0,
+            |c| c.prefill_ms_per_token = f64::INFINITY,
+            |c| c.itl_batch_factor = -0.1,
+            |c| c.max_tokens_default = 0,
+            |c| c.model.clear(),
+        ];
+        for change in cases {
+            let mut c = config();
+            change(&mut c);
+            assert!(c.validate().is_err(), "{c:?}");
+            assert!(Simulator::new(c).is_err());
+        }
+    }
+
+    #[test]
+    fn prompt_tokens_are_a_quarter_of_the_characters_rounded_up() {
+        assert_eq!(prompt_tokens(0), 1);
+        assert_eq!(prompt_tokens(1), 1);
+        assert_eq!(prompt_tokens(4), 1);
+        assert_eq!(prompt_tokens(5), 2);
+        assert_eq!(prompt_tokens(400), 100);
+        assert_eq!(prompt_tokens(401), 101);
+    }
+
+    #[test]
+    fn content_chars_counts_strings_and_text_parts() {
+        assert_eq!(content_chars(&json!("héllo")), 5);
+        assert_eq!(
+            content_chars(&json!([{"type": "text", "text": "abc"}, {"type": "image_url"}, "de"])),
+            5
+        );
+        assert_eq!(content_chars(&Value::Null), 0);
+    }
+
+    #[test]
+    fn prefill_is_linear_in_prompt_tokens_and_divided_by_speed() {
+        let mut c = config();
+        assert!(close(ms(prefill_duration(&c, 100)), 20.0));
+        assert!(close(ms(prefill_duration(&c, 1000)), 200.0));
+        c.speed = 0.25;
+        assert!(close(ms(prefill_duration(&c, 100)), 80.0));
+        c.prefill_ms_per_token = 0.0;
+        assert_eq!(prefill_duration(&c, 100), Duration::ZERO);
+    }
+
+    #[test]
+    fn token_step_grows_with_the_batch() {
+        let mut c = config();
+        assert!(close(ms(token_step(&c, 1)), 20.0));
+        // Zero running counts as one: the sequence asking is running.
+        assert!(close(ms(token_step(&c, 0)), 20.0));
+        assert!(close(ms(token_step(&c, 2)), 21.0));
+        assert!(close(ms(token_step(&c, 16)), 20.0 * 1.75));
+        let steps: Vec<_> = (1..=32).map(|b| token_step(&c, b)).collect();
+        assert!(steps.windows(2).all(|w| w[0] < w[1]));
+        c.speed = 0.6;
+        assert!(close(ms(token_step(&c, 1)), 20.0 / 0.6));
+        c.itl_batch_factor = 0.0;
+        assert_eq!(token_step(&c, 1), token_step(&c, 100));
+    }
+
+    #[test]
+    fn time_to_first_token_is_queue_plus_prefill_plus_one_step() {
+        let c = config();
+        let ttft = time_to_first_token(&c, Duration::from_millis(500), 100, 3);
+        assert!(close(ms(ttft), 500.0 + 20.0 + 20.0 * 1.1));
+        let total = service_duration(&c, 100, 10, 1);
+        assert!(close(ms(total), 20.0 + 200.0));
+        // Slower GPUs are slower.
+        let slow = SimConfig {
+            speed: 0.25,
+            ..c.clone()
+        };
+        assert!(service_duration(&slow, 100, 10, 1) > total * 3);
+    }
+
+    #[test]
+    fn utilization_saturates_at_half_the_batch() {
+        assert!(close(utilization(0, 16), 0.0));
+        assert!(close(utilization(4, 16), 0.5));
+        assert!(close(utilization(8, 16), 1.0));
+        assert!(close(utilization(16, 16), 1.0));
+        assert!(close(utilization(100, 16), 1.0));
+        assert!(close(utilization(1, 1), 1.0));
+        assert!(close(utilization(0, 0), 0.0));
+        for b in 1..20 {
+            for r in 0..40 {
+                let u = utilization(r, b);
+                assert!((0.0..=1.0).contains(&u));
+            }
+        }
+        assert!(close(kv_cache_usage(4, 16), 0.25));
+        assert!(close(kv_cache_usage(40, 16), 1.0));
+    }
+
+    #[test]
+    fn histograms_render_cumulative_buckets() {
+        let mut h = Histogram::new(TTFT_BUCKETS);
+        h.observe(0.003);
+        h.observe(0.003);
+        h.observe(0.3);
+        h.observe(5000.0);
+        let mut out = String::new();
+        h.render(&mut out, "x", "help", "model_name=\"m\"");
+        let samples = parse_metrics(&out);
+        assert_eq!(samples["x_bucket{le=\"0.001\",model_name=\"m\"}"], 0.0);
+        assert_eq!(samples["x_bucket{le=\"0.005\",model_name=\"m\"}"], 2.0);
+        assert_eq!(samples["x_bucket{le=\"0.25\",model_name=\"m\"}"], 2.0);
+        assert_eq!(samples["x_bucket{le=\"0.5\",model_name=\"m\"}"], 3.0);
+        assert_eq!(samples["x_bucket{le=\"2560.0\",model_name=\"m\"}"], 3.0);
+        assert_eq!(samples["x_bucket{le=\"+Inf\",model_name=\"m\"}"], 4.0);
+        assert_eq!(samples["x_count{model_name=\"m\"}"], 4.0);
+        assert!(close(samples["x_sum{model_name=\"m\"}"], 5000.306));
+        assert!(out.contains("# TYPE x histogram\n"));
+    }
+
+    #[test]
+    fn bucket_boundaries_are_vllms() {
+        assert_eq!(TTFT_BUCKETS.len(), 22);
+        assert_eq!(ITL_BUCKETS.len(), 19);
+        assert_eq!(E2E_BUCKETS.len(), 21);
+        for b in [TTFT_BUCKETS, ITL_BUCKETS, E2E_BUCKETS] {
+            assert!(b.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+
+    #[test]
+    fn metrics_text_has_vllm_names_and_escaped_labels() {
+        let text = Metrics::new().render("a\"b", 3, 2, 4);
+        let samples = parse_metrics(&text);
+        let l = "model_name=\"a\\\"b\"";
+        assert_eq!(samples[&format!("vllm:num_requests_running{{{l}}}")], 3.0);
+        assert_eq!(samples[&format!("vllm:num_requests_waiting{{{l}}}")], 2.0);
+        assert_eq!(samples[&format!("vllm:kv_cache_usage_perc{{{l}}}")], 0.75);
+        assert_eq!(samples[&format!("vllm:prompt_tokens_total{{{l}}}")], 0.0);
+        assert_eq!(
+            samples[&format!("vllm:generation_tokens_total{{{l}}}")],
+            0.0
+        );
+        assert_eq!(
+            samples[&format!("vllm:request_success_total{{finished_reason=\"length\",{l}}}")],
+            0.0
+        );
+        for name in [
+            "vllm:time_to_first_token_seconds",
+            "vllm:inter_token_latency_seconds",
+            "vllm:e2e_request_latency_seconds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} histogram")), "{name}");
+            assert_eq!(samples[&format!("{name}_count{{{l}}}")], 0.0);
+        }
+        assert!(text.contains("# TYPE vllm:prompt_tokens_total counter"));
+        assert!(text.contains("# TYPE vllm:num_requests_running gauge"));
+    }
+
+    #[test]
+    fn stream_events_for_chat_and_completions() {
+        let out = |kind, include_usage| Output {
+            id: "x".into(),
+            created: 1,
+            job: Job {
+                kind,
+                model: "m".into(),
+                prompt_tokens: 3,
+                completion_tokens: 2,
+                stream: true,
+                include_usage,
+            },
+        };
+        let parse = |b: Bytes| -> Value {
+            let s = String::from_utf8(b.to_vec()).expect("utf8");
+            let json = s
+                .strip_prefix("data: ")
+                .and_then(|s| s.strip_suffix("\n\n"))
+                .expect("one event");
+            serde_json::from_str(json).expect("json")
+        };
+        let chat = out(Kind::Chat, false);
+        let role = parse(chat.sse(SeqEvent::Admitted).expect("role chunk"));
+        assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(role["choices"][0]["delta"]["content"], "");
+        assert!(role.get("usage").is_none());
+        let tok = parse(
+            chat.sse(SeqEvent::Token {
+                index: 1,
+                last: true,
+            })
+            .expect("token"),
+        );
+        assert_eq!(tok["choices"][0]["delta"]["content"], " tok1");
+        assert_eq!(tok["choices"][0]["finish_reason"], "length");
+        assert_eq!(
+            chat.sse(SeqEvent::Finished).expect("done"),
+            Bytes::from("data: [DONE]\n\n")
+        );
+
+        let cmpl = out(Kind::Completion, true);
+        assert_eq!(cmpl.sse(SeqEvent::Admitted), None);
+        let tok = parse(
+            cmpl.sse(SeqEvent::Token {
+                index: 0,
+                last: false,
+            })
+            .expect("token"),
+        );
+        assert_eq!(tok["object"], "text_completion");
+        assert_eq!(tok["choices"][0]["text"], " tok0");
+        assert_eq!(tok["choices"][0]["finish_reason"], Value::Null);
+        assert_eq!(tok["usage"], Value::Null);
+        let done =
+            String::from_utf8(cmpl.sse(SeqEvent::Finished).expect("done").to_vec()).expect("utf8");
+        let (usage, rest) = done.split_once("\n\n").expect("two events");
+        assert_eq!(rest, "data: [DONE]\n\n");
+        let usage: Value =
+            serde_json::from_str(usage.trim_start_matches("data: ")).expect("usage json");
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["total_tokens"], 5);
+    }
+}
