@@ -7,6 +7,7 @@
 //! [`server`] and [`metrics`] run the process.
 
 pub mod autoscale;
+pub mod collect;
 pub mod conditions;
 pub mod controller;
 pub mod engine;
