@@ -55,7 +55,9 @@ pub struct Limit {
 impl Limit {
     fn max_change(&self, current: i32) -> i32 {
         let by_count = self.replicas.unwrap_or(0);
-        let by_percent = self.percent.map_or(0, |p| ((current as f64) * f64::from(p) / 100.0).ceil() as i32);
+        let by_percent = self.percent.map_or(0, |p| {
+            ((current as f64) * f64::from(p) / 100.0).ceil() as i32
+        });
         by_count.max(by_percent).max(1)
     }
 }
@@ -191,9 +193,15 @@ fn views(input: &Input) -> Vec<SignalView> {
         ("timeToFirstToken", s.ttft, t.ttft),
         ("interTokenLatency", s.itl, t.itl),
         ("endToEndLatency", s.e2e, t.e2e),
-        ("queueDepthPerReplica", s.queue_per_replica, t.queue_per_replica),
+        (
+            "queueDepthPerReplica",
+            s.queue_per_replica,
+            t.queue_per_replica,
+        ),
     ] {
-        let (Some(observed), Some(target)) = (observed, target) else { continue };
+        let (Some(observed), Some(target)) = (observed, target) else {
+            continue;
+        };
         if !(observed.is_finite() && target > 0.0) {
             continue;
         }
@@ -206,7 +214,13 @@ fn views(input: &Input) -> Vec<SignalView> {
         } else {
             base
         };
-        out.push(SignalView { name, observed, target, ratio, wants });
+        out.push(SignalView {
+            name,
+            observed,
+            target,
+            ratio,
+            wants,
+        });
     }
     out
 }
@@ -216,7 +230,9 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
     let p = input.policy;
     let now = input.now;
     state.since.get_or_insert(now);
-    if input.signals.rps.is_some_and(|r| r > 0.0) || input.signals.queue_per_replica.is_some_and(|q| q > 0.0) {
+    if input.signals.rps.is_some_and(|r| r > 0.0)
+        || input.signals.queue_per_replica.is_some_and(|q| q > 0.0)
+    {
         state.last_request = Some(now);
     }
     let signals = views(input);
@@ -233,7 +249,10 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
                 desired: 0,
                 reason: Reason::ScaleToZero,
                 signal: "idle".into(),
-                message: format!("no requests for {:.0}s (idle window {idle:.0}s): scaling to zero", now - quiet_since),
+                message: format!(
+                    "no requests for {:.0}s (idle window {idle:.0}s): scaling to zero",
+                    now - quiet_since
+                ),
                 signals,
             };
         }
@@ -242,21 +261,37 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
             let desired = i32::from(woke).max(p.min).min(p.max);
             return Decision {
                 desired,
-                reason: if woke { Reason::ScaleFromZero } else { Reason::Hold },
+                reason: if woke {
+                    Reason::ScaleFromZero
+                } else {
+                    Reason::Hold
+                },
                 signal: "idle".into(),
-                message: if woke { "requests arrived: starting one replica".into() } else { "idle at zero".into() },
+                message: if woke {
+                    "requests arrived: starting one replica".into()
+                } else {
+                    "idle at zero".into()
+                },
                 signals,
             };
         }
     }
 
-    let Some(decider) = signals.iter().max_by(|a, b| a.wants.cmp(&b.wants).then(a.ratio.total_cmp(&b.ratio))) else {
+    let Some(decider) = signals
+        .iter()
+        .max_by(|a, b| a.wants.cmp(&b.wants).then(a.ratio.total_cmp(&b.ratio)))
+    else {
         let desired = current.clamp(p.min, p.max.max(p.min));
         return Decision {
             desired,
-            reason: if desired == current { Reason::NoData } else { Reason::Bounds },
+            reason: if desired == current {
+                Reason::NoData
+            } else {
+                Reason::Bounds
+            },
             signal: "none".into(),
-            message: "no SLA signal could be read (no ready replica or no traffic yet): holding".into(),
+            message: "no SLA signal could be read (no ready replica or no traffic yet): holding"
+                .into(),
             signals,
         };
     };
@@ -267,12 +302,22 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
     while state.history.front().is_some_and(|(t, _)| now - t > keep) {
         state.history.pop_front();
     }
-    let in_window = |w: f64| state.history.iter().filter(move |(t, _)| now - t <= w).map(|(_, r)| *r);
+    let in_window = |w: f64| {
+        state
+            .history
+            .iter()
+            .filter(move |(t, _)| now - t <= w)
+            .map(|(_, r)| *r)
+    };
 
     let (mut desired, mut reason) = if raw > current {
         // Up: the lowest recommendation in the up window (0 = now).
         let stable = in_window(p.up_window).min().unwrap_or(raw);
-        if stable > current { (stable, Reason::ScaleUp) } else { (current, Reason::Stabilizing) }
+        if stable > current {
+            (stable, Reason::ScaleUp)
+        } else {
+            (current, Reason::Stabilizing)
+        }
     } else if raw < current {
         // Down: the highest recommendation in the down window, and only once
         // the window has been observed whole.
@@ -302,7 +347,11 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
     }
     // Bounds.
     // A running Model keeps one replica unless it may scale to zero (idle path above).
-    let lower = if p.idle_to_zero.is_some() { p.min } else { p.min.max(1) };
+    let lower = if p.idle_to_zero.is_some() {
+        p.min
+    } else {
+        p.min.max(1)
+    };
     let bounded = desired.clamp(lower, p.max.max(lower));
     if bounded != desired {
         desired = bounded;
@@ -313,7 +362,11 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
     }
 
     let unit = |name: &str, v: f64| {
-        if name == "queueDepthPerReplica" { format!("{v:.1}") } else { format!("{:.0}ms", v * 1000.0) }
+        if name == "queueDepthPerReplica" {
+            format!("{v:.1}")
+        } else {
+            format!("{:.0}ms", v * 1000.0)
+        }
     };
     let message = format!(
         "{} {} vs target {} (x{:.2}) over {} ready: {} -> {} replicas ({})",
@@ -326,12 +379,19 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
         desired,
         reason.as_str()
     );
-    Decision { desired, reason, signal: decider.name.to_string(), message, signals }
+    Decision {
+        desired,
+        reason,
+        signal: decider.name.to_string(),
+        message,
+        signals,
+    }
 }
 
 /// Parses the CRD's duration strings for the policy (seconds).
 pub fn seconds(s: Option<&str>, default: f64) -> f64 {
-    s.and_then(crate::controller::model::parse_duration).map_or(default, |d| d.as_secs_f64())
+    s.and_then(crate::controller::model::parse_duration)
+        .map_or(default, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]
@@ -343,8 +403,14 @@ mod tests {
             min: 1,
             max: 10,
             tolerance: 0.1,
-            up: Limit { replicas: Some(4), percent: Some(100) },
-            down: Limit { replicas: Some(1), percent: None },
+            up: Limit {
+                replicas: Some(4),
+                percent: Some(100),
+            },
+            down: Limit {
+                replicas: Some(1),
+                percent: None,
+            },
             up_window: 0.0,
             down_window: 300.0,
             idle_to_zero: None,
@@ -352,7 +418,12 @@ mod tests {
     }
 
     fn targets() -> Targets {
-        Targets { ttft: Some(0.5), itl: Some(0.05), e2e: None, queue_per_replica: Some(8.0) }
+        Targets {
+            ttft: Some(0.5),
+            itl: Some(0.05),
+            e2e: None,
+            queue_per_replica: Some(8.0),
+        }
     }
 
     fn input(now: f64, current: i32, ready: i32, ttft: f64, itl: f64, queue: f64) -> Input {
@@ -360,7 +431,13 @@ mod tests {
             now,
             current,
             ready,
-            signals: Signals { ttft: Some(ttft), itl: Some(itl), e2e: None, queue_per_replica: Some(queue), rps: Some(5.0) },
+            signals: Signals {
+                ttft: Some(ttft),
+                itl: Some(itl),
+                e2e: None,
+                queue_per_replica: Some(queue),
+                rps: Some(5.0),
+            },
             targets: targets(),
             policy: policy(),
         }
@@ -374,20 +451,62 @@ mod tests {
             expect: (i32, Reason, &'static str),
         }
         let cases = [
-            Case { name: "within tolerance holds", input: input(0.0, 2, 2, 0.52, 0.04, 2.0), expect: (2, Reason::Hold, "timeToFirstToken") },
-            Case { name: "TTFT 2x over target doubles", input: input(0.0, 2, 2, 1.0, 0.04, 2.0), expect: (4, Reason::ScaleUp, "timeToFirstToken") },
-            Case { name: "the worst signal decides", input: input(0.0, 2, 2, 0.6, 0.15, 2.0), expect: (6, Reason::ScaleUp, "interTokenLatency") },
-            Case { name: "queue is a leading signal", input: input(0.0, 2, 2, 0.3, 0.03, 24.0), expect: (6, Reason::ScaleUp, "queueDepthPerReplica") },
-            Case { name: "slightly over asks for at least one more", input: input(0.0, 3, 3, 0.58, 0.04, 2.0), expect: (4, Reason::ScaleUp, "timeToFirstToken") },
-            Case { name: "pending replicas are not asked for twice", input: input(0.0, 4, 2, 1.0, 0.04, 2.0), expect: (4, Reason::Hold, "timeToFirstToken") },
-            Case { name: "rate limit: +max(4, 100 %) per evaluation", input: input(0.0, 2, 2, 5.0, 0.04, 2.0), expect: (6, Reason::RateLimited, "timeToFirstToken") },
-            Case { name: "max bound", input: input(0.0, 8, 8, 2.0, 0.04, 2.0), expect: (10, Reason::Bounds, "timeToFirstToken") },
-            Case { name: "below target waits for the window first", input: input(0.0, 4, 4, 0.1, 0.01, 0.0), expect: (4, Reason::Stabilizing, "timeToFirstToken") },
+            Case {
+                name: "within tolerance holds",
+                input: input(0.0, 2, 2, 0.52, 0.04, 2.0),
+                expect: (2, Reason::Hold, "timeToFirstToken"),
+            },
+            Case {
+                name: "TTFT 2x over target doubles",
+                input: input(0.0, 2, 2, 1.0, 0.04, 2.0),
+                expect: (4, Reason::ScaleUp, "timeToFirstToken"),
+            },
+            Case {
+                name: "the worst signal decides",
+                input: input(0.0, 2, 2, 0.6, 0.15, 2.0),
+                expect: (6, Reason::ScaleUp, "interTokenLatency"),
+            },
+            Case {
+                name: "queue is a leading signal",
+                input: input(0.0, 2, 2, 0.3, 0.03, 24.0),
+                expect: (6, Reason::ScaleUp, "queueDepthPerReplica"),
+            },
+            Case {
+                name: "slightly over asks for at least one more",
+                input: input(0.0, 3, 3, 0.58, 0.04, 2.0),
+                expect: (4, Reason::ScaleUp, "timeToFirstToken"),
+            },
+            Case {
+                name: "pending replicas are not asked for twice",
+                input: input(0.0, 4, 2, 1.0, 0.04, 2.0),
+                expect: (4, Reason::Hold, "timeToFirstToken"),
+            },
+            Case {
+                name: "rate limit: +max(4, 100 %) per evaluation",
+                input: input(0.0, 2, 2, 5.0, 0.04, 2.0),
+                expect: (6, Reason::RateLimited, "timeToFirstToken"),
+            },
+            Case {
+                name: "max bound",
+                input: input(0.0, 8, 8, 2.0, 0.04, 2.0),
+                expect: (10, Reason::Bounds, "timeToFirstToken"),
+            },
+            Case {
+                name: "below target waits for the window first",
+                input: input(0.0, 4, 4, 0.1, 0.01, 0.0),
+                expect: (4, Reason::Stabilizing, "timeToFirstToken"),
+            },
         ];
         for c in cases {
             let mut st = State::default();
             let d = decide(&c.input, &mut st);
-            assert_eq!((d.desired, d.reason, d.signal.as_str()), c.expect, "{}: {}", c.name, d.message);
+            assert_eq!(
+                (d.desired, d.reason, d.signal.as_str()),
+                c.expect,
+                "{}: {}",
+                c.name,
+                d.message
+            );
         }
     }
 
@@ -403,7 +522,12 @@ mod tests {
             }
         }
         let d = last.expect("decision");
-        assert_eq!((d.desired, d.reason), (3, Reason::ScaleDown), "{}", d.message);
+        assert_eq!(
+            (d.desired, d.reason),
+            (3, Reason::ScaleDown),
+            "{}",
+            d.message
+        );
         // Next step goes to 2 and stops there.
         let d = decide(&input(315.0, 3, 3, 0.2 * 4.0 / 3.0, 0.02, 0.0), &mut st);
         assert!(d.desired >= 2, "{}", d.message);
@@ -417,7 +541,11 @@ mod tests {
             decide(&input(f64::from(t), 4, 4, ttft, 0.02, 0.0), &mut st);
         }
         let d = decide(&input(300.0, 4, 4, 0.2, 0.02, 0.0), &mut st);
-        assert_eq!(d.desired, 4, "the recommendation of 5 at t=150 is still in the window: {}", d.message);
+        assert_eq!(
+            d.desired, 4,
+            "the recommendation of 5 at t=150 is still in the window: {}",
+            d.message
+        );
     }
 
     #[test]
@@ -449,7 +577,10 @@ mod tests {
         i.current = 0;
         i.ready = 0;
         i.now = 700.0;
-        i.signals = Signals { queue_per_replica: Some(3.0), ..Signals::default() };
+        i.signals = Signals {
+            queue_per_replica: Some(3.0),
+            ..Signals::default()
+        };
         let d = decide(&i, &mut st);
         assert_eq!((d.desired, d.reason), (1, Reason::ScaleFromZero));
     }

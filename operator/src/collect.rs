@@ -57,8 +57,13 @@ fn le_of(labels: &str) -> Option<f64> {
 pub fn parse(text: &str) -> Snapshot {
     let mut snap = Snapshot::default();
     let mut buckets: BTreeMap<&str, BTreeMap<u64, (f64, f64)>> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let Some((name, labels, value)) = labels_and_value(line) else { continue };
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let Some((name, labels, value)) = labels_and_value(line) else {
+            continue;
+        };
         if !value.is_finite() {
             continue;
         }
@@ -83,7 +88,11 @@ pub fn parse(text: &str) -> Snapshot {
         };
         if name.ends_with("_bucket") {
             if let Some(le) = le_of(labels) {
-                let e = buckets.entry(family).or_default().entry(le.to_bits()).or_insert((le, 0.0));
+                let e = buckets
+                    .entry(family)
+                    .or_default()
+                    .entry(le.to_bits())
+                    .or_insert((le, 0.0));
                 e.1 += value;
             }
         } else if name.ends_with("_count") {
@@ -115,11 +124,19 @@ impl Histogram {
             .buckets
             .iter()
             .map(|(le, c)| {
-                let old = older.buckets.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c);
+                let old = older
+                    .buckets
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map_or(0.0, |(_, c)| *c);
                 (*le, (c - old).max(0.0))
             })
             .collect();
-        Histogram { buckets, count: self.count - older.count, sum: (self.sum - older.sum).max(0.0) }
+        Histogram {
+            buckets,
+            count: self.count - older.count,
+            sum: (self.sum - older.sum).max(0.0),
+        }
     }
 
     /// Adds another histogram with the same buckets.
@@ -198,7 +215,11 @@ impl PodSeries {
         if t_last <= t_first {
             return None;
         }
-        let tokens = if last.tokens >= first.tokens { last.tokens - first.tokens } else { last.tokens };
+        let tokens = if last.tokens >= first.tokens {
+            last.tokens - first.tokens
+        } else {
+            last.tokens
+        };
         Some((
             Snapshot {
                 ttft: last.ttft.delta(&first.ttft),
@@ -232,11 +253,17 @@ pub struct Observed {
 }
 
 /// Combines the pods' windows.
-pub fn observe<'a>(series: impl IntoIterator<Item = &'a PodSeries>, now: f64, window: f64, quantile: f64) -> Observed {
+pub fn observe<'a>(
+    series: impl IntoIterator<Item = &'a PodSeries>,
+    now: f64,
+    window: f64,
+    quantile: f64,
+) -> Observed {
     let mut ttft = Histogram::default();
     let mut itl = Histogram::default();
     let mut e2e = Histogram::default();
-    let (mut tokens, mut requests, mut span, mut queue, mut queue_n, mut n) = (0.0, 0.0, 0.0f64, 0.0, 0usize, 0usize);
+    let (mut tokens, mut requests, mut span, mut queue, mut queue_n, mut n) =
+        (0.0, 0.0, 0.0f64, 0.0, 0usize, 0usize);
     for s in series {
         if let Some((last, _)) = s.points.back().map(|(_, snap)| (snap, ())) {
             if let Some(q) = last.queue {
@@ -244,7 +271,9 @@ pub fn observe<'a>(series: impl IntoIterator<Item = &'a PodSeries>, now: f64, wi
                 queue_n += 1;
             }
         }
-        let Some((d, secs)) = s.window(now, window) else { continue };
+        let Some((d, secs)) = s.window(now, window) else {
+            continue;
+        };
         n += 1;
         ttft.add(&d.ttft);
         itl.add(&d.itl);
@@ -276,32 +305,66 @@ mod tests {
             s.push_str(&format!("strata_request_time_to_first_token_seconds_bucket{{adapter=\"\",model=\"m\",le=\"{le}\"}} {c}\n"));
             s.push_str(&format!("strata_request_time_to_first_token_seconds_bucket{{adapter=\"a\",model=\"m\",le=\"{le}\"}} 0\n"));
         }
-        s.push_str(&format!("strata_request_time_to_first_token_seconds_count{{adapter=\"\",model=\"m\"}} {count}\n"));
+        s.push_str(&format!(
+            "strata_request_time_to_first_token_seconds_count{{adapter=\"\",model=\"m\"}} {count}\n"
+        ));
         s.push_str(&format!("strata_request_e2e_latency_seconds_bucket{{adapter=\"\",model=\"m\",le=\"+Inf\"}} {count}\n"));
-        s.push_str(&format!("strata_request_e2e_latency_seconds_count{{adapter=\"\",model=\"m\"}} {count}\n"));
-        s.push_str(&format!("strata_request_generation_tokens_total{{adapter=\"\",model=\"m\"}} {tokens}\n"));
+        s.push_str(&format!(
+            "strata_request_e2e_latency_seconds_count{{adapter=\"\",model=\"m\"}} {count}\n"
+        ));
+        s.push_str(&format!(
+            "strata_request_generation_tokens_total{{adapter=\"\",model=\"m\"}} {tokens}\n"
+        ));
         s.push_str(&format!("strata_engine_queue_depth {queue}\n"));
         s
     }
 
     #[test]
     fn quantiles_interpolate_like_prometheus() {
-        let h = Histogram { buckets: vec![(0.1, 50.0), (0.5, 90.0), (1.0, 100.0), (f64::INFINITY, 100.0)], count: 100.0, sum: 0.0 };
+        let h = Histogram {
+            buckets: vec![
+                (0.1, 50.0),
+                (0.5, 90.0),
+                (1.0, 100.0),
+                (f64::INFINITY, 100.0),
+            ],
+            count: 100.0,
+            sum: 0.0,
+        };
         assert_eq!(h.quantile(0.5), Some(0.1));
         let p95 = h.quantile(0.95).expect("p95");
         assert!((p95 - 0.75).abs() < 1e-9, "{p95}");
-        let tail = Histogram { buckets: vec![(1.0, 1.0), (f64::INFINITY, 10.0)], count: 10.0, sum: 0.0 };
-        assert_eq!(tail.quantile(0.95), Some(1.0), "+Inf bucket: the highest finite bound");
+        let tail = Histogram {
+            buckets: vec![(1.0, 1.0), (f64::INFINITY, 10.0)],
+            count: 10.0,
+            sum: 0.0,
+        };
+        assert_eq!(
+            tail.quantile(0.95),
+            Some(1.0),
+            "+Inf bucket: the highest finite bound"
+        );
         assert_eq!(Histogram::default().quantile(0.95), None);
     }
 
     #[test]
     fn windows_use_deltas_survive_restarts_and_skip_the_baseline() {
         let mut s = PodSeries::default();
-        s.push(0.0, parse(&text([100, 100, 100, 100], 100, 1000, 0.0)), 120.0);
-        assert!(s.window(0.0, 60.0).is_none(), "the first scrape is only a baseline");
+        s.push(
+            0.0,
+            parse(&text([100, 100, 100, 100], 100, 1000, 0.0)),
+            120.0,
+        );
+        assert!(
+            s.window(0.0, 60.0).is_none(),
+            "the first scrape is only a baseline"
+        );
         // In the next 60 s: 10 requests, 8 slower than 0.5 s.
-        s.push(60.0, parse(&text([102, 102, 110, 110], 110, 1500, 3.0)), 120.0);
+        s.push(
+            60.0,
+            parse(&text([102, 102, 110, 110], 110, 1500, 3.0)),
+            120.0,
+        );
         let (d, secs) = s.window(60.0, 60.0).expect("window");
         assert_eq!(secs, 60.0);
         assert_eq!(d.ttft.count, 10.0);

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub unplaceable: IntGaugeVec,
     /// 1 while this instance holds the leader Lease.
     pub leader: IntGauge,
+    /// Autoscaler evaluations by reason.
+    pub autoscaler_decisions: IntCounterVec,
+    /// Replicas the autoscaler wants, by Model.
+    pub desired_replicas: IntGaugeVec,
 }
 
 impl Metrics {
@@ -100,6 +104,22 @@ impl Metrics {
         registry.register(Box::new(deletions.clone()))?;
         registry.register(Box::new(unplaceable.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        let autoscaler_decisions = IntCounterVec::new(
+            Opts::new(
+                "strata_autoscaler_decisions_total",
+                "SLA autoscaler evaluations by reason.",
+            ),
+            &["reason"],
+        )?;
+        let desired_replicas = IntGaugeVec::new(
+            Opts::new(
+                "strata_model_desired_replicas",
+                "Replicas the operator converges each Model to.",
+            ),
+            &["namespace", "model"],
+        )?;
+        registry.register(Box::new(autoscaler_decisions.clone()))?;
+        registry.register(Box::new(desired_replicas.clone()))?;
         Ok(Self {
             registry,
             reconciles,
@@ -111,6 +131,8 @@ impl Metrics {
             deletions,
             unplaceable,
             leader,
+            autoscaler_decisions,
+            desired_replicas,
         })
     }
 

@@ -3,6 +3,7 @@
 
 pub mod model;
 pub mod pool;
+pub mod scale;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -69,6 +70,8 @@ pub struct Context {
     pub placement: Mutex<HashMap<String, Planned>>,
     /// Nodes the scheduler refused, per Model key, with when.
     pub avoid: Mutex<HashMap<String, Vec<(String, Instant)>>>,
+    /// The SLA autoscaler's memory, per Model key.
+    pub scalers: Mutex<HashMap<String, scale::ModelScaler>>,
 }
 
 fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
@@ -180,6 +183,7 @@ pub async fn run(
         pools: pools.clone(),
         placement: Mutex::new(HashMap::new()),
         avoid: Mutex::new(HashMap::new()),
+        scalers: Mutex::new(HashMap::new()),
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);

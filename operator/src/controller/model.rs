@@ -162,8 +162,66 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
     let node_names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
     let pools = ctx.pools.state();
 
+    // Desired replicas: the spec (Manual, External) or the SLA autoscaler.
+    let spec_desired = desired_replicas(&model.spec);
+    let mut evaluated = false;
+    let mut evaluation: Option<super::scale::Evaluation> = None;
+    let mut current_desired = spec_desired;
+    let desired = if model.spec.autoscaling.mode == AutoscalingMode::Sla {
+        let (min, max) = (
+            model.spec.min_replicas.max(0),
+            model.spec.max_replicas.max(model.spec.min_replicas),
+        );
+        current_desired = model
+            .status
+            .as_ref()
+            .and_then(|s| s.desired_replicas)
+            .unwrap_or(spec_desired)
+            .clamp(min, max);
+        let ready_pods: Vec<&Pod> = own
+            .iter()
+            .filter(|p| is_ready(p) && p.metadata.deletion_timestamp.is_none())
+            .collect();
+        // Take this Model's scaler out so that scraping does not hold the lock.
+        let mut scaler = ctx.scalers.lock().await.remove(&key).unwrap_or_default();
+        let (d, ev) =
+            super::scale::evaluate(&mut scaler, model, &ready_pods, current_desired).await;
+        evaluated = ev;
+        evaluation = scaler.last.clone();
+        ctx.scalers.lock().await.insert(key.clone(), scaler);
+        if let (true, Some(e)) = (evaluated, &evaluation) {
+            ctx.metrics
+                .autoscaler_decisions
+                .with_label_values(&[e.decision.reason.as_str()])
+                .inc();
+            if d != current_desired {
+                let reason = if d > current_desired {
+                    "ScaledUp"
+                } else {
+                    "ScaledDown"
+                };
+                publish(
+                    ctx,
+                    model,
+                    EventType::Normal,
+                    reason,
+                    "Scale",
+                    e.decision.message.clone(),
+                )
+                .await;
+                tracing::info!(model = %key, from = current_desired, to = d, signal = %e.decision.signal, "{}", e.decision.message);
+            }
+        }
+        d
+    } else {
+        spec_desired
+    };
+    ctx.metrics
+        .desired_replicas
+        .with_label_values(&[&ns, &name])
+        .set(i64::from(desired));
+
     // Plan (pure).
-    let desired = desired_replicas(&model.spec);
     let settings = &ctx.config.template;
     let mut templates: Vec<PoolTemplate> = Vec::new();
     for pref in &model.spec.pools {
@@ -566,6 +624,25 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
         selector: Some(template::selector_string(&name)),
         pools: (!pool_names.is_empty()).then(|| pool_names.join(",")),
         placement: placement_status,
+        sla: match &evaluation {
+            Some(e) => Some(super::scale::sla_status(model, e)),
+            None => model.status.as_ref().and_then(|s| s.sla.clone()),
+        },
+        last_scale_decision: match &evaluation {
+            Some(e) if evaluated && desired != current_desired => {
+                Some(super::scale::decision_status(e))
+            }
+            _ => model
+                .status
+                .as_ref()
+                .and_then(|s| s.last_scale_decision.clone()),
+        },
+        energy: model.status.as_ref().and_then(|s| s.energy.clone()),
+        adapters: model
+            .status
+            .as_ref()
+            .map(|s| s.adapters.clone())
+            .unwrap_or_default(),
         ..ModelStatus::default()
     };
     let models: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);

@@ -1,0 +1,250 @@
+//! The SLA autoscaler's shell: scrape the ready replicas' sidecars (in
+//! parallel, with timeouts, on pod IPs), keep windows of snapshots, decide
+//! (pure: crate::autoscale), and report the decision.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use strata_crds::model::{Model, ScaleDecision, SignalStatus, SlaStatus};
+
+use crate::autoscale::{self, Decision, Input, Limit, Policy, Signals, Targets};
+use crate::collect::{self, PodSeries};
+use crate::template::SIDECAR_ADMIN_PORT;
+
+/// Per-Model memory of the autoscaler.
+#[derive(Debug, Default)]
+pub struct ModelScaler {
+    state: autoscale::State,
+    series: HashMap<String, PodSeries>,
+    last_eval: Option<Instant>,
+    /// The last evaluation's view, for status.
+    pub last: Option<Evaluation>,
+}
+
+/// One evaluation's result.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// The decision.
+    pub decision: Decision,
+    /// The windowed signals.
+    pub observed: collect::Observed,
+    /// When.
+    pub at: Time,
+    /// Replicas before.
+    pub from: i32,
+}
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn secs(d: &str) -> Option<f64> {
+    super::model::parse_duration(d).map(|d| d.as_secs_f64())
+}
+
+/// The decision's inputs from the Model spec.
+pub fn policy_and_targets(model: &Model) -> (Policy, Targets, f64, f64, f64) {
+    let spec = &model.spec;
+    let a = &spec.autoscaling;
+    let sla = spec.sla.clone().unwrap_or_default();
+    let up = a.scale_up.clone().unwrap_or_default();
+    let down = a.scale_down.clone().unwrap_or_default();
+    let policy = Policy {
+        min: spec.min_replicas,
+        max: spec.max_replicas,
+        tolerance: f64::from(a.tolerance_percent) / 100.0,
+        up: Limit {
+            replicas: up.max_replicas_per_interval.or(Some(4)),
+            percent: up.max_percent_per_interval.or(Some(100)),
+        },
+        down: Limit {
+            replicas: down.max_replicas_per_interval.or(Some(1)),
+            percent: down.max_percent_per_interval,
+        },
+        up_window: up
+            .stabilization_window
+            .as_deref()
+            .and_then(secs)
+            .unwrap_or(0.0),
+        down_window: down
+            .stabilization_window
+            .as_deref()
+            .and_then(secs)
+            .unwrap_or(300.0),
+        idle_to_zero: a.scale_to_zero.as_ref().and_then(|z| secs(&z.idle_window)),
+    };
+    let targets = Targets {
+        ttft: sla.time_to_first_token.as_deref().and_then(secs),
+        itl: sla.inter_token_latency.as_deref().and_then(secs),
+        e2e: sla.end_to_end_latency.as_deref().and_then(secs),
+        queue_per_replica: sla.queue_depth_per_replica.map(f64::from),
+    };
+    let interval = secs(&a.interval).unwrap_or(15.0);
+    let window = secs(&a.window).unwrap_or(60.0);
+    (policy, targets, interval, window, sla.percentile / 100.0)
+}
+
+async fn scrape(client: &Client<HttpConnector, Empty<Bytes>>, ip: &str) -> Option<String> {
+    let uri: http::Uri = format!("http://{ip}:{SIDECAR_ADMIN_PORT}/metrics")
+        .parse()
+        .ok()?;
+    let fut = async {
+        let resp = client.get(uri).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+static CLIENT: LazyLock<Client<HttpConnector, Empty<Bytes>>> = LazyLock::new(|| {
+    let mut c = HttpConnector::new();
+    c.set_connect_timeout(Some(Duration::from_secs(1)));
+    Client::builder(TokioExecutor::new()).build(c)
+});
+
+/// Runs an evaluation if the interval has passed; returns the desired
+/// replicas (the current value between evaluations).
+pub async fn evaluate(
+    scaler: &mut ModelScaler,
+    model: &Model,
+    ready_pods: &[&Pod],
+    current: i32,
+) -> (i32, bool) {
+    let (policy, targets, interval, window, quantile) = policy_and_targets(model);
+    if scaler
+        .last_eval
+        .is_some_and(|t| t.elapsed().as_secs_f64() < interval)
+    {
+        return (current, false);
+    }
+    scaler.last_eval = Some(Instant::now());
+    let now = EPOCH.elapsed().as_secs_f64();
+
+    // Scrape in parallel; a replica that does not answer is left out this time.
+    let scrapes = futures::future::join_all(ready_pods.iter().map(|p| async move {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+        Some((p.name_any(), scrape(&CLIENT, &ip).await?))
+    }))
+    .await;
+    let live: std::collections::HashSet<String> = ready_pods.iter().map(|p| p.name_any()).collect();
+    scaler.series.retain(|name, _| live.contains(name));
+    for (name, text) in scrapes.into_iter().flatten() {
+        scaler
+            .series
+            .entry(name)
+            .or_default()
+            .push(now, collect::parse(&text), window * 2.0);
+    }
+    let observed = collect::observe(scaler.series.values(), now, window, quantile);
+    let input = Input {
+        now,
+        current,
+        ready: ready_pods.len() as i32,
+        signals: Signals {
+            ttft: observed.ttft,
+            itl: observed.itl,
+            e2e: observed.e2e,
+            queue_per_replica: observed.queue_per_replica,
+            rps: observed.rps,
+        },
+        targets,
+        policy,
+    };
+    let decision = autoscale::decide(&input, &mut scaler.state);
+    let desired = decision.desired;
+    scaler.last = Some(Evaluation {
+        decision,
+        observed,
+        at: Time(k8s_openapi::jiff::Timestamp::now()),
+        from: current,
+    });
+    (desired, true)
+}
+
+fn fmt_secs(v: f64) -> String {
+    if v < 1.0 {
+        format!("{:.0}ms", v * 1000.0)
+    } else {
+        format!("{v:.2}s")
+    }
+}
+
+/// status.sla from the last evaluation.
+pub fn sla_status(model: &Model, e: &Evaluation) -> SlaStatus {
+    let sla = model.spec.sla.clone().unwrap_or_default();
+    let sig = |observed: Option<f64>, target: Option<&String>, t: Option<f64>, latency: bool| {
+        (observed.is_some() || target.is_some()).then(|| SignalStatus {
+            observed: observed.map(|v| {
+                if latency {
+                    fmt_secs(v)
+                } else {
+                    format!("{v:.1}")
+                }
+            }),
+            target: target.cloned(),
+            ratio: match (observed, t) {
+                (Some(o), Some(t)) if t > 0.0 => Some((o / t * 100.0).round() / 100.0),
+                _ => None,
+            },
+        })
+    };
+    let (_, targets, ..) = policy_and_targets(model);
+    let queue_target = sla.queue_depth_per_replica.map(|q| q.to_string());
+    SlaStatus {
+        time_to_first_token: sig(
+            e.observed.ttft,
+            sla.time_to_first_token.as_ref(),
+            targets.ttft,
+            true,
+        ),
+        inter_token_latency: sig(
+            e.observed.itl,
+            sla.inter_token_latency.as_ref(),
+            targets.itl,
+            true,
+        ),
+        end_to_end_latency: sig(
+            e.observed.e2e,
+            sla.end_to_end_latency.as_ref(),
+            targets.e2e,
+            true,
+        ),
+        queue_depth_per_replica: sig(
+            e.observed.queue_per_replica,
+            queue_target.as_ref(),
+            targets.queue_per_replica,
+            false,
+        ),
+        requests_per_second: e.observed.rps.map(|v| (v * 100.0).round() / 100.0),
+        tokens_per_second: e
+            .observed
+            .tokens_per_second
+            .map(|v| (v * 10.0).round() / 10.0),
+        observed_at: Some(e.at.clone()),
+    }
+}
+
+/// status.lastScaleDecision from an evaluation that changed the count.
+pub fn decision_status(e: &Evaluation) -> ScaleDecision {
+    ScaleDecision {
+        time: e.at.clone(),
+        from_replicas: e.from,
+        to_replicas: e.decision.desired,
+        signal: e.decision.signal.clone(),
+        reason: e.decision.reason.as_str().to_string(),
+        message: e.decision.message.clone(),
+    }
+}
