@@ -265,11 +265,9 @@ pub fn observe<'a>(
     let (mut tokens, mut requests, mut span, mut queue, mut queue_n, mut n) =
         (0.0, 0.0, 0.0f64, 0.0, 0usize, 0usize);
     for s in series {
-        if let Some((last, _)) = s.points.back().map(|(_, snap)| (snap, ())) {
-            if let Some(q) = last.queue {
-                queue += q;
-                queue_n += 1;
-            }
+        if let Some(q) = s.points.back().and_then(|(_, snap)| snap.queue) {
+            queue += q;
+            queue_n += 1;
         }
         let Some((d, secs)) = s.window(now, window) else {
             continue;
