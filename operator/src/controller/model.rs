@@ -643,7 +643,6 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
             .as_ref()
             .map(|s| s.adapters.clone())
             .unwrap_or_default(),
-        ..ModelStatus::default()
     };
     let models: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = json!({
