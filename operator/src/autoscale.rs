@@ -186,7 +186,13 @@ pub struct Decision {
 fn views(input: &Input) -> Vec<SignalView> {
     let base = input.ready.max(1);
     let tol = input.policy.tolerance;
-    let s = input.signals;
+    let mut s = input.signals;
+    // No request in the window (known, not unknown): latency is no constraint.
+    if s.rps == Some(0.0) {
+        s.ttft = s.ttft.or(Some(0.0));
+        s.itl = s.itl.or(Some(0.0));
+        s.e2e = s.e2e.or(Some(0.0));
+    }
     let t = input.targets;
     let mut out = Vec::new();
     for (name, observed, target) in [
@@ -559,6 +565,18 @@ mod tests {
         let mut fresh = State::default();
         let d = decide(&input(10_000.0, 3, 3, 0.1, 0.01, 0.0), &mut fresh);
         assert_eq!((d.desired, d.reason), (3, Reason::Stabilizing));
+    }
+
+    #[test]
+    fn no_traffic_counts_as_comfortable_not_unknown() {
+        let mut st = State::default();
+        let mut i = input(0.0, 3, 3, 0.2, 0.02, 0.0);
+        i.signals = Signals { rps: Some(0.0), ..Signals::default() };
+        let mut d = decide(&i, &mut st);
+        assert_eq!(d.reason, Reason::Stabilizing, "{}", d.message);
+        i.now = 301.0;
+        d = decide(&i, &mut st);
+        assert_eq!((d.desired, d.reason), (2, Reason::ScaleDown), "{}", d.message);
     }
 
     #[test]
