@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod fake_nvml;
 pub mod harness;
 pub mod http;
 pub mod pki;
