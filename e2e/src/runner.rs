@@ -145,7 +145,15 @@ impl PodVars {
         let stem = format!("{compact:0<32}");
         (0..self.gpus)
             .map(|i| {
-                format!("GPU-{}-{}-{}-{}-{:04x}{}", &stem[0..8], &stem[8..12], &stem[12..16], &stem[16..20], i, &stem[24..32])
+                format!(
+                    "GPU-{}-{}-{}-{}-{:04x}{}",
+                    &stem[0..8],
+                    &stem[8..12],
+                    &stem[12..16],
+                    &stem[16..20],
+                    i,
+                    &stem[24..32]
+                )
             })
             .collect()
     }
@@ -165,7 +173,9 @@ impl PodVars {
 
     /// Rewrites a container's own arg or env value for the shared host network.
     pub fn rewrite(&self, value: &str) -> String {
-        value.replace("0.0.0.0", &self.ip).replace("127.0.0.1", &self.ip)
+        value
+            .replace("0.0.0.0", &self.ip)
+            .replace("127.0.0.1", &self.ip)
     }
 
     /// Replaces the placeholders in `template`.
@@ -180,7 +190,9 @@ impl PodVars {
             .replace("${GPU_COUNT}", &self.gpus.to_string())
             .replace("${GPU_UUIDS}", &self.gpu_uuids().join(","));
         while let Some(start) = out.find("${ARG:") {
-            let Some(len) = out[start..].find('}') else { break };
+            let Some(len) = out[start..].find('}') else {
+                break;
+            };
             let inner = &out[start + 6..start + len];
             let value = inner
                 .split_once(':')
@@ -654,15 +666,25 @@ mod tests {
         assert_eq!(uuids.len(), 2);
         assert_ne!(uuids[0], uuids[1]);
         assert!(uuids[0].starts_with("GPU-0123abcd-"), "{}", uuids[0]);
-        let groups: Vec<usize> = uuids[0].trim_start_matches("GPU-").split('-').map(str::len).collect();
+        let groups: Vec<usize> = uuids[0]
+            .trim_start_matches("GPU-")
+            .split('-')
+            .map(str::len)
+            .collect();
         assert_eq!(groups, [8, 4, 4, 4, 12], "{}", uuids[0]);
         assert_eq!(vars.gpu_uuids(), uuids, "stable");
         assert_eq!(
             vars.expand("--listen=${POD_IP}:${ARG:engine:--port} --model ${ARG:engine:--served-model-name} --dir ${POD_DIR} --n ${GPU_COUNT} --x ${ARG:engine:--missing}"),
             "--listen=127.64.0.9:8000 --model llama --dir /tmp/pod --n 2 --x "
         );
-        assert_eq!(vars.rewrite("http://127.0.0.1:8000"), "http://127.64.0.9:8000");
-        assert_eq!(vars.rewrite("--listen=0.0.0.0:8080"), "--listen=127.64.0.9:8080");
+        assert_eq!(
+            vars.rewrite("http://127.0.0.1:8000"),
+            "http://127.64.0.9:8000"
+        );
+        assert_eq!(
+            vars.rewrite("--listen=0.0.0.0:8080"),
+            "--listen=127.64.0.9:8080"
+        );
     }
 
     #[test]

@@ -22,11 +22,16 @@ struct Pair {
     api: std::net::SocketAddr,
     metrics: Metrics,
     sim: Simulator,
-    _stops: (tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::Sender<()>),
+    _stops: (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ),
 }
 
 async fn start(config: SimConfig) -> Pair {
-    let engine = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let engine = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let engine_addr = engine.local_addr().expect("addr");
     let sim = Simulator::new(config).expect("config");
     let (s1, r1) = tokio::sync::oneshot::channel::<()>();
@@ -49,20 +54,33 @@ async fn start(config: SimConfig) -> Pair {
         },
         metrics.clone(),
     ));
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let api_addr = api.local_addr().expect("addr");
     let (s2, r2) = tokio::sync::oneshot::channel::<()>();
-    let intervals = Intervals { health: Duration::from_millis(100), engine_metrics: Duration::from_millis(100) };
+    let intervals = Intervals {
+        health: Duration::from_millis(100),
+        engine_metrics: Duration::from_millis(100),
+    };
     tokio::spawn(server::run(app, api, admin, intervals, async move {
         let _ = r2.await;
     }));
-    Pair { api: api_addr, metrics, sim, _stops: (s1, s2) }
+    Pair {
+        api: api_addr,
+        metrics,
+        sim,
+        _stops: (s1, s2),
+    }
 }
 
 /// Streams one chat request; returns (client-side TTFT, total, events).
 async fn stream_chat(addr: std::net::SocketAddr, max_tokens: u32) -> (Duration, Duration, String) {
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let body = json!({"model": "llama", "stream": true, "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": "a prompt of a few dozen characters, say forty"}]});
     let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
@@ -95,21 +113,38 @@ fn value(text: &str, prefix: &str) -> f64 {
 
 #[tokio::test]
 async fn the_sidecar_measures_what_the_client_sees() {
-    let config = SimConfig { itl_ms: 10.0, prefill_ms_per_token: 2.0, ..SimConfig::new("llama") };
+    let config = SimConfig {
+        itl_ms: 10.0,
+        prefill_ms_per_token: 2.0,
+        ..SimConfig::new("llama")
+    };
     let p = start(config).await;
     let (client_ttft, client_total, text) = stream_chat(p.api, 20).await;
-    assert!(!text.contains("\"usage\":{"), "the usage chunk the sidecar asked for is not forwarded");
+    assert!(
+        !text.contains("\"usage\":{"),
+        "the usage chunk the sidecar asked for is not forwarded"
+    );
     assert!(text.trim_end().ends_with("data: [DONE]"));
     let m = p.metrics.render();
     let ttft = value(&m, "strata_request_time_to_first_token_seconds_sum");
     let itl = value(&m, "strata_request_inter_token_latency_seconds_sum");
     let e2e = value(&m, "strata_request_e2e_latency_seconds_sum");
     assert_eq!(value(&m, "strata_request_generation_tokens_total"), 20.0);
-    assert_eq!(value(&m, "strata_request_prompt_tokens_total"), 12.0, "ceil(46/4) from the engine's usage");
+    assert_eq!(
+        value(&m, "strata_request_prompt_tokens_total"),
+        12.0,
+        "ceil(46/4) from the engine's usage"
+    );
     // The sidecar sits between client and engine: its window starts after
     // the client's and ends before it, and contains the engine's.
-    assert!(ttft <= client_ttft.as_secs_f64(), "sidecar TTFT {ttft} vs client {client_ttft:?}");
-    assert!(e2e <= client_total.as_secs_f64(), "sidecar e2e {e2e} vs client {client_total:?}");
+    assert!(
+        ttft <= client_ttft.as_secs_f64(),
+        "sidecar TTFT {ttft} vs client {client_ttft:?}"
+    );
+    assert!(
+        e2e <= client_total.as_secs_f64(),
+        "sidecar e2e {e2e} vs client {client_total:?}"
+    );
     // The engine's own figure for the same request.
     let engine = sim::parse_metrics(&p.sim.metrics_text());
     let engine_ttft = engine
@@ -117,23 +152,46 @@ async fn the_sidecar_measures_what_the_client_sees() {
         .find(|(k, _)| k.starts_with("vllm:time_to_first_token_seconds_sum"))
         .map(|(_, v)| *v)
         .expect("engine ttft");
-    assert!(ttft >= engine_ttft, "the proxy cannot see a token before the engine produces it: {ttft} < {engine_ttft}");
-    assert!(ttft - engine_ttft < 0.05, "proxy overhead on TTFT: sidecar {ttft} vs engine {engine_ttft}");
-    assert!(itl > 0.008 && itl < 0.03, "ITL about 10 ms per token at batch 1: {itl}");
+    assert!(
+        ttft >= engine_ttft,
+        "the proxy cannot see a token before the engine produces it: {ttft} < {engine_ttft}"
+    );
+    assert!(
+        ttft - engine_ttft < 0.05,
+        "proxy overhead on TTFT: sidecar {ttft} vs engine {engine_ttft}"
+    );
+    assert!(
+        itl > 0.008 && itl < 0.03,
+        "ITL about 10 ms per token at batch 1: {itl}"
+    );
 }
 
 #[tokio::test]
 async fn queueing_under_load_shows_as_time_to_first_token() {
     // Two sequences at a time; eight concurrent requests must queue.
-    let config = SimConfig { max_batch: 2, itl_ms: 5.0, prefill_ms_per_token: 0.5, ..SimConfig::new("llama") };
+    let config = SimConfig {
+        max_batch: 2,
+        itl_ms: 5.0,
+        prefill_ms_per_token: 0.5,
+        ..SimConfig::new("llama")
+    };
     let p = start(config).await;
     let (alone, _, _) = stream_chat(p.api, 10).await;
     let runs = futures::future::join_all((0..8).map(|_| stream_chat(p.api, 10))).await;
     let worst = runs.iter().map(|r| r.0).max().expect("runs");
-    assert!(worst > alone * 3, "queueing: worst TTFT {worst:?} vs alone {alone:?}");
+    assert!(
+        worst > alone * 3,
+        "queueing: worst TTFT {worst:?} vs alone {alone:?}"
+    );
     let m = p.metrics.render();
-    assert_eq!(value(&m, "strata_request_time_to_first_token_seconds_count"), 9.0);
+    assert_eq!(
+        value(&m, "strata_request_time_to_first_token_seconds_count"),
+        9.0
+    );
     // Most queued TTFTs land above the 50 ms bucket that holds the unloaded one.
-    let fast = value(&m, "strata_request_time_to_first_token_seconds_bucket{adapter=\"\",model=\"llama\",le=\"0.05\"}");
+    let fast = value(
+        &m,
+        "strata_request_time_to_first_token_seconds_bucket{adapter=\"\",model=\"llama\",le=\"0.05\"}",
+    );
     assert!(fast < 9.0, "some requests waited: {fast} of 9 under 50 ms");
 }

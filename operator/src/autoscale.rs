@@ -571,12 +571,20 @@ mod tests {
     fn no_traffic_counts_as_comfortable_not_unknown() {
         let mut st = State::default();
         let mut i = input(0.0, 3, 3, 0.2, 0.02, 0.0);
-        i.signals = Signals { rps: Some(0.0), ..Signals::default() };
+        i.signals = Signals {
+            rps: Some(0.0),
+            ..Signals::default()
+        };
         let mut d = decide(&i, &mut st);
         assert_eq!(d.reason, Reason::Stabilizing, "{}", d.message);
         i.now = 301.0;
         d = decide(&i, &mut st);
-        assert_eq!((d.desired, d.reason), (2, Reason::ScaleDown), "{}", d.message);
+        assert_eq!(
+            (d.desired, d.reason),
+            (2, Reason::ScaleDown),
+            "{}",
+            d.message
+        );
     }
 
     #[test]

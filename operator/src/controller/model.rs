@@ -663,11 +663,17 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
         || plan.rolling
         || unplaced_message.is_some()
         || ready < desired;
-    Ok(Action::requeue(if busy {
+    let mut after = if busy {
         Duration::from_secs(5)
     } else {
         ctx.config.resync
-    }))
+    };
+    if model.spec.autoscaling.mode == AutoscalingMode::Sla {
+        // Evaluate the SLA every autoscaling interval.
+        let (_, _, interval, _, _) = super::scale::policy_and_targets(model);
+        after = after.min(Duration::from_secs_f64(interval.max(1.0)));
+    }
+    Ok(Action::requeue(after))
 }
 
 /// Applies the Model's Service unless a foreign Service has its name.

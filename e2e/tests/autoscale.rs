@@ -1,0 +1,386 @@
+//! SLA autoscaling in the local world: replicas run the real strata-sidecar
+//! in front of the engine simulator (started by the pod runner on each pod
+//! IP); a load generator drives time to first token over target, replicas
+//! are added and the SLA recovers; the load stops and the Model scales down
+//! after its stabilization window; the status shows the trail of decisions.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use strata_crds::{GPUPool, Model};
+use strata_e2e::harness::{
+    World, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
+};
+use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
+use tokio::process::Command;
+
+const PROFILE: &str = "model-replica";
+
+fn the_world() -> &'static World {
+    let sim = PathBuf::from(env!("CARGO_BIN_EXE_strata-engine-sim"));
+    world(env!("CARGO_BIN_EXE_strata-cluster"), move || RunnerConfig {
+        profiles: BTreeMap::from([(
+            PROFILE.to_string(),
+            Profile {
+                processes: vec![
+                    ProcessSpec {
+                        name: "engine".into(),
+                        command: sim,
+                        args: [
+                            "--listen",
+                            "${POD_IP}:${ARG:engine:--port}",
+                            "--model",
+                            "${ARG:engine:--served-model-name}",
+                            "--max-batch",
+                            "2",
+                            "--itl-ms",
+                            "15",
+                            "--prefill-ms-per-token",
+                            "0.5",
+                            "--max-tokens-default",
+                            "16",
+                            "--load-file",
+                            "${POD_DIR}/load",
+                        ]
+                        .map(String::from)
+                        .to_vec(),
+                        ..ProcessSpec::default()
+                    },
+                    ProcessSpec {
+                        name: "strata-sidecar".into(),
+                        command: workspace_binary("strata-sidecar"),
+                        container_args: Some("strata-sidecar".into()),
+                        args: [
+                            "--engine-health-interval=0.2",
+                            "--engine-metrics-interval=0.5",
+                            "--nvml-lib=/nonexistent",
+                        ]
+                        .map(String::from)
+                        .to_vec(),
+                        ..ProcessSpec::default()
+                    },
+                ],
+            },
+        )]),
+    })
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn yaml(path: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo().join(path)).expect("read");
+    strata_crds::validation::yaml_to_json(&text).expect("yaml")
+}
+
+/// Streams chat requests in `workers` closed loops against the Model's ready
+/// replicas (pod IPs), each request to the replica with the fewest requests
+/// in flight (as a least-request load balancer would).
+fn start_load(
+    client: kube::Client,
+    ns: String,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) {
+    let targets: Arc<tokio::sync::RwLock<Vec<String>>> = Arc::default();
+    let in_flight: Arc<std::sync::Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let (t, s) = (targets.clone(), stop.clone());
+    tokio::spawn(async move {
+        let pods: Api<Pod> = Api::namespaced(client, &ns);
+        while !s.load(Ordering::Relaxed) {
+            if let Ok(list) = pods
+                .list(&ListParams::default().labels("strata.ai/model=chat"))
+                .await
+            {
+                let ready: Vec<String> = list
+                    .items
+                    .iter()
+                    .filter(|p| {
+                        p.metadata.deletion_timestamp.is_none()
+                            && p.status
+                                .as_ref()
+                                .and_then(|s| s.conditions.as_ref())
+                                .is_some_and(|cs| {
+                                    cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                                })
+                    })
+                    .filter_map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+                    .filter(|ip| ip.starts_with("127."))
+                    .collect();
+                *t.write().await = ready;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    for w in 0..workers {
+        let (targets, stop, done, in_flight) = (
+            targets.clone(),
+            stop.clone(),
+            done.clone(),
+            in_flight.clone(),
+        );
+        let _ = w;
+        tokio::spawn(async move {
+            let http: Client<HttpConnector, Full<Bytes>> =
+                Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+            while !stop.load(Ordering::Relaxed) {
+                let ip = {
+                    let t = targets.read().await;
+                    let mut f = in_flight.lock().expect("lock");
+                    let chosen = t
+                        .iter()
+                        .min_by_key(|ip| f.get(*ip).copied().unwrap_or(0))
+                        .cloned();
+                    if let Some(ip) = &chosen {
+                        *f.entry(ip.clone()).or_default() += 1;
+                    }
+                    chosen
+                };
+                let Some(ip) = ip else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let body = json!({"model": "chat", "stream": true, "messages": [{"role": "user", "content": "x".repeat(400)}]});
+                let req = http::Request::post(format!("http://{ip}:8080/v1/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .expect("request");
+                if let Ok(Ok(resp)) =
+                    tokio::time::timeout(Duration::from_secs(30), http.request(req)).await
+                {
+                    let mut s = resp.into_body().into_data_stream();
+                    while s.next().await.is_some() {}
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(n) = in_flight.lock().expect("lock").get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        });
+    }
+}
+
+fn status_of(m: &Model) -> strata_crds::ModelStatus {
+    m.status.clone().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
+    let w = the_world();
+    let client = w.client().await;
+    let out = w.helm(&[
+        "upgrade",
+        "--install",
+        "strata",
+        &repo().join("charts/strata").to_string_lossy(),
+        "--namespace",
+        "strata-system",
+        "--create-namespace",
+        "--set",
+        "replicaCount=0",
+        "--wait",
+        "--timeout",
+        "2m",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
+        .await
+        .expect("kubeconfig");
+    let log = std::fs::File::create(w.info.log_dir.join("operator.log")).expect("log");
+    let mut operator = Command::new(workspace_binary("strata-operator"))
+        .args([
+            "--metrics-addr=127.0.0.1:0".to_string(),
+            "--leader-elect=false".to_string(),
+            format!("--pod-label={RUN_LABEL}={PROFILE}"),
+            "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("operator");
+
+    let pools: Api<GPUPool> = Api::all(client.clone());
+    let pool: GPUPool = serde_json::from_value(yaml("samples/gpupool-h100.yaml")).expect("pool");
+    pools
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("pool");
+
+    let ns = test_namespace(&client, "sla").await.expect("namespace");
+    let models: Api<Model> = Api::namespaced(client.clone(), &ns);
+    let mut m = yaml("samples/model-llama.yaml");
+    m["metadata"] = json!({"name": "chat"});
+    let spec = m["spec"].as_object_mut().expect("spec");
+    spec.remove("adapters");
+    spec.insert(
+        "source".into(),
+        json!({"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
+    );
+    spec.insert("engine".into(), json!({"type": "vLLM"}));
+    spec.insert("pools".into(), json!([{"name": "h100"}]));
+    spec.insert("minReplicas".into(), json!(1));
+    spec.insert("maxReplicas".into(), json!(5));
+    spec.insert(
+        "sla".into(),
+        json!({"timeToFirstToken": "250ms", "queueDepthPerReplica": 2}),
+    );
+    spec.insert(
+        "autoscaling".into(),
+        json!({"mode": "SLA", "interval": "5s", "window": "15s",
+               "scaleDown": {"stabilizationWindow": "20s", "maxReplicasPerInterval": 2}}),
+    );
+    let model: Model = serde_json::from_value(m).expect("model");
+    models
+        .create(&PostParams::default(), &model)
+        .await
+        .expect("model");
+    wait_for(
+        models.clone(),
+        "chat",
+        Duration::from_secs(90),
+        |m: Option<&Model>| m.is_some_and(|m| status_of(m).ready_replicas == 1),
+    )
+    .await
+    .expect("one replica ready");
+
+    // Load: 8 streams against one replica that runs 2 at a time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    start_load(client.clone(), ns.clone(), 8, stop.clone(), done.clone());
+    wait_for(
+        models.clone(),
+        "chat",
+        Duration::from_secs(120),
+        |m: Option<&Model>| {
+            m.is_some_and(|m| {
+                let s = status_of(m);
+                s.desired_replicas.unwrap_or(0) >= 3 && s.ready_replicas >= 3
+            })
+        },
+    )
+    .await
+    .expect("the autoscaler adds replicas and they become ready");
+    let m = models.get("chat").await.expect("model");
+    let d = status_of(&m)
+        .last_scale_decision
+        .expect("a decision is recorded");
+    assert!(d.to_replicas > d.from_replicas, "{d:?}");
+    assert!(
+        matches!(d.reason.as_str(), "ScaleUp" | "RateLimited"),
+        "{d:?}"
+    );
+    assert!(
+        matches!(
+            d.signal.as_str(),
+            "timeToFirstToken" | "queueDepthPerReplica"
+        ),
+        "{d:?}"
+    );
+    // With more replicas the SLA recovers.
+    let recovered = wait_for(
+        models.clone(),
+        "chat",
+        Duration::from_secs(120),
+        |m: Option<&Model>| {
+            m.is_some_and(|m| {
+                status_of(m)
+                    .sla
+                    .and_then(|s| s.time_to_first_token)
+                    .and_then(|t| t.ratio)
+                    .is_some_and(|r| r <= 1.0)
+            })
+        },
+    )
+    .await;
+    if let Err(e) = recovered {
+        let m = models.get("chat").await.expect("model");
+        let mut diag = String::new();
+        for p in &status_of(&m).placement {
+            let pod = Api::<Pod>::namespaced(client.clone(), &ns)
+                .get(&p.pod)
+                .await
+                .expect("pod");
+            let ip = pod.status.and_then(|s| s.pod_ip).unwrap_or_default();
+            for port in [8000u16, 9090] {
+                let addr = format!("{ip}:{port}").parse().expect("addr");
+                if let Ok(r) = strata_e2e::http::get(addr, "/metrics", Duration::from_secs(2)).await
+                {
+                    for l in r.body.lines().filter(|l| {
+                        l.starts_with("vllm:num_requests")
+                            || l.contains("_seconds_sum")
+                            || l.contains("_seconds_count")
+                            || l.starts_with("strata_requests_in_flight")
+                    }) {
+                        diag.push_str(&format!("{ip}:{port} {l}\n"));
+                    }
+                }
+            }
+        }
+        panic!(
+            "TTFT back under target: {e}; sla: {:?}\n{diag}",
+            status_of(&m).sla
+        );
+    }
+    assert!(
+        done.load(Ordering::Relaxed) > 20,
+        "the load generator completed requests"
+    );
+
+    // The load stops: after the stabilization window the Model scales down to one.
+    stop.store(true, Ordering::Relaxed);
+    wait_for(
+        models.clone(),
+        "chat",
+        Duration::from_secs(150),
+        |m: Option<&Model>| {
+            m.is_some_and(|m| {
+                let s = status_of(m);
+                s.desired_replicas == Some(1) && s.replicas == 1
+            })
+        },
+    )
+    .await
+    .expect("scaled back down");
+    let d = status_of(&models.get("chat").await.expect("model"))
+        .last_scale_decision
+        .expect("decision");
+    assert_eq!(d.reason, "ScaleDown", "{d:?}");
+
+    // The trail of decisions in Events.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("chat"))
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(reasons.iter().any(|r| r == "ScaledUp"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "ScaledDown"), "{reasons:?}");
+    let _ = operator.start_kill();
+    let _ = models.get("chat").await.map(|m| m.name_any());
+}
