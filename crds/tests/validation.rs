@@ -138,14 +138,7 @@ fn case_names_are_unique() {
 #[test]
 fn every_cel_rule_compiles() {
     for crd in strata_crds::crds() {
-        let schema = serde_json::to_value(
-            crd.spec.versions[0]
-                .schema
-                .as_ref()
-                .and_then(|s| s.open_api_v3_schema.as_ref())
-                .expect("schema"),
-        )
-        .expect("json");
+        let schema = schema_of(&crd);
         let compiled = kube::core::cel::compile_schema(&schema);
         let errors: Vec<String> = compiled
             .compilation_errors()
@@ -154,6 +147,19 @@ fn every_cel_rule_compiles() {
             .collect();
         assert!(errors.is_empty(), "{:?}: {errors:?}", crd.metadata.name);
     }
+}
+
+fn schema_of(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Value {
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema"),
+    )
+    .expect("json")
 }
 
 fn walk_descriptions(path: &str, schema: &Value, missing: &mut Vec<String>) {
@@ -178,14 +184,7 @@ fn walk_descriptions(path: &str, schema: &Value, missing: &mut Vec<String>) {
 #[test]
 fn every_field_has_a_description() {
     for crd in strata_crds::crds() {
-        let schema = serde_json::to_value(
-            crd.spec.versions[0]
-                .schema
-                .as_ref()
-                .and_then(|s| s.open_api_v3_schema.as_ref())
-                .expect("schema"),
-        )
-        .expect("json");
+        let schema = schema_of(&crd);
         let mut missing = Vec::new();
         walk_descriptions("", &schema, &mut missing);
         assert!(

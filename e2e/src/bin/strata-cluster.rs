@@ -193,17 +193,7 @@ async fn wait_for_exit(
         tracing::error!("cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    let stdin_closed = async {
-        if !exit_on_stdin_eof {
-            return std::future::pending::<()>().await;
-        }
-        let mut buf = [0u8; 64];
-        while let Ok(n) = stdin.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
+    let stdin_closed = stdin_closed(&mut stdin, exit_on_stdin_eof);
     let mut health = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(stdin_closed);
     loop {
@@ -265,17 +255,7 @@ async fn run_runner_only(
     ) else {
         return ExitCode::FAILURE;
     };
-    let stdin_closed = async {
-        if !exit_on_stdin_eof {
-            return std::future::pending::<()>().await;
-        }
-        let mut buf = [0u8; 64];
-        while let Ok(n) = stdin.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
+    let stdin_closed = stdin_closed(&mut stdin, exit_on_stdin_eof);
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -283,4 +263,18 @@ async fn run_runner_only(
     }
     runner.stop().await;
     ExitCode::SUCCESS
+}
+
+/// Resolves when standard input reaches end of file (never, unless asked):
+/// how an owning test process's exit, even by a kill, reaches us.
+async fn stdin_closed(stdin: &mut tokio::io::BufReader<tokio::io::Stdin>, enabled: bool) {
+    if !enabled {
+        return std::future::pending::<()>().await;
+    }
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stdin.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
