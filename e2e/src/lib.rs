@@ -9,6 +9,7 @@
 //! - [`harness`]: what tests use: one shared cluster per test binary, a
 //!   namespace per test, helpers for waiting and for kubectl and helm.
 
+pub mod bench;
 pub mod cluster;
 pub mod error;
 pub mod fake_nvml;

@@ -316,7 +316,12 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
             .map(|(_, r)| *r)
     };
 
-    let (mut desired, mut reason) = if raw > current {
+    let (mut desired, mut reason) = if raw > current && input.ready < current {
+        // Replicas are still starting: their capacity is on its way and the
+        // backlog they will drain inflates latency meanwhile; asking for more
+        // now would over-react. Decide again once they are ready.
+        (current, Reason::Stabilizing)
+    } else if raw > current {
         // Up: the lowest recommendation in the up window (0 = now).
         let stable = in_window(p.up_window).min().unwrap_or(raw);
         if stable > current {
@@ -486,6 +491,11 @@ mod tests {
                 name: "pending replicas are not asked for twice",
                 input: input(0.0, 4, 2, 1.0, 0.04, 2.0),
                 expect: (4, Reason::Hold, "timeToFirstToken"),
+            },
+            Case {
+                name: "while replicas start, no further scale-up",
+                input: input(0.0, 4, 2, 3.0, 0.04, 2.0),
+                expect: (4, Reason::Stabilizing, "timeToFirstToken"),
             },
             Case {
                 name: "rate limit: +max(4, 100 %) per evaluation",
