@@ -596,12 +596,22 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         metrics.body
     );
     assert!(metrics.body.contains("strata_leader 1"));
-    assert!(
-        metrics
-            .body
-            .contains("strata_reconcile_queue_depth{controller=\"model\"} 0"),
-        "the backlog is drained"
-    );
+    // The backlog gauge is sampled every 5 s: wait for it to read 0.
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    poll_until(
+        "the reconcile backlog to drain",
+        TIMEOUT,
+        Duration::from_millis(500),
+        || async move {
+            let m = strata_e2e::http::get(metrics_addr, "/metrics", Duration::from_secs(5)).await;
+            Ok(m.is_ok_and(|m| {
+                m.body
+                    .contains("strata_reconcile_queue_depth{controller=\"model\"} 0")
+            }))
+        },
+    )
+    .await
+    .expect("backlog drained");
     assert!(
         metrics
             .body
