@@ -19,9 +19,18 @@ use crate::process::Component;
 use crate::topology::Topology;
 use crate::wait::{poll_until, within};
 
-/// Pod IPs come from here (KWOK's --cidr): loopback, so connecting to a pod IP
-/// never leaves the machine.
-pub const POD_CIDR: &str = "127.64.0.0/16";
+/// Pod IPs come from a /16 of loopback (KWOK's --cidr), so connecting to a
+/// pod IP never leaves the machine: 127.N.0.0/16 with N in 64..=127, chosen
+/// per world so that two worlds on one machine (two test binaries, or a test
+/// run beside a kept cluster) do not hand out the same pod IPs.
+pub fn pod_cidr() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let seed = u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(nanos);
+    format!("127.{}.0.0/16", 64 + (seed % 64))
+}
 /// Service ClusterIPs come from here: loopback too, so that even a mistaken
 /// connection to a ClusterIP stays on this machine. Nothing listens there.
 pub const SERVICE_CIDR: &str = "127.128.0.0/16";
@@ -288,6 +297,7 @@ impl Cluster {
         )?);
 
         // KWOK with the stages of this world.
+        let pod_cidr = pod_cidr();
         let stages = dir.join("kwok-stages.yaml");
         std::fs::write(&stages, KWOK_STAGES).map_err(io_err(&stages))?;
         components.push(Component::spawn(
@@ -298,7 +308,7 @@ impl Cluster {
                 format!("--config={}", stages.display()),
                 s("--manage-all-nodes=false"),
                 s("--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake"),
-                format!("--cidr={POD_CIDR}"),
+                format!("--cidr={pod_cidr}"),
                 s("--node-ip=127.1.0.254"),
                 s("--node-lease-duration-seconds=40"),
             ],

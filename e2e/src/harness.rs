@@ -75,45 +75,16 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
             _supervisor: Some(Mutex::new(runner_child)),
         });
     }
-    let config = serde_json::to_string(&runner).map_err(|e| Error::Serialize {
-        what: "runner config".into(),
-        reason: e.to_string(),
-    })?;
-    let mut child = Command::new(exe)
-        .args(["up", "--exit-on-stdin-eof", "--runner-config", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            name: exe.display().to_string(),
-            source,
-        })?;
-    {
-        use std::io::Write;
-        let stdin = child
-            .stdin
-            .as_mut()
-            .ok_or_else(|| Error::Tools("no stdin".into()))?;
-        writeln!(stdin, "{config}").map_err(crate::error::io_err("strata-cluster stdin"))?;
-    }
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| Error::Tools("no stdout".into()))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
+    let mut cmd = Command::new(exe);
+    cmd.args(["up", "--exit-on-stdin-eof", "--runner-config", "-"]);
     // Generous: on a cold machine strata-cluster first builds the upstream
     // binaries (e2e/tools/build.sh), which takes minutes.
-    let timeout = Duration::from_secs(1800);
-    let line = rx.recv_timeout(timeout).map_err(|_| Error::Timeout {
-        what: "strata-cluster to report ready".into(),
-        seconds: timeout.as_secs(),
-    })?;
+    let (mut child, line) = spawn_owned(
+        cmd,
+        &runner,
+        Duration::from_secs(1800),
+        "strata-cluster to report ready",
+    )?;
     if line.trim().is_empty() {
         let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
         return Err(Error::Tools(format!(
@@ -138,49 +109,74 @@ fn start_runner_child(
     runner: &RunnerConfig,
     log_dir: &Path,
 ) -> Result<Child> {
-    use std::io::Write;
-    let config = serde_json::to_string(runner).map_err(|e| Error::Serialize {
-        what: "runner config".into(),
-        reason: e.to_string(),
-    })?;
-    let mut child = Command::new(exe)
-        .args([
-            "runner",
-            "--exit-on-stdin-eof",
-            "--runner-config",
-            "-",
-            "--kubeconfig",
-        ])
-        .arg(kubeconfig)
-        .arg("--log-dir")
-        .arg(log_dir.join("pods"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            name: exe.display().to_string(),
-            source,
-        })?;
-    let stdin = child
-        .stdin
-        .as_mut()
-        .ok_or_else(|| Error::Tools("no stdin".into()))?;
-    writeln!(stdin, "{config}").map_err(crate::error::io_err("strata-cluster runner stdin"))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| Error::Tools("no stdout".into()))?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .map_err(crate::error::io_err("strata-cluster runner stdout"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "runner",
+        "--exit-on-stdin-eof",
+        "--runner-config",
+        "-",
+        "--kubeconfig",
+    ])
+    .arg(kubeconfig)
+    .arg("--log-dir")
+    .arg(log_dir.join("pods"));
+    let (child, line) = spawn_owned(
+        cmd,
+        runner,
+        Duration::from_secs(60),
+        "strata-cluster runner to start",
+    )?;
     if !line.contains("ready") {
         return Err(Error::Tools(
             "strata-cluster runner did not start; see its log above".into(),
         ));
     }
     Ok(child)
+}
+
+/// Spawns a strata-cluster command owned by this process: the runner
+/// configuration goes in as one JSON line on its stdin, which stays open (the
+/// child exits when it closes); returns the child and its first stdout line.
+fn spawn_owned(
+    mut cmd: Command,
+    runner: &RunnerConfig,
+    timeout: Duration,
+    what: &str,
+) -> Result<(Child, String)> {
+    use std::io::Write;
+    let config = serde_json::to_string(runner).map_err(|e| Error::Serialize {
+        what: "runner config".into(),
+        reason: e.to_string(),
+    })?;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            name: format!("{cmd:?}"),
+            source,
+        })?;
+    let stdin = child
+        .stdin
+        .as_mut()
+        .ok_or_else(|| Error::Tools("no stdin".into()))?;
+    writeln!(stdin, "{config}").map_err(crate::error::io_err("strata-cluster stdin"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Tools("no stdout".into()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(timeout).map_err(|_| Error::Timeout {
+        what: what.into(),
+        seconds: timeout.as_secs(),
+    })?;
+    Ok((child, line))
 }
 
 impl World {
@@ -206,6 +202,34 @@ impl World {
     /// Runs kubectl with `stdin` as standard input.
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
         self.run_tool("kubectl", args, Some(stdin))
+    }
+
+    /// Installs charts/strata with Helm (CRDs, RBAC, the operator's
+    /// ServiceAccount) with the operator Deployment scaled to 0: nothing runs
+    /// containers here, so tests run `strata-operator` as local processes
+    /// with this release's ServiceAccount (see `service_account_kubeconfig`).
+    pub fn install_chart_for_local_operator(&self) {
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/strata");
+        let out = self.helm(&[
+            "upgrade",
+            "--install",
+            "strata",
+            &chart.to_string_lossy(),
+            "--namespace",
+            "strata-system",
+            "--create-namespace",
+            "--set",
+            "replicaCount=0",
+            "--wait",
+            "--timeout",
+            "2m",
+        ]);
+        assert!(
+            out.status.success(),
+            "helm install: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Runs helm against the world (its caches kept inside the world's directory).

@@ -184,25 +184,7 @@ fn status_of(m: &Model) -> strata_crds::ModelStatus {
 async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
     let w = the_world();
     let client = w.client().await;
-    let out = w.helm(&[
-        "upgrade",
-        "--install",
-        "strata",
-        &repo().join("charts/strata").to_string_lossy(),
-        "--namespace",
-        "strata-system",
-        "--create-namespace",
-        "--set",
-        "replicaCount=0",
-        "--wait",
-        "--timeout",
-        "2m",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.install_chart_for_local_operator();
     let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
         .await
         .expect("kubeconfig");

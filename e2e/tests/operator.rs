@@ -162,28 +162,7 @@ async fn model_pods(client: &Client, ns: &str, model: &str) -> Vec<Pod> {
 async fn the_operator_places_rolls_heals_and_cleans_up() {
     let w = the_world();
     let client = w.client().await;
-    let chart = repo().join("charts/strata");
-    let out = w.helm(&[
-        "upgrade",
-        "--install",
-        "strata",
-        &chart.to_string_lossy(),
-        "--namespace",
-        "strata-system",
-        "--create-namespace",
-        // The operator runs below as local processes with this release's ServiceAccount.
-        "--set",
-        "replicaCount=0",
-        "--wait",
-        "--timeout",
-        "2m",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.install_chart_for_local_operator();
 
     let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
         .await

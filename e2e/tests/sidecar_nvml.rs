@@ -127,13 +127,15 @@ async fn the_sidecar_meters_the_pods_gpus_through_nvml() {
     let e0 = metric(&busy, "strata_pod_gpu_energy_joules_total").unwrap_or(0.0);
     let t0 = Instant::now();
     let later = until("energy growing", admin, |m| {
-        metric(m, "strata_pod_gpu_energy_joules_total").is_some_and(|e| e > e0 + 400.0)
+        metric(m, "strata_pod_gpu_energy_joules_total").is_some_and(|e| e > e0 + 5600.0)
     })
     .await;
     let e1 = metric(&later, "strata_pod_gpu_energy_joules_total").expect("energy");
     let elapsed = t0.elapsed().as_secs_f64();
     let watts = (e1 - e0) / elapsed;
-    // Two GPUs at 700 W = 1400 W, seen through 100 ms sampling: within 25 %.
+    // Two GPUs at 700 W = 1400 W over about 4 s. The counter itself is exact;
+    // the edges of this window and of the sidecar's 100 ms samples differ by a
+    // few hundred ms at most, hence the 25 % tolerance.
     assert!(
         (watts - 1400.0).abs() < 350.0,
         "{watts:.0} W from {:.0} J over {elapsed:.2} s",
