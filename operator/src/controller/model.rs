@@ -27,10 +27,10 @@ use crate::{labels, view};
 
 const CONTROLLER: &str = "model";
 
-/// Replicas the Model should run now. Manual and External: spec.replicas
-/// (written by people, `kubectl scale`, HPA or KEDA), else minReplicas. SLA:
-/// the same until the SLA autoscaler (issue [5]) decides; always within the
-/// bounds.
+/// Replicas from the spec: spec.replicas (written by people, `kubectl
+/// scale`, HPA or KEDA), else minReplicas, within the bounds. Manual and
+/// External modes run this; in SLA mode it is only the autoscaler's starting
+/// point when status has no desiredReplicas yet.
 pub fn desired_replicas(spec: &ModelSpec) -> i32 {
     let min = spec.min_replicas.max(0);
     let max = spec.max_replicas.max(min);
