@@ -441,9 +441,7 @@ fn with_logs(e: Error, log_dir: &Path, component: &str) -> Error {
 
 /// True when the node's Ready condition is True.
 pub fn node_ready(node: Option<&Node>) -> bool {
-    node.and_then(|n| n.status.as_ref())
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    node.is_some_and(strata_operator::view::node_ready)
 }
 
 fn http_request(path: &str) -> Result<http::Request<Vec<u8>>> {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use strata_operator::view::pod_ready;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -111,15 +112,7 @@ fn start_load(
                 let ready: Vec<String> = list
                     .items
                     .iter()
-                    .filter(|p| {
-                        p.metadata.deletion_timestamp.is_none()
-                            && p.status
-                                .as_ref()
-                                .and_then(|s| s.conditions.as_ref())
-                                .is_some_and(|cs| {
-                                    cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                                })
-                    })
+                    .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
                     .filter_map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
                     .filter(|ip| ip.starts_with("127."))
                     .collect();

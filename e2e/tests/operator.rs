@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use strata_operator::view::pod_ready;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -329,13 +330,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => {
-                    let r = p.metadata.deletion_timestamp.is_none()
-                        && p.status
-                            .as_ref()
-                            .and_then(|s| s.conditions.as_ref())
-                            .is_some_and(|cs| {
-                                cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                            });
+                    let r = p.metadata.deletion_timestamp.is_none() && pod_ready(&p);
                     ready.insert(p.name_any(), r);
                 }
                 Ok(watcher::Event::Delete(p)) => {

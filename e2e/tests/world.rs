@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
+use strata_operator::view::pod_ready;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -172,11 +173,7 @@ async fn simulated_gpu_nodes_follow_the_topology() {
             );
         }
         assert!(
-            status
-                .conditions
-                .iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            strata_operator::view::node_ready(n),
             "{:?} is Ready",
             n.metadata.name
         );
@@ -326,9 +323,7 @@ async fn the_pod_runner_serves_http_on_the_pod_ip_and_reports_crashes() {
         .await
         .expect("create");
     wait_for(pods.clone(), "web", TIMEOUT, |p: Option<&Pod>| {
-        p.and_then(|p| p.status.as_ref())
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        p.is_some_and(pod_ready)
     })
     .await
     .expect("the runner makes the pod Ready once its probe passes");
@@ -400,9 +395,7 @@ async fn the_pod_runner_stops_processes_of_deleted_pods() {
         .await
         .expect("create");
     wait_for(pods.clone(), "web", TIMEOUT, |p: Option<&Pod>| {
-        p.and_then(|p| p.status.as_ref())
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        p.is_some_and(pod_ready)
     })
     .await
     .expect("ready");

@@ -140,6 +140,55 @@ pub fn weights_location(source: &SourceKind) -> WeightsLocation {
     }
 }
 
+/// Flag names of an engine that takes vLLM-like arguments.
+struct ServerFlags {
+    model: &'static str,
+    parallel: &'static str,
+    max_loras: &'static str,
+}
+
+/// Arguments shared by vLLM and SGLang: model, loopback host and port,
+/// served name, tensor parallelism, revision and LoRA limits.
+#[allow(clippy::too_many_arguments)]
+fn openai_server_args(
+    prefix: &[&str],
+    flags: ServerFlags,
+    model_ref: String,
+    served_name: &str,
+    port: u16,
+    gpus: i64,
+    revision: Option<String>,
+    spec: &ModelSpec,
+) -> Vec<String> {
+    let s = |v: &str| v.to_string();
+    let mut a: Vec<String> = prefix.iter().map(|p| s(p)).collect();
+    a.extend([
+        s(flags.model),
+        model_ref,
+        s("--host"),
+        s("127.0.0.1"),
+        s("--port"),
+        port.to_string(),
+        s("--served-model-name"),
+        s(served_name),
+        s(flags.parallel),
+        gpus.to_string(),
+    ]);
+    if let Some(rev) = revision {
+        a.extend([s("--revision"), rev]);
+    }
+    if let Some(limits) = &spec.adapters {
+        a.extend([
+            s("--enable-lora"),
+            s(flags.max_loras),
+            limits.max_per_replica.to_string(),
+            s("--max-lora-rank"),
+            limits.max_rank.to_string(),
+        ]);
+    }
+    a
+}
+
 /// The engine container's command (None: the image's entrypoint) and arguments.
 pub fn command_line(
     spec: &ModelSpec,
@@ -159,62 +208,40 @@ pub fn command_line(
     };
     let s = |v: &str| v.to_string();
     let (command, mut args) = match spec.engine.engine_type {
-        EngineType::VLlm => {
-            let mut a = vec![
-                s("--model"),
+        EngineType::VLlm => (
+            None,
+            openai_server_args(
+                &[],
+                ServerFlags {
+                    model: "--model",
+                    parallel: "--tensor-parallel-size",
+                    max_loras: "--max-loras",
+                },
                 model_ref,
-                s("--host"),
-                s("127.0.0.1"),
-                s("--port"),
-                port.to_string(),
-                s("--served-model-name"),
-                s(served_name),
-                s("--tensor-parallel-size"),
-                gpus.to_string(),
-            ];
-            if let Some(rev) = revision {
-                a.extend([s("--revision"), rev]);
-            }
-            if let Some(limits) = &spec.adapters {
-                a.extend([
-                    s("--enable-lora"),
-                    s("--max-loras"),
-                    limits.max_per_replica.to_string(),
-                    s("--max-lora-rank"),
-                    limits.max_rank.to_string(),
-                ]);
-            }
-            (None, a)
-        }
-        EngineType::SgLang => {
-            let mut a = vec![
-                s("-m"),
-                s("sglang.launch_server"),
-                s("--model-path"),
+                served_name,
+                port,
+                gpus,
+                revision,
+                spec,
+            ),
+        ),
+        EngineType::SgLang => (
+            Some(vec![s("python3")]),
+            openai_server_args(
+                &["-m", "sglang.launch_server"],
+                ServerFlags {
+                    model: "--model-path",
+                    parallel: "--tp",
+                    max_loras: "--max-loras-per-batch",
+                },
                 model_ref,
-                s("--host"),
-                s("127.0.0.1"),
-                s("--port"),
-                port.to_string(),
-                s("--served-model-name"),
-                s(served_name),
-                s("--tp"),
-                gpus.to_string(),
-            ];
-            if let Some(rev) = revision {
-                a.extend([s("--revision"), rev]);
-            }
-            if let Some(limits) = &spec.adapters {
-                a.extend([
-                    s("--enable-lora"),
-                    s("--max-loras-per-batch"),
-                    limits.max_per_replica.to_string(),
-                    s("--max-lora-rank"),
-                    limits.max_rank.to_string(),
-                ]);
-            }
-            (Some(vec![s("python3")]), a)
-        }
+                served_name,
+                port,
+                gpus,
+                revision,
+                spec,
+            ),
+        ),
         EngineType::Tgi => {
             let mut a = vec![
                 s("--model-id"),
@@ -260,6 +287,35 @@ pub fn command_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vllm_and_sglang_get_their_own_flag_names() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../samples/model-llama.yaml"
+        ))
+        .expect("sample");
+        let mut m: strata_crds::Model =
+            serde_json::from_value(strata_crds::validation::yaml_to_json(&text).expect("yaml"))
+                .expect("model");
+        let w = WeightsLocation::HuggingFace {
+            repo: "org/m".into(),
+            revision: Some("v1".into()),
+        };
+        let (cmd, args) = command_line(&m.spec, None, "m", 2, 8000, &w);
+        assert_eq!(cmd, None);
+        assert_eq!(
+            args[..17].join(" "),
+            "--model org/m --host 127.0.0.1 --port 8000 --served-model-name m --tensor-parallel-size 2 --revision v1 --enable-lora --max-loras 4 --max-lora-rank 16"
+        );
+        m.spec.engine.engine_type = EngineType::SgLang;
+        let (cmd, args) = command_line(&m.spec, None, "m", 2, 30000, &w);
+        assert_eq!(cmd, Some(vec!["python3".to_string()]));
+        assert_eq!(
+            args[..19].join(" "),
+            "-m sglang.launch_server --model-path org/m --host 127.0.0.1 --port 30000 --served-model-name m --tp 2 --revision v1 --enable-lora --max-loras-per-batch 4 --max-lora-rank 16"
+        );
+    }
 
     #[test]
     fn parses_every_source_scheme() {

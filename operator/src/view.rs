@@ -69,6 +69,22 @@ pub fn pod_node(pod: &Pod) -> Option<String> {
     })
 }
 
+/// Whether a pod's Ready condition is True.
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Whether a node's Ready condition is True.
+pub fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// Whether a pod still holds its resources (not Succeeded or Failed).
 pub fn pod_holds_resources(pod: &Pod) -> bool {
     !matches!(
@@ -108,9 +124,7 @@ pub fn node_views<'a>(
                         .collect()
                 })
                 .unwrap_or_default();
-            let ready = status
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let ready = node_ready(n);
             let spec = n.spec.as_ref();
             Some(NodeView {
                 used: used.remove(&name).unwrap_or_default(),

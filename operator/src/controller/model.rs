@@ -42,13 +42,6 @@ pub fn desired_replicas(spec: &ModelSpec) -> i32 {
     base.clamp(min, max)
 }
 
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn seconds_since(t: Option<&Time>, now: Timestamp) -> u64 {
     t.map(|t| (now - t.0).get_seconds().max(0) as u64)
         .unwrap_or(0)
@@ -75,7 +68,7 @@ fn to_replica(pod: &Pod, nodes: &HashSet<String>, now: Timestamp) -> Replica {
             .get(labels::TEMPLATE_HASH)
             .cloned()
             .unwrap_or_default(),
-        ready: is_ready(pod),
+        ready: view::pod_ready(pod),
         phase: status
             .and_then(|s| s.phase.clone())
             .unwrap_or_else(|| "Pending".into()),
@@ -180,7 +173,7 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
             .clamp(min, max);
         let ready_pods: Vec<&Pod> = own
             .iter()
-            .filter(|p| is_ready(p) && p.metadata.deletion_timestamp.is_none())
+            .filter(|p| view::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
             .collect();
         // Take this Model's scaler out so that scraping does not hold the lock.
         let mut scaler = ctx.scalers.lock().await.remove(&key).unwrap_or_default();
@@ -489,7 +482,7 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
                 node: view::pod_node(p).unwrap_or_default(),
                 pool: l.get(labels::POOL).cloned().unwrap_or_default(),
                 gpus: view::pod_gpu_requests(p).values().sum::<i64>() as i32,
-                ready: is_ready(p),
+                ready: view::pod_ready(p),
                 template_hash: l.get(labels::TEMPLATE_HASH).cloned(),
             }
         })
