@@ -623,6 +623,15 @@ pub struct SlaStatus {
     /// Generated tokens per second over the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// Requests arriving per second over the last interval (completed plus
+    /// the change in requests in flight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrivals_per_second: Option<f64>,
+    /// Requests per second one replica completes while saturated, learned
+    /// by the autoscaler; it sizes scale-ups by demand and seeds the
+    /// autoscaler again after an operator restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_capacity: Option<f64>,
     /// When these values were computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,

@@ -322,6 +322,13 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
         done.load(Ordering::Relaxed) > 20,
         "the load generator completed requests"
     );
+    // Under load the arrivals that feed the throughput signal are reported.
+    let m = models.get("chat").await.expect("model");
+    let sla = status_of(&m).sla.expect("status.sla");
+    assert!(
+        sla.arrivals_per_second.is_some_and(|a| a > 0.0),
+        "arrivals under load: {sla:?}"
+    );
 
     // The load stops: after the stabilization window the Model scales down to one.
     stop.store(true, Ordering::Relaxed);

@@ -28,6 +28,11 @@ pub struct Signals {
     pub queue_per_replica: Option<f64>,
     /// Requests per second over the window.
     pub rps: Option<f64>,
+    /// Requests arriving per second over the last interval, all replicas
+    /// (completed plus the change in requests in flight).
+    pub arrivals: Option<f64>,
+    /// Requests completed per second over the last interval, all replicas.
+    pub throughput: Option<f64>,
 }
 
 /// Targets from spec.sla (seconds, requests).
@@ -88,12 +93,68 @@ pub struct Policy {
 /// restart never causes a dip.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct State {
-    /// (time, recommendation) within the longer window.
-    pub history: VecDeque<(f64, i32)>,
+    /// (time, recommendation, what the arrival rate alone needed) within
+    /// the longer window: scale-up stabilizes on the first, scale-down on
+    /// the second.
+    pub history: VecDeque<(f64, i32, i32)>,
     /// Last time a request was seen.
     pub last_request: Option<f64>,
     /// When this state started (operator start or first evaluation).
     pub since: Option<f64>,
+    /// Requests per second one ready replica completes while saturated
+    /// (learned; seeded from status after a restart).
+    pub capacity: Option<f64>,
+    /// Ready replicas at the previous evaluation.
+    pub last_ready: Option<i32>,
+}
+
+/// Fraction of the learned capacity the throughput signal plans for.
+pub const TARGET_UTILIZATION: f64 = 0.85;
+/// Seconds in which the throughput signal plans to drain the engines' queues.
+pub const BACKLOG_DRAIN_SECONDS: f64 = 60.0;
+
+/// Learns the per-replica capacity from the last interval: while the
+/// engines hold waiting requests (saturated) and the ready count did not
+/// change, completions per ready replica are the capacity (smoothed); an
+/// unsaturated interval that completes more than the estimate raises it.
+fn learn(input: &Input, state: &mut State) {
+    let s = input.signals;
+    let steady = state.last_ready == Some(input.ready) && input.ready > 0;
+    state.last_ready = Some(input.ready);
+    let (Some(throughput), true) = (s.throughput, steady) else {
+        return;
+    };
+    if !(throughput.is_finite() && throughput > 0.0) {
+        return;
+    }
+    let per = throughput / f64::from(input.ready);
+    let saturated = s.queue_per_replica.is_some_and(|q| q >= 1.0);
+    state.capacity = match state.capacity {
+        _ if !per.is_finite() => state.capacity,
+        None if saturated => Some(per),
+        Some(c) if saturated => Some(0.5 * c + 0.5 * per),
+        Some(c) if per > c => Some(per),
+        other => other,
+    };
+}
+
+/// Replicas the arrival rate and the queued backlog need at the learned
+/// capacity, if both are known.
+fn throughput_needed(input: &Input, state: &State) -> Option<(f64, f64, i32)> {
+    let capacity = state.capacity.filter(|c| c.is_finite() && *c > 0.0)?;
+    let arrivals = input
+        .signals
+        .arrivals
+        .filter(|a| a.is_finite() && *a >= 0.0)?;
+    let base = f64::from(input.ready.max(1));
+    let backlog = input.signals.queue_per_replica.unwrap_or(0.0).max(0.0) * base;
+    let demand = arrivals + backlog / BACKLOG_DRAIN_SECONDS;
+    let per_replica = capacity * TARGET_UTILIZATION;
+    Some((
+        demand,
+        per_replica,
+        ((demand / per_replica).ceil() as i32).max(1),
+    ))
 }
 
 /// One evaluation's input.
@@ -183,8 +244,9 @@ pub struct Decision {
     pub signals: Vec<SignalView>,
 }
 
-fn views(input: &Input) -> Vec<SignalView> {
+fn views(input: &Input, state: &State) -> Vec<SignalView> {
     let base = input.ready.max(1);
+    let needed = throughput_needed(input, state);
     let tol = input.policy.tolerance;
     let mut s = input.signals;
     // No request in the window (known, not unknown): latency is no constraint.
@@ -213,7 +275,14 @@ fn views(input: &Input) -> Vec<SignalView> {
         }
         let ratio = observed / target;
         let wants = if ratio > 1.0 + tol {
-            ((f64::from(base) * ratio).ceil() as i32).max(base + 1)
+            match needed {
+                // Latency and queue say "more"; with a learned capacity the
+                // throughput says how many. Latency that is over target
+                // because of a backlog being drained would otherwise keep
+                // asking for more long after capacity caught up.
+                Some((_, _, n)) if name != "interTokenLatency" => n.max(base),
+                _ => ((f64::from(base) * ratio).ceil() as i32).max(base + 1),
+            }
         } else if ratio < 1.0 - tol {
             // What the load needs at this ratio, never below one replica.
             ((f64::from(base) * ratio).ceil() as i32).max(1)
@@ -224,6 +293,17 @@ fn views(input: &Input) -> Vec<SignalView> {
             name,
             observed,
             target,
+            ratio,
+            wants,
+        });
+    }
+    if let Some((demand, per_replica, n)) = needed {
+        let ratio = demand / (per_replica * f64::from(base));
+        let wants = if (ratio - 1.0).abs() <= tol { base } else { n };
+        out.push(SignalView {
+            name: "throughput",
+            observed: demand,
+            target: per_replica * f64::from(base),
             ratio,
             wants,
         });
@@ -241,7 +321,9 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
     {
         state.last_request = Some(now);
     }
-    let signals = views(input);
+    learn(input, state);
+    let signals = views(input, state);
+    let needed = throughput_needed(input, state).map(|(_, _, n)| n);
     let current = input.current;
 
     // Scale to zero and back.
@@ -302,28 +384,48 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
         };
     };
     let raw = decider.wants;
-    // History for stabilization.
-    state.history.push_back((now, raw));
+    // History for stabilization. With a learned capacity it records what the
+    // arrival rate alone needs: replicas added to drain a backlog are let go
+    // once it is drained, while a demand that comes and goes still holds
+    // its replicas for the window.
+    let steady = throughput_needed(
+        &Input {
+            signals: Signals {
+                queue_per_replica: None,
+                ..input.signals
+            },
+            ..*input
+        },
+        state,
+    )
+    .map(|(_, _, n)| n);
+    state
+        .history
+        .push_back((now, raw, steady.map_or(raw, |s| raw.min(s))));
     let keep = p.down_window.max(p.up_window);
-    while state.history.front().is_some_and(|(t, _)| now - t > keep) {
+    while state.history.front().is_some_and(|(t, ..)| now - t > keep) {
         state.history.pop_front();
     }
-    let in_window = |w: f64| {
+    let in_window = |w: f64, for_down: bool| {
         state
             .history
             .iter()
-            .filter(move |(t, _)| now - t <= w)
-            .map(|(_, r)| *r)
+            .filter(move |(t, ..)| now - t <= w)
+            .map(move |(_, r, d)| if for_down { *d } else { *r })
     };
 
     let (mut desired, mut reason) = if raw > current && input.ready < current {
         // Replicas are still starting: their capacity is on its way and the
         // backlog they will drain inflates latency meanwhile; asking for more
-        // now would over-react. Decide again once they are ready.
-        (current, Reason::Stabilizing)
+        // now would over-react. Decide again once they are ready, unless the
+        // measured demand needs more than is already on its way.
+        match needed {
+            Some(n) if n > current => (n.min(raw), Reason::ScaleUp),
+            _ => (current, Reason::Stabilizing),
+        }
     } else if raw > current {
         // Up: the lowest recommendation in the up window (0 = now).
-        let stable = in_window(p.up_window).min().unwrap_or(raw);
+        let stable = in_window(p.up_window, false).min().unwrap_or(raw);
         if stable > current {
             (stable, Reason::ScaleUp)
         } else {
@@ -333,8 +435,10 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
         // Down: the highest recommendation in the down window, and only once
         // the window has been observed whole.
         let observed_for = now - state.since.unwrap_or(now);
-        let stable = in_window(p.down_window).max().unwrap_or(current);
-        if observed_for + 1e-9 < p.down_window || stable >= current {
+        let stable = in_window(p.down_window, true).max().unwrap_or(current);
+        // Never while a signal is over target: a backlog is still draining.
+        let over = signals.iter().any(|v| v.ratio > 1.0 + p.tolerance);
+        if observed_for + 1e-9 < p.down_window || stable >= current || over {
             (current, Reason::Stabilizing)
         } else {
             (stable, Reason::ScaleDown)
@@ -375,11 +479,13 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
     let unit = |name: &str, v: f64| {
         if name == "queueDepthPerReplica" {
             format!("{v:.1}")
+        } else if name == "throughput" {
+            format!("{v:.2}req/s")
         } else {
             format!("{:.0}ms", v * 1000.0)
         }
     };
-    let message = format!(
+    let mut message = format!(
         "{} {} vs target {} (x{:.2}) over {} ready: {} -> {} replicas ({})",
         decider.name,
         unit(decider.name, decider.observed),
@@ -390,6 +496,13 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
         desired,
         reason.as_str()
     );
+    if decider.name != "throughput"
+        && let Some((demand, per_replica, n)) = throughput_needed(input, state)
+    {
+        message.push_str(&format!(
+            "; demand {demand:.2} req/s at {per_replica:.2} req/s per replica needs {n}"
+        ));
+    }
     Decision {
         desired,
         reason,
@@ -448,6 +561,7 @@ mod tests {
                 e2e: None,
                 queue_per_replica: Some(queue),
                 rps: Some(5.0),
+                ..Signals::default()
             },
             targets: targets(),
             policy: policy(),
@@ -524,6 +638,117 @@ mod tests {
                 d.message
             );
         }
+    }
+
+    /// Saturated input: a queue of `queue` per replica, `throughput` req/s
+    /// completed and `arrivals` req/s arriving.
+    fn loaded(
+        now: f64,
+        current: i32,
+        ready: i32,
+        ttft: f64,
+        queue: f64,
+        throughput: f64,
+        arrivals: f64,
+    ) -> Input {
+        let mut i = input(now, current, ready, ttft, 0.03, queue);
+        i.signals.throughput = Some(throughput);
+        i.signals.arrivals = Some(arrivals);
+        i.policy.max = 40;
+        i
+    }
+
+    #[test]
+    fn capacity_is_learned_only_while_saturated_and_steady() {
+        let mut st = State::default();
+        // First evaluation: nothing to compare the ready count with.
+        decide(&loaded(0.0, 2, 2, 0.3, 4.0, 8.0, 8.0), &mut st);
+        assert_eq!(st.capacity, None);
+        // Unsaturated (no queue): no estimate.
+        decide(&loaded(15.0, 2, 2, 0.3, 0.0, 5.0, 5.0), &mut st);
+        assert_eq!(st.capacity, None);
+        // Saturated with the same ready count: 8 req/s over 2 replicas.
+        decide(&loaded(30.0, 2, 2, 0.3, 4.0, 8.0, 8.0), &mut st);
+        assert_eq!(st.capacity, Some(4.0));
+        // Smoothed towards a new saturated reading.
+        decide(&loaded(45.0, 2, 2, 0.3, 4.0, 6.0, 6.0), &mut st);
+        assert_eq!(st.capacity, Some(3.5));
+        // The ready count changed during the interval: not a clean reading.
+        decide(&loaded(60.0, 2, 3, 0.3, 4.0, 3.0, 3.0), &mut st);
+        assert_eq!(st.capacity, Some(3.5));
+        // Unsaturated but completing more than the estimate: raised.
+        decide(&loaded(75.0, 3, 3, 0.3, 0.0, 12.0, 12.0), &mut st);
+        assert_eq!(st.capacity, Some(4.0));
+    }
+
+    #[test]
+    fn throughput_sizes_a_scale_up_instead_of_the_latency_ratio() {
+        // 2 replicas of 4 req/s, arrivals jump to 24 req/s: TTFT is 20x its
+        // target. The latency ratio alone would ask for 40 (capped by the
+        // rate limit); the demand needs ceil((24 + 2*10/60) / (4*0.85)) = 8.
+        let mut st = State {
+            capacity: Some(4.0),
+            ..State::default()
+        };
+        let d = decide(&loaded(0.0, 2, 2, 10.0, 10.0, 8.0, 24.0), &mut st);
+        assert_eq!(d.desired, 6, "rate limited from 8: {}", d.message);
+        assert_eq!(d.reason, Reason::RateLimited);
+        assert!(d.message.contains("needs 8"), "{}", d.message);
+        // While those start, demand that needs more than is on its way still
+        // scales up, to the demand and no further.
+        let d = decide(&loaded(15.0, 6, 2, 30.0, 40.0, 8.0, 24.0), &mut st);
+        let needed = ((24.0 + 80.0 / BACKLOG_DRAIN_SECONDS) / (3.4_f64)).ceil() as i32;
+        assert!(needed > 6);
+        assert_eq!(d.desired, needed, "{}", d.message);
+        assert_eq!(d.reason, Reason::ScaleUp);
+        // Once ready, latency still over target from the backlog being
+        // drained does not add more than the demand needs.
+        let d = decide(
+            &loaded(75.0, needed, needed, 30.0, 0.0, 24.0, 24.0),
+            &mut st,
+        );
+        assert_eq!(d.desired, needed, "{}", d.message);
+        // Without a learned capacity the ratio decides, as before.
+        let mut fresh = State::default();
+        let d = decide(&loaded(0.0, 2, 2, 10.0, 10.0, 8.0, 20.0), &mut fresh);
+        assert_eq!(d.desired, 6);
+        assert_eq!(d.signal, "timeToFirstToken");
+    }
+
+    #[test]
+    fn demand_alone_leads_and_backlog_replicas_are_let_go() {
+        let mut st = State {
+            capacity: Some(4.0),
+            ..State::default()
+        };
+        // Latency still fine, but arrivals exceed what 2 replicas serve at
+        // 85 %: the throughput signal scales up before latency suffers.
+        let d = decide(&loaded(0.0, 2, 2, 0.2, 0.0, 7.0, 9.0), &mut st);
+        assert_eq!(
+            (d.desired, d.signal.as_str()),
+            (3, "throughput"),
+            "{}",
+            d.message
+        );
+        // A backlog asks for drain capacity: 3 replicas, 120 waiting each.
+        let d = decide(&loaded(15.0, 3, 3, 5.0, 120.0, 12.0, 9.0), &mut st);
+        let drain = ((9.0 + 360.0 / BACKLOG_DRAIN_SECONDS) / 3.4_f64).ceil() as i32;
+        assert!(drain > 3);
+        assert_eq!(d.desired, drain, "{}", d.message);
+        // Never down while a signal is over target (the backlog drains).
+        let d = decide(&loaded(400.0, drain, drain, 5.0, 0.0, 9.0, 9.0), &mut st);
+        assert_eq!(d.desired, drain, "{}", d.message);
+        // Once latency recovers, the window holds what the arrivals needed
+        // (3), not the drain capacity, so it scales down to 3.
+        let mut desired = drain;
+        for t in (415..=700).step_by(15) {
+            let d = decide(
+                &loaded(f64::from(t), desired, desired, 0.2, 0.0, 9.0, 9.0),
+                &mut st,
+            );
+            desired = d.desired;
+        }
+        assert_eq!(desired, 3);
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Snapshot {
     pub tokens: f64,
     /// Requests waiting in the engine (gauge), if known.
     pub queue: Option<f64>,
+    /// Requests in flight through the sidecar (gauge); in a window, its
+    /// change over the window.
+    pub in_flight: f64,
 }
 
 fn labels_and_value(line: &str) -> Option<(&str, &str, f64)> {
@@ -77,6 +80,10 @@ pub fn parse(text: &str) -> Snapshot {
             }
             "strata_engine_queue_depth" => {
                 snap.queue = Some(value);
+                continue;
+            }
+            "strata_requests_in_flight" => {
+                snap.in_flight += value;
                 continue;
             }
             _ => continue,
@@ -227,6 +234,7 @@ impl PodSeries {
                 e2e: last.e2e.delta(&first.e2e),
                 tokens,
                 queue: last.queue,
+                in_flight: last.in_flight - first.in_flight,
             },
             t_last - t_first,
         ))
@@ -246,6 +254,8 @@ pub struct Observed {
     pub queue_per_replica: Option<f64>,
     /// Completed requests per second.
     pub rps: Option<f64>,
+    /// Arriving requests per second (completed plus the change in flight).
+    pub arrivals: Option<f64>,
     /// Generated tokens per second.
     pub tokens_per_second: Option<f64>,
     /// Replicas that contributed a window.
@@ -264,6 +274,7 @@ pub fn observe<'a>(
     let mut e2e = Histogram::default();
     let (mut tokens, mut requests, mut span, mut queue, mut queue_n, mut n) =
         (0.0, 0.0, 0.0f64, 0.0, 0usize, 0usize);
+    let mut arrived = 0.0;
     for s in series {
         if let Some(q) = s.points.back().and_then(|(_, snap)| snap.queue) {
             queue += q;
@@ -278,6 +289,7 @@ pub fn observe<'a>(
         e2e.add(&d.e2e);
         tokens += d.tokens;
         requests += d.e2e.count;
+        arrived += (d.e2e.count + d.in_flight).max(0.0);
         span = span.max(secs);
     }
     Observed {
@@ -286,6 +298,7 @@ pub fn observe<'a>(
         e2e: e2e.quantile(quantile),
         queue_per_replica: (queue_n > 0).then(|| queue / queue_n as f64),
         rps: (span > 0.0).then(|| requests / span),
+        arrivals: (span > 0.0).then(|| arrived / span),
         tokens_per_second: (span > 0.0).then(|| tokens / span),
         replicas: n,
     }

@@ -41,6 +41,10 @@ pub struct Evaluation {
     pub at: Time,
     /// Replicas before.
     pub from: i32,
+    /// Arrivals per second over the last interval.
+    pub arrivals: Option<f64>,
+    /// The learned per-replica capacity.
+    pub capacity: Option<f64>,
 }
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -132,6 +136,15 @@ pub async fn evaluate(
     }
     scaler.last_eval = Some(Instant::now());
     let now = EPOCH.elapsed().as_secs_f64();
+    // After an operator restart the learned capacity comes back from status.
+    if scaler.state.capacity.is_none() {
+        scaler.state.capacity = model
+            .status
+            .as_ref()
+            .and_then(|s| s.sla.as_ref())
+            .and_then(|s| s.replica_capacity)
+            .filter(|c| c.is_finite() && *c > 0.0);
+    }
 
     // Scrape in parallel; a replica that does not answer is left out this time.
     let scrapes = futures::future::join_all(ready_pods.iter().map(|p| async move {
@@ -149,6 +162,8 @@ pub async fn evaluate(
             .push(now, collect::parse(&text), window * 2.0);
     }
     let observed = collect::observe(scaler.series.values(), now, window, quantile);
+    // Arrivals and completions over the last interval size the throughput signal.
+    let recent = collect::observe(scaler.series.values(), now, interval, quantile);
     let input = Input {
         now,
         current,
@@ -159,6 +174,8 @@ pub async fn evaluate(
             e2e: observed.e2e,
             queue_per_replica: observed.queue_per_replica,
             rps: observed.rps,
+            arrivals: recent.arrivals,
+            throughput: recent.rps,
         },
         targets,
         policy,
@@ -168,6 +185,8 @@ pub async fn evaluate(
     scaler.last = Some(Evaluation {
         decision,
         observed,
+        arrivals: recent.arrivals,
+        capacity: scaler.state.capacity,
         at: Time(k8s_openapi::jiff::Timestamp::now()),
         from: current,
     });
@@ -233,6 +252,8 @@ pub fn sla_status(model: &Model, e: &Evaluation) -> SlaStatus {
             .observed
             .tokens_per_second
             .map(|v| (v * 10.0).round() / 10.0),
+        arrivals_per_second: e.arrivals.map(|v| (v * 100.0).round() / 100.0),
+        replica_capacity: e.capacity.map(|v| (v * 1000.0).round() / 1000.0),
         observed_at: Some(e.at.clone()),
     }
 }
