@@ -1,6 +1,8 @@
 //! Model: a foundation model served by an inference engine on GPU pools,
 //! kept inside its latency targets.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -674,6 +676,28 @@ pub struct EnergyStatus {
     /// Mean GPU utilization of the replicas, 0 to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_utilization: Option<f64>,
+    /// When the replicas were last read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<Time>,
+    /// The counters each replica showed at that time: the baselines of the
+    /// next reading, kept here so an operator restart loses and doubles
+    /// nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counters: Vec<ReplicaEnergyCounters>,
+}
+
+/// The energy and token counters one replica showed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaEnergyCounters {
+    /// The replica's pod.
+    pub pod: String,
+    /// NVML energy counter by GPU UUID, joules.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gpu_joules: BTreeMap<String, f64>,
+    /// Generated-token counter by adapter served name ("" for the base model).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tokens: BTreeMap<String, f64>,
 }
 
 /// An adapter as seen from its Model.

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub gpu_energy: CounterVec,
     /// Energy counter resets seen (driver reloads).
     pub gpu_energy_resets: IntCounterVec,
+    /// The NVML energy counter itself (since the driver loaded): continuous
+    /// across sidecar restarts, so the operator can account exactly.
+    pub gpu_energy_counter: GaugeVec,
     /// Adapters loaded.
     pub adapters_loaded: IntGauge,
     /// Adapter operations by kind and result.
@@ -174,6 +177,13 @@ impl Metrics {
                 ),
                 gpu_labels,
             )?,
+            gpu_energy_counter: GaugeVec::new(
+                Opts::new(
+                    "strata_gpu_energy_counter_joules",
+                    "The NVML total energy counter (since the driver loaded), in joules.",
+                ),
+                gpu_labels,
+            )?,
             adapters_loaded: IntGauge::new(
                 "strata_adapters_loaded",
                 "LoRA adapters loaded in the engine.",
@@ -212,6 +222,7 @@ impl Metrics {
         reg.register(Box::new(m.gpu_temperature.clone()))?;
         reg.register(Box::new(m.gpu_energy.clone()))?;
         reg.register(Box::new(m.gpu_energy_resets.clone()))?;
+        reg.register(Box::new(m.gpu_energy_counter.clone()))?;
         reg.register(Box::new(m.adapters_loaded.clone()))?;
         reg.register(Box::new(m.adapter_operations.clone()))?;
         reg.register(Box::new(m.energy_total.clone()))?;

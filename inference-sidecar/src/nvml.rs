@@ -195,6 +195,9 @@ fn sample_once(
                 .set(f64::from(t));
         }
         if let Ok(mj) = dev.total_energy_consumption() {
+            m.gpu_energy_counter
+                .with_label_values(&labels)
+                .set(mj as f64 / 1000.0);
             let d = energy.update(&uuid, mj);
             if d.reset {
                 m.gpu_energy_resets.with_label_values(&labels).inc();

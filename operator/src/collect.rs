@@ -34,7 +34,7 @@ pub struct Snapshot {
     pub in_flight: f64,
 }
 
-fn labels_and_value(line: &str) -> Option<(&str, &str, f64)> {
+pub(crate) fn labels_and_value(line: &str) -> Option<(&str, &str, f64)> {
     let (head, value) = line.rsplit_once(' ')?;
     let value: f64 = match value {
         "+Inf" => f64::INFINITY,

@@ -16,6 +16,9 @@ pub enum Error {
     /// Serializing a patch failed.
     #[error("serializing: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// No randomness for a token.
+    #[error("reading random bytes for a token: {0}")]
+    Random(#[from] std::io::Error),
 }
 
 impl Error {
@@ -29,7 +32,7 @@ impl Error {
             Self::Kube(kube::Error::Api(e)) if e.code == 422 => "invalid",
             Self::Kube(_) => "api",
             Self::Template(_) => "template",
-            Self::MissingKey(_) | Self::Serialize(_) => "internal",
+            Self::MissingKey(_) | Self::Serialize(_) | Self::Random(_) => "internal",
         }
     }
 }

@@ -20,3 +20,14 @@ pub const TEMPLATE_HASH: &str = "strata.ai/template-hash";
 pub const GPUS: &str = "strata.ai/gpus";
 /// Field manager for everything the operator applies.
 pub const FIELD_MANAGER: &str = "strata-operator";
+/// Prefix of the label a replica carries for each adapter loaded on it
+/// (`adapter.strata.ai/<adapter-name>: "loaded"`); an Adapter's Service
+/// selects on it.
+pub const ADAPTER_PREFIX: &str = "adapter.strata.ai/";
+/// The value of an adapter label.
+pub const ADAPTER_LOADED: &str = "loaded";
+/// Finalizer that unloads an Adapter from every replica before it goes.
+pub const ADAPTER_FINALIZER: &str = "strata.ai/unload-adapter";
+/// Field manager of the energy accountant (status.energy and the pools'
+/// power and energy).
+pub const ENERGY_FIELD_MANAGER: &str = "strata-energy";

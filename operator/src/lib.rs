@@ -6,10 +6,12 @@
 //! [`controller`] reads the cluster and applies the plans; [`leader`],
 //! [`server`] and [`metrics`] run the process.
 
+pub mod adapters;
 pub mod autoscale;
 pub mod collect;
 pub mod conditions;
 pub mod controller;
+pub mod energy;
 pub mod engine;
 pub mod error;
 pub mod labels;

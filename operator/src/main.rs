@@ -56,6 +56,9 @@ struct Cli {
     /// Seconds between reconciles of converged objects.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
+    /// Seconds between readings of the replicas' GPU energy counters.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    energy_interval_seconds: u64,
     /// Log format: text or json.
     #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -162,6 +165,7 @@ async fn main() -> ExitCode {
         },
         unschedulable_grace: cli.unschedulable_grace_seconds,
         resync: Duration::from_secs(cli.resync_seconds),
+        energy_interval: Duration::from_secs(cli.energy_interval_seconds),
     };
 
     let elector = cli.leader_elect.then(|| {

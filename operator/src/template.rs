@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::{
     EnvVarSource, HTTPGetAction, ImageVolumeSource, NodeAffinity, NodeSelector,
     NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration, Volume,
-    VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecretVolumeSource, SecurityContext,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -24,6 +24,15 @@ use crate::labels;
 pub const SIDECAR_HTTP_PORT: i32 = 8080;
 /// Port of the sidecar's /metrics, /healthz, /readyz and adapter API.
 pub const SIDECAR_ADMIN_PORT: i32 = 9090;
+/// Where the sidecar finds the operator's adapter API token.
+pub const ADAPTER_TOKEN_DIR: &str = "/var/run/strata/adapter-token";
+/// The key of the token in its Secret.
+pub const ADAPTER_TOKEN_KEY: &str = "token";
+
+/// The Secret holding the adapter API token of a Model's replicas.
+pub fn adapter_token_secret(model: &str) -> String {
+    format!("{model}-adapter-token")
+}
 /// Image of the init container that copies s3:// and gs:// weights.
 pub const FETCH_IMAGE: &str = "docker.io/rclone/rclone:1.71";
 
@@ -258,17 +267,43 @@ impl ReplicaTemplate<'_> {
             ..Container::default()
         };
 
+        let mut sidecar_args = vec![
+            format!("--listen=0.0.0.0:{SIDECAR_HTTP_PORT}"),
+            format!("--admin-listen=0.0.0.0:{SIDECAR_ADMIN_PORT}"),
+            format!("--engine-url=http://127.0.0.1:{port}"),
+            format!("--engine={}", engine::kind_name(engine_type)),
+            format!("--engine-health-path={}", engine::health_path(engine_type)),
+            format!("--served-model={served}"),
+        ];
+        let mut sidecar_mounts = Vec::new();
+        if spec.adapters.is_some() {
+            // The operator's token for the sidecar's adapter API.
+            volumes.push(Volume {
+                name: s("adapter-token"),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(adapter_token_secret(&kube::ResourceExt::name_any(
+                        self.model,
+                    ))),
+                    optional: Some(false),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            sidecar_mounts.push(VolumeMount {
+                name: s("adapter-token"),
+                mount_path: s(ADAPTER_TOKEN_DIR),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+            sidecar_args.push(format!(
+                "--adapter-token-file={ADAPTER_TOKEN_DIR}/{ADAPTER_TOKEN_KEY}"
+            ));
+        }
         let sidecar = Container {
             name: s("strata-sidecar"),
             image: Some(self.settings.sidecar_image.clone()),
-            args: Some(vec![
-                format!("--listen=0.0.0.0:{SIDECAR_HTTP_PORT}"),
-                format!("--admin-listen=0.0.0.0:{SIDECAR_ADMIN_PORT}"),
-                format!("--engine-url=http://127.0.0.1:{port}"),
-                format!("--engine={}", engine::kind_name(engine_type)),
-                format!("--engine-health-path={}", engine::health_path(engine_type)),
-                format!("--served-model={served}"),
-            ]),
+            args: Some(sidecar_args),
+            volume_mounts: (!sidecar_mounts.is_empty()).then_some(sidecar_mounts),
             env: Some(vec![
                 field_env("POD_NAME", "metadata.name"),
                 field_env("POD_NAMESPACE", "metadata.namespace"),

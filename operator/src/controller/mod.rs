@@ -1,6 +1,8 @@
 //! The controllers: the thin layer that reads the cluster, runs the pure
 //! planners, and applies their plans.
 
+pub mod adapter;
+pub mod energy;
 pub mod model;
 pub mod pool;
 pub mod scale;
@@ -15,7 +17,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use strata_crds::{GPUPool, Model};
+use strata_crds::{Adapter, GPUPool, Model};
 use tokio::sync::Mutex;
 
 use crate::labels;
@@ -31,6 +33,8 @@ pub struct Config {
     pub unschedulable_grace: u64,
     /// How often converged objects are reconciled anyway.
     pub resync: Duration,
+    /// How often the replicas' energy counters are read.
+    pub energy_interval: Duration,
 }
 
 /// A replica pod created but not yet seen in the pod cache: placement must
@@ -72,6 +76,10 @@ pub struct Context {
     pub avoid: Mutex<HashMap<String, Vec<(String, Instant)>>>,
     /// The SLA autoscaler's memory, per Model key.
     pub scalers: Mutex<HashMap<String, scale::ModelScaler>>,
+    /// One Adapter plan at a time (replicas' room is shared).
+    pub adapter_lock: Mutex<()>,
+    /// Failed adapter loads by (Adapter UID, pod).
+    pub adapter_failures: Mutex<HashMap<(String, String), adapter::Failures>>,
 }
 
 fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
@@ -184,6 +192,8 @@ pub async fn run(
         placement: Mutex::new(HashMap::new()),
         avoid: Mutex::new(HashMap::new()),
         scalers: Mutex::new(HashMap::new()),
+        adapter_lock: Mutex::new(()),
+        adapter_failures: Mutex::new(HashMap::new()),
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -246,6 +256,42 @@ pub async fn run(
                 tracing::debug!("model controller: {e}");
             }
         });
+
+    // Adapters: woken by their Model's pods (new, ready, gone).
+    let adapter_controller = Controller::new(
+        Api::<Adapter>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let adapter_store = adapter_controller.store();
+    let adapters_for_pods = adapter_store.clone();
+    let adapters = adapter_controller
+        .watches(
+            Api::<Pod>::all(client.clone()),
+            owned.clone(),
+            move |pod: Pod| {
+                let model = pod.labels().get(labels::MODEL).cloned();
+                let ns = pod.namespace();
+                adapters_for_pods
+                    .state()
+                    .iter()
+                    .filter(|a| a.namespace() == ns && Some(&a.spec.model) == model.as_ref())
+                    .map(|a| ObjectRef::from_obj(a.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stop(rx.clone()))
+        .run(adapter::reconcile, adapter::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("adapter controller: {e}");
+            }
+        });
+    let accountant = tokio::spawn(energy::run(
+        ctx.clone(),
+        model_store.clone(),
+        adapter_store,
+        rx.clone(),
+    ));
 
     let pool_store = pools.clone();
     let pool_store2 = pools.clone();
@@ -321,7 +367,8 @@ pub async fn run(
         shutdown.await;
         let _ = tx.send(true);
     });
-    futures::join!(models, gpupools);
+    futures::join!(models, gpupools, adapters);
     backlog.abort();
+    accountant.abort();
     tracing::info!("controllers stopped");
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -462,6 +462,9 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
 
     // Apply: the Service.
     let service_conflict = apply_service(ctx, model, &ns, &name, &uid).await?;
+    if model.spec.adapters.is_some() {
+        ensure_adapter_token(ctx, model, &ns, &uid).await?;
+    }
 
     // Status.
     let current: Vec<&Pod> = own
@@ -630,12 +633,10 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
                 .as_ref()
                 .and_then(|s| s.last_scale_decision.clone()),
         },
-        energy: model.status.as_ref().and_then(|s| s.energy.clone()),
-        adapters: model
-            .status
-            .as_ref()
-            .map(|s| s.adapters.clone())
-            .unwrap_or_default(),
+        // status.energy belongs to the energy accountant (its own field
+        // manager): left out here, so neither overwrites the other.
+        energy: None,
+        adapters: adapters_status(&own),
     };
     let models: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = json!({
@@ -671,6 +672,44 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
 
 /// Applies the Model's Service unless a foreign Service has its name.
 /// Returns true on such a conflict.
+/// Creates the Secret with the adapter API token of the Model's replicas
+/// (random, 32 bytes, hex) unless it exists. The sidecars read it from a
+/// mounted file; the Adapter controller reads it to call them.
+async fn ensure_adapter_token(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Result<()> {
+    let name = template::adapter_token_secret(&model.name_any());
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    if api.get_opt(&name).await?.is_some() {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {labels::MANAGED_BY: labels::MANAGER, labels::MODEL: model.name_any()},
+            "ownerReferences": [{
+                "apiVersion": strata_crds::API_VERSION,
+                "kind": "Model",
+                "name": model.name_any(),
+                "uid": uid,
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
+        },
+        "type": "Opaque",
+        "stringData": {template::ADAPTER_TOKEN_KEY: token},
+    }))?;
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn apply_service(
     ctx: &Context,
     model: &Model,
@@ -784,4 +823,25 @@ mod tests {
         m.spec.replicas = Some(60);
         assert_eq!(desired_replicas(&m.spec), 6, "clamped to maxReplicas");
     }
+}
+
+/// Adapters carried by the Model's replicas, from the replicas' adapter labels.
+pub fn adapters_status(pods: &[Pod]) -> Vec<strata_crds::model::ModelAdapterStatus> {
+    let mut counts: std::collections::BTreeMap<String, i32> = std::collections::BTreeMap::new();
+    for p in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        for (k, v) in p.labels() {
+            if let Some(name) = k.strip_prefix(labels::ADAPTER_PREFIX)
+                && v == labels::ADAPTER_LOADED
+            {
+                *counts.entry(name.to_string()).or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(name, replicas)| strata_crds::model::ModelAdapterStatus { name, replicas })
+        .collect()
 }

@@ -178,10 +178,8 @@ async fn reconcile_inner(pool: &GPUPool, ctx: &Context) -> Result<Action> {
         pool.metadata.generation,
         &Time(Timestamp::now()),
     );
-    if let Some(old) = &pool.status {
-        status.power_watts = old.power_watts;
-        status.energy_joules = old.energy_joules;
-    }
+    // powerWatts and energyJoules belong to the energy accountant (its own
+    // field manager) and are left out here.
     let api: Api<GPUPool> = Api::all(ctx.client.clone());
     let patch =
         json!({"apiVersion": strata_crds::API_VERSION, "kind": "GPUPool", "status": status});

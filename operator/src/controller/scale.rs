@@ -95,7 +95,10 @@ pub fn policy_and_targets(model: &Model) -> (Policy, Targets, f64, f64, f64) {
     (policy, targets, interval, window, sla.percentile / 100.0)
 }
 
-async fn scrape(client: &Client<HttpConnector, Empty<Bytes>>, ip: &str) -> Option<String> {
+pub(crate) async fn scrape(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    ip: &str,
+) -> Option<String> {
     let uri: http::Uri = format!("http://{ip}:{SIDECAR_ADMIN_PORT}/metrics")
         .parse()
         .ok()?;
@@ -113,7 +116,7 @@ async fn scrape(client: &Client<HttpConnector, Empty<Bytes>>, ip: &str) -> Optio
         .flatten()
 }
 
-static CLIENT: LazyLock<Client<HttpConnector, Empty<Bytes>>> = LazyLock::new(|| {
+pub(crate) static CLIENT: LazyLock<Client<HttpConnector, Empty<Bytes>>> = LazyLock::new(|| {
     let mut c = HttpConnector::new();
     c.set_connect_timeout(Some(Duration::from_secs(1)));
     Client::builder(TokioExecutor::new()).build(c)

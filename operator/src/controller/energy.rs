@@ -1,0 +1,255 @@
+//! The energy accountant's shell: every interval, read every running
+//! replica's sidecar (in parallel, with timeouts, on pod IPs), account
+//! (pure: crate::energy) and write Model, GPUPool and Adapter status with
+//! its own field manager, so that no other writer overwrites the totals.
+//!
+//! Totals advance in memory; status is where they survive a restart or a
+//! leader change: the baselines and the totals are written together, so a
+//! new leader continues from a consistent pair (nothing lost, nothing
+//! counted twice).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use strata_crds::model::EnergyStatus;
+use strata_crds::{Adapter, GPUPool, Model};
+
+use super::Context;
+use crate::energy::{self, ReplicaReading};
+use crate::labels;
+
+/// What the accountant remembers between rounds.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Last written energy status, by Model UID.
+    models: HashMap<String, EnergyStatus>,
+    /// Last written joules, by pool.
+    pools: HashMap<String, f64>,
+    /// Last written (joules, tokens), by Adapter UID.
+    adapters: HashMap<String, (f64, i64)>,
+}
+
+fn running(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+}
+
+/// Runs one round over every Model.
+pub async fn round(
+    ctx: &Arc<Context>,
+    models: &Store<Model>,
+    adapters: &Store<Adapter>,
+    ledger: &mut Ledger,
+) {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let pods = ctx.pods.state();
+    let mut pool_joules: BTreeMap<String, f64> = BTreeMap::new();
+    let mut pool_watts: BTreeMap<String, f64> = BTreeMap::new();
+    let all_models = models.state();
+    let live: BTreeSet<String> = all_models.iter().filter_map(|m| m.uid()).collect();
+    ledger.models.retain(|uid, _| live.contains(uid));
+    for model in all_models.iter() {
+        let (Some(ns), Some(uid)) = (model.namespace(), model.uid()) else {
+            continue;
+        };
+        if model.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = model.name_any();
+        let mine: Vec<&Pod> = pods
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| {
+                p.namespace().as_deref() == Some(ns.as_str())
+                    && p.labels().get(labels::MODEL) == Some(&name)
+                    && p.owner_references().iter().any(|o| o.uid == uid)
+            })
+            .collect();
+        let alive: BTreeSet<String> = mine
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.name_any())
+            .collect();
+        let readings: Vec<ReplicaReading> =
+            futures::future::join_all(mine.iter().filter(|p| running(p)).map(|p| async move {
+                let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+                let text = super::scale::scrape(&super::scale::CLIENT, &ip).await?;
+                let pool = p.labels().get(labels::POOL).cloned().unwrap_or_default();
+                Some(energy::parse(&text, &p.name_any(), &pool))
+            }))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let previous = ledger.models.get(&uid).cloned().unwrap_or_else(|| {
+            model
+                .status
+                .as_ref()
+                .and_then(|s| s.energy.clone())
+                .unwrap_or_default()
+        });
+        if readings.is_empty() && previous.counters.is_empty() && mine.is_empty() {
+            continue;
+        }
+        let (inc, counters) = energy::account(&previous.counters, &readings, &alive);
+        let joules = previous.energy_joules.unwrap_or(0.0) + inc.joules;
+        let tokens = previous.generated_tokens.unwrap_or(0) + inc.tokens.round() as i64;
+        let status = EnergyStatus {
+            power_watts: inc.watts.map(|w| (w * 10.0).round() / 10.0),
+            energy_joules: Some(joules),
+            joules_per_1k_tokens: (tokens > 0)
+                .then(|| (joules / tokens as f64 * 1000.0 * 1000.0).round() / 1000.0),
+            generated_tokens: Some(tokens),
+            gpu_utilization: inc.utilization.map(|u| (u * 1000.0).round() / 1000.0),
+            observed_at: Some(now.clone()),
+            counters,
+        };
+        let m = &ctx.metrics;
+        let l = [ns.as_str(), name.as_str()];
+        m.model_energy.with_label_values(&l).inc_by(inc.joules);
+        m.model_tokens.with_label_values(&l).inc_by(inc.tokens);
+        m.model_power
+            .with_label_values(&l)
+            .set(inc.watts.unwrap_or(0.0));
+        if let Some(u) = inc.utilization {
+            m.model_utilization.with_label_values(&l).set(u);
+        }
+        if inc.resets > 0 {
+            m.energy_counter_resets
+                .with_label_values(&l)
+                .inc_by(u64::from(inc.resets));
+        }
+        for (pool, j) in &inc.pool_joules {
+            *pool_joules.entry(pool.clone()).or_default() += j;
+        }
+        for (pool, w) in &inc.pool_watts {
+            *pool_watts.entry(pool.clone()).or_default() += w;
+        }
+        let api: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({
+            "apiVersion": strata_crds::API_VERSION,
+            "kind": "Model",
+            "status": {"energy": status},
+        });
+        ledger.models.insert(uid.clone(), status);
+        if let Err(e) = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(labels::ENERGY_FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::warn!(namespace = %ns, model = %name, "writing energy status: {e}");
+        }
+
+        // Adapters: their share by generated tokens.
+        for a in adapters
+            .state()
+            .iter()
+            .filter(|a| a.namespace().as_deref() == Some(ns.as_str()) && a.spec.model == name)
+        {
+            let served = a.spec.served_name.clone().unwrap_or_else(|| a.name_any());
+            let (Some(aj), Some(at)) = (
+                inc.adapter_joules.get(&served).copied(),
+                inc.adapter_tokens.get(&served).copied(),
+            ) else {
+                continue;
+            };
+            let Some(auid) = a.uid() else { continue };
+            let (pj, pt) = ledger.adapters.get(&auid).copied().unwrap_or_else(|| {
+                let s = a.status.as_ref();
+                (
+                    s.and_then(|s| s.energy_joules).unwrap_or(0.0),
+                    s.and_then(|s| s.generated_tokens).unwrap_or(0),
+                )
+            });
+            let (nj, nt) = (pj + aj, pt + at.round() as i64);
+            ledger.adapters.insert(auid, (nj, nt));
+            m.adapter_energy
+                .with_label_values(&[ns.as_str(), a.name_any().as_str()])
+                .inc_by(aj);
+            let api: Api<Adapter> = Api::namespaced(ctx.client.clone(), &ns);
+            let patch = json!({
+                "apiVersion": strata_crds::API_VERSION,
+                "kind": "Adapter",
+                "status": {"energyJoules": nj, "generatedTokens": nt},
+            });
+            if let Err(e) = api
+                .patch_status(
+                    &a.name_any(),
+                    &PatchParams::apply(labels::ENERGY_FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+            {
+                tracing::warn!(namespace = %ns, adapter = %a.name_any(), "writing energy status: {e}");
+            }
+        }
+    }
+
+    // Pools: everything placed on them.
+    for pool in ctx.pools.state().iter() {
+        let name = pool.name_any();
+        let before = ledger.pools.get(&name).copied().unwrap_or_else(|| {
+            pool.status
+                .as_ref()
+                .and_then(|s| s.energy_joules)
+                .unwrap_or(0.0)
+        });
+        let added = pool_joules.get(&name).copied().unwrap_or(0.0);
+        let watts = pool_watts.get(&name).copied().unwrap_or(0.0);
+        let joules = before + added;
+        ledger.pools.insert(name.clone(), joules);
+        ctx.metrics
+            .pool_energy
+            .with_label_values(&[name.as_str()])
+            .inc_by(added);
+        ctx.metrics
+            .pool_power
+            .with_label_values(&[name.as_str()])
+            .set(watts);
+        let api: Api<GPUPool> = Api::all(ctx.client.clone());
+        let patch = json!({
+            "apiVersion": strata_crds::API_VERSION,
+            "kind": "GPUPool",
+            "status": {"powerWatts": (watts * 10.0).round() / 10.0, "energyJoules": joules},
+        });
+        if let Err(e) = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(labels::ENERGY_FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::warn!(pool = %name, "writing energy status: {e}");
+        }
+    }
+}
+
+/// Runs rounds every `ctx.config.energy_interval` until `stop` fires.
+pub async fn run(
+    ctx: Arc<Context>,
+    models: Store<Model>,
+    adapters: Store<Adapter>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ledger = Ledger::default();
+    let mut tick = tokio::time::interval(ctx.config.energy_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+        round(&ctx, &models, &adapters, &mut ledger).await;
+    }
+}
