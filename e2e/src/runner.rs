@@ -43,6 +43,11 @@ pub struct RunnerConfig {
 pub struct Profile {
     /// The processes, started in order.
     pub processes: Vec<ProcessSpec>,
+    /// Restart a process that exits in place, as the kubelet does for
+    /// `restartPolicy: Always` (the pod stays, not Ready until its probes
+    /// pass again), instead of failing the pod.
+    #[serde(default)]
+    pub restart: bool,
 }
 
 /// One local process. In `args` and `env` values, `${POD_IP}`, `${POD_NAME}`,
@@ -340,6 +345,24 @@ async fn run(
     }
 }
 
+/// How a process was started.
+struct Launch {
+    name: String,
+    command: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log_name: String,
+}
+
+/// `<pod dir>/<process>.pid`, for tests that crash a process on purpose.
+fn write_pid(pod_dir: &Path, name: &str, pid: Option<u32>) {
+    if let Some(pid) = pid
+        && let Err(e) = std::fs::write(pod_dir.join(format!("{name}.pid")), pid.to_string())
+    {
+        tracing::warn!("writing the pid of {name}: {e}");
+    }
+}
+
 async fn stop_pod(r: RunningPod) {
     let _ = r.stop.send(());
     let _ = r.task.await;
@@ -366,7 +389,43 @@ async fn run_pod(
         .as_ref()
         .map(|s| s.containers.clone())
         .unwrap_or_default();
+    // Secret volumes, as the kubelet mounts them: each key a file under the
+    // pod's directory; the mount path in a container's args points there.
+    let mut mounts: Vec<(String, String)> = Vec::new();
+    if let Some(spec) = pod.spec.as_ref() {
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(client.clone(), &vars.namespace);
+        for v in spec.volumes.iter().flatten() {
+            let Some(secret) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) else {
+                continue;
+            };
+            let dir = pod_dir.join("volumes").join(&v.name);
+            let _ = std::fs::create_dir_all(&dir);
+            match secrets.get(&secret).await {
+                Ok(sec) => {
+                    for (k, b) in sec.data.unwrap_or_default() {
+                        if let Err(e) = std::fs::write(dir.join(&k), &b.0) {
+                            tracing::warn!("writing secret volume {}: {e}", v.name);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(pod = %vars.name, "secret {secret}: {e}"),
+            }
+            for c in &containers {
+                for m in c
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .filter(|m| m.name == v.name)
+                {
+                    mounts.push((m.mount_path.clone(), dir.display().to_string()));
+                }
+            }
+        }
+    }
     let mut procs = Vec::new();
+    // What each process was started with, to restart it in place.
+    let mut launch: Vec<Launch> = Vec::new();
     for spec in &profile.processes {
         let mut env: Vec<(String, String)> = Vec::new();
         if let Some(c) = spec
@@ -388,12 +447,32 @@ async fn run_pod(
             .container_args
             .as_ref()
             .and_then(|c| vars.container_args.get(c))
-            .map(|a| a.iter().map(|x| vars.rewrite(x)).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        let mut x = vars.rewrite(x);
+                        for (path, local) in &mounts {
+                            x = x.replace(path.as_str(), local);
+                        }
+                        x
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         args.extend(spec.args.iter().map(|a| vars.expand(a)));
         let log_name = format!("{}_{}_{}", vars.namespace, vars.name, spec.name);
+        launch.push(Launch {
+            name: spec.name.clone(),
+            command: spec.command.clone(),
+            args: args.clone(),
+            env: env.clone(),
+            log_name: log_name.clone(),
+        });
         match Component::spawn(&log_name, &spec.command, &args, &env, &log_dir) {
-            Ok(c) => procs.push((spec.name.clone(), c)),
+            Ok(c) => {
+                write_pid(&pod_dir, &spec.name, c.pid());
+                procs.push((spec.name.clone(), c));
+            }
             Err(e) => {
                 tracing::warn!(pod = %pod_name, "{e}");
                 mark_failed(
@@ -430,6 +509,28 @@ async fn run_pod(
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
+                if profile.restart {
+                    let exited: Vec<usize> = procs
+                        .iter_mut()
+                        .enumerate()
+                        .filter_map(|(i, (_, c))| c.check_running().err().map(|_| i))
+                        .collect();
+                    for i in exited {
+                        let Launch { name, command, args, env, log_name } = &launch[i];
+                        tracing::warn!(pod = %pod_name, process = %name, "process exited: restarting it in place");
+                        if ready != Some(false) {
+                            ready = Some(false);
+                            set_ready(&client, &pod, false).await;
+                        }
+                        match Component::spawn(log_name, command, args, env, &log_dir) {
+                            Ok(c) => {
+                                write_pid(&pod_dir, name, c.pid());
+                                procs[i].1 = c;
+                            }
+                            Err(e) => tracing::warn!(pod = %pod_name, "restarting {name}: {e}"),
+                        }
+                    }
+                }
                 if let Some((name, status)) = procs.iter_mut().find_map(|(n, c)| c.check_running().err().map(|e| (n.clone(), e))) {
                     let message = match &status {
                         Error::Exited { status, .. } => format!("process {name} exited ({status})"),

@@ -75,6 +75,7 @@ fn the_world() -> &'static World {
                         ..ProcessSpec::default()
                     },
                 ],
+                restart: false,
             },
         )]),
     })

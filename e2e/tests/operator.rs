@@ -51,6 +51,7 @@ fn the_world() -> &'static World {
                 // Stand-ins for the sidecar's API (8080) and admin (9090) ports.
                 Profile {
                     processes: vec![process("http", 8080), process("admin", 9090)],
+                    restart: false,
                 },
             )]),
         }

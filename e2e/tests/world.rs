@@ -38,6 +38,7 @@ fn the_world() -> &'static World {
                     ],
                     ..ProcessSpec::default()
                 }],
+                restart: false,
             },
         )]),
     })

@@ -142,6 +142,11 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
     let key = format!("{ns}/{name}");
     let now = Timestamp::now();
 
+    // The sidecars mount the adapter token: it exists before any replica.
+    if model.spec.adapters.is_some() {
+        ensure_adapter_token(ctx, model, &ns, &uid).await?;
+    }
+
     // Dereference.
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let own: Vec<Pod> = pods_api
@@ -462,9 +467,6 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
 
     // Apply: the Service.
     let service_conflict = apply_service(ctx, model, &ns, &name, &uid).await?;
-    if model.spec.adapters.is_some() {
-        ensure_adapter_token(ctx, model, &ns, &uid).await?;
-    }
 
     // Status.
     let current: Vec<&Pod> = own
@@ -789,6 +791,27 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (any && num.is_empty()).then(|| Duration::from_secs_f64(total))
 }
 
+/// Adapters carried by the Model's replicas, from the replicas' adapter labels.
+pub fn adapters_status(pods: &[Pod]) -> Vec<strata_crds::model::ModelAdapterStatus> {
+    let mut counts: std::collections::BTreeMap<String, i32> = std::collections::BTreeMap::new();
+    for p in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        for (k, v) in p.labels() {
+            if let Some(name) = k.strip_prefix(labels::ADAPTER_PREFIX)
+                && v == labels::ADAPTER_LOADED
+            {
+                *counts.entry(name.to_string()).or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(name, replicas)| strata_crds::model::ModelAdapterStatus { name, replicas })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,25 +846,4 @@ mod tests {
         m.spec.replicas = Some(60);
         assert_eq!(desired_replicas(&m.spec), 6, "clamped to maxReplicas");
     }
-}
-
-/// Adapters carried by the Model's replicas, from the replicas' adapter labels.
-pub fn adapters_status(pods: &[Pod]) -> Vec<strata_crds::model::ModelAdapterStatus> {
-    let mut counts: std::collections::BTreeMap<String, i32> = std::collections::BTreeMap::new();
-    for p in pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-    {
-        for (k, v) in p.labels() {
-            if let Some(name) = k.strip_prefix(labels::ADAPTER_PREFIX)
-                && v == labels::ADAPTER_LOADED
-            {
-                *counts.entry(name.to_string()).or_default() += 1;
-            }
-        }
-    }
-    counts
-        .into_iter()
-        .map(|(name, replicas)| strata_crds::model::ModelAdapterStatus { name, replicas })
-        .collect()
 }

@@ -1,0 +1,523 @@
+//! Live LoRA adapters and energy accounting in the local world: replicas
+//! run the real strata-sidecar (on the fake NVML library, one simulated GPU
+//! each) in front of the engine simulator. Two adapters on a two-replica
+//! Model are served through the sidecars; a third replica receives both; a
+//! deleted adapter is unloaded everywhere while the other is still served.
+//! Under load the fake NVML counters rise and the Model's joules equal the
+//! sum of the counters' deltas within 1 %, across a sidecar restart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use strata_crds::{Adapter, GPUPool, Model};
+use strata_e2e::fake_nvml;
+use strata_e2e::harness::{
+    World, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
+};
+use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
+use strata_operator::view::pod_ready;
+use tokio::process::Command;
+
+const PROFILE: &str = "replica-with-gpu";
+const IDLE_W: f64 = 70.0;
+const TDP_W: f64 = 700.0;
+
+fn the_world() -> &'static World {
+    let sim = PathBuf::from(env!("CARGO_BIN_EXE_strata-engine-sim"));
+    world(env!("CARGO_BIN_EXE_strata-cluster"), move || RunnerConfig {
+        profiles: BTreeMap::from([(
+            PROFILE.to_string(),
+            Profile {
+                processes: vec![
+                    ProcessSpec {
+                        name: "engine".into(),
+                        command: sim,
+                        args: [
+                            "--listen",
+                            "${POD_IP}:${ARG:engine:--port}",
+                            "--model",
+                            "${ARG:engine:--served-model-name}",
+                            "--max-batch",
+                            "4",
+                            "--itl-ms",
+                            "10",
+                            "--max-tokens-default",
+                            "32",
+                            "--max-loras",
+                            "4",
+                            "--load-file",
+                            "${POD_DIR}/load",
+                        ]
+                        .map(String::from)
+                        .to_vec(),
+                        ..ProcessSpec::default()
+                    },
+                    ProcessSpec {
+                        name: "strata-sidecar".into(),
+                        command: workspace_binary("strata-sidecar"),
+                        container_args: Some("strata-sidecar".into()),
+                        args: vec![
+                            "--engine-health-interval=0.2".into(),
+                            "--engine-metrics-interval=0.5".into(),
+                            format!("--nvml-lib={}", fake_nvml::LIB),
+                            "--nvml-interval=0.2".into(),
+                        ],
+                        env: BTreeMap::from([
+                            ("STRATA_FAKE_NVML_DEVICES".into(), "${GPU_UUIDS}".into()),
+                            (
+                                "STRATA_FAKE_NVML_LOAD_FILE".into(),
+                                "${POD_DIR}/load".into(),
+                            ),
+                            (
+                                "STRATA_FAKE_NVML_STATE_FILE".into(),
+                                "${POD_DIR}/nvml-state".into(),
+                            ),
+                            ("STRATA_FAKE_NVML_IDLE_WATTS".into(), IDLE_W.to_string()),
+                            ("STRATA_FAKE_NVML_TDP_WATTS".into(), TDP_W.to_string()),
+                        ]),
+                        ..ProcessSpec::default()
+                    },
+                ],
+                restart: true,
+            },
+        )]),
+    })
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn yaml(path: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo().join(path)).expect("read");
+    strata_crds::validation::yaml_to_json(&text).expect("yaml")
+}
+
+/// The pod's directory the runner keeps (fake NVML state, pid files).
+fn pod_dir(w: &World, ns: &str, pod: &str) -> PathBuf {
+    w.info.log_dir.join("pods").join(format!("{ns}_{pod}.d"))
+}
+
+/// A GPU's energy counter at `now_ns`, in joules, from the fake NVML state
+/// file: the saved counter plus the power of the saved load since the
+/// saved sample (the fake integrates exactly so between samples).
+fn counters_at(dir: &Path, now_ns: u128) -> BTreeMap<String, f64> {
+    let text = std::fs::read_to_string(dir.join("nvml-state")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (uuid, mj, last_ns, util) = (
+                f.first()?,
+                f.get(1)?.parse::<f64>().ok()?,
+                f.get(2)?.parse::<u128>().ok()?,
+                f.get(3)?.parse::<f64>().ok()?,
+            );
+            let watts = IDLE_W + (TDP_W - IDLE_W) * util.clamp(0.0, 1.0);
+            let since = now_ns.saturating_sub(last_ns) as f64 / 1e9;
+            Some((uuid.to_string(), mj / 1000.0 + watts * since))
+        })
+        .collect()
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+async fn chat(ip: &str, model: &str) -> (u16, String) {
+    let http: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8});
+    let req = http::Request::post(format!("http://{ip}:8080/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    match tokio::time::timeout(Duration::from_secs(20), http.request(req)).await {
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            (status, body)
+        }
+        other => (0, format!("{other:?}")),
+    }
+}
+
+async fn ready_pods(pods: &Api<Pod>) -> Vec<Pod> {
+    pods.list(&ListParams::default().labels("strata.ai/model=chat"))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
+        .collect()
+}
+
+fn ip(p: &Pod) -> String {
+    let ip = p
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP");
+    assert!(strata_e2e::http::is_loopback_str(&ip), "{ip}");
+    ip
+}
+
+fn adapter(name: &str) -> Adapter {
+    serde_json::from_value(json!({
+        "apiVersion": "strata.ai/v1alpha1",
+        "kind": "Adapter",
+        "metadata": {"name": name},
+        "spec": {"model": "chat", "source": {"uri": format!("hf://strata-test/{name}-lora")}},
+    }))
+    .expect("adapter")
+}
+
+async fn adapter_loaded_on(adapters: &Api<Adapter>, name: &str, n: i32) {
+    wait_for(
+        adapters.clone(),
+        name,
+        Duration::from_secs(90),
+        move |a: Option<&Adapter>| {
+            a.and_then(|a| a.status.as_ref()).is_some_and(|s| {
+                s.loaded_replicas == n
+                    && s.desired_replicas == n
+                    && s.phase == strata_crds::adapter::AdapterPhase::Ready
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("adapter {name} loaded on {n} replicas: {e}"));
+}
+
+/// Streams requests at every ready replica until `stop`.
+fn start_load(pods: Api<Pod>, stop: Arc<AtomicBool>) {
+    for w in 0..6usize {
+        let (pods, stop) = (pods.clone(), stop.clone());
+        tokio::spawn(async move {
+            let http: Client<HttpConnector, Full<Bytes>> =
+                Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                let targets: Vec<String> = ready_pods(&pods).await.iter().map(ip).collect();
+                let Some(ip) = targets.get(i % targets.len().max(1)).cloned() else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                i += 1;
+                let model = ["chat", "sql"][i % 2];
+                let body = json!({"model": model, "stream": true, "max_tokens": 64,
+                    "messages": [{"role": "user", "content": "x".repeat(200)}]});
+                let req = http::Request::post(format!("http://{ip}:8080/v1/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .expect("request");
+                if let Ok(Ok(resp)) =
+                    tokio::time::timeout(Duration::from_secs(20), http.request(req)).await
+                {
+                    let mut s = resp.into_body().into_data_stream();
+                    while s.next().await.is_some() {}
+                }
+            }
+        });
+    }
+}
+
+/// Waits for the operator to write a new energy status (one that covers
+/// `pods`), then reads the fake counters at once: the two are then at most
+/// a poll (50 ms) and a sidecar sample (200 ms) apart.
+async fn energy_reading(
+    models: &Api<Model>,
+    w: &World,
+    ns: &str,
+    pods: &[String],
+) -> (f64, BTreeMap<String, f64>) {
+    let energy = |m: Model| m.status.and_then(|s| s.energy).unwrap_or_default();
+    let before = energy(models.get("chat").await.expect("model"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = energy(models.get("chat").await.expect("model"));
+        let covers = pods.iter().all(|p| {
+            e.counters
+                .iter()
+                .any(|c| &c.pod == p && !c.gpu_joules.is_empty())
+        });
+        if covers && e.counters != before.counters {
+            let t = now_ns();
+            let mut counters = BTreeMap::new();
+            for p in pods {
+                counters.extend(counters_at(&pod_dir(w, ns, p), t));
+            }
+            return (e.energy_joules.unwrap_or(0.0), counters);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new energy status covering {pods:?}: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the replicas' simulated GPUs are idle (the engines' load
+/// files read 0), so that a reading is not taken in the middle of a request.
+async fn gpus_idle(w: &World, ns: &str, pods: &[String]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let idle = pods.iter().all(|p| {
+            std::fs::read_to_string(pod_dir(w, ns, p).join("load"))
+                .ok()
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .is_some_and(|u| u == 0.0)
+        });
+        if idle {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "GPUs not idle");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
+    let w = the_world();
+    let client = w.client().await;
+    w.install_chart_for_local_operator();
+    let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
+        .await
+        .expect("kubeconfig");
+    let log = std::fs::File::create(w.info.log_dir.join("operator-adapters.log")).expect("log");
+    let mut operator = Command::new(workspace_binary("strata-operator"))
+        .args([
+            "--metrics-addr=127.0.0.1:0".to_string(),
+            "--leader-elect=false".to_string(),
+            format!("--pod-label={RUN_LABEL}={PROFILE}"),
+            "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),
+            "--energy-interval-seconds=2".to_string(),
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("operator");
+
+    let pools: Api<GPUPool> = Api::all(client.clone());
+    let pool: GPUPool = serde_json::from_value(yaml("samples/gpupool-h100.yaml")).expect("pool");
+    match pools.create(&PostParams::default(), &pool).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("pool: {e}"),
+    }
+    let ns = test_namespace(&client, "lora").await.expect("namespace");
+    let models: Api<Model> = Api::namespaced(client.clone(), &ns);
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut m = yaml("samples/model-llama.yaml");
+    m["metadata"] = json!({"name": "chat"});
+    let spec = m["spec"].as_object_mut().expect("spec");
+    spec.remove("sla");
+    spec.insert(
+        "source".into(),
+        json!({"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
+    );
+    spec.insert("engine".into(), json!({"type": "vLLM"}));
+    spec.insert("pools".into(), json!([{"name": "h100"}]));
+    spec.insert("replicas".into(), json!(2));
+    spec.insert("minReplicas".into(), json!(1));
+    spec.insert("maxReplicas".into(), json!(4));
+    spec.insert("autoscaling".into(), json!({"mode": "Manual"}));
+    spec.insert("adapters".into(), json!({"maxPerReplica": 4}));
+    let model: Model = serde_json::from_value(m).expect("model");
+    models
+        .create(&PostParams::default(), &model)
+        .await
+        .expect("model");
+
+    // Two adapters on a two-replica Model.
+    for name in ["sql", "poet"] {
+        adapters
+            .create(&PostParams::default(), &adapter(name))
+            .await
+            .expect("adapter");
+    }
+    adapter_loaded_on(&adapters, "sql", 2).await;
+    adapter_loaded_on(&adapters, "poet", 2).await;
+    let replicas = ready_pods(&pods).await;
+    assert_eq!(replicas.len(), 2);
+    for p in &replicas {
+        for name in ["sql", "poet", "chat"] {
+            let (status, body) = chat(&ip(p), name).await;
+            assert_eq!(status, 200, "{name} on {}: {body}", p.name_any());
+        }
+        let labels = p.labels();
+        assert_eq!(
+            labels.get("adapter.strata.ai/sql").map(String::as_str),
+            Some("loaded")
+        );
+    }
+    // A Service per Adapter selects exactly the replicas carrying it.
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .get("sql-lora")
+        .await
+        .expect("the sql Adapter's Service");
+    let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
+    assert_eq!(
+        selector.get("adapter.strata.ai/sql").map(String::as_str),
+        Some("loaded"),
+        "{selector:?}"
+    );
+
+    // Scaling to three replicas gives the new one both adapters.
+    models
+        .patch(
+            "chat",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .expect("scale");
+    adapter_loaded_on(&adapters, "sql", 3).await;
+    adapter_loaded_on(&adapters, "poet", 3).await;
+    let replicas = ready_pods(&pods).await;
+    assert_eq!(replicas.len(), 3);
+    for p in &replicas {
+        let (status, body) = chat(&ip(p), "poet").await;
+        assert_eq!(status, 200, "poet on {}: {body}", p.name_any());
+    }
+
+    // Deleting one adapter unloads it everywhere; the other is still served.
+    adapters
+        .delete("poet", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        adapters.clone(),
+        "poet",
+        Duration::from_secs(60),
+        |a: Option<&Adapter>| a.is_none(),
+    )
+    .await
+    .expect("the finalizer unloads it and lets it go");
+    for p in &ready_pods(&pods).await {
+        let (status, body) = chat(&ip(p), "poet").await;
+        assert_eq!(status, 404, "poet is gone from {}: {body}", p.name_any());
+        assert!(body.contains("poet"), "the 404 names the adapter: {body}");
+        assert!(!p.labels().contains_key("adapter.strata.ai/poet"));
+        let (status, body) = chat(&ip(p), "sql").await;
+        assert_eq!(status, 200, "sql still served on {}: {body}", p.name_any());
+    }
+
+    // Energy: a baseline covering the three replicas, then load.
+    let names: Vec<String> = ready_pods(&pods)
+        .await
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    gpus_idle(w, &ns, &names).await;
+    let (j0, c0) = energy_reading(&models, w, &ns, &names).await;
+    assert_eq!(c0.len(), 3, "one simulated GPU per replica: {c0:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    start_load(pods.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_secs(8)).await; // load runs for a measured time
+    // A replica restart under load: its sidecar crashes and comes back in place.
+    let victim = &names[0];
+    let pid: i32 = std::fs::read_to_string(pod_dir(w, &ns, victim).join("strata-sidecar.pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the sidecar");
+    wait_for(
+        pods.clone(),
+        victim,
+        Duration::from_secs(30),
+        |p: Option<&Pod>| p.is_some_and(|p| !pod_ready(p)),
+    )
+    .await
+    .expect("the restarted replica is not ready for a moment");
+    wait_for(
+        pods.clone(),
+        victim,
+        Duration::from_secs(60),
+        |p: Option<&Pod>| p.is_some_and(pod_ready),
+    )
+    .await
+    .expect("the restarted replica is ready again");
+    adapter_loaded_on(&adapters, "sql", 3).await;
+    tokio::time::sleep(Duration::from_secs(8)).await; // more load after the restart
+    stop.store(true, Ordering::Relaxed);
+    gpus_idle(w, &ns, &names).await;
+    let (j1, c1) = energy_reading(&models, w, &ns, &names).await;
+    let counted = j1 - j0;
+    let truth: f64 = c1
+        .iter()
+        .map(|(uuid, v)| v - c0.get(uuid).copied().unwrap_or(*v))
+        .sum();
+    // The GPUs worked: more than idle power for the whole time.
+    assert!(truth > 3.0 * IDLE_W * 16.0, "the counters rose: {truth} J");
+    let error = (counted - truth).abs() / truth;
+    eprintln!(
+        "energy: the Model counted {counted:.1} J, the fake NVML counters rose {truth:.1} J ({:+.3} %)",
+        (counted - truth) / truth * 100.0
+    );
+    assert!(
+        error <= 0.01,
+        "the Model's joules {counted:.1} vs the counters' deltas {truth:.1} ({:.2} %)",
+        error * 100.0
+    );
+    let e = models
+        .get("chat")
+        .await
+        .expect("model")
+        .status
+        .and_then(|s| s.energy)
+        .expect("energy");
+    assert!(e.generated_tokens.unwrap_or(0) > 0, "{e:?}");
+    assert!(e.joules_per_1k_tokens.is_some_and(|j| j > 0.0), "{e:?}");
+    // The adapter's share by tokens, and the pool's total.
+    let sql = adapters
+        .get("sql")
+        .await
+        .expect("sql")
+        .status
+        .expect("status");
+    assert!(
+        sql.energy_joules
+            .is_some_and(|j| j > 0.0 && j < e.energy_joules.unwrap_or(0.0)),
+        "{sql:?}"
+    );
+    let h100 = pools
+        .get("h100")
+        .await
+        .expect("pool")
+        .status
+        .expect("status");
+    assert!(
+        h100.energy_joules.unwrap_or(0.0) >= e.energy_joules.unwrap_or(0.0) - 1.0,
+        "the pool counts everything placed on it: {h100:?} vs {e:?}"
+    );
+    let _ = operator.start_kill();
+}
