@@ -43,7 +43,8 @@ pub struct Failures {
     pub next: Instant,
 }
 
-/// Loads that failed this many times in a row on a replica move to another.
+/// Loads that failed this many times in a row on a replica move to another
+/// for a while.
 const MOVE_AFTER: u32 = 3;
 
 static CLIENT: LazyLock<Client<HttpConnector, Full<Bytes>>> = LazyLock::new(|| {
@@ -390,12 +391,25 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
     }
 
     let now = Instant::now();
-    let avoid: BTreeSet<String> = {
+    // Replicas where loading kept failing are avoided for a while; those
+    // still backing off keep their turn (no other replica is chosen yet).
+    let (avoid, backing_off): (BTreeSet<String>, BTreeSet<String>) = {
         let f = ctx.adapter_failures.lock().await;
-        f.iter()
-            .filter(|((u, _), v)| *u == uid && (v.count >= MOVE_AFTER || v.next > now))
-            .map(|((_, pod), _)| pod.clone())
-            .collect()
+        let mine: Vec<(&String, &Failures)> = f
+            .iter()
+            .filter(|((u, _), v)| *u == uid && v.next > now)
+            .map(|((_, pod), v)| (pod, v))
+            .collect();
+        (
+            mine.iter()
+                .filter(|(_, v)| v.count >= MOVE_AFTER)
+                .map(|(p, _)| (*p).clone())
+                .collect(),
+            mine.iter()
+                .filter(|(_, v)| v.count < MOVE_AFTER)
+                .map(|(p, _)| (*p).clone())
+                .collect(),
+        )
     };
     let replicas: Vec<Replica> = pods
         .iter()
@@ -422,6 +436,9 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
     let mut failures = 0;
     let mut last_error = String::new();
     for pod in &plan.load {
+        if backing_off.contains(pod) {
+            continue;
+        }
         let Some(ip) = pods.iter().find(|p| &p.name_any() == pod).and_then(ip_of) else {
             continue;
         };
@@ -467,8 +484,14 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
                     next: now,
                 });
                 e.count += 1;
-                // 5 s, 10 s, 20 s ... then another replica.
-                e.next = now + Duration::from_secs(5 << e.count.min(6));
+                // Again after 10 s, 20 s; after the third failure in a row
+                // the replica is skipped for 5 minutes: another one is chosen.
+                e.next = now
+                    + if e.count >= MOVE_AFTER {
+                        Duration::from_secs(300)
+                    } else {
+                        Duration::from_secs(5 << e.count)
+                    };
                 ctx.metrics
                     .adapter_operations
                     .with_label_values(&["load", "error"])
@@ -507,6 +530,22 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
         .await;
     }
 
+    let waiting: Vec<&String> = plan
+        .load
+        .iter()
+        .filter(|p| backing_off.contains(*p))
+        .collect();
+    if failures == 0 && !waiting.is_empty() {
+        failures = waiting.len();
+        last_error = format!(
+            "a load failed on {}; retrying after a backoff",
+            waiting
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     apply_service(ctx, a, ns, &model.name_any(), &uid).await?;
 
     // Status from the replicas' labels now.
