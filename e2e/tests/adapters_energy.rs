@@ -4,7 +4,8 @@
 //! Model are served through the sidecars; a third replica receives both; a
 //! deleted adapter is unloaded everywhere while the other is still served.
 //! Under load the fake NVML counters rise and the Model's joules equal the
-//! sum of the counters' deltas within 1 %, across a sidecar restart.
+//! sum of the counters' deltas within 1 %, across a sidecar restart and an
+//! operator restart.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -304,21 +305,25 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
         .await
         .expect("kubeconfig");
-    let log = std::fs::File::create(w.info.log_dir.join("operator-adapters.log")).expect("log");
-    let mut operator = Command::new(workspace_binary("strata-operator"))
-        .args([
-            "--metrics-addr=127.0.0.1:0".to_string(),
-            "--leader-elect=false".to_string(),
-            format!("--pod-label={RUN_LABEL}={PROFILE}"),
-            "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),
-            "--energy-interval-seconds=2".to_string(),
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("operator");
+    let start_operator = |n: u32| {
+        let log = std::fs::File::create(w.info.log_dir.join(format!("operator-adapters-{n}.log")))
+            .expect("log");
+        Command::new(workspace_binary("strata-operator"))
+            .args([
+                "--metrics-addr=127.0.0.1:0".to_string(),
+                "--leader-elect=false".to_string(),
+                format!("--pod-label={RUN_LABEL}={PROFILE}"),
+                "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),
+                "--energy-interval-seconds=2".to_string(),
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("operator")
+    };
+    let mut operator = start_operator(1);
 
     let pools: Api<GPUPool> = Api::all(client.clone());
     let pool: GPUPool = serde_json::from_value(yaml("samples/gpupool-h100.yaml")).expect("pool");
@@ -467,7 +472,11 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     .await
     .expect("the restarted replica is ready again");
     adapter_loaded_on(&adapters, "sql", 3).await;
-    tokio::time::sleep(Duration::from_secs(8)).await; // more load after the restart
+    // The operator restarts too: the new one continues from status.
+    operator.kill().await.expect("stop the operator");
+    tokio::time::sleep(Duration::from_secs(3)).await; // load runs while no operator reads it
+    operator = start_operator(2);
+    tokio::time::sleep(Duration::from_secs(8)).await; // more load after the restarts
     stop.store(true, Ordering::Relaxed);
     gpus_idle(w, &ns, &names).await;
     let (j1, c1) = energy_reading(&models, w, &ns, &names).await;
