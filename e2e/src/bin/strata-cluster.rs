@@ -46,6 +46,9 @@ enum Command {
         #[arg(long)]
         exit_on_stdin_eof: bool,
     },
+    /// Print the path of the fake libnvidia-ml.so.1 (for pod runner
+    /// profiles that meter simulated GPUs, e.g. the demo's).
+    FakeNvmlPath,
     /// Start the cluster and keep it up.
     Up {
         /// Working directory (PKI, etcd data, logs, kubeconfig). Default: a
@@ -100,6 +103,10 @@ async fn main() -> ExitCode {
             exit_on_stdin_eof,
             keep,
         ),
+        Command::FakeNvmlPath => {
+            println!("{}", strata_e2e::fake_nvml::LIB);
+            return ExitCode::SUCCESS;
+        }
         Command::Runner {
             kubeconfig,
             runner_config,
