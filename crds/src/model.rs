@@ -698,6 +698,9 @@ pub struct ReplicaEnergyCounters {
     /// Generated-token counter by adapter served name ("" for the base model).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tokens: BTreeMap<String, f64>,
+    /// Request counter by adapter served name ("" for the base model).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, f64>,
 }
 
 /// An adapter as seen from its Model.

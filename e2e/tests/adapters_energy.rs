@@ -518,6 +518,10 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
             .is_some_and(|j| j > 0.0 && j < e.energy_joules.unwrap_or(0.0)),
         "{sql:?}"
     );
+    assert!(
+        sql.requests.is_some_and(|r| r > 0) && sql.generated_tokens.is_some_and(|t| t > 0),
+        "requests and tokens served with the adapter: {sql:?}"
+    );
     let h100 = pools
         .get("h100")
         .await

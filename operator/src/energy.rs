@@ -46,6 +46,8 @@ pub struct ReplicaReading {
     /// Generated tokens (counter since the sidecar started) by adapter served
     /// name; "" is the base model.
     pub tokens: BTreeMap<String, f64>,
+    /// Requests (counter since the sidecar started) by adapter served name.
+    pub requests: BTreeMap<String, f64>,
 }
 
 /// What one round added.
@@ -63,6 +65,8 @@ pub struct Increment {
     pub adapter_joules: BTreeMap<String, f64>,
     /// Tokens by adapter served name.
     pub adapter_tokens: BTreeMap<String, f64>,
+    /// Requests by adapter served name.
+    pub adapter_requests: BTreeMap<String, f64>,
     /// Power now, watts (sum over the GPUs that reported it).
     pub watts: Option<f64>,
     /// Mean utilization of the GPUs that reported it.
@@ -134,6 +138,17 @@ pub fn account(
             );
             tokens.insert(adapter.clone(), d);
             counters.tokens.insert(adapter.clone(), *now);
+        }
+        for (adapter, now) in r.requests.iter().filter(|(_, v)| v.is_finite()) {
+            let (d, _) = delta(
+                *now,
+                before.and_then(|b| b.requests.get(adapter)).copied(),
+                Some(*now),
+            );
+            if !adapter.is_empty() {
+                *inc.adapter_requests.entry(adapter.clone()).or_default() += d;
+            }
+            counters.requests.insert(adapter.clone(), *now);
         }
         let total_tokens: f64 = tokens.values().sum();
         for (adapter, t) in &tokens {
@@ -218,6 +233,11 @@ pub fn parse(text: &str, pod: &str, pool: &str) -> ReplicaReading {
             *r.tokens.entry(adapter).or_default() += value;
             continue;
         }
+        if name == "strata_requests_total" {
+            let adapter = label(labels, "adapter").unwrap_or_default();
+            *r.requests.entry(adapter).or_default() += value;
+            continue;
+        }
         let slot = match name {
             "strata_gpu_energy_counter_joules"
             | "strata_gpu_energy_joules_total"
@@ -255,6 +275,8 @@ strata_gpu_utilization_ratio{gpu="0",uuid="GPU-a"} 0.5
 strata_request_generation_tokens_total{adapter="",model="m"} 10
 strata_request_generation_tokens_total{adapter="sql",model="m"} 7
 strata_request_generation_tokens_total{adapter="a\"b",model="m"} 1
+strata_requests_total{adapter="sql",endpoint="chat",model="m",outcome="ok"} 3
+strata_requests_total{adapter="sql",endpoint="chat",model="m",outcome="error"} 1
 strata_pod_gpu_energy_joules_total 12
 "#;
         let r = parse(text, "p", "h100");
@@ -268,6 +290,7 @@ strata_pod_gpu_energy_joules_total 12
         assert_eq!(r.tokens[""], 10.0);
         assert_eq!(r.tokens["sql"], 7.0);
         assert_eq!(r.tokens["a\"b"], 1.0);
+        assert_eq!(r.requests["sql"], 4.0, "summed over endpoints and outcomes");
     }
 
     fn reading(pod: &str, gpus: &[(&str, f64, f64)], tokens: &[(&str, f64)]) -> ReplicaReading {
@@ -289,6 +312,10 @@ strata_pod_gpu_energy_joules_total 12
                 })
                 .collect(),
             tokens: tokens.iter().map(|(a, t)| (a.to_string(), *t)).collect(),
+            requests: tokens
+                .iter()
+                .map(|(a, t)| (a.to_string(), t / 10.0))
+                .collect(),
         }
     }
 
@@ -413,6 +440,7 @@ strata_pod_gpu_energy_joules_total 12
         assert_eq!(inc.adapter_joules["sql"], 300.0);
         assert_eq!(inc.adapter_joules["poet"], 200.0);
         assert_eq!(inc.adapter_tokens["sql"], 300.0);
+        assert_eq!(inc.adapter_requests["sql"], 30.0);
         assert_eq!(inc.pool_joules["h100"], 1000.0);
         assert_eq!(inc.pool_watts["h100"], 300.0);
     }

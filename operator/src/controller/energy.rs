@@ -31,8 +31,8 @@ pub struct Ledger {
     models: HashMap<String, EnergyStatus>,
     /// Last written joules, by pool.
     pools: HashMap<String, f64>,
-    /// Last written (joules, tokens), by Adapter UID.
-    adapters: HashMap<String, (f64, i64)>,
+    /// Last written (joules, tokens, requests), by Adapter UID.
+    adapters: HashMap<String, (f64, i64, i64)>,
 }
 
 fn running(p: &Pod) -> bool {
@@ -157,22 +157,23 @@ pub async fn round(
             .filter(|a| a.namespace().as_deref() == Some(ns.as_str()) && a.spec.model == name)
         {
             let served = a.spec.served_name.clone().unwrap_or_else(|| a.name_any());
-            let (Some(aj), Some(at)) = (
-                inc.adapter_joules.get(&served).copied(),
-                inc.adapter_tokens.get(&served).copied(),
-            ) else {
+            let aj = inc.adapter_joules.get(&served).copied().unwrap_or(0.0);
+            let at = inc.adapter_tokens.get(&served).copied().unwrap_or(0.0);
+            let ar = inc.adapter_requests.get(&served).copied().unwrap_or(0.0);
+            if aj == 0.0 && at == 0.0 && ar == 0.0 {
                 continue;
-            };
+            }
             let Some(auid) = a.uid() else { continue };
-            let (pj, pt) = ledger.adapters.get(&auid).copied().unwrap_or_else(|| {
+            let (pj, pt, pr) = ledger.adapters.get(&auid).copied().unwrap_or_else(|| {
                 let s = a.status.as_ref();
                 (
                     s.and_then(|s| s.energy_joules).unwrap_or(0.0),
                     s.and_then(|s| s.generated_tokens).unwrap_or(0),
+                    s.and_then(|s| s.requests).unwrap_or(0),
                 )
             });
-            let (nj, nt) = (pj + aj, pt + at.round() as i64);
-            ledger.adapters.insert(auid, (nj, nt));
+            let (nj, nt, nr) = (pj + aj, pt + at.round() as i64, pr + ar.round() as i64);
+            ledger.adapters.insert(auid, (nj, nt, nr));
             m.adapter_energy
                 .with_label_values(&[ns.as_str(), a.name_any().as_str()])
                 .inc_by(aj);
@@ -180,7 +181,7 @@ pub async fn round(
             let patch = json!({
                 "apiVersion": strata_crds::API_VERSION,
                 "kind": "Adapter",
-                "status": {"energyJoules": nj, "generatedTokens": nt},
+                "status": {"energyJoules": nj, "generatedTokens": nt, "requests": nr},
             });
             if let Err(e) = api
                 .patch_status(
