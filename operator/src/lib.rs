@@ -16,6 +16,7 @@ pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod promql;
 pub mod rollout;
 pub mod server;
 pub mod template;

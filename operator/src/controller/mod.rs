@@ -3,6 +3,7 @@
 
 pub mod model;
 pub mod pool;
+pub mod prometheus;
 pub mod scale;
 
 use std::collections::{BTreeMap, HashMap};
