@@ -2,8 +2,9 @@
 # Provides a real Prometheus server for the tests of the autoscaler's
 # Prometheus metrics source (e2e/tests/prometheus_source.rs): Debian
 # bookworm's package, pinned below, unpacked (not installed) into the cache.
-# A second run reuses it. Needs apt-get and dpkg-deb (Debian or Ubuntu) and
-# access to the Debian archive on a cold cache; nothing is installed system-wide.
+# A second run reuses it. A cold cache needs apt-get, dpkg-deb and the Debian
+# bookworm archive in the apt sources (apt checks the package against its
+# signed index); nothing is installed system-wide.
 #
 # Usage: e2e/tools/prometheus.sh
 # Prints the path of the prometheus binary on its last line of stdout.

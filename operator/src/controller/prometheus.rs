@@ -298,4 +298,54 @@ mod tests {
         .expect("no pods");
         assert_eq!(none, Readings::default());
     }
+
+    #[tokio::test]
+    async fn the_autoscaler_holds_and_keeps_the_reason_when_prometheus_fails() {
+        use k8s_openapi::api::core::v1::Pod;
+        use strata_crds::model::{MetricsSource, MetricsSourceType, Model, PrometheusSource};
+
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../samples/model-llama.yaml"
+        ))
+        .expect("sample");
+        let mut model: Model =
+            serde_json::from_value(strata_crds::validation::yaml_to_json(&text).expect("yaml"))
+                .expect("model");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        model.spec.autoscaling.metrics = Some(MetricsSource {
+            source_type: MetricsSourceType::Prometheus,
+            prometheus: Some(PrometheusSource {
+                url: format!("http://127.0.0.1:{port}"),
+            }),
+        });
+        let pods: Vec<Pod> = ["llama-a", "llama-b"]
+            .iter()
+            .map(|name| {
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "default"},
+                    "status": {"podIP": "127.0.0.1"},
+                }))
+                .expect("pod")
+            })
+            .collect();
+        let ready: Vec<&Pod> = pods.iter().collect();
+        let mut scaler = super::super::scale::ModelScaler::default();
+        let (desired, evaluated) =
+            super::super::scale::evaluate(&mut scaler, &model, &ready, 2).await;
+        assert!(evaluated);
+        assert_eq!(desired, 2, "held");
+        let e = scaler.last.expect("an evaluation");
+        assert_eq!(e.decision.reason, crate::autoscale::Reason::NoData);
+        assert_eq!(e.observed, crate::collect::Observed::default());
+        let why = e.error.expect("the reason is kept");
+        assert!(
+            why.contains("query") && why.contains("Connection refused"),
+            "{why}"
+        );
+        assert!(e.decision.message.contains(&why), "{}", e.decision.message);
+    }
 }
