@@ -634,6 +634,10 @@ pub struct SlaStatus {
     /// autoscaler again after an operator restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_capacity: Option<f64>,
+    /// Why the signals could not be read, when they could not (e.g. the
+    /// Prometheus source failed); the autoscaler then holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_error: Option<String>,
     /// When these values were computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,

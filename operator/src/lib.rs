@@ -18,6 +18,7 @@ pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod promql;
 pub mod rollout;
 pub mod server;
 pub mod template;

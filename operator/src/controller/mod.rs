@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod energy;
 pub mod model;
 pub mod pool;
+pub mod prometheus;
 pub mod scale;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,5 +1,6 @@
 //! The SLA autoscaler's shell: scrape the ready replicas' sidecars (in
-//! parallel, with timeouts, on pod IPs), keep windows of snapshots, decide
+//! parallel, with timeouts, on pod IPs) and keep windows of snapshots, or
+//! ask Prometheus (spec.autoscaling.metrics, [`super::prometheus`]); decide
 //! (pure: crate::autoscale), and report the decision.
 
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use strata_crds::model::{Model, ScaleDecision, SignalStatus, SlaStatus};
+use strata_crds::model::{MetricsSourceType, Model, ScaleDecision, SignalStatus, SlaStatus};
 
 use crate::autoscale::{self, Decision, Input, Limit, Policy, Signals, Targets};
 use crate::collect::{self, PodSeries};
@@ -45,6 +46,8 @@ pub struct Evaluation {
     pub arrivals: Option<f64>,
     /// The learned per-replica capacity.
     pub capacity: Option<f64>,
+    /// Why there were no metrics (the Prometheus source failed), for status.
+    pub error: Option<String>,
 }
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -122,6 +125,54 @@ pub(crate) static CLIENT: LazyLock<Client<HttpConnector, Empty<Bytes>>> = LazyLo
     Client::builder(TokioExecutor::new()).build(c)
 });
 
+/// With spec.autoscaling.metrics type Prometheus: the window's and the last
+/// interval's signals from Prometheus, or why there are none (logged; the
+/// caller holds on empty signals). None: the sidecars are the source.
+async fn from_prometheus(
+    model: &Model,
+    ready_pods: &[&Pod],
+    window: f64,
+    interval: f64,
+    quantile: f64,
+) -> Option<Result<(collect::Observed, collect::Observed), String>> {
+    let source = model.spec.autoscaling.metrics.as_ref()?;
+    if source.source_type != MetricsSourceType::Prometheus {
+        return None;
+    }
+    let url = source.prometheus.as_ref()?.url.as_str();
+    let ns = model.namespace().unwrap_or_default();
+    let pods: Vec<String> = ready_pods.iter().map(|p| p.name_any()).collect();
+    Some(
+        match super::prometheus::observe(url, &ns, &pods, window, interval, quantile).await {
+            Ok(r) => Ok(r.observed()),
+            Err(e) => {
+                tracing::warn!(model = %model.name_any(), namespace = %ns, url, error = %e,
+                    "Prometheus metrics source failed; holding");
+                Err(e.to_string())
+            }
+        },
+    )
+}
+
+/// The decision while the metrics source fails: the current count (within
+/// bounds). Not `decide` on empty signals, which would read an outage as
+/// idleness and scale a Model with scaleToZero to zero.
+fn hold(input: &Input, why: &str) -> Decision {
+    let p = input.policy;
+    let desired = input.current.clamp(p.min, p.max.max(p.min));
+    Decision {
+        desired,
+        reason: if desired == input.current {
+            autoscale::Reason::NoData
+        } else {
+            autoscale::Reason::Bounds
+        },
+        signal: "none".into(),
+        message: format!("no metrics ({why}): holding"),
+        signals: Vec::new(),
+    }
+}
+
 /// Runs an evaluation if the interval has passed; returns the desired
 /// replicas (the current value between evaluations).
 pub async fn evaluate(
@@ -149,13 +200,19 @@ pub async fn evaluate(
             .filter(|c| c.is_finite() && *c > 0.0);
     }
 
+    let prometheus = from_prometheus(model, ready_pods, window, interval, quantile).await;
+    let scraped: &[&Pod] = if prometheus.is_some() {
+        &[]
+    } else {
+        ready_pods
+    };
     // Scrape in parallel; a replica that does not answer is left out this time.
-    let scrapes = futures::future::join_all(ready_pods.iter().map(|p| async move {
+    let scrapes = futures::future::join_all(scraped.iter().map(|p| async move {
         let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
         Some((p.name_any(), scrape(&CLIENT, &ip).await?))
     }))
     .await;
-    let live: std::collections::HashSet<String> = ready_pods.iter().map(|p| p.name_any()).collect();
+    let live: std::collections::HashSet<String> = scraped.iter().map(|p| p.name_any()).collect();
     scaler.series.retain(|name, _| live.contains(name));
     for (name, text) in scrapes.into_iter().flatten() {
         scaler
@@ -167,6 +224,16 @@ pub async fn evaluate(
     let observed = collect::observe(scaler.series.values(), now, window, quantile);
     // Arrivals and completions over the last interval size the throughput signal.
     let recent = collect::observe(scaler.series.values(), now, interval, quantile);
+    let (observed, recent, error) = match prometheus {
+        Some(Ok((observed, recent))) => (observed, recent, None),
+        // Hold: no signals rather than stale or partial ones.
+        Some(Err(e)) => (
+            collect::Observed::default(),
+            collect::Observed::default(),
+            Some(e),
+        ),
+        None => (observed, recent, None),
+    };
     let input = Input {
         now,
         current,
@@ -183,7 +250,10 @@ pub async fn evaluate(
         targets,
         policy,
     };
-    let decision = autoscale::decide(&input, &mut scaler.state);
+    let decision = match &error {
+        Some(e) => hold(&input, e),
+        None => autoscale::decide(&input, &mut scaler.state),
+    };
     let desired = decision.desired;
     scaler.last = Some(Evaluation {
         decision,
@@ -192,6 +262,7 @@ pub async fn evaluate(
         capacity: scaler.state.capacity,
         at: Time(k8s_openapi::jiff::Timestamp::now()),
         from: current,
+        error,
     });
     (desired, true)
 }
@@ -257,6 +328,7 @@ pub fn sla_status(model: &Model, e: &Evaluation) -> SlaStatus {
             .map(|v| (v * 10.0).round() / 10.0),
         arrivals_per_second: e.arrivals.map(|v| (v * 100.0).round() / 100.0),
         replica_capacity: e.capacity.map(|v| (v * 1000.0).round() / 1000.0),
+        metrics_error: e.error.clone(),
         observed_at: Some(e.at.clone()),
     }
 }
