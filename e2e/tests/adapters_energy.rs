@@ -311,6 +311,7 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         Command::new(workspace_binary("strata-operator"))
             .args([
                 "--metrics-addr=127.0.0.1:0".to_string(),
+                "--activator-addr=".to_string(),
                 "--leader-elect=false".to_string(),
                 format!("--pod-label={RUN_LABEL}={PROFILE}"),
                 "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),

@@ -3,6 +3,8 @@
 //! IP); a load generator drives time to first token over target, replicas
 //! are added and the SLA recovers; the load stops and the Model scales down
 //! after its stabilization window; the status shows the trail of decisions.
+//! Then, allowed to, it scales to zero after its idle window, and a request
+//! sent to the operator's activator waits for a replica and is answered.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -182,10 +184,15 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
     let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
         .await
         .expect("kubeconfig");
+    let activator_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
     let log = std::fs::File::create(w.info.log_dir.join("operator.log")).expect("log");
     let mut operator = Command::new(workspace_binary("strata-operator"))
         .args([
             "--metrics-addr=127.0.0.1:0".to_string(),
+            format!("--activator-addr=127.0.0.1:{activator_port}"),
             "--leader-elect=false".to_string(),
             format!("--pod-label={RUN_LABEL}={PROFILE}"),
             "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),
@@ -364,6 +371,67 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
         .collect();
     assert!(reasons.iter().any(|r| r == "ScaledUp"), "{reasons:?}");
     assert!(reasons.iter().any(|r| r == "ScaledDown"), "{reasons:?}");
+
+    // Scale to zero after an idle window, and back through the activator:
+    // the first request waits for a replica and is answered.
+    models
+        .patch(
+            "chat",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {
+                "minReplicas": 0,
+                "autoscaling": {"scaleToZero": {"idleWindow": "1m"}},
+            }})),
+        )
+        .await
+        .expect("allow scale to zero");
+    wait_for(
+        models.clone(),
+        "chat",
+        Duration::from_secs(150),
+        |m: Option<&Model>| {
+            m.is_some_and(|m| {
+                let s = status_of(m);
+                s.desired_replicas == Some(0) && s.replicas == 0
+            })
+        },
+    )
+    .await
+    .expect("idle: scaled to zero");
+    let http: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
+    let req = http::Request::post(format!(
+        "http://127.0.0.1:{activator_port}/models/{ns}/chat/v1/chat/completions"
+    ))
+    .header("content-type", "application/json")
+    .body(Full::new(Bytes::from(body.to_string())))
+    .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(120), http.request(req))
+        .await
+        .expect("the activator answers within 120 s")
+        .expect("response");
+    let status = resp.status();
+    let text = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    assert_eq!(
+        status, 200,
+        "the first request after zero is served: {text}"
+    );
+    assert!(text.contains("choices"), "{text}");
+    let m = models.get("chat").await.expect("model");
+    let s = status_of(&m);
+    assert!(s.ready_replicas >= 1, "{s:?}");
+    let d = s.last_scale_decision.expect("decision");
+    assert_eq!(
+        (d.from_replicas, d.reason.as_str()),
+        (0, "ScaleFromZero"),
+        "{d:?}"
+    );
     let _ = operator.start_kill();
     let _ = models.get("chat").await.map(|m| m.name_any());
 }

@@ -94,6 +94,7 @@ fn start_operator(kubeconfig: &PathBuf, identity: &str, log: &PathBuf) -> (Child
     let child = Command::new(workspace_binary("strata-operator"))
         .args([
             &format!("--metrics-addr=127.0.0.1:{port}"),
+            "--activator-addr=",
             "--lease-namespace=strata-system",
             "--lease-name=strata-operator",
             "--lease-duration-seconds=6",

@@ -331,7 +331,9 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
         && p.min == 0
     {
         let quiet_since = state.last_request.or(state.since).unwrap_or(now);
-        if current > 0 && now - quiet_since >= idle {
+        // Not while replicas are still starting (a woken Model's first
+        // replica may take longer than the idle window to load).
+        if current > 0 && input.ready >= current && now - quiet_since >= idle {
             state.history.clear();
             return Decision {
                 desired: 0,

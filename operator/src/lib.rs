@@ -6,6 +6,7 @@
 //! [`controller`] reads the cluster and applies the plans; [`leader`],
 //! [`server`] and [`metrics`] run the process.
 
+pub mod activator;
 pub mod adapters;
 pub mod autoscale;
 pub mod collect;

@@ -56,6 +56,13 @@ struct Cli {
     /// Seconds between reconciles of converged objects.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
+    /// Address of the activator (the front that holds requests for a Model
+    /// at zero until a replica is ready); empty to disable.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    activator_addr: String,
+    /// Seconds a request may wait at the activator for a replica.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    activator_timeout_seconds: u64,
     /// Seconds between readings of the replicas' GPU energy counters.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     energy_interval_seconds: u64,
@@ -143,6 +150,27 @@ async fn main() -> ExitCode {
         health,
         stopped(stop_rx.clone()),
     ));
+    if !cli.activator_addr.is_empty() {
+        match cli.activator_addr.parse::<SocketAddr>() {
+            Ok(addr) => {
+                let activator = strata_operator::activator::Activator::new(
+                    client.clone(),
+                    Duration::from_secs(cli.activator_timeout_seconds),
+                    metrics.clone(),
+                );
+                let stop = stopped(stop_rx.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = strata_operator::activator::serve(addr, activator, stop).await {
+                        tracing::error!(%addr, "the activator cannot serve: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!("--activator-addr {:?}: {e}", cli.activator_addr);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     tokio::spawn(async move {
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the operator (`strata_` prefix, base units).
 
 use prometheus::{
-    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// The operator's metrics.
@@ -50,6 +50,10 @@ pub struct Metrics {
     pub energy_counter_resets: IntCounterVec,
     /// Adapter loads and unloads through the sidecars, by operation and result.
     pub adapter_operations: IntCounterVec,
+    /// Times the activator asked for a replica of a Model at zero.
+    pub activator_wakes: IntCounter,
+    /// Requests the activator forwarded, by whether they had to wait (woke) or not (ready).
+    pub activator_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -212,6 +216,19 @@ impl Metrics {
         registry.register(Box::new(adapter_energy.clone()))?;
         registry.register(Box::new(energy_counter_resets.clone()))?;
         registry.register(Box::new(adapter_operations.clone()))?;
+        let activator_wakes = IntCounter::new(
+            "strata_activator_wakes_total",
+            "Times the activator asked for a replica of a Model that had none ready.",
+        )?;
+        let activator_requests = IntCounterVec::new(
+            Opts::new(
+                "strata_activator_requests_total",
+                "Requests the activator forwarded to a replica, by path (woke: waited for one).",
+            ),
+            &["path"],
+        )?;
+        registry.register(Box::new(activator_wakes.clone()))?;
+        registry.register(Box::new(activator_requests.clone()))?;
         Ok(Self {
             registry,
             reconciles,
@@ -234,6 +251,8 @@ impl Metrics {
             adapter_energy,
             energy_counter_resets,
             adapter_operations,
+            activator_wakes,
+            activator_requests,
         })
     }
 

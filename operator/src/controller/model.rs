@@ -162,30 +162,44 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
 
     // Desired replicas: the spec (Manual, External) or the SLA autoscaler.
     let spec_desired = desired_replicas(&model.spec);
-    let mut evaluated = false;
+    let mut last_decision: Option<strata_crds::model::ScaleDecision> = None;
     let mut evaluation: Option<super::scale::Evaluation> = None;
-    let mut current_desired = spec_desired;
     let desired = if model.spec.autoscaling.mode == AutoscalingMode::Sla {
         let (min, max) = (
             model.spec.min_replicas.max(0),
             model.spec.max_replicas.max(model.spec.min_replicas),
         );
-        current_desired = model
-            .status
-            .as_ref()
-            .and_then(|s| s.desired_replicas)
-            .unwrap_or(spec_desired)
-            .clamp(min, max);
         let ready_pods: Vec<&Pod> = own
             .iter()
             .filter(|p| view::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
             .collect();
         // Take this Model's scaler out so that scraping does not hold the lock.
         let mut scaler = ctx.scalers.lock().await.remove(&key).unwrap_or_default();
+        // The count this process decided last; the status in the cache can
+        // lag behind its own write (a reconcile woken by the pods it just
+        // deleted would otherwise read the old count and create them again).
+        let current_desired = scaler
+            .desired
+            .or_else(|| model.status.as_ref().and_then(|s| s.desired_replicas))
+            .unwrap_or(spec_desired)
+            .clamp(min, max);
+        // The activator holds a request for this Model: wake it.
+        if let Some(at) = model.annotations().get(crate::activator::WAKE_ANNOTATION)
+            && scaler.wake(at, 600.0)
+        {
+            tracing::info!(model = %key, "the activator holds a request: evaluating now");
+        }
         let (d, ev) =
             super::scale::evaluate(&mut scaler, model, &ready_pods, current_desired).await;
-        evaluated = ev;
+        let evaluated = ev;
         evaluation = scaler.last.clone();
+        scaler.desired = Some(d);
+        if let (true, Some(e)) = (evaluated, &evaluation)
+            && d != current_desired
+        {
+            scaler.last_decision = Some(super::scale::decision_status(e));
+        }
+        last_decision = scaler.last_decision.clone();
         ctx.scalers.lock().await.insert(key.clone(), scaler);
         if let (true, Some(e)) = (evaluated, &evaluation) {
             ctx.metrics
@@ -212,6 +226,9 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
         }
         d
     } else {
+        // Not autoscaled: forget the autoscaler's memory, so that coming back
+        // to SLA mode starts from the status, not from an old decision.
+        ctx.scalers.lock().await.remove(&key);
         spec_desired
     };
     ctx.metrics
@@ -626,15 +643,14 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
             Some(e) => Some(super::scale::sla_status(model, e)),
             None => model.status.as_ref().and_then(|s| s.sla.clone()),
         },
-        last_scale_decision: match &evaluation {
-            Some(e) if evaluated && desired != current_desired => {
-                Some(super::scale::decision_status(e))
-            }
-            _ => model
+        // The last change this process decided, else the one in status (the
+        // cached status can lag behind this process's own last write).
+        last_scale_decision: last_decision.or_else(|| {
+            model
                 .status
                 .as_ref()
-                .and_then(|s| s.last_scale_decision.clone()),
-        },
+                .and_then(|s| s.last_scale_decision.clone())
+        }),
         // status.energy belongs to the energy accountant (its own field
         // manager): left out here, so neither overwrites the other.
         energy: None,

@@ -29,6 +29,37 @@ pub struct ModelScaler {
     last_eval: Option<Instant>,
     /// The last evaluation's view, for status.
     pub last: Option<Evaluation>,
+    /// The activator's last wake request acted on (annotation value).
+    pub last_wake: Option<String>,
+    /// The replicas this process decided last (status can lag behind).
+    pub desired: Option<i32>,
+    /// The last change this process decided, for status.
+    pub last_decision: Option<ScaleDecision>,
+}
+
+impl ModelScaler {
+    /// The activator asked for a replica (annotation value `at`, RFC 3339):
+    /// evaluate at once, with a request seen now. Acts once per value, and
+    /// only on a request younger than `max_age` seconds (an old annotation
+    /// after an operator restart is not a request).
+    pub fn wake(&mut self, at: &str, max_age: f64) -> bool {
+        if self.last_wake.as_deref() == Some(at) {
+            return false;
+        }
+        self.last_wake = Some(at.to_string());
+        let Ok(t) = at.parse::<k8s_openapi::jiff::Timestamp>() else {
+            return false;
+        };
+        let age = k8s_openapi::jiff::Timestamp::now()
+            .duration_since(t)
+            .as_secs_f64();
+        if !(0.0..=max_age).contains(&age.max(0.0)) {
+            return false;
+        }
+        self.last_eval = None;
+        self.state.last_request = Some(EPOCH.elapsed().as_secs_f64());
+        true
+    }
 }
 
 /// One evaluation's result.
@@ -342,5 +373,33 @@ pub fn decision_status(e: &Evaluation) -> ScaleDecision {
         signal: e.decision.signal.clone(),
         reason: e.decision.reason.as_str().to_string(),
         message: e.decision.message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wake_request_acts_once_and_only_while_fresh() {
+        let mut s = ModelScaler {
+            last_eval: Some(Instant::now()),
+            ..ModelScaler::default()
+        };
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        assert!(s.wake(&now, 600.0), "a fresh request wakes");
+        assert!(s.last_eval.is_none(), "and forces an evaluation");
+        assert!(s.state.last_request.is_some());
+        s.last_eval = Some(Instant::now());
+        assert!(!s.wake(&now, 600.0), "the same request acts once");
+        assert!(s.last_eval.is_some());
+        let old = "2020-01-01T00:00:00Z";
+        let mut fresh = ModelScaler::default();
+        assert!(
+            !fresh.wake(old, 600.0),
+            "an old annotation is not a request"
+        );
+        assert!(fresh.state.last_request.is_none());
+        assert!(!fresh.wake("not a time", 600.0));
     }
 }
