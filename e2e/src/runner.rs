@@ -503,6 +503,7 @@ async fn run_pod(
             Duration::from_secs(s.clamp(1, 2) as u64)
         });
     let mut ready: Option<bool> = None;
+    let mut restarts: BTreeMap<String, u32> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_probe = tokio::time::Instant::now() - period;
     loop {
@@ -520,8 +521,9 @@ async fn run_pod(
                         tracing::warn!(pod = %pod_name, process = %name, "process exited: restarting it in place");
                         if ready != Some(false) {
                             ready = Some(false);
-                            set_ready(&client, &pod, false).await;
+                            set_ready(&client, &pod, false, &restarts).await;
                         }
+                        *restarts.entry(name.clone()).or_default() += 1;
                         match Component::spawn(log_name, command, args, env, &log_dir) {
                             Ok(c) => {
                                 write_pid(&pod_dir, name, c.pid());
@@ -554,7 +556,7 @@ async fn run_pod(
                 }
                 if ready != Some(ok) {
                     ready = Some(ok);
-                    set_ready(&client, &pod, ok).await;
+                    set_ready(&client, &pod, ok, &restarts).await;
                 }
             }
         }
@@ -610,19 +612,44 @@ fn now() -> String {
     Timestamp::now().to_string()
 }
 
-async fn set_ready(client: &Client, pod: &Pod, ready: bool) {
+/// Sets the pod's Ready and ContainersReady conditions and, as the kubelet
+/// does, each container's `ready` and `restartCount` (processes restarted in
+/// place count for the container of the same name).
+async fn set_ready(client: &Client, pod: &Pod, ready: bool, restarts: &BTreeMap<String, u32>) {
     let status = if ready { "True" } else { "False" };
     let reason = if ready {
         "ProbesPassed"
     } else {
         "ReadinessProbeFailed"
     };
+    let started = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .map_or_else(now, |t| t.0.to_string());
+    let containers: Vec<serde_json::Value> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "image": c.image.clone().unwrap_or_default(),
+                "imageID": "",
+                "ready": ready,
+                "started": true,
+                "restartCount": restarts.get(&c.name).copied().unwrap_or(0),
+                "state": {"running": {"startedAt": started}},
+            })
+        })
+        .collect();
     let patch = serde_json::json!({
         "status": {
             "conditions": [
                 {"type": "Ready", "status": status, "reason": reason, "lastTransitionTime": now()},
                 {"type": "ContainersReady", "status": status, "reason": reason, "lastTransitionTime": now()},
             ],
+            "containerStatuses": containers,
         }
     });
     patch_status(client, pod, &patch).await;

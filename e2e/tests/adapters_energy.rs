@@ -472,6 +472,21 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     )
     .await
     .expect("the restarted replica is ready again");
+    let restarts = pods
+        .get(victim)
+        .await
+        .expect("pod")
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.name == "strata-sidecar")
+        .map(|c| c.restart_count);
+    assert_eq!(
+        restarts,
+        Some(1),
+        "restarted in place, as the kubelet would"
+    );
     adapter_loaded_on(&adapters, "sql", 3).await;
     // The operator restarts too: the new one continues from status.
     operator.kill().await.expect("stop the operator");
