@@ -625,6 +625,10 @@ pub struct SlaStatus {
     /// Generated tokens per second over the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// The engines' KV-cache use, mean over the replicas (0 to 1); near 1
+    /// the engines start preempting sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_usage: Option<f64>,
     /// Requests arriving per second over the last interval (completed plus
     /// the change in requests in flight).
     #[serde(default, skip_serializing_if = "Option::is_none")]

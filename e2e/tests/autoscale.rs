@@ -337,6 +337,10 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
         sla.arrivals_per_second.is_some_and(|a| a > 0.0),
         "arrivals under load: {sla:?}"
     );
+    assert!(
+        sla.kv_cache_usage.is_some_and(|k| k > 0.0 && k <= 1.0),
+        "KV-cache use under load: {sla:?}"
+    );
 
     // The load stops: after the stabilization window the Model scales down to one.
     stop.store(true, Ordering::Relaxed);

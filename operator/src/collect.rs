@@ -32,6 +32,8 @@ pub struct Snapshot {
     /// Requests in flight through the sidecar (gauge); in a window, its
     /// change over the window.
     pub in_flight: f64,
+    /// The engine's KV-cache use (gauge, 0 to 1), if known.
+    pub kv_cache: Option<f64>,
 }
 
 pub(crate) fn labels_and_value(line: &str) -> Option<(&str, &str, f64)> {
@@ -84,6 +86,10 @@ pub fn parse(text: &str) -> Snapshot {
             }
             "strata_requests_in_flight" => {
                 snap.in_flight += value;
+                continue;
+            }
+            "strata_engine_kv_cache_usage_ratio" => {
+                snap.kv_cache = Some(value);
                 continue;
             }
             _ => continue,
@@ -235,6 +241,7 @@ impl PodSeries {
                 tokens,
                 queue: last.queue,
                 in_flight: last.in_flight - first.in_flight,
+                kv_cache: last.kv_cache,
             },
             t_last - t_first,
         ))
@@ -252,6 +259,8 @@ pub struct Observed {
     pub e2e: Option<f64>,
     /// Waiting requests per reporting replica.
     pub queue_per_replica: Option<f64>,
+    /// KV-cache use, mean of the reporting replicas (0 to 1).
+    pub kv_cache: Option<f64>,
     /// Completed requests per second.
     pub rps: Option<f64>,
     /// Arriving requests per second (completed plus the change in flight).
@@ -275,7 +284,12 @@ pub fn observe<'a>(
     let (mut tokens, mut requests, mut span, mut queue, mut queue_n, mut n) =
         (0.0, 0.0, 0.0f64, 0.0, 0usize, 0usize);
     let mut arrived = 0.0;
+    let (mut kv, mut kv_n) = (0.0, 0usize);
     for s in series {
+        if let Some(k) = s.points.back().and_then(|(_, snap)| snap.kv_cache) {
+            kv += k;
+            kv_n += 1;
+        }
         if let Some(q) = s.points.back().and_then(|(_, snap)| snap.queue) {
             queue += q;
             queue_n += 1;
@@ -297,6 +311,7 @@ pub fn observe<'a>(
         itl: itl.quantile(quantile),
         e2e: e2e.quantile(quantile),
         queue_per_replica: (queue_n > 0).then(|| queue / queue_n as f64),
+        kv_cache: (kv_n > 0).then(|| kv / kv_n as f64),
         rps: (span > 0.0).then(|| requests / span),
         arrivals: (span > 0.0).then(|| arrived / span),
         tokens_per_second: (span > 0.0).then(|| tokens / span),
@@ -402,6 +417,22 @@ mod tests {
         assert_eq!(o.rps, Some(2.0), "60 requests in 30 s");
         assert_eq!(o.tokens_per_second, Some(20.0));
         assert_eq!(o.queue_per_replica, Some(4.0));
+        assert_eq!(o.kv_cache, None, "no KV-cache gauge exported");
+        let kv = |v: &str| parse(&format!("strata_engine_kv_cache_usage_ratio {v}\n"));
+        let (mut c, mut d, mut e) = (
+            PodSeries::default(),
+            PodSeries::default(),
+            PodSeries::default(),
+        );
+        c.push(0.0, kv("0.2"), 120.0);
+        d.push(0.0, kv("0.6"), 120.0);
+        e.push(0.0, kv("NaN"), 120.0);
+        let k = observe([&c, &d, &e], 0.0, 60.0, 0.95);
+        assert_eq!(
+            k.kv_cache,
+            Some(0.4),
+            "the mean of the replicas that know it"
+        );
         // Half under 0.1 s (from a), half in (0.5, 1] s (from b): p75 is halfway up that bucket.
         assert_eq!(o.ttft, Some(0.75));
     }

@@ -33,6 +33,8 @@ pub const E2E: &str = "strata_request_e2e_latency_seconds";
 pub const TOKENS: &str = "strata_request_generation_tokens_total";
 /// The sidecar's gauge of requests waiting in the engine (NaN when unknown).
 pub const QUEUE: &str = "strata_engine_queue_depth";
+/// The engine's KV-cache use gauge (0 to 1).
+pub const KV_CACHE: &str = "strata_engine_kv_cache_usage_ratio";
 /// The sidecar's gauge of requests in flight through it.
 pub const IN_FLIGHT: &str = "strata_requests_in_flight";
 
@@ -73,6 +75,8 @@ pub enum Signal {
     TokensPerSecond,
     /// Requests waiting in the engine, averaged over reporting replicas.
     QueuePerReplica,
+    /// KV-cache use, averaged over reporting replicas.
+    KvCache,
     /// Replicas Prometheus has series for.
     Replicas,
     /// Completed requests per second over the last interval.
@@ -91,6 +95,7 @@ impl Signal {
             Self::Rps => "rps",
             Self::TokensPerSecond => "tokensPerSecond",
             Self::QueuePerReplica => "queuePerReplica",
+            Self::KvCache => "kvCacheUsage",
             Self::Replicas => "replicas",
             Self::Throughput => "throughput",
             Self::InFlightDelta => "inFlightDelta",
@@ -199,6 +204,10 @@ pub fn queries(sel: &str, window: f64, interval: f64, quantile: f64) -> Vec<Quer
             promql: format!("avg({QUEUE}{{{sel}}} >= 0)"),
         },
         Query {
+            signal: Signal::KvCache,
+            promql: format!("avg({KV_CACHE}{{{sel}}} >= 0)"),
+        },
+        Query {
             signal: Signal::Replicas,
             promql: format!("count(count by (pod) ({QUEUE}{{{sel}}}))"),
         },
@@ -288,6 +297,8 @@ pub struct Readings {
     pub e2e: Option<f64>,
     /// Waiting requests per reporting replica.
     pub queue_per_replica: Option<f64>,
+    /// KV-cache use, mean of the reporting replicas.
+    pub kv_cache: Option<f64>,
     /// Completed requests per second over the window.
     pub rps: Option<f64>,
     /// Generated tokens per second over the window.
@@ -326,6 +337,7 @@ impl Readings {
             itl: get(Signal::Itl),
             e2e: get(Signal::E2e),
             queue_per_replica: get(Signal::QueuePerReplica),
+            kv_cache: get(Signal::KvCache),
             rps: counter(Signal::Rps),
             tokens_per_second: counter(Signal::TokensPerSecond),
             throughput,
@@ -342,6 +354,7 @@ impl Readings {
             itl: self.itl,
             e2e: self.e2e,
             queue_per_replica: self.queue_per_replica,
+            kv_cache: self.kv_cache,
             rps: self.rps,
             arrivals: None,
             tokens_per_second: self.tokens_per_second,
@@ -414,6 +427,10 @@ mod tests {
             r#"avg(strata_engine_queue_depth{namespace="t", pod=~"chat-a|chat-b"} >= 0)"#
         );
         assert_eq!(
+            by(Signal::KvCache),
+            r#"avg(strata_engine_kv_cache_usage_ratio{namespace="t", pod=~"chat-a|chat-b"} >= 0)"#
+        );
+        assert_eq!(
             by(Signal::Throughput),
             r#"sum(rate(strata_request_e2e_latency_seconds_count{namespace="t", pod=~"chat-a|chat-b"}[15s]))"#
         );
@@ -424,7 +441,7 @@ mod tests {
         assert!(
             by(Signal::Replicas).starts_with("count(count by (pod) (strata_engine_queue_depth{")
         );
-        assert_eq!(qs.len(), 9, "one query per signal");
+        assert_eq!(qs.len(), 10, "one query per signal");
     }
 
     #[test]

@@ -358,6 +358,7 @@ pub fn sla_status(model: &Model, e: &Evaluation) -> SlaStatus {
             .tokens_per_second
             .map(|v| (v * 10.0).round() / 10.0),
         arrivals_per_second: e.arrivals.map(|v| (v * 100.0).round() / 100.0),
+        kv_cache_usage: e.observed.kv_cache.map(|v| (v * 1000.0).round() / 1000.0),
         replica_capacity: e.capacity.map(|v| (v * 1000.0).round() / 1000.0),
         metrics_error: e.error.clone(),
         observed_at: Some(e.at.clone()),
