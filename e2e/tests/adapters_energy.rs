@@ -57,8 +57,10 @@ fn the_world() -> &'static World {
                             "10",
                             "--max-tokens-default",
                             "32",
+                            // Fewer than the Model's adapters.maxPerReplica
+                            // (4): a third adapter is refused by the engine.
                             "--max-loras",
-                            "4",
+                            "2",
                             "--load-file",
                             "${POD_DIR}/load",
                         ]
@@ -391,6 +393,58 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         Some("loaded"),
         "{selector:?}"
     );
+
+    // An engine that refuses a load (its --max-loras is full): the Adapter
+    // says so, with the engine's words, and a Warning Event; deleting it
+    // leaves the others alone.
+    adapters
+        .create(&PostParams::default(), &adapter("third"))
+        .await
+        .expect("adapter");
+    wait_for(
+        adapters.clone(),
+        "third",
+        Duration::from_secs(60),
+        |a: Option<&Adapter>| {
+            a.and_then(|a| a.status.as_ref()).is_some_and(|s| {
+                s.phase == strata_crds::adapter::AdapterPhase::Failed
+                    && s.loaded_replicas == 0
+                    && s.conditions.iter().any(|c| {
+                        c.type_ == "Ready"
+                            && c.reason == "LoadFailed"
+                            && c.message.contains("maximum")
+                    })
+            })
+        },
+    )
+    .await
+    .expect("a refused load: phase Failed, reason LoadFailed, the engine's message");
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .expect("events");
+    assert!(
+        events.items.iter().any(|e| {
+            e.reason.as_deref() == Some("LoadFailed")
+                && e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("third")
+        }),
+        "a Warning Event LoadFailed on the Adapter"
+    );
+    adapters
+        .delete("third", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        adapters.clone(),
+        "third",
+        Duration::from_secs(60),
+        |a: Option<&Adapter>| a.is_none(),
+    )
+    .await
+    .expect("an Adapter loaded nowhere goes at once");
+    adapter_loaded_on(&adapters, "sql", 2).await;
+    adapter_loaded_on(&adapters, "poet", 2).await;
 
     // Scaling to three replicas gives the new one both adapters.
     models

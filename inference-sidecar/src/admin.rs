@@ -177,10 +177,13 @@ pub async fn load(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
         .await
     {
         Ok((status, _)) if status.is_success() => {}
-        // The engine already has it (the sidecar restarted): take it as loaded.
+        // The engine already has it (the sidecar restarted): take it as
+        // loaded. vLLM says "The lora adapter '<name>' has already been
+        // loaded." (not to be confused with "... are loaded already, the
+        // maximum", a refusal).
         Ok((status, text))
             if status == StatusCode::BAD_REQUEST
-                && String::from_utf8_lossy(&text).contains("already") => {}
+                && String::from_utf8_lossy(&text).contains("has already been loaded") => {}
         Ok((status, text)) => {
             app.metrics
                 .adapter_operations
