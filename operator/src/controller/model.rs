@@ -833,6 +833,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_adapters_a_model_carries_come_from_its_replicas_labels() {
+        let pod = |name: &str, labels: &[(&str, &str)], deleting: bool| -> Pod {
+            let mut p: Pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels.iter().copied().collect::<BTreeMap<_, _>>()}
+            }))
+            .expect("pod");
+            if deleting {
+                p.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+            }
+            p
+        };
+        let pods = [
+            pod(
+                "a",
+                &[
+                    ("adapter.strata.ai/sql", "loaded"),
+                    ("adapter.strata.ai/poet", "loaded"),
+                ],
+                false,
+            ),
+            pod(
+                "b",
+                &[
+                    ("adapter.strata.ai/sql", "loaded"),
+                    ("strata.ai/model", "m"),
+                ],
+                false,
+            ),
+            pod("c", &[("adapter.strata.ai/sql", "loaded")], true),
+            pod("d", &[("adapter.strata.ai/poet", "pending")], false),
+        ];
+        let got: Vec<(String, i32)> = adapters_status(&pods)
+            .into_iter()
+            .map(|a| (a.name, a.replicas))
+            .collect();
+        assert_eq!(got, [("poet".to_string(), 1), ("sql".to_string(), 2)]);
+    }
+
+    #[test]
     fn parses_go_durations() {
         assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
         assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
