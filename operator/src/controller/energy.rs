@@ -55,6 +55,10 @@ pub async fn round(
     let all_models = models.state();
     let live: BTreeSet<String> = all_models.iter().filter_map(|m| m.uid()).collect();
     ledger.models.retain(|uid, _| live.contains(uid));
+    let live_adapters: BTreeSet<String> = adapters.state().iter().filter_map(|a| a.uid()).collect();
+    ledger.adapters.retain(|uid, _| live_adapters.contains(uid));
+    let live_pools: BTreeSet<String> = ctx.pools.state().iter().map(|p| p.name_any()).collect();
+    ledger.pools.retain(|name, _| live_pools.contains(name));
     for model in all_models.iter() {
         let (Some(ns), Some(uid)) = (model.namespace(), model.uid()) else {
             continue;
