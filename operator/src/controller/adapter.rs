@@ -132,6 +132,16 @@ async fn publish(ctx: &Context, a: &Adapter, type_: EventType, reason: &str, not
     }
 }
 
+/// The lock that serializes the Adapter plans of one Model.
+async fn model_lock(ctx: &Context, ns: &str, model: &str) -> Arc<tokio::sync::Mutex<()>> {
+    ctx.adapter_locks
+        .lock()
+        .await
+        .entry(format!("{ns}/{model}"))
+        .or_default()
+        .clone()
+}
+
 async fn token(ctx: &Context, ns: &str, model: &str) -> Result<Option<String>> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     Ok(api
@@ -273,7 +283,8 @@ async fn write_status(ctx: &Context, a: &Adapter, ns: &str, o: Outcome) -> Resul
 }
 
 async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
-    let _serial = ctx.adapter_lock.lock().await;
+    let lock = model_lock(ctx, ns, &a.spec.model).await;
+    let _serial = lock.lock().await;
     let name = a.name_any();
     let uid = a.uid().ok_or(Error::MissingKey("uid"))?;
     let pending = |reason: &'static str, message: String| Outcome {
@@ -681,7 +692,8 @@ async fn apply_service(ctx: &Context, a: &Adapter, ns: &str, model: &str, uid: &
 }
 
 async fn cleanup(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
-    let _serial = ctx.adapter_lock.lock().await;
+    let lock = model_lock(ctx, ns, &a.spec.model).await;
+    let _serial = lock.lock().await;
     let key = label_key(a);
     let served = served_name(a);
     let models: Api<Model> = Api::namespaced(ctx.client.clone(), ns);

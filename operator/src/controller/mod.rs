@@ -77,8 +77,9 @@ pub struct Context {
     pub avoid: Mutex<HashMap<String, Vec<(String, Instant)>>>,
     /// The SLA autoscaler's memory, per Model key.
     pub scalers: Mutex<HashMap<String, scale::ModelScaler>>,
-    /// One Adapter plan at a time (replicas' room is shared).
-    pub adapter_lock: Mutex<()>,
+    /// One Adapter plan at a time per Model (its replicas' room is shared),
+    /// by Model key.
+    pub adapter_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Failed adapter loads by (Adapter UID, pod).
     pub adapter_failures: Mutex<HashMap<(String, String), adapter::Failures>>,
 }
@@ -193,7 +194,7 @@ pub async fn run(
         placement: Mutex::new(HashMap::new()),
         avoid: Mutex::new(HashMap::new()),
         scalers: Mutex::new(HashMap::new()),
-        adapter_lock: Mutex::new(()),
+        adapter_locks: Mutex::new(HashMap::new()),
         adapter_failures: Mutex::new(HashMap::new()),
     });
 
