@@ -389,27 +389,31 @@ async fn run_pod(
         .as_ref()
         .map(|s| s.containers.clone())
         .unwrap_or_default();
-    // Secret volumes, as the kubelet mounts them: each key a file under the
-    // pod's directory; the mount path in a container's args points there.
+    // Secret and emptyDir volumes, as the kubelet mounts them: a directory
+    // under the pod's (a Secret's keys as files in it); the mount path in a
+    // container's args points there.
     let mut mounts: Vec<(String, String)> = Vec::new();
     if let Some(spec) = pod.spec.as_ref() {
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(client.clone(), &vars.namespace);
         for v in spec.volumes.iter().flatten() {
-            let Some(secret) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) else {
+            let secret = v.secret.as_ref().and_then(|s| s.secret_name.clone());
+            if secret.is_none() && v.empty_dir.is_none() {
                 continue;
-            };
+            }
             let dir = pod_dir.join("volumes").join(&v.name);
             let _ = std::fs::create_dir_all(&dir);
-            match secrets.get(&secret).await {
-                Ok(sec) => {
-                    for (k, b) in sec.data.unwrap_or_default() {
-                        if let Err(e) = std::fs::write(dir.join(&k), &b.0) {
-                            tracing::warn!("writing secret volume {}: {e}", v.name);
+            if let Some(secret) = secret {
+                match secrets.get(&secret).await {
+                    Ok(sec) => {
+                        for (k, b) in sec.data.unwrap_or_default() {
+                            if let Err(e) = std::fs::write(dir.join(&k), &b.0) {
+                                tracing::warn!("writing secret volume {}: {e}", v.name);
+                            }
                         }
                     }
+                    Err(e) => tracing::warn!(pod = %vars.name, "secret {secret}: {e}"),
                 }
-                Err(e) => tracing::warn!(pod = %vars.name, "secret {secret}: {e}"),
             }
             for c in &containers {
                 for m in c
@@ -423,6 +427,10 @@ async fn run_pod(
             }
         }
     }
+    // One mapping per mount path (the same volume may be mounted in
+    // several containers); the longest paths first.
+    mounts.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+    mounts.dedup_by(|a, b| a.0 == b.0);
     let mut procs = Vec::new();
     // What each process was started with, to restart it in place.
     let mut launch: Vec<Launch> = Vec::new();
@@ -450,9 +458,14 @@ async fn run_pod(
             .map(|a| {
                 a.iter()
                     .map(|x| {
+                        // One pass: a mount path inside an already
+                        // rewritten local path is not rewritten again.
                         let mut x = vars.rewrite(x);
-                        for (path, local) in &mounts {
-                            x = x.replace(path.as_str(), local);
+                        for (i, (path, _)) in mounts.iter().enumerate() {
+                            x = x.replace(path.as_str(), &format!("\u{0}{i}\u{0}"));
+                        }
+                        for (i, (_, local)) in mounts.iter().enumerate() {
+                            x = x.replace(&format!("\u{0}{i}\u{0}"), local);
                         }
                         x
                     })

@@ -8,6 +8,7 @@
 //! operator restart.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +37,57 @@ const PROFILE: &str = "replica-with-gpu";
 const IDLE_W: f64 = 70.0;
 const TDP_W: f64 = 700.0;
 
+/// The bearer token the fake hub accepts (kept in the sql Adapter's Secret).
+const HUB_TOKEN: &str = "hf_e2e_token";
+
+/// A fake Hugging Face hub on loopback (its own thread and runtime, for the
+/// whole test binary): the sql adapter's files need the token.
+fn fake_hub() -> SocketAddr {
+    static HUB: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+    *HUB.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/strata-test/sql-lora/resolve/main/{file}",
+                    axum::routing::get(
+                        |axum::extract::Path(file): axum::extract::Path<String>,
+                         headers: axum::http::HeaderMap| async move {
+                            let ok = headers.get("authorization").and_then(|v| v.to_str().ok())
+                                == Some(&format!("Bearer {HUB_TOKEN}"));
+                            match (ok, file.as_str()) {
+                                (false, _) => (
+                                    axum::http::StatusCode::UNAUTHORIZED,
+                                    "Invalid credentials".to_string(),
+                                ),
+                                (true, "adapter_config.json") => {
+                                    (axum::http::StatusCode::OK, "{\"r\": 8}".to_string())
+                                }
+                                (true, "adapter_model.safetensors") => {
+                                    (axum::http::StatusCode::OK, "WEIGHTS".to_string())
+                                }
+                                (true, _) => (axum::http::StatusCode::NOT_FOUND, String::new()),
+                            }
+                        },
+                    ),
+                );
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let _ = tx.send(listener.local_addr().expect("addr"));
+                let _ = axum::serve(listener, app).await;
+            });
+        });
+        rx.recv().expect("the fake hub's address")
+    })
+}
+
 fn the_world() -> &'static World {
+    let hub = fake_hub();
     let sim = PathBuf::from(env!("CARGO_BIN_EXE_strata-engine-sim"));
     world(env!("CARGO_BIN_EXE_strata-cluster"), move || RunnerConfig {
         profiles: BTreeMap::from([(
@@ -90,6 +141,7 @@ fn the_world() -> &'static World {
                             ),
                             ("STRATA_FAKE_NVML_IDLE_WATTS".into(), IDLE_W.to_string()),
                             ("STRATA_FAKE_NVML_TDP_WATTS".into(), TDP_W.to_string()),
+                            ("HF_ENDPOINT".into(), format!("http://{hub}")),
                         ]),
                         ..ProcessSpec::default()
                     },
@@ -186,11 +238,16 @@ fn ip(p: &Pod) -> String {
 }
 
 fn adapter(name: &str) -> Adapter {
+    let mut source = json!({"uri": format!("hf://strata-test/{name}-lora")});
+    if name == "sql" {
+        // A private repository: the sidecar fetches it with the Secret's token.
+        source["credentialsSecretRef"] = json!({"name": "hub-token"});
+    }
     serde_json::from_value(json!({
         "apiVersion": "strata.ai/v1alpha1",
         "kind": "Adapter",
         "metadata": {"name": name},
-        "spec": {"model": "chat", "source": {"uri": format!("hf://strata-test/{name}-lora")}},
+        "spec": {"model": "chat", "source": source},
     }))
     .expect("adapter")
 }
@@ -361,6 +418,17 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         .expect("model");
 
     // Two adapters on a two-replica Model.
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hub-token"},
+        "stringData": {"HF_TOKEN": HUB_TOKEN},
+    }))
+    .expect("secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("the hub token Secret");
     for name in ["sql", "poet"] {
         adapters
             .create(&PostParams::default(), &adapter(name))
@@ -380,6 +448,21 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         assert_eq!(
             labels.get("adapter.strata.ai/sql").map(String::as_str),
             Some("loaded")
+        );
+        // The private adapter was fetched by the sidecar with the Secret's
+        // token into the pod's shared adapters volume.
+        let fetched =
+            pod_dir(w, &ns, &p.name_any()).join("volumes/adapters/sql/adapter_model.safetensors");
+        assert_eq!(
+            std::fs::read_to_string(&fetched).ok().as_deref(),
+            Some("WEIGHTS"),
+            "{} (the sidecar's log: {})",
+            fetched.display(),
+            w.info
+                .log_dir
+                .join("pods")
+                .join(format!("{ns}_{}_strata-sidecar.log", p.name_any()))
+                .display()
         );
     }
     // A Service per Adapter selects exactly the replicas carrying it.
@@ -592,15 +675,20 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         sql.requests.is_some_and(|r| r > 0) && sql.generated_tokens.is_some_and(|t| t > 0),
         "requests and tokens served with the adapter: {sql:?}"
     );
-    let h100 = pools
-        .get("h100")
-        .await
-        .expect("pool")
-        .status
-        .expect("status");
-    assert!(
-        h100.energy_joules.unwrap_or(0.0) >= e.energy_joules.unwrap_or(0.0) - 1.0,
-        "the pool counts everything placed on it: {h100:?} vs {e:?}"
-    );
+    // The pool counts everything placed on it (written after the Models in
+    // each reading, so it catches up with this one within a reading).
+    let model_joules = e.energy_joules.unwrap_or(0.0);
+    wait_for(
+        pools.clone(),
+        "h100",
+        Duration::from_secs(30),
+        move |p: Option<&GPUPool>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.energy_joules)
+                .is_some_and(|j| j >= model_joules - 1.0)
+        },
+    )
+    .await
+    .expect("the pool's joules reach the Model's");
     let _ = operator.start_kill();
 }

@@ -66,6 +66,8 @@ async fn start_pair(config: SimConfig) -> Pair {
             metrics_path: "/metrics".into(),
             served_model: "llama".into(),
             adapter_token_file: None,
+            adapter_dir: None,
+            hf_endpoint: "http://127.0.0.1:9".into(),
         },
         metrics.clone(),
     ));

@@ -1,6 +1,7 @@
 //! The admin port: /healthz, /readyz, /metrics and the adapter API the
 //! operator calls (bearer token from a mounted Secret).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -98,6 +99,11 @@ pub struct LoadRequest {
     pub name: String,
     /// Where the engine finds the weights (a path or hub id).
     pub source: String,
+    /// Credentials of the source (the Adapter's Secret, e.g. `HF_TOKEN`):
+    /// with them the sidecar fetches the weights itself into
+    /// `--adapter-dir` and the engine loads them from there.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, String>,
 }
 
 /// GET /v1/adapters: what is loaded.
@@ -166,7 +172,41 @@ pub async fn load(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
             )
         };
     }
-    let body = json!({"lora_name": req.name, "lora_path": req.source}).to_string();
+    let path = if req.credentials.is_empty() {
+        req.source.clone()
+    } else {
+        let Some(dir) = app.config.adapter_dir.as_deref() else {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "adapter {} comes with credentials, but this sidecar has no --adapter-dir to fetch it into",
+                    req.name
+                ),
+            );
+        };
+        match crate::fetch::fetch_hf(
+            &app.config.hf_endpoint,
+            &req.source,
+            req.credentials.get("HF_TOKEN").map(String::as_str),
+            dir,
+            &req.name,
+        )
+        .await
+        {
+            Ok(p) => p.display().to_string(),
+            Err(e) => {
+                app.metrics
+                    .adapter_operations
+                    .with_label_values(&["load", "fetch_error"])
+                    .inc();
+                return problem(
+                    StatusCode::BAD_GATEWAY,
+                    format!("fetching adapter {}: {e}", req.name),
+                );
+            }
+        }
+    };
+    let body = json!({"lora_name": req.name, "lora_path": path}).to_string();
     match app
         .call(
             Method::POST,
@@ -277,6 +317,9 @@ pub async fn unload(
         }
     }
     adapters.remove(&name);
+    if let Some(dir) = app.config.adapter_dir.as_deref() {
+        let _ = tokio::fs::remove_dir_all(crate::fetch::adapter_path(dir, &name)).await;
+    }
     app.metrics.adapters_loaded.set(adapters.len() as i64);
     app.metrics
         .adapter_operations

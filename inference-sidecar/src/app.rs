@@ -29,6 +29,11 @@ pub struct Config {
     pub served_model: String,
     /// File holding the adapter API's bearer token (a mounted Secret).
     pub adapter_token_file: Option<PathBuf>,
+    /// Where adapters fetched with their own credentials are put (a
+    /// directory the engine shares); None: the engine fetches every source.
+    pub adapter_dir: Option<PathBuf>,
+    /// The Hugging Face hub's base URL.
+    pub hf_endpoint: String,
 }
 
 /// Everything handlers share.

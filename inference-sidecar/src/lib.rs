@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod app;
 pub mod engine;
+pub mod fetch;
 pub mod measure;
 pub mod metrics;
 pub mod nvml;

@@ -43,6 +43,13 @@ struct Cli {
     /// File with the adapter API's bearer token (a mounted Secret).
     #[arg(long, env = "STRATA_ADAPTER_TOKEN_FILE")]
     adapter_token_file: Option<PathBuf>,
+    /// Directory (shared with the engine) for adapters fetched with their
+    /// own credentials.
+    #[arg(long)]
+    adapter_dir: Option<PathBuf>,
+    /// The Hugging Face hub.
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    hf_endpoint: String,
     /// Path of libnvidia-ml.so.1 (default: the system's).
     #[arg(long, env = "STRATA_NVML_LIB")]
     nvml_lib: Option<String>,
@@ -98,6 +105,8 @@ async fn main() -> ExitCode {
             metrics_path: cli.engine_metrics_path,
             served_model: cli.served_model,
             adapter_token_file: cli.adapter_token_file,
+            adapter_dir: cli.adapter_dir,
+            hf_endpoint: cli.hf_endpoint,
         },
         metrics,
     ));

@@ -147,6 +147,10 @@ struct Harness {
 const TOKEN: &str = "s3cr3t-operator-token";
 
 async fn start() -> Harness {
+    start_with(None, "http://127.0.0.1:9".into()).await
+}
+
+async fn start_with(adapter_dir: Option<std::path::PathBuf>, hf_endpoint: String) -> Harness {
     let engine = Arc::new(Engine::default());
     engine.healthy.store(true, Ordering::SeqCst);
     engine.good_metrics.store(true, Ordering::SeqCst);
@@ -175,6 +179,8 @@ async fn start() -> Harness {
             metrics_path: "/metrics".into(),
             served_model: "llama".into(),
             adapter_token_file: Some(token_file),
+            adapter_dir,
+            hf_endpoint,
         },
         metrics,
     ));
@@ -566,6 +572,8 @@ async fn an_unreachable_engine_is_a_clear_502() {
             metrics_path: "/metrics".into(),
             served_model: "llama".into(),
             adapter_token_file: None,
+            adapter_dir: None,
+            hf_endpoint: "http://127.0.0.1:9".into(),
         },
         metrics.clone(),
     ));
@@ -599,4 +607,123 @@ async fn an_unreachable_engine_is_a_clear_502() {
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("unreachable"));
     assert!(metrics.render().contains("outcome=\"engine_unavailable\""));
+}
+
+/// A fake Hugging Face hub on loopback: the adapter's files need the bearer
+/// token; the weights redirect to a "CDN" on another port, which refuses
+/// requests that carry the token (it must not leak off the hub).
+async fn fake_hub() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::response::IntoResponse;
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let cdn_seen = seen.clone();
+    let cdn = Router::new().route(
+        "/blob/weights",
+        get(move |headers: axum::http::HeaderMap| {
+            let seen = cdn_seen.clone();
+            async move {
+                seen.lock().expect("lock").push("cdn".into());
+                if headers.contains_key("authorization") {
+                    return (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "token leaked to the CDN",
+                    )
+                        .into_response();
+                }
+                (axum::http::StatusCode::OK, "WEIGHTS").into_response()
+            }
+        }),
+    );
+    let cdn_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let cdn_addr = cdn_listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(cdn_listener, cdn).await });
+    let hub_seen = seen.clone();
+    let hub = Router::new().route(
+        "/acme/sql-lora/resolve/v2/{file}",
+        get(
+            move |axum::extract::Path(file): axum::extract::Path<String>,
+                  headers: axum::http::HeaderMap| {
+                let seen = hub_seen.clone();
+                async move {
+                    seen.lock().expect("lock").push(file.clone());
+                    let authorized = headers.get("authorization").and_then(|v| v.to_str().ok())
+                        == Some("Bearer hf_good");
+                    if !authorized {
+                        return (axum::http::StatusCode::UNAUTHORIZED, "Invalid credentials")
+                            .into_response();
+                    }
+                    match file.as_str() {
+                        "adapter_config.json" => {
+                            (axum::http::StatusCode::OK, "{\"r\": 8}").into_response()
+                        }
+                        "adapter_model.safetensors" => Response::builder()
+                            .status(302)
+                            .header("location", format!("http://{cdn_addr}/blob/weights"))
+                            .body(Body::empty())
+                            .expect("redirect"),
+                        _ => axum::http::StatusCode::NOT_FOUND.into_response(),
+                    }
+                }
+            },
+        ),
+    );
+    let hub_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hub_addr = hub_listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(hub_listener, hub).await });
+    (hub_addr, seen)
+}
+
+#[tokio::test]
+async fn an_adapter_with_credentials_is_fetched_by_the_sidecar_and_loaded_from_disk() {
+    let (hub, seen) = fake_hub().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = start_with(Some(dir.path().to_path_buf()), format!("http://{hub}")).await;
+
+    // Refused credentials: a clear error naming the credentials, and the
+    // engine is not asked.
+    let bad = json!({"name": "sql", "source": "hf://acme/sql-lora@v2", "credentials": {"HF_TOKEN": "hf_wrong"}});
+    let (status, body) = h
+        .send("POST", h.admin, "/v1/adapters", Some(bad), Some(TOKEN))
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("401") && body.contains("HF_TOKEN"), "{body}");
+    assert!(h.engine.lora_calls.lock().expect("lock").is_empty());
+
+    // The right token: fetched (the weights through the CDN redirect, without
+    // the token), then the engine loads the local copy.
+    let good = json!({"name": "sql", "source": "hf://acme/sql-lora@v2", "credentials": {"HF_TOKEN": "hf_good"}});
+    let (status, body) = h
+        .send("POST", h.admin, "/v1/adapters", Some(good), Some(TOKEN))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let local = dir.path().join("sql");
+    assert_eq!(
+        std::fs::read_to_string(local.join("adapter_config.json")).expect("config"),
+        "{\"r\": 8}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.join("adapter_model.safetensors")).expect("weights"),
+        "WEIGHTS"
+    );
+    assert!(
+        seen.lock().expect("lock").iter().any(|s| s == "cdn"),
+        "the redirect was followed"
+    );
+    {
+        let calls = h.engine.lora_calls.lock().expect("lock");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            calls[0].1,
+            json!({"lora_name": "sql", "lora_path": local.display().to_string()})
+        );
+    }
+    // Unloading removes the local copy.
+    let (status, _) = h
+        .send("DELETE", h.admin, "/v1/adapters/sql", None, Some(TOKEN))
+        .await;
+    assert_eq!(status, 200);
+    assert!(!local.exists(), "the fetched files are removed on unload");
 }

@@ -28,6 +28,8 @@ pub const SIDECAR_ADMIN_PORT: i32 = 9090;
 pub const ADAPTER_TOKEN_DIR: &str = "/var/run/strata/adapter-token";
 /// The key of the token in its Secret.
 pub const ADAPTER_TOKEN_KEY: &str = "token";
+/// Where fetched adapters live, in the sidecar and the engine.
+pub const ADAPTERS_DIR: &str = "/adapters";
 
 /// The Secret holding the adapter API token of a Model's replicas.
 pub fn adapter_token_secret(model: &str) -> String {
@@ -251,6 +253,15 @@ impl ReplicaTemplate<'_> {
             }
         }
 
+        if spec.adapters.is_some() {
+            // Adapters the sidecar fetched (the volume is declared with the sidecar).
+            mounts.push(VolumeMount {
+                name: s("adapters"),
+                mount_path: s(ADAPTERS_DIR),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
         let engine_container = Container {
             name: s("engine"),
             image: Some(image),
@@ -298,6 +309,19 @@ impl ReplicaTemplate<'_> {
             sidecar_args.push(format!(
                 "--adapter-token-file={ADAPTER_TOKEN_DIR}/{ADAPTER_TOKEN_KEY}"
             ));
+            // Adapters fetched by the sidecar with their own credentials,
+            // loaded by the engine from there.
+            volumes.push(Volume {
+                name: s("adapters"),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            });
+            sidecar_mounts.push(VolumeMount {
+                name: s("adapters"),
+                mount_path: s(ADAPTERS_DIR),
+                ..VolumeMount::default()
+            });
+            sidecar_args.push(format!("--adapter-dir={ADAPTERS_DIR}"));
         }
         let sidecar = Container {
             name: s("strata-sidecar"),

@@ -343,9 +343,17 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
         .await?;
         return Ok(Action::await_change());
     }
+    // The source's credentials go to the sidecar with each load (it fetches
+    // the weights with them: an engine has one set of hub credentials).
+    let mut credentials: std::collections::BTreeMap<String, String> =
+        std::collections::BTreeMap::new();
     if let Some(r) = &a.spec.source.credentials_secret_ref {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        if secrets.get_opt(&r.name).await?.is_none() {
+        if let Some(secret) = secrets.get_opt(&r.name).await? {
+            for (k, v) in secret.data.unwrap_or_default() {
+                credentials.insert(k, String::from_utf8_lossy(&v.0).trim().to_string());
+            }
+        } else {
             write_status(
                 ctx,
                 a,
@@ -458,7 +466,7 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
             http::Method::POST,
             "/v1/adapters",
             &token,
-            Some(json!({"name": served, "source": source})),
+            Some(json!({"name": served, "source": source, "credentials": credentials})),
         )
         .await;
         match res {
