@@ -395,3 +395,20 @@ where
     })
     .await
 }
+
+/// A path in the repository (samples/, crds/testdata/, ...).
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// A YAML file of the repository (a sample manifest) as JSON.
+pub fn repo_yaml(relative: &str) -> Result<serde_json::Value> {
+    let path = repo_path(relative);
+    let text = std::fs::read_to_string(&path).map_err(crate::error::io_err(&path))?;
+    strata_crds::validation::yaml_to_json(&text).map_err(|e| crate::error::Error::Serialize {
+        what: relative.to_string(),
+        reason: e.to_string(),
+    })
+}

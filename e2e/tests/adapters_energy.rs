@@ -27,7 +27,7 @@ use serde_json::json;
 use strata_crds::{Adapter, GPUPool, Model};
 use strata_e2e::fake_nvml;
 use strata_e2e::harness::{
-    World, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
+    World, repo_yaml, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
 };
 use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
 use strata_operator::view::pod_ready;
@@ -150,15 +150,6 @@ fn the_world() -> &'static World {
             },
         )]),
     })
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn yaml(path: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(repo().join(path)).expect("read");
-    strata_crds::validation::yaml_to_json(&text).expect("yaml")
 }
 
 /// The pod's directory the runner keeps (fake NVML state, pid files).
@@ -386,7 +377,9 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     let mut operator = start_operator(1);
 
     let pools: Api<GPUPool> = Api::all(client.clone());
-    let pool: GPUPool = serde_json::from_value(yaml("samples/gpupool-h100.yaml")).expect("pool");
+    let pool: GPUPool =
+        serde_json::from_value(repo_yaml("samples/gpupool-h100.yaml").expect("sample"))
+            .expect("pool");
     match pools.create(&PostParams::default(), &pool).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -396,7 +389,7 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
     let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let mut m = yaml("samples/model-llama.yaml");
+    let mut m = repo_yaml("samples/model-llama.yaml").expect("sample");
     m["metadata"] = json!({"name": "chat"});
     let spec = m["spec"].as_object_mut().expect("spec");
     spec.remove("sla");

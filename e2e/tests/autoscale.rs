@@ -26,7 +26,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
+    World, repo_yaml, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
 };
 use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
 use tokio::process::Command;
@@ -81,15 +81,6 @@ fn the_world() -> &'static World {
             },
         )]),
     })
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn yaml(path: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(repo().join(path)).expect("read");
-    strata_crds::validation::yaml_to_json(&text).expect("yaml")
 }
 
 /// Streams chat requests in `workers` closed loops against the Model's ready
@@ -205,7 +196,9 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
         .expect("operator");
 
     let pools: Api<GPUPool> = Api::all(client.clone());
-    let pool: GPUPool = serde_json::from_value(yaml("samples/gpupool-h100.yaml")).expect("pool");
+    let pool: GPUPool =
+        serde_json::from_value(repo_yaml("samples/gpupool-h100.yaml").expect("sample"))
+            .expect("pool");
     pools
         .create(&PostParams::default(), &pool)
         .await
@@ -213,7 +206,7 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
 
     let ns = test_namespace(&client, "sla").await.expect("namespace");
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
-    let mut m = yaml("samples/model-llama.yaml");
+    let mut m = repo_yaml("samples/model-llama.yaml").expect("sample");
     m["metadata"] = json!({"name": "chat"});
     let spec = m["spec"].as_object_mut().expect("spec");
     spec.remove("adapters");

@@ -22,7 +22,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
+    World, repo_yaml, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
 };
 use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
 use strata_e2e::wait::poll_until;
@@ -56,15 +56,6 @@ fn the_world() -> &'static World {
             )]),
         }
     })
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn yaml(path: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(repo().join(path)).expect("read");
-    strata_crds::validation::yaml_to_json(&text).expect("yaml")
 }
 
 /// Operator processes, killed when the scenario ends (also on panic).
@@ -182,7 +173,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     // Pools.
     let pools: Api<GPUPool> = Api::all(client.clone());
     for f in ["samples/gpupool-h100.yaml", "samples/gpupool-l4.yaml"] {
-        let obj: GPUPool = serde_json::from_value(yaml(f)).expect("pool");
+        let obj: GPUPool = serde_json::from_value(repo_yaml(f).expect("sample")).expect("pool");
         pools
             .create(&PostParams::default(), &obj)
             .await
@@ -206,7 +197,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         .await
         .expect("secret");
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
-    let mut llama = yaml("samples/model-llama.yaml");
+    let mut llama = repo_yaml("samples/model-llama.yaml").expect("sample");
     llama["metadata"] = json!({"name": "llama"});
     llama["spec"]["autoscaling"] = json!({"mode": "Manual"});
     llama["spec"]["replicas"] = json!(2);
@@ -329,6 +320,9 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         )
         .default_backoff();
         tokio::pin!(stream);
+        // Counted from the first complete list on: while the initial list is
+        // still arriving, the map holds only some of the pods.
+        let mut synced = false;
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => {
@@ -338,8 +332,16 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
                 Ok(watcher::Event::Delete(p)) => {
                     ready.remove(&p.name_any());
                 }
-                Ok(watcher::Event::InitDone) => {}
+                Ok(watcher::Event::Init) => {
+                    synced = false;
+                    ready.clear();
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => synced = true,
                 _ => continue,
+            }
+            if !synced {
+                continue;
             }
             let n = ready.values().filter(|r| **r).count();
             if let Ok(mut m) = watch_min.lock() {
@@ -395,7 +397,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     );
 
     // Fallback with per-pool args: one replica at most on H100, the rest on L4.
-    let mut fb = yaml("samples/model-llama.yaml");
+    let mut fb = repo_yaml("samples/model-llama.yaml").expect("sample");
     fb["metadata"] = json!({"name": "fallback"});
     fb["spec"]["autoscaling"] = json!({"mode": "Manual"});
     fb["spec"]["replicas"] = json!(2);
@@ -433,7 +435,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     );
 
     // Unplaceable: 16 GPUs per replica fit no node; the condition says what is missing.
-    let mut big = yaml("samples/model-llama.yaml");
+    let mut big = repo_yaml("samples/model-llama.yaml").expect("sample");
     big["metadata"] = json!({"name": "big"});
     big["spec"]["autoscaling"] = json!({"mode": "Manual"});
     big["spec"]["gpusPerReplica"] = json!(16);

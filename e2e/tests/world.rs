@@ -17,7 +17,7 @@ use kube::api::{
 };
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use strata_e2e::harness::{World, delete_namespace, test_namespace, wait_for, world};
+use strata_e2e::harness::{World, delete_namespace, repo_path, test_namespace, wait_for, world};
 use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -44,10 +44,6 @@ fn the_world() -> &'static World {
     })
 }
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn text(out: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -64,7 +60,7 @@ fn ensure_chart(w: &World) {
     if *installed {
         return;
     }
-    let chart = repo().join("charts/strata");
+    let chart = repo_path("charts/strata");
     let chart = chart.to_string_lossy();
     let out = w.helm(&["lint", &chart]);
     assert!(out.status.success(), "helm lint: {}", text(&out));
@@ -126,7 +122,7 @@ fn api_for(client: &Client, obj: &Value, ns: &str) -> Api<DynamicObject> {
 }
 
 fn sample(name: &str, unique: &str) -> Value {
-    let text = std::fs::read_to_string(repo().join("samples").join(name)).expect("sample");
+    let text = std::fs::read_to_string(repo_path(&format!("samples/{name}"))).expect("sample");
     let mut obj: Value = serde_yaml_ng::from_str(&text).expect("sample yaml");
     // Cluster-scoped names must not collide between cases; namespaces come from the test.
     let name = format!(
@@ -476,7 +472,7 @@ async fn helm_installs_the_crds_and_the_api_server_enforces_their_rules() {
     }
 
     let table =
-        std::fs::read_to_string(repo().join("crds/testdata/invalid-specs.yaml")).expect("table");
+        std::fs::read_to_string(repo_path("crds/testdata/invalid-specs.yaml")).expect("table");
     let cases: Vec<Case> = serde_yaml_ng::from_str(&table).expect("cases");
     assert!(cases.len() >= 20);
     let mut failures = Vec::new();
