@@ -461,19 +461,26 @@ impl ReplicaTemplate<'_> {
                     s(labels::GPUS),
                     gpus_on(self.model, self.pool).to_string(),
                 )])),
-                owner_references: Some(vec![OwnerReference {
-                    api_version: s(strata_crds::API_VERSION),
-                    kind: s("Model"),
-                    name,
-                    uid,
-                    controller: Some(true),
-                    block_owner_deletion: Some(true),
-                }]),
+                owner_references: Some(vec![controller_ref("Model", &name, &uid)]),
                 ..ObjectMeta::default()
             },
             spec: Some(spec),
             status: None,
         })
+    }
+}
+
+/// The owner reference of an object Strata makes for one of its own (a
+/// Model's pods, Service and token Secret; an Adapter's Service): deleting
+/// the owner deletes it.
+pub fn controller_ref(kind: &str, name: &str, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: s(strata_crds::API_VERSION),
+        kind: s(kind),
+        name: s(name),
+        uid: s(uid),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
     }
 }
 

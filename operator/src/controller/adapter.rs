@@ -673,14 +673,7 @@ async fn apply_service(ctx: &Context, a: &Adapter, ns: &str, model: &str, uid: &
                 labels::APP_NAME: "strata-adapter",
                 labels::MODEL: model,
             },
-            "ownerReferences": [{
-                "apiVersion": strata_crds::API_VERSION,
-                "kind": "Adapter",
-                "name": a.name_any(),
-                "uid": uid,
-                "controller": true,
-                "blockOwnerDeletion": true,
-            }],
+            "ownerReferences": [template::controller_ref("Adapter", &a.name_any(), uid)],
         },
         "spec": {
             "type": "ClusterIP",
