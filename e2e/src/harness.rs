@@ -412,3 +412,43 @@ pub fn repo_yaml(relative: &str) -> Result<serde_json::Value> {
         reason: e.to_string(),
     })
 }
+
+/// The processes of a model replica in the local world: the engine
+/// simulator (`sim`) on the engine container's port and served name, writing
+/// its load for the fake NVML library to `${POD_DIR}/load` (then
+/// `engine_args`), and the real sidecar with the arguments the operator gave
+/// its container (then `sidecar_args`, with `sidecar_env`).
+pub fn sim_replica_processes(
+    sim: PathBuf,
+    engine_args: &[&str],
+    sidecar_args: Vec<String>,
+    sidecar_env: std::collections::BTreeMap<String, String>,
+) -> Vec<crate::runner::ProcessSpec> {
+    let mut args: Vec<String> = [
+        "--listen",
+        "${POD_IP}:${ARG:engine:--port}",
+        "--model",
+        "${ARG:engine:--served-model-name}",
+        "--load-file",
+        "${POD_DIR}/load",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(engine_args.iter().map(|a| a.to_string()));
+    vec![
+        crate::runner::ProcessSpec {
+            name: "engine".into(),
+            command: sim,
+            args,
+            ..crate::runner::ProcessSpec::default()
+        },
+        crate::runner::ProcessSpec {
+            name: "strata-sidecar".into(),
+            command: workspace_binary("strata-sidecar"),
+            container_args: Some("strata-sidecar".into()),
+            args: sidecar_args,
+            env: sidecar_env,
+            ..crate::runner::ProcessSpec::default()
+        },
+    ]
+}

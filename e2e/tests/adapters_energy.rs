@@ -27,9 +27,10 @@ use serde_json::json;
 use strata_crds::{Adapter, GPUPool, Model};
 use strata_e2e::fake_nvml;
 use strata_e2e::harness::{
-    World, repo_yaml, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
+    World, repo_yaml, service_account_kubeconfig, sim_replica_processes, test_namespace, wait_for,
+    workspace_binary, world,
 };
-use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
+use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
 use strata_operator::view::pod_ready;
 use tokio::process::Command;
 
@@ -93,59 +94,41 @@ fn the_world() -> &'static World {
         profiles: BTreeMap::from([(
             PROFILE.to_string(),
             Profile {
-                processes: vec![
-                    ProcessSpec {
-                        name: "engine".into(),
-                        command: sim,
-                        args: [
-                            "--listen",
-                            "${POD_IP}:${ARG:engine:--port}",
-                            "--model",
-                            "${ARG:engine:--served-model-name}",
-                            "--max-batch",
-                            "4",
-                            "--itl-ms",
-                            "10",
-                            "--max-tokens-default",
-                            "32",
-                            // Fewer than the Model's adapters.maxPerReplica
-                            // (4): a third adapter is refused by the engine.
-                            "--max-loras",
-                            "2",
-                            "--load-file",
-                            "${POD_DIR}/load",
-                        ]
-                        .map(String::from)
-                        .to_vec(),
-                        ..ProcessSpec::default()
-                    },
-                    ProcessSpec {
-                        name: "strata-sidecar".into(),
-                        command: workspace_binary("strata-sidecar"),
-                        container_args: Some("strata-sidecar".into()),
-                        args: vec![
-                            "--engine-health-interval=0.2".into(),
-                            "--engine-metrics-interval=0.5".into(),
-                            format!("--nvml-lib={}", fake_nvml::LIB),
-                            "--nvml-interval=0.2".into(),
-                        ],
-                        env: BTreeMap::from([
-                            ("STRATA_FAKE_NVML_DEVICES".into(), "${GPU_UUIDS}".into()),
-                            (
-                                "STRATA_FAKE_NVML_LOAD_FILE".into(),
-                                "${POD_DIR}/load".into(),
-                            ),
-                            (
-                                "STRATA_FAKE_NVML_STATE_FILE".into(),
-                                "${POD_DIR}/nvml-state".into(),
-                            ),
-                            ("STRATA_FAKE_NVML_IDLE_WATTS".into(), IDLE_W.to_string()),
-                            ("STRATA_FAKE_NVML_TDP_WATTS".into(), TDP_W.to_string()),
-                            ("HF_ENDPOINT".into(), format!("http://{hub}")),
-                        ]),
-                        ..ProcessSpec::default()
-                    },
-                ],
+                processes: sim_replica_processes(
+                    sim,
+                    &[
+                        "--max-batch",
+                        "4",
+                        "--itl-ms",
+                        "10",
+                        "--max-tokens-default",
+                        "32",
+                        // Fewer than the Model's adapters.maxPerReplica
+                        // (4): a third adapter is refused by the engine.
+                        "--max-loras",
+                        "2",
+                    ],
+                    vec![
+                        "--engine-health-interval=0.2".into(),
+                        "--engine-metrics-interval=0.5".into(),
+                        format!("--nvml-lib={}", fake_nvml::LIB),
+                        "--nvml-interval=0.2".into(),
+                    ],
+                    BTreeMap::from([
+                        ("STRATA_FAKE_NVML_DEVICES".into(), "${GPU_UUIDS}".into()),
+                        (
+                            "STRATA_FAKE_NVML_LOAD_FILE".into(),
+                            "${POD_DIR}/load".into(),
+                        ),
+                        (
+                            "STRATA_FAKE_NVML_STATE_FILE".into(),
+                            "${POD_DIR}/nvml-state".into(),
+                        ),
+                        ("STRATA_FAKE_NVML_IDLE_WATTS".into(), IDLE_W.to_string()),
+                        ("STRATA_FAKE_NVML_TDP_WATTS".into(), TDP_W.to_string()),
+                        ("HF_ENDPOINT".into(), format!("http://{hub}")),
+                    ]),
+                ),
                 restart: true,
             },
         )]),

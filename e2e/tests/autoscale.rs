@@ -26,9 +26,10 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, repo_yaml, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
+    World, repo_yaml, service_account_kubeconfig, sim_replica_processes, test_namespace, wait_for,
+    workspace_binary, world,
 };
-use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
+use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
 use tokio::process::Command;
 
 const PROFILE: &str = "model-replica";
@@ -39,44 +40,27 @@ fn the_world() -> &'static World {
         profiles: BTreeMap::from([(
             PROFILE.to_string(),
             Profile {
-                processes: vec![
-                    ProcessSpec {
-                        name: "engine".into(),
-                        command: sim,
-                        args: [
-                            "--listen",
-                            "${POD_IP}:${ARG:engine:--port}",
-                            "--model",
-                            "${ARG:engine:--served-model-name}",
-                            "--max-batch",
-                            "2",
-                            "--itl-ms",
-                            "15",
-                            "--prefill-ms-per-token",
-                            "0.5",
-                            "--max-tokens-default",
-                            "16",
-                            "--load-file",
-                            "${POD_DIR}/load",
-                        ]
-                        .map(String::from)
-                        .to_vec(),
-                        ..ProcessSpec::default()
-                    },
-                    ProcessSpec {
-                        name: "strata-sidecar".into(),
-                        command: workspace_binary("strata-sidecar"),
-                        container_args: Some("strata-sidecar".into()),
-                        args: [
-                            "--engine-health-interval=0.2",
-                            "--engine-metrics-interval=0.5",
-                            "--nvml-lib=/nonexistent",
-                        ]
-                        .map(String::from)
-                        .to_vec(),
-                        ..ProcessSpec::default()
-                    },
-                ],
+                processes: sim_replica_processes(
+                    sim,
+                    &[
+                        "--max-batch",
+                        "2",
+                        "--itl-ms",
+                        "15",
+                        "--prefill-ms-per-token",
+                        "0.5",
+                        "--max-tokens-default",
+                        "16",
+                    ],
+                    [
+                        "--engine-health-interval=0.2",
+                        "--engine-metrics-interval=0.5",
+                        "--nvml-lib=/nonexistent",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    BTreeMap::new(),
+                ),
                 restart: false,
             },
         )]),

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -653,13 +653,6 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
 
 async fn apply_service(ctx: &Context, a: &Adapter, ns: &str, model: &str, uid: &str) -> Result<()> {
     let name = service_name(&a.name_any());
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-    if let Some(existing) = api.get_opt(&name).await?
-        && !existing.owner_references().iter().any(|o| o.uid == uid)
-    {
-        tracing::warn!(service = %name, "a Service with the Adapter's name exists and is not ours; leaving it alone");
-        return Ok(());
-    }
     let mut selector = template::model_selector(model);
     selector.insert(label_key(a), labels::ADAPTER_LOADED.into());
     let svc = json!({
@@ -683,12 +676,9 @@ async fn apply_service(ctx: &Context, a: &Adapter, ns: &str, model: &str, uid: &
             ],
         },
     });
-    api.patch(
-        &name,
-        &PatchParams::apply(labels::FIELD_MANAGER).force(),
-        &Patch::Apply(&svc),
-    )
-    .await?;
+    if !super::apply_owned_service(&ctx.client, ns, &name, uid, &svc).await? {
+        tracing::warn!(service = %name, "a Service with the Adapter's Service name exists and is not ours; leaving it alone");
+    }
     Ok(())
 }
 

@@ -374,3 +374,31 @@ pub async fn run(
     accountant.abort();
     tracing::info!("controllers stopped");
 }
+
+/// Applies (server-side, forced) a Service Strata owns, named `name`, unless
+/// a Service of that name exists that `owner_uid` does not own: that one is
+/// left alone. Returns whether it was applied.
+pub(crate) async fn apply_owned_service(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    owner_uid: &str,
+    svc: &serde_json::Value,
+) -> crate::error::Result<bool> {
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), ns);
+    if let Some(existing) = api.get_opt(name).await?
+        && !existing
+            .owner_references()
+            .iter()
+            .any(|o| o.uid == owner_uid)
+    {
+        return Ok(false);
+    }
+    api.patch(
+        name,
+        &kube::api::PatchParams::apply(labels::FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(svc),
+    )
+    .await?;
+    Ok(true)
+}

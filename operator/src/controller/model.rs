@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -728,12 +728,6 @@ async fn apply_service(
     name: &str,
     uid: &str,
 ) -> Result<bool> {
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-    if let Some(existing) = api.get_opt(name).await?
-        && !existing.owner_references().iter().any(|o| o.uid == uid)
-    {
-        return Ok(true);
-    }
     let mut svc_labels = template::model_selector(name);
     svc_labels.insert(labels::MANAGED_BY.into(), labels::MANAGER.into());
     svc_labels.insert(labels::APP_NAME.into(), "strata-model".into());
@@ -755,13 +749,8 @@ async fn apply_service(
             ],
         },
     });
-    api.patch(
-        name,
-        &PatchParams::apply(labels::FIELD_MANAGER).force(),
-        &Patch::Apply(&svc),
-    )
-    .await?;
-    Ok(false)
+    // true: a Service of that name exists and is not the Model's.
+    Ok(!super::apply_owned_service(&ctx.client, ns, name, uid, &svc).await?)
 }
 
 /// Parses the Go-style durations the CRD accepts (e.g. 15m, 1h30m, 500ms).
