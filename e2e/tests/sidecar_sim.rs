@@ -53,6 +53,8 @@ async fn start(config: SimConfig) -> Pair {
             adapter_token_file: None,
             adapter_dir: None,
             hf_endpoint: "http://127.0.0.1:9".into(),
+            limits: Default::default(),
+            admin_tls: None,
         },
         metrics.clone(),
     ));

@@ -17,6 +17,9 @@ use serde_json::json;
 use crate::app::App;
 use crate::promtext;
 
+/// Largest body of an adapter API call.
+pub const MAX_ADMIN_BODY_BYTES: usize = 256 * 1024;
+
 /// GET /healthz: the sidecar itself is alive.
 pub async fn healthz() -> &'static str {
     "ok"
@@ -362,7 +365,14 @@ pub async fn scrape_engine(app: Arc<App>, every: Duration) {
         {
             Ok((s, body)) if s.is_success() => {
                 let samples = promtext::parse(&String::from_utf8_lossy(&body));
-                Some(app.config.engine.stats(&samples))
+                let (stats, rejected) = app.config.engine.raw_stats(&samples).sanitized();
+                for why in rejected {
+                    app.metrics
+                        .engine_metrics_rejected
+                        .with_label_values(&[why])
+                        .inc();
+                }
+                Some(stats)
             }
             _ => None,
         };

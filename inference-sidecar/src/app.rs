@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -34,6 +35,61 @@ pub struct Config {
     pub adapter_dir: Option<PathBuf>,
     /// The Hugging Face hub's base URL.
     pub hf_endpoint: String,
+    /// Bounds of the request path.
+    pub limits: Limits,
+    /// Certificate and key of the admin port (TLS); None: plain HTTP.
+    pub admin_tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS endpoint.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// Bounds of the request path (docs/sidecar.md, "Limits").
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_request_bytes: usize,
+    /// Memory all request bodies held at once may use (bodies beyond it
+    /// are answered 503 with Retry-After).
+    pub request_memory_bytes: usize,
+    /// Requests in flight at most (beyond: 429 with Retry-After).
+    pub max_concurrent_requests: usize,
+    /// Time to receive a request body.
+    pub request_body_timeout: Duration,
+    /// Largest non-streamed engine answer read for its token counts (a
+    /// larger one is passed through unmeasured).
+    pub max_response_parse_bytes: usize,
+    /// Largest server-sent event from the engine.
+    pub max_sse_event_bytes: usize,
+    /// Time the engine may stay silent: before its answer starts, and
+    /// between two pieces of it.
+    pub engine_timeout: Duration,
+    /// The listeners' bounds (connections, request heads, idle time).
+    pub server: strata_net::server::ServerLimits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 8 * 1024 * 1024,
+            request_memory_bytes: 24 * 1024 * 1024,
+            max_concurrent_requests: 1024,
+            request_body_timeout: Duration::from_secs(30),
+            max_response_parse_bytes: 1024 * 1024,
+            max_sse_event_bytes: crate::sse::DEFAULT_MAX_EVENT_BYTES,
+            engine_timeout: Duration::from_secs(600),
+            server: strata_net::server::ServerLimits {
+                max_connections: 2048,
+                ..strata_net::server::ServerLimits::default()
+            },
+        }
+    }
 }
 
 /// Everything handlers share.
@@ -48,7 +104,15 @@ pub struct App {
     pub engine_ready: AtomicBool,
     /// Adapters loaded through the adapter API: name to source.
     pub adapters: tokio::sync::RwLock<BTreeMap<String, String>>,
+    /// Slots of requests in flight.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Memory of request bodies and of answers read for their counts.
+    pub budget: strata_net::body::ByteBudget,
 }
+
+/// Largest answer of the engine's own endpoints the sidecar reads (health,
+/// metrics, adapter calls).
+pub const MAX_CALL_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Errors talking to the engine.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +123,10 @@ pub enum EngineError {
     /// Connection or protocol failure.
     #[error("engine unreachable: {0}")]
     Unreachable(#[from] hyper_util::client::legacy::Error),
-    /// Reading the body failed.
+    /// Reading the answer failed, or it was larger than
+    /// [`MAX_CALL_ANSWER_BYTES`].
     #[error("reading the engine's answer: {0}")]
-    Body(#[from] hyper::Error),
+    Answer(String),
     /// No answer in time.
     #[error("the engine did not answer within {0:?}")]
     Timeout(Duration),
@@ -77,11 +142,15 @@ impl App {
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         Self {
-            config,
             client,
             metrics,
             engine_ready: AtomicBool::new(false),
             adapters: tokio::sync::RwLock::new(BTreeMap::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_concurrent_requests.max(1),
+            )),
+            budget: strata_net::body::ByteBudget::new(config.limits.request_memory_bytes),
+            config,
         }
     }
 
@@ -103,7 +172,11 @@ impl App {
         let exchange = async {
             let resp = self.client.request(req).await?;
             let status = resp.status();
-            let bytes = resp.into_body().collect().await?.to_bytes();
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_CALL_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| EngineError::Answer(e.to_string()))?
+                .to_bytes();
             Ok::<_, EngineError>((status, bytes))
         };
         tokio::time::timeout(timeout, exchange)

@@ -28,14 +28,57 @@ pub struct EngineStats {
     pub kv_cache: Option<f64>,
 }
 
+/// Largest plausible queue or batch of one engine.
+pub const MAX_PLAUSIBLE_REQUESTS: f64 = 1e6;
+
+/// Why a value was read as unknown.
+fn implausible(v: f64, max: f64) -> Option<&'static str> {
+    if !v.is_finite() {
+        Some("non_finite")
+    } else if v < 0.0 {
+        Some("negative")
+    } else if v > max {
+        Some("out_of_range")
+    } else {
+        None
+    }
+}
+
+impl EngineStats {
+    /// The stats with implausible values (non-finite, negative, a queue or
+    /// batch over [`MAX_PLAUSIBLE_REQUESTS`], KV-cache use outside 0..1)
+    /// read as unknown, and the reasons of each value dropped. A buggy or
+    /// hostile engine cannot push the autoscaler with them.
+    pub fn sanitized(self) -> (Self, Vec<&'static str>) {
+        let mut rejected = Vec::new();
+        let mut keep = |v: Option<f64>, max: f64| {
+            let v = v?;
+            match implausible(v, max) {
+                Some(why) => {
+                    rejected.push(why);
+                    None
+                }
+                None => Some(v),
+            }
+        };
+        let out = Self {
+            queue: keep(self.queue, MAX_PLAUSIBLE_REQUESTS),
+            running: keep(self.running, MAX_PLAUSIBLE_REQUESTS),
+            kv_cache: keep(self.kv_cache, 1.0),
+        };
+        (out, rejected)
+    }
+}
+
 fn first(samples: &[Sample], names: &[&str], f: fn(&[Sample], &str) -> Option<f64>) -> Option<f64> {
     names.iter().find_map(|n| f(samples, n))
 }
 
 impl EngineKind {
     /// Reads queue, running and KV-cache use from the engine's metrics
-    /// (vLLM's old and new names, SGLang, TGI, llama.cpp).
-    pub fn stats(self, samples: &[Sample]) -> EngineStats {
+    /// (vLLM's old and new names, SGLang, TGI, llama.cpp), raw: see
+    /// [`EngineStats::sanitized`].
+    pub fn raw_stats(self, samples: &[Sample]) -> EngineStats {
         let (queue, running, kv): (&[&str], &[&str], &[&str]) = match self {
             Self::Vllm | Self::Custom => (
                 &["vllm:num_requests_waiting"],
@@ -57,8 +100,13 @@ impl EngineKind {
         EngineStats {
             queue: first(samples, queue, promtext::sum),
             running: first(samples, running, promtext::sum),
-            kv_cache: first(samples, kv, promtext::mean).map(|v| v.clamp(0.0, 1.0)),
+            kv_cache: first(samples, kv, promtext::mean),
         }
+    }
+
+    /// [`Self::raw_stats`], sanitized.
+    pub fn stats(self, samples: &[Sample]) -> EngineStats {
+        self.raw_stats(samples).sanitized().0
     }
 
     /// Paths of the engine's load and unload adapter endpoints, if it has them.
@@ -107,5 +155,31 @@ mod tests {
             EngineKind::Vllm.stats(&promtext::parse("garbage")),
             EngineStats::default()
         );
+    }
+
+    #[test]
+    fn implausible_values_read_as_unknown() {
+        let page = promtext::parse(
+            "vllm:num_requests_waiting{model_name=\"m\"} 1e309\nvllm:num_requests_running 2e6\nvllm:kv_cache_usage_perc 1.5\n",
+        );
+        let (s, why) = EngineKind::Vllm.raw_stats(&page).sanitized();
+        assert_eq!(s, EngineStats::default());
+        assert_eq!(why, ["non_finite", "out_of_range", "out_of_range"]);
+        for (text, reason) in [
+            ("vllm:num_requests_waiting NaN\n", "non_finite"),
+            ("vllm:num_requests_waiting -3\n", "negative"),
+            ("vllm:num_requests_waiting +Inf\n", "non_finite"),
+            ("vllm:kv_cache_usage_perc -0.1\n", "negative"),
+        ] {
+            let (s, why) = EngineKind::Vllm
+                .raw_stats(&promtext::parse(text))
+                .sanitized();
+            assert_eq!(s, EngineStats::default(), "{text}");
+            assert_eq!(why, [reason], "{text}");
+        }
+        let ok = promtext::parse("vllm:num_requests_waiting 7\nvllm:kv_cache_usage_perc 1\n");
+        let (s, why) = EngineKind::Vllm.raw_stats(&ok).sanitized();
+        assert_eq!((s.queue, s.kv_cache), (Some(7.0), Some(1.0)));
+        assert!(why.is_empty());
     }
 }

@@ -4,7 +4,10 @@
 //! pod's GPUs, loads LoRA adapters when the operator asks, and serves it all
 //! on `/metrics`.
 //!
-//! Pure parts: [`sse`], [`measure`], [`promtext`], [`engine`], and the
+//! Only the OpenAI inference API passes the proxy (strata_net::openai);
+//! everything it reads is bounded ([`app::Limits`]).
+//!
+//! Pure parts: [`sse`], [`measure`], [`request`], [`promtext`], [`engine`], and the
 //! device selection and energy accounting in [`nvml`].
 
 pub mod admin;
@@ -16,5 +19,6 @@ pub mod metrics;
 pub mod nvml;
 pub mod promtext;
 pub mod proxy;
+pub mod request;
 pub mod server;
 pub mod sse;

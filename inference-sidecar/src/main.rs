@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use strata_sidecar::app::{App, Config};
+use strata_net::server::ServerLimits;
+use strata_sidecar::app::{App, Config, Limits, TlsFiles};
 use strata_sidecar::engine::EngineKind;
 use strata_sidecar::metrics::Metrics;
 use strata_sidecar::server::{self, Intervals};
@@ -68,6 +69,39 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Largest request body, bytes.
+    #[arg(long, default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    max_request_bytes: u64,
+    /// Memory all request bodies held at once may use, bytes (beyond: 503).
+    #[arg(long, default_value_t = 24 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 34))]
+    request_memory_bytes: u64,
+    /// Requests in flight at most (beyond: 429 with Retry-After).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_concurrent_requests: u64,
+    /// Open client connections at most, per port.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+    /// Seconds to receive a request's headers; also the idle keep-alive timeout.
+    #[arg(long, default_value_t = 15.0)]
+    header_read_timeout: f64,
+    /// Seconds to receive a request body.
+    #[arg(long, default_value_t = 30.0)]
+    request_body_timeout: f64,
+    /// Seconds the engine may stay silent (before and within an answer).
+    #[arg(long, default_value_t = 600.0)]
+    engine_timeout: f64,
+    /// Largest server-sent event accepted from the engine, bytes.
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    max_sse_event_bytes: u64,
+    /// Largest non-streamed answer read for its token counts, bytes.
+    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
+    max_response_parse_bytes: u64,
+    /// PEM certificate of the admin port (TLS; with --admin-tls-key-file).
+    #[arg(long, requires = "admin_tls_key_file")]
+    admin_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the admin port.
+    #[arg(long, requires = "admin_tls_cert_file")]
+    admin_tls_key_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -91,6 +125,7 @@ async fn main() -> ExitCode {
         }
     };
     let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.05, 3600.0));
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     let _sampler = strata_sidecar::nvml::start(
         cli.nvml_lib.as_deref(),
         cli.gpus.clone(),
@@ -107,6 +142,24 @@ async fn main() -> ExitCode {
             adapter_token_file: cli.adapter_token_file,
             adapter_dir: cli.adapter_dir,
             hf_endpoint: cli.hf_endpoint,
+            limits: Limits {
+                max_request_bytes: size(cli.max_request_bytes),
+                request_memory_bytes: size(cli.request_memory_bytes),
+                max_concurrent_requests: size(cli.max_concurrent_requests),
+                request_body_timeout: secs(cli.request_body_timeout),
+                max_response_parse_bytes: size(cli.max_response_parse_bytes),
+                max_sse_event_bytes: size(cli.max_sse_event_bytes),
+                engine_timeout: secs(cli.engine_timeout),
+                server: ServerLimits {
+                    max_connections: size(cli.max_connections),
+                    header_read_timeout: secs(cli.header_read_timeout),
+                    ..ServerLimits::default()
+                },
+            },
+            admin_tls: match (cli.admin_tls_cert_file, cli.admin_tls_key_file) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                _ => None,
+            },
         },
         metrics,
     ));

@@ -70,6 +70,12 @@ pub struct Metrics {
     pub adapter_operations: IntCounterVec,
     /// Total energy across GPUs (convenience for dashboards).
     pub energy_total: Counter,
+    /// Requests refused before they reached the engine, by reason.
+    pub rejected: IntCounterVec,
+    /// Engine answers cut short or passed unmeasured, by reason.
+    pub engine_response_errors: IntCounterVec,
+    /// Engine metric readings discarded as implausible, by reason.
+    pub engine_metrics_rejected: IntCounterVec,
 }
 
 impl Metrics {
@@ -199,6 +205,27 @@ impl Metrics {
                 "strata_pod_gpu_energy_joules_total",
                 "Energy of all the pod's GPUs since the sidecar started.",
             )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "strata_proxy_rejected_requests_total",
+                    "Requests refused before they reached the engine, by reason (not_found, method, concurrency, too_large, body_timeout, busy, bad_request, read_error).",
+                ),
+                &["reason"],
+            )?,
+            engine_response_errors: IntCounterVec::new(
+                Opts::new(
+                    "strata_engine_response_errors_total",
+                    "Engine answers cut short (timeout, event_too_large) or passed through unmeasured (unmeasured_large).",
+                ),
+                &["reason"],
+            )?,
+            engine_metrics_rejected: IntCounterVec::new(
+                Opts::new(
+                    "strata_engine_metrics_rejected_total",
+                    "Engine metric values read as unknown, by reason (non_finite, negative, out_of_range).",
+                ),
+                &["reason"],
+            )?,
             registry: r,
         };
         let reg = &m.registry;
@@ -226,6 +253,9 @@ impl Metrics {
         reg.register(Box::new(m.adapters_loaded.clone()))?;
         reg.register(Box::new(m.adapter_operations.clone()))?;
         reg.register(Box::new(m.energy_total.clone()))?;
+        reg.register(Box::new(m.rejected.clone()))?;
+        reg.register(Box::new(m.engine_response_errors.clone()))?;
+        reg.register(Box::new(m.engine_metrics_rejected.clone()))?;
         Ok(m)
     }
 

@@ -1,24 +1,20 @@
-//! The two listeners: the API port (proxy) and the admin port.
+//! The two listeners: the API port (the allowlisted proxy) and the admin
+//! port (probes, metrics, the token-guarded adapter API; TLS when the pod
+//! has a certificate). Both are bounded servers (strata_net::server).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{any, delete, get, post};
+use axum::routing::{delete, get};
 
 use crate::app::App;
 use crate::{admin, proxy};
 
 /// The API router (port 8080 in a pod).
 pub fn api_router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(proxy::forward))
-        .route("/v1/completions", post(proxy::forward))
-        .route("/v1/embeddings", post(proxy::forward))
-        .route("/v1/models", get(proxy::forward))
-        .fallback(any(proxy::forward))
-        .with_state(app)
+    Router::new().fallback(proxy::entry).with_state(app)
 }
 
 /// The admin router (port 9090 in a pod).
@@ -29,6 +25,9 @@ pub fn admin_router(app: Arc<App>) -> Router {
         .route("/metrics", get(admin::metrics))
         .route("/v1/adapters", get(admin::list).post(admin::load))
         .route("/v1/adapters/{name}", delete(admin::unload))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            admin::MAX_ADMIN_BODY_BYTES,
+        ))
         .with_state(app)
 }
 
@@ -41,6 +40,17 @@ pub struct Intervals {
     pub engine_metrics: Duration,
 }
 
+/// Why the sidecar cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The admin port's certificate.
+    #[error("admin TLS: {0}")]
+    Tls(#[from] strata_net::server::TlsError),
+    /// A listener failed.
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Serves both ports and runs the background loops until `shutdown`.
 pub async fn run(
     app: Arc<App>,
@@ -48,25 +58,43 @@ pub async fn run(
     admin: tokio::net::TcpListener,
     intervals: Intervals,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> Result<(), ServeError> {
+    let tls = match &app.config.admin_tls {
+        Some(files) => Some(strata_net::server::tls_acceptor_from_files(
+            &files.cert.display().to_string(),
+            &files.key.display().to_string(),
+        )?),
+        None => None,
+    };
     let health = tokio::spawn(admin::watch_engine_health(app.clone(), intervals.health));
     let scrape = tokio::spawn(admin::scrape_engine(app.clone(), intervals.engine_metrics));
     let (tx, rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    let limits = app.config.limits.server;
     let api_srv =
-        axum::serve(api, api_router(app.clone())).with_graceful_shutdown(wait(rx.clone()));
-    let admin_srv = axum::serve(admin, admin_router(app)).with_graceful_shutdown(wait(rx));
+        strata_net::server::serve(api, api_router(app.clone()), limits, None, wait(rx.clone()));
+    let admin_srv = strata_net::server::serve(
+        admin,
+        admin_router(app),
+        strata_net::server::ServerLimits {
+            max_connections: 64,
+            ..limits
+        },
+        tls,
+        wait(rx),
+    );
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);
     });
-    let (a, b) = tokio::join!(api_srv.into_future(), admin_srv.into_future());
+    let (a, b) = tokio::join!(api_srv, admin_srv);
     health.abort();
     scrape.abort();
     a?;
-    b
+    b?;
+    Ok(())
 }
 
 /// Binds an address (for main and tests).

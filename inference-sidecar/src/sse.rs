@@ -1,11 +1,26 @@
 //! Server-sent events, split incrementally: network reads split and merge
 //! events, and may split a UTF-8 character; bytes are kept until an event is
-//! complete (a blank line), never longer.
+//! complete (a blank line), never longer. An event may hold at most
+//! `max_event` bytes: a larger one is an engine error, not a reason to grow
+//! without bound. Each byte is scanned for the separator once.
+
+/// Default cap of one event (an OpenAI chunk is well under 1 KiB; with
+/// logprobs a few KiB).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// Splits a byte stream into complete SSE events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Splitter {
     buf: Vec<u8>,
+    /// Bytes of `buf` already searched for a separator.
+    scanned: usize,
+    max_event: usize,
+}
+
+impl Default for Splitter {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_EVENT_BYTES)
+    }
 }
 
 /// One complete event: its raw bytes (separator included, to forward
@@ -18,9 +33,15 @@ pub struct SseEvent {
     pub data: Option<String>,
 }
 
-fn separator_end(buf: &[u8]) -> Option<usize> {
+/// An event longer than the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a server-sent event is longer than {0} bytes")]
+pub struct EventTooLarge(pub usize);
+
+/// Where the first separator ends, searching from `from`.
+fn separator_end(buf: &[u8], from: usize) -> Option<usize> {
     // An event ends with "\n\n", "\r\n\r\n" or "\r\r".
-    let mut i = 0;
+    let mut i = from;
     while i + 1 < buf.len() {
         if buf[i] == b'\n' && buf[i + 1] == b'\n' {
             return Some(i + 2);
@@ -55,20 +76,42 @@ fn parse_data(raw: &[u8]) -> Option<String> {
 }
 
 impl Splitter {
-    /// Feeds bytes; returns the events they complete.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
+    /// A splitter whose events may hold at most `max_event` bytes.
+    pub fn new(max_event: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            scanned: 0,
+            max_event: max_event.max(4),
+        }
+    }
+
+    /// Feeds bytes; returns the events they complete, or an error when an
+    /// event outgrows the cap (the stream cannot go on).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<SseEvent>, EventTooLarge> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(end) = separator_end(&self.buf) {
+        // A separator may straddle the previous read: look 3 bytes back.
+        while let Some(end) = separator_end(&self.buf, self.scanned.saturating_sub(3)) {
+            if end > self.max_event {
+                return Err(EventTooLarge(self.max_event));
+            }
             let raw: Vec<u8> = self.buf.drain(..end).collect();
+            self.scanned = 0;
             let data = parse_data(&raw);
             out.push(SseEvent { raw, data });
         }
-        out
+        self.scanned = self.buf.len();
+        if self.buf.len() > self.max_event {
+            self.buf = Vec::new();
+            self.scanned = 0;
+            return Err(EventTooLarge(self.max_event));
+        }
+        Ok(out)
     }
 
     /// What is left at the end of the stream (an unterminated event).
     pub fn finish(&mut self) -> Option<SseEvent> {
+        self.scanned = 0;
         if self.buf.is_empty() {
             return None;
         }
@@ -88,8 +131,8 @@ mod tests {
         // Every split point, including inside the two-byte 'é'.
         for cut in 0..stream.len() {
             let mut s = Splitter::default();
-            let mut events = s.feed(&stream[..cut]);
-            events.extend(s.feed(&stream[cut..]));
+            let mut events = s.feed(&stream[..cut]).expect("small");
+            events.extend(s.feed(&stream[cut..]).expect("small"));
             let data: Vec<String> = events.iter().filter_map(|e| e.data.clone()).collect();
             assert_eq!(
                 data,
@@ -105,11 +148,31 @@ mod tests {
     #[test]
     fn handles_crlf_multiline_data_and_comments() {
         let mut s = Splitter::default();
-        let events = s.feed(b": keep-alive\r\n\r\ndata: line1\r\ndata: line2\r\n\r\n");
+        let events = s
+            .feed(b": keep-alive\r\n\r\ndata: line1\r\ndata: line2\r\n\r\n")
+            .expect("small");
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].data, None);
         assert_eq!(events[1].data.as_deref(), Some("line1\nline2"));
-        assert_eq!(s.feed(b"data: tail").len(), 0);
+        assert_eq!(s.feed(b"data: tail").expect("small").len(), 0);
         assert_eq!(s.finish().and_then(|e| e.data).as_deref(), Some("tail"));
+    }
+
+    #[test]
+    fn an_event_over_the_cap_is_an_error_not_growth() {
+        let mut s = Splitter::new(64);
+        assert!(s.feed(&[b'a'; 60]).expect("under the cap").is_empty());
+        assert_eq!(s.feed(&[b'a'; 10]), Err(EventTooLarge(64)));
+        // Complete events under the cap still pass, byte by byte too.
+        let mut s = Splitter::new(64);
+        let mut got = Vec::new();
+        for b in b"data: x\r\n\r\ndata: y\n\n" {
+            got.extend(s.feed(&[*b]).expect("small"));
+        }
+        let data: Vec<_> = got.iter().filter_map(|e| e.data.clone()).collect();
+        assert_eq!(data, ["x", "y"]);
+        // A separator that arrives in the same read as the overflow.
+        let mut s = Splitter::new(8);
+        assert_eq!(s.feed(b"data: 0123456789\n\n"), Err(EventTooLarge(8)));
     }
 }

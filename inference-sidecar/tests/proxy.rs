@@ -181,6 +181,8 @@ async fn start_with(adapter_dir: Option<std::path::PathBuf>, hf_endpoint: String
             adapter_token_file: Some(token_file),
             adapter_dir,
             hf_endpoint,
+            limits: Default::default(),
+            admin_tls: None,
         },
         metrics,
     ));
@@ -574,6 +576,8 @@ async fn an_unreachable_engine_is_a_clear_502() {
             adapter_token_file: None,
             adapter_dir: None,
             hf_endpoint: "http://127.0.0.1:9".into(),
+            limits: Default::default(),
+            admin_tls: None,
         },
         metrics.clone(),
     ));
