@@ -50,13 +50,19 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// A body declared this small or smaller draws on the small-body budget.
+pub const SMALL_BODY_BYTES: u64 = 64 * 1024;
+
 /// Bounds of the request path (docs/sidecar.md, "Limits").
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest request body.
     pub max_request_bytes: usize,
     /// Memory all request bodies held at once may use (bodies beyond it
-    /// are answered 503 with Retry-After).
+    /// are answered 503 with Retry-After). A quarter of it is kept for
+    /// small bodies (at most [`SMALL_BODY_BYTES`], by their Content-Length),
+    /// so that large bodies, however many, cannot crowd out ordinary
+    /// requests.
     pub request_memory_bytes: usize,
     /// Requests in flight at most (beyond: 429 with Retry-After).
     pub max_concurrent_requests: usize,
@@ -106,8 +112,11 @@ pub struct App {
     pub adapters: tokio::sync::RwLock<BTreeMap<String, String>>,
     /// Slots of requests in flight.
     pub slots: Arc<tokio::sync::Semaphore>,
-    /// Memory of request bodies and of answers read for their counts.
+    /// Memory of large (or undeclared) request bodies and of answers read
+    /// for their counts.
     pub budget: strata_net::body::ByteBudget,
+    /// Memory of small request bodies.
+    pub small_budget: strata_net::body::ByteBudget,
 }
 
 /// Largest answer of the engine's own endpoints the sidecar reads (health,
@@ -149,7 +158,12 @@ impl App {
             slots: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_concurrent_requests.max(1),
             )),
-            budget: strata_net::body::ByteBudget::new(config.limits.request_memory_bytes),
+            budget: strata_net::body::ByteBudget::new(
+                config.limits.request_memory_bytes - config.limits.request_memory_bytes / 4,
+            ),
+            small_budget: strata_net::body::ByteBudget::new(
+                config.limits.request_memory_bytes / 4,
+            ),
             config,
         }
     }

@@ -162,6 +162,14 @@ struct Incoming {
     fields: request::Fields,
 }
 
+/// The budget a body draws on: small declared bodies have their own.
+fn budget_for(app: &App, declared: Option<u64>) -> &strata_net::body::ByteBudget {
+    match declared {
+        Some(n) if n <= crate::app::SMALL_BODY_BYTES => &app.small_budget,
+        _ => &app.budget,
+    }
+}
+
 /// Reads and checks the body of a POST endpoint.
 async fn read_request(app: &App, headers: &HeaderMap, body: Body) -> Result<Incoming, Response> {
     let limits = &app.config.limits;
@@ -176,7 +184,7 @@ async fn read_request(app: &App, headers: &HeaderMap, body: Body) -> Result<Inco
             max_bytes: limits.max_request_bytes,
             timeout: limits.request_body_timeout,
         },
-        Some(&app.budget),
+        Some(budget_for(app, declared)),
     )
     .await;
     let (bytes, held) = match read {
@@ -278,7 +286,8 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
     let stream = fields.stream && endpoint.streams();
     let mut strip_usage = false;
     if stream && let Some(b) = request::with_usage(&body, &fields) {
-        let Some(more) = app.budget.try_take(b.len()) else {
+        let declared = u64::try_from(b.len()).ok();
+        let Some(more) = budget_for(&app, declared).try_take(b.len()) else {
             reject(&app, "busy");
             return retry_later(
                 StatusCode::SERVICE_UNAVAILABLE,

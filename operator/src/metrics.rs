@@ -54,6 +54,10 @@ pub struct Metrics {
     pub activator_wakes: IntCounter,
     /// Requests the activator forwarded, by whether they had to wait (woke) or not (ready).
     pub activator_requests: IntCounterVec,
+    /// Requests the activator refused, by reason.
+    pub activator_rejected: IntCounterVec,
+    /// Requests waiting at the activator for a replica now.
+    pub activator_waiting: IntGauge,
 }
 
 impl Metrics {
@@ -227,8 +231,21 @@ impl Metrics {
             ),
             &["path"],
         )?;
+        let activator_rejected = IntCounterVec::new(
+            Opts::new(
+                "strata_activator_rejected_requests_total",
+                "Requests the activator refused, by reason (not_found, method, not_served, full, timeout, upstream).",
+            ),
+            &["reason"],
+        )?;
+        let activator_waiting = IntGauge::new(
+            "strata_activator_waiting_requests",
+            "Requests waiting at the activator for a replica.",
+        )?;
         registry.register(Box::new(activator_wakes.clone()))?;
         registry.register(Box::new(activator_requests.clone()))?;
+        registry.register(Box::new(activator_rejected.clone()))?;
+        registry.register(Box::new(activator_waiting.clone()))?;
         Ok(Self {
             registry,
             reconciles,
@@ -253,6 +270,8 @@ impl Metrics {
             adapter_operations,
             activator_wakes,
             activator_requests,
+            activator_rejected,
+            activator_waiting,
         })
     }
 
