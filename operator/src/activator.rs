@@ -466,7 +466,11 @@ async fn handle(State(a): State<Arc<Activator>>, req: Request) -> Response {
     parts.uri = match format!("http://{ip}:{SIDECAR_HTTP_PORT}{upstream}").parse() {
         Ok(u) => u,
         Err(e) => {
-            return a.reject(StatusCode::BAD_REQUEST, "not_found", format!("bad path: {e}"));
+            return a.reject(
+                StatusCode::BAD_REQUEST,
+                "not_found",
+                format!("bad path: {e}"),
+            );
         }
     };
     strata_net::headers::strip_hop_by_hop(&mut parts.headers);
@@ -555,15 +559,43 @@ mod tests {
     }
 
     #[test]
+    fn ready_replicas_of_this_model_only() {
+        let pod = |name: &str, uid: &str, ready: &str, ip: Option<&str>, deleting: bool| -> Pod {
+            let mut p: Pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "ownerReferences": [{"apiVersion": "strata.ai/v1alpha1", "kind": "Model", "name": "m", "uid": uid}]},
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}
+            }))
+            .expect("pod");
+            if deleting {
+                p.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::now(),
+                    ));
+            }
+            p
+        };
+        let pods = [
+            pod("a", "u1", "True", Some("127.0.0.2"), false),
+            pod("b", "u1", "False", Some("127.0.0.3"), false),
+            pod("c", "u1", "True", Some("127.0.0.4"), true),
+            pod("d", "old-uid", "True", Some("127.0.0.5"), false),
+            pod("e", "u1", "True", None, false),
+        ];
+        assert_eq!(ready_ips("u1", &pods), ["127.0.0.2"]);
+        assert!(pick(&[]).is_none());
+    }
+
+    #[test]
     fn only_opted_in_models_are_served() {
         let mut m: Model = serde_json::from_value(json!({
             "apiVersion": "strata.ai/v1alpha1", "kind": "Model",
             "metadata": {"name": "m", "namespace": "ns"},
-            "spec": {"source": {"uri": "hf://a/b"}, "engine": {"type": "vLLM"}, "pools": [{"name": "p"}]}
+            "spec": {"source": {"uri": "hf://a/b"}, "engine": {"type": "vLLM"}, "pools": [{"name": "p"}], "maxReplicas": 2}
         }))
         .expect("model");
         assert!(!serves(&m));
-        m.metadata.annotations = Some([(OPT_IN_ANNOTATION.to_string(), "enabled".to_string())].into());
+        m.metadata.annotations =
+            Some([(OPT_IN_ANNOTATION.to_string(), "enabled".to_string())].into());
         assert!(serves(&m));
         m.metadata.annotations = None;
         m.spec.autoscaling.scale_to_zero = serde_json::from_value(json!({"idleWindow": "5m"})).ok();
