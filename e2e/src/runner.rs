@@ -602,9 +602,18 @@ async fn probe_once(probe: &Probe, container: &Container, ip: &str) -> bool {
             return false;
         };
         let path = get.path.clone().unwrap_or_else(|| "/".into());
-        return crate::http::get(SocketAddr::new(ip, port), &path, timeout)
-            .await
-            .is_ok_and(|r| (200..400).contains(&r.status));
+        let addr = SocketAddr::new(ip, port);
+        // HTTPS as the kubelet does it: no certificate verification.
+        let answer = if get
+            .scheme
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
+        {
+            crate::http::get_https(addr, &path, timeout).await
+        } else {
+            crate::http::get(addr, &path, timeout).await
+        };
+        return answer.is_ok_and(|r| (200..400).contains(&r.status));
     }
     if let Some(tcp) = &probe.tcp_socket {
         let Some(port) = resolve_port(&tcp.port, container) else {
@@ -721,8 +730,36 @@ async fn patch_status(client: &Client, pod: &Pod, patch: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+    use k8s_openapi::api::core::v1::{ContainerPort, HTTPGetAction, PodSpec, PodStatus};
     use kube::api::ObjectMeta;
+
+    #[tokio::test]
+    async fn https_probes_skip_verification_and_http_probes_do_not_speak_tls() {
+        let addr = crate::http::tests::tls_server().await;
+        let container = Container {
+            name: "strata-sidecar".into(),
+            ports: Some(vec![ContainerPort {
+                name: Some("admin".into()),
+                container_port: i32::from(addr.port()),
+                ..ContainerPort::default()
+            }]),
+            ..Container::default()
+        };
+        let probe = |scheme: Option<&str>| Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/readyz".into()),
+                port: IntOrString::String("admin".into()),
+                scheme: scheme.map(Into::into),
+                ..HTTPGetAction::default()
+            }),
+            timeout_seconds: Some(2),
+            ..Probe::default()
+        };
+        let ip = addr.ip().to_string();
+        assert!(probe_once(&probe(Some("HTTPS")), &container, &ip).await);
+        assert!(!probe_once(&probe(Some("HTTP")), &container, &ip).await);
+        assert!(!probe_once(&probe(None), &container, &ip).await);
+    }
 
     fn pod(phase: &str, ip: Option<&str>, label: bool, deleting: bool) -> Pod {
         Pod {

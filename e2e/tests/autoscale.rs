@@ -147,6 +147,35 @@ fn start_load(
     }
 }
 
+/// Requests waiting at the activator at once.
+const CONCURRENT: usize = 500;
+
+/// The API server's request counters (`apiserver_request_total`), by label set.
+async fn api_requests(client: &kube::Client) -> BTreeMap<String, f64> {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("request");
+    let text = client.request_text(req).await.expect("apiserver /metrics");
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What a polling activator costs: GET or LIST of Models or pods, and
+/// PATCH of a Model itself (not its status). Watches and the controllers'
+/// status writes are not counted.
+fn is_activator_shaped(series: &str) -> bool {
+    let resource = series.contains("resource=\"models\"") || series.contains("resource=\"pods\"");
+    let verb = ["verb=\"GET\"", "verb=\"LIST\"", "verb=\"PATCH\""]
+        .iter()
+        .any(|v| series.contains(v));
+    resource && verb && series.contains("subresource=\"\"")
+}
+
 fn status_of(m: &Model) -> strata_crds::ModelStatus {
     m.status.clone().unwrap_or_default()
 }
@@ -163,10 +192,14 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
     let log = std::fs::File::create(w.info.log_dir.join("operator.log")).expect("log");
     let mut operator = Command::new(workspace_binary("strata-operator"))
         .args([
-            "--metrics-addr=127.0.0.1:0".to_string(),
+            format!("--metrics-addr=127.0.0.1:{metrics_port}"),
             format!("--activator-addr=127.0.0.1:{activator_port}"),
             "--leader-elect=false".to_string(),
             format!("--pod-label={RUN_LABEL}={PROFILE}"),
@@ -283,10 +316,15 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
                 .await
                 .expect("pod");
             let ip = pod.status.and_then(|s| s.pod_ip).unwrap_or_default();
+            // The engine's metrics in the clear, the sidecar's admin port over TLS.
             for port in [8000u16, 9090] {
                 let addr = format!("{ip}:{port}").parse().expect("addr");
-                if let Ok(r) = strata_e2e::http::get(addr, "/metrics", Duration::from_secs(2)).await
-                {
+                let answer = if port == 9090 {
+                    strata_e2e::http::get_https(addr, "/metrics", Duration::from_secs(2)).await
+                } else {
+                    strata_e2e::http::get(addr, "/metrics", Duration::from_secs(2)).await
+                };
+                if let Ok(r) = answer {
                     for l in r.body.lines().filter(|l| {
                         l.starts_with("vllm:num_requests")
                             || l.contains("_seconds_sum")
@@ -353,8 +391,29 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
     assert!(reasons.iter().any(|r| r == "ScaledUp"), "{reasons:?}");
     assert!(reasons.iter().any(|r| r == "ScaledDown"), "{reasons:?}");
 
+    // The activator serves only Models that opt in (scale to zero, or the
+    // annotation): this one does not yet.
+    let http: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let chat_url =
+        format!("http://127.0.0.1:{activator_port}/models/{ns}/chat/v1/chat/completions");
+    let models_url = format!("http://127.0.0.1:{activator_port}/models/{ns}/chat/v1/models");
+    let resp = http
+        .request(
+            http::Request::get(&models_url)
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(
+        resp.status(),
+        404,
+        "a Model without scaleToZero is not served"
+    );
+
     // Scale to zero after an idle window, and back through the activator:
-    // the first request waits for a replica and is answered.
+    // the first requests wait for a replica and are answered.
     models
         .patch(
             "chat",
@@ -379,40 +438,107 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
     )
     .await
     .expect("idle: scaled to zero");
-    let http: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
-    let req = http::Request::post(format!(
-        "http://127.0.0.1:{activator_port}/models/{ns}/chat/v1/chat/completions"
-    ))
-    .header("content-type", "application/json")
-    .body(Full::new(Bytes::from(body.to_string())))
-    .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(120), http.request(req))
-        .await
-        .expect("the activator answers within 120 s")
-        .expect("response");
-    let status = resp.status();
-    let text = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-        .unwrap_or_default();
-    assert_eq!(
-        status, 200,
-        "the first request after zero is served: {text}"
+    // 500 requests at once for the Model at zero: they wait at the
+    // activator, which asks for a replica once and learns its readiness from
+    // its watches, not by polling the API server; all 500 are served.
+    let before = api_requests(&client).await;
+    let started = std::time::Instant::now();
+    let mut waiting = Vec::new();
+    for _ in 0..CONCURRENT {
+        let (http, url) = (http.clone(), chat_url.clone());
+        waiting.push(tokio::spawn(async move {
+            let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
+            let req = http::Request::post(url)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .expect("request");
+            let resp = tokio::time::timeout(Duration::from_secs(180), http.request(req))
+                .await
+                .map_err(|_| "no answer within 180 s".to_string())?
+                .map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let text = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            Ok::<_, String>((status, text))
+        }));
+    }
+    let mut failures = Vec::new();
+    for w in waiting {
+        match w.await.expect("task") {
+            Ok((200, text)) if text.contains("choices") => {}
+            other => failures.push(format!("{other:?}")),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = api_requests(&client).await;
+    assert!(
+        failures.is_empty(),
+        "all {CONCURRENT} requests waiting at the activator are served; {} failed, e.g. {:?}",
+        failures.len(),
+        failures.first()
     );
-    assert!(text.contains("choices"), "{text}");
+    let polled: f64 = after
+        .iter()
+        .filter(|(k, _)| is_activator_shaped(k))
+        .map(|(k, v)| v - before.get(k).copied().unwrap_or(0.0))
+        .sum();
+    let rate = polled / elapsed;
+    println!(
+        "activator: {CONCURRENT} requests served from zero in {elapsed:.1}s; model/pod GET+LIST+PATCH requests to the API server: {polled} ({rate:.2}/s)"
+    );
+    assert!(
+        rate < 5.0,
+        "{CONCURRENT} waiting requests cost {polled} model/pod GET/LIST/PATCH requests in {elapsed:.1}s ({rate:.2}/s); breakdown: {:?}",
+        after
+            .iter()
+            .filter(|(k, _)| is_activator_shaped(k))
+            .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, d)| *d > 0.0)
+            .collect::<Vec<_>>()
+    );
+
+    // Only the inference API passes the activator: every known engine admin
+    // path is a 404, whatever the method.
+    for (engine, path) in strata_net::openai::ENGINE_ADMIN_PATHS {
+        for method in ["GET", "POST"] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(format!(
+                    "http://127.0.0.1:{activator_port}/models/{ns}/chat{path}"
+                ))
+                .body(Full::new(Bytes::from(
+                    json!({"lora_name": "evil", "lora_path": "/attacker"}).to_string(),
+                )))
+                .expect("request");
+            let resp = http.request(req).await.expect("response");
+            assert_eq!(resp.status(), 404, "{engine} {method} {path}");
+        }
+    }
     let m = models.get("chat").await.expect("model");
     let s = status_of(&m);
     assert!(s.ready_replicas >= 1, "{s:?}");
+    // The decision from zero (later ones may have added replicas for the
+    // queue the 500 requests made, and Events of one reason are aggregated).
     let d = s.last_scale_decision.expect("decision");
-    assert_eq!(
-        (d.from_replicas, d.reason.as_str()),
-        (0, "ScaleFromZero"),
-        "{d:?}"
-    );
+    let metrics = strata_e2e::http::get(
+        format!("127.0.0.1:{metrics_port}").parse().expect("addr"),
+        "/metrics",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("operator metrics");
+    let from_zero = metrics
+        .body
+        .lines()
+        .find(|l| l.starts_with("strata_autoscaler_decisions_total{reason=\"ScaleFromZero\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(from_zero >= 1.0, "a ScaleFromZero decision (last: {d:?})");
     let _ = operator.start_kill();
     let _ = models.get("chat").await.map(|m| m.name_any());
 }

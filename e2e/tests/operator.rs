@@ -45,12 +45,34 @@ fn the_world() -> &'static World {
             ],
             ..ProcessSpec::default()
         };
+        // The admin port (9090) is the real sidecar, serving TLS with the
+        // certificate the operator put in the Model's Secret (the runner
+        // writes a Secret volume's files under ${POD_DIR}/volumes/<volume>),
+        // so that the pod's HTTPS probes pass; its "engine" is the stand-in.
+        let secret = "${POD_DIR}/volumes/sidecar-secret";
+        let admin = ProcessSpec {
+            name: "strata-sidecar".into(),
+            command: workspace_binary("strata-sidecar"),
+            args: vec![
+                "--listen=${POD_IP}:18080".into(),
+                "--admin-listen=${POD_IP}:9090".into(),
+                "--engine-url=http://${POD_IP}:8080".into(),
+                "--engine=custom".into(),
+                "--engine-health-path=/healthz".into(),
+                "--served-model=stand-in".into(),
+                "--gpus=none".into(),
+                format!("--admin-tls-cert-file={secret}/tls.crt"),
+                format!("--admin-tls-key-file={secret}/tls.key"),
+            ],
+            ..ProcessSpec::default()
+        };
         RunnerConfig {
             profiles: BTreeMap::from([(
                 PROFILE.to_string(),
-                // Stand-ins for the sidecar's API (8080) and admin (9090) ports.
+                // A stand-in for the sidecar's API port (8080), the sidecar
+                // itself on the admin port (9090).
                 Profile {
-                    processes: vec![process("http", 8080), process("admin", 9090)],
+                    processes: vec![process("http", 8080), admin],
                     restart: false,
                 },
             )]),

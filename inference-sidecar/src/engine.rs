@@ -183,3 +183,110 @@ mod tests {
         assert!(why.is_empty());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    const KINDS: [EngineKind; 5] = [
+        EngineKind::Vllm,
+        EngineKind::Sglang,
+        EngineKind::Tgi,
+        EngineKind::Llamacpp,
+        EngineKind::Custom,
+    ];
+
+    /// What [`EngineStats::sanitized`] promises, for any raw stats.
+    fn check(raw: EngineStats) -> Result<(), TestCaseError> {
+        let (s, why) = raw.sanitized();
+        for (v, max) in [
+            (s.queue, MAX_PLAUSIBLE_REQUESTS),
+            (s.running, MAX_PLAUSIBLE_REQUESTS),
+            (s.kv_cache, 1.0),
+        ] {
+            if let Some(v) = v {
+                prop_assert!(v.is_finite() && (0.0..=max).contains(&v), "{} kept", v);
+            }
+        }
+        let known = |e: &EngineStats| [e.queue, e.running, e.kv_cache].iter().flatten().count();
+        prop_assert_eq!(known(&raw), known(&s) + why.len(), "a reason per drop");
+        // What is plausible is kept as is.
+        for (r, k) in [
+            (raw.queue, s.queue),
+            (raw.running, s.running),
+            (raw.kv_cache, s.kv_cache),
+        ] {
+            if let Some(k) = k {
+                prop_assert_eq!(r.map(f64::to_bits), Some(k.to_bits()));
+            }
+        }
+        prop_assert_eq!(s.sanitized(), (s, Vec::new()), "idempotent");
+        Ok(())
+    }
+
+    /// Values an engine could expose, the hostile ones included.
+    fn value_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<f64>().prop_map(|v| v.to_string()),
+            (0.0f64..2.0).prop_map(|v| v.to_string()),
+            prop::sample::select(vec![
+                "NaN", "+Inf", "-Inf", "inf", "1e309", "-0", "1e6", "1000001", "-1e-300",
+            ])
+            .prop_map(str::to_string),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn sanitized_stats_are_plausible(
+            queue in any::<Option<f64>>(),
+            running in any::<Option<f64>>(),
+            kv_cache in any::<Option<f64>>(),
+        ) {
+            check(EngineStats { queue, running, kv_cache })?;
+        }
+
+        #[test]
+        fn stats_read_from_any_page_are_plausible(
+            lines in vec(
+                (
+                    prop::sample::select(vec![
+                        "vllm:num_requests_waiting",
+                        "vllm:num_requests_running",
+                        "vllm:kv_cache_usage_perc",
+                        "vllm:gpu_cache_usage_perc",
+                        "sglang:num_queue_reqs",
+                        "sglang:num_running_reqs",
+                        "sglang:token_usage",
+                        "tgi_queue_size",
+                        "tgi_batch_current_size",
+                        "llamacpp:requests_deferred",
+                        "llamacpp:requests_processing",
+                        "llamacpp:kv_cache_usage_ratio",
+                    ]),
+                    prop::option::of("[a-z]{1,3}=\"[a-z0-9]{0,3}\""),
+                    value_text(),
+                ),
+                0..16,
+            ),
+        ) {
+            let text: Vec<String> = lines
+                .iter()
+                .map(|(name, labels, value)| match labels {
+                    Some(l) => format!("{name}{{{l}}} {value}"),
+                    None => format!("{name} {value}"),
+                })
+                .collect();
+            let samples = promtext::parse(&text.join("\n"));
+            for kind in KINDS {
+                let raw = kind.raw_stats(&samples);
+                check(raw)?;
+                prop_assert_eq!(kind.stats(&samples), raw.sanitized().0);
+            }
+        }
+    }
+}

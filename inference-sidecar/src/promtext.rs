@@ -140,3 +140,92 @@ vllm:gpu_cache_usage_perc{model_name="llama"} 0.25 1700000000000
         assert_eq!(s.len(), 4);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+
+    /// `s` as a quoted label value of the exposition format.
+    fn quote(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn sample() -> impl Strategy<Value = Sample> {
+        (
+            "[a-zA-Z_:][a-zA-Z0-9_:]{0,24}",
+            btree_map("[a-zA-Z_][a-zA-Z0-9_]{0,12}", any::<String>(), 0..4),
+            any::<f64>().prop_filter("comparable", |v| !v.is_nan()),
+        )
+            .prop_map(|(name, labels, value)| Sample {
+                name,
+                labels,
+                value,
+            })
+    }
+
+    fn render(s: &Sample, timestamp: Option<i64>, spaced: bool) -> String {
+        let sp = if spaced { " " } else { "" };
+        let mut line = s.name.clone();
+        if !s.labels.is_empty() || spaced {
+            let labels: Vec<String> = s
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}{sp}={sp}{}", quote(v)))
+                .collect();
+            line.push_str(&format!("{{{sp}{}{sp}}}", labels.join(&format!(",{sp}"))));
+        }
+        line.push_str(&format!(" {}", s.value));
+        if let Some(t) = timestamp {
+            line.push_str(&format!(" {t}"));
+        }
+        line
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn well_formed_samples_read_back(
+            samples in vec((sample(), any::<Option<i64>>(), any::<bool>()), 0..12),
+            comments in vec("# [ -~]{0,20}", 0..3),
+        ) {
+            let mut text: Vec<String> = comments;
+            text.extend(samples.iter().map(|(s, t, sp)| render(s, *t, *sp)));
+            let got = parse(&text.join("\n"));
+            let want: Vec<Sample> = samples.into_iter().map(|(s, ..)| s).collect();
+            prop_assert_eq!(got, want);
+        }
+
+        #[test]
+        fn never_panics_and_names_every_sample(text in any::<String>()) {
+            for s in parse(&text) {
+                prop_assert!(!s.name.is_empty());
+            }
+        }
+
+        #[test]
+        fn never_panics_on_exposition_like_text(
+            lines in vec("[a-z_:{}=\", \\\\#.0-9eE+\\-InfNa\\n]{0,40}", 0..16),
+        ) {
+            let text = lines.join("\n");
+            let samples = parse(&text);
+            for s in &samples {
+                prop_assert!(!s.name.is_empty());
+                prop_assert!(sum(&samples, &s.name).is_some());
+                prop_assert!(mean(&samples, &s.name).is_some());
+            }
+        }
+    }
+}

@@ -176,3 +176,104 @@ mod tests {
         assert_eq!(s.feed(b"data: 0123456789\n\n"), Err(EventTooLarge(8)));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// Whether `s` holds a separator (the spec, written independently).
+    fn has_separator(s: &[u8]) -> bool {
+        s.windows(2).any(|w| w == b"\n\n" || w == b"\r\r") || s.windows(4).any(|w| w == b"\r\n\r\n")
+    }
+
+    /// Streams made mostly of what matters: line ends, `data:` lines,
+    /// comments, a two-byte character, and arbitrary bytes.
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(b"\n".to_vec()),
+            Just(b"\r".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just(b"data:".to_vec()),
+            Just(b"data: {\"x\":1}".to_vec()),
+            Just(b": keep-alive".to_vec()),
+            Just("é".as_bytes().to_vec()),
+            vec(any::<u8>(), 0..12),
+        ];
+        vec(piece, 0..48).prop_map(|pieces| pieces.concat())
+    }
+
+    /// Reads `stream` in chunks of the given sizes (cycled; 0 included, but
+    /// not alone: at least one byte at a time).
+    fn read(stream: &[u8], cap: usize, sizes: &[usize]) -> (Vec<SseEvent>, Option<EventTooLarge>) {
+        let mut s = Splitter::new(cap);
+        let mut got = Vec::new();
+        let mut rest = stream;
+        // Empty reads too, but never only those.
+        let sizes = if sizes.iter().any(|s| *s > 0) {
+            sizes
+        } else {
+            &[1]
+        };
+        for size in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (chunk, after) = rest.split_at((*size).min(rest.len()));
+            rest = after;
+            match s.feed(chunk) {
+                Ok(events) => got.extend(events),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+        got.extend(s.finish());
+        (got, None)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_chunking_gives_the_same_events_and_bytes(
+            stream in stream(),
+            sizes in vec(0usize..24, 1..12),
+            cap in 4usize..160,
+        ) {
+            // One read, no cap: the reference.
+            let (reference, err) = read(&stream, usize::MAX, &[stream.len().max(1)]);
+            prop_assert!(err.is_none());
+            let joined: Vec<u8> = reference.iter().flat_map(|e| e.raw.clone()).collect();
+            prop_assert_eq!(&joined, &stream, "bytes pass unchanged");
+            for (i, e) in reference.iter().enumerate() {
+                let complete = has_separator(&e.raw);
+                prop_assert!(complete || i + 1 == reference.len(), "only the tail is unterminated");
+                prop_assert!(!has_separator(&e.raw[..e.raw.len() - 1]), "ends at the first separator");
+            }
+            let too_large = reference.iter().any(|e| e.raw.len() > cap);
+
+            let (got, err) = read(&stream, cap, &sizes);
+            prop_assert!(got.iter().all(|e| e.raw.len() <= cap), "an event over the cap");
+            prop_assert_eq!(&got[..], &reference[..got.len()], "chunking changed the events");
+            match err {
+                Some(e) => {
+                    prop_assert_eq!(e, EventTooLarge(cap));
+                    prop_assert!(too_large, "an error without an event over the cap");
+                }
+                None => {
+                    prop_assert!(!too_large, "an event over the cap went through");
+                    prop_assert_eq!(got, reference);
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..512), size in 1usize..64) {
+            let (got, err) = read(&bytes, 64, &[size]);
+            if err.is_none() {
+                let joined: Vec<u8> = got.iter().flat_map(|e| e.raw.clone()).collect();
+                prop_assert_eq!(joined, bytes);
+            }
+        }
+    }
+}

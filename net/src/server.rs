@@ -2,13 +2,15 @@
 //! open connections (the next waits in the listen backlog), request heads
 //! bounded in size and in time (the same timer closes an idle keep-alive
 //! connection and a slowloris that trickles its headers), optional TLS with
-//! a bounded handshake, and a graceful shutdown that lets requests in
+//! a bounded handshake (from files: reloaded when they change), and a
+//! graceful shutdown that lets requests in
 //! flight finish within a grace period.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -16,6 +18,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -89,15 +93,124 @@ pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, TlsE
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A TLS acceptor from PEM files.
+/// How often [`tls_acceptor_from_files`] looks whether its files changed.
+pub const TLS_RELOAD_CHECK: Duration = Duration::from_secs(30);
+
+/// A TLS acceptor from PEM files that follows them: a certificate rotated
+/// on disk (e.g. a mounted Secret updated by the operator) is served from
+/// the next handshake after the next check (at most every
+/// [`TLS_RELOAD_CHECK`]), without a restart. The files must be good at
+/// start.
 pub fn tls_acceptor_from_files(cert: &str, key: &str) -> Result<TlsAcceptor, TlsError> {
-    let read = |p: &str| {
+    tls_acceptor_reloading(Path::new(cert), Path::new(key), TLS_RELOAD_CHECK)
+}
+
+/// [`tls_acceptor_from_files`] with the interval between checks.
+pub fn tls_acceptor_reloading(
+    cert: &Path,
+    key: &Path,
+    check_every: Duration,
+) -> Result<TlsAcceptor, TlsError> {
+    let resolver = ReloadingCert::new(cert, key, check_every)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A file's modification time and size (what tells that it changed; a
+/// mounted Secret's files are links, followed).
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The server certificate of a [`tls_acceptor_reloading`]: read again when
+/// either file's stamp changes, looked at during a handshake at most every
+/// `check_every`. A pair that cannot be read or does not match (a rotation
+/// half written) keeps the previous certificate and is tried again at the
+/// next check.
+#[derive(Debug)]
+struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    check_every: Duration,
+    state: std::sync::Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    stamps: (Stamp, Stamp),
+    checked: Instant,
+}
+
+impl ReloadingCert {
+    fn new(cert: &Path, key: &Path, check_every: Duration) -> Result<Self, TlsError> {
+        let stamps = (stamp(cert), stamp(key));
+        let loaded = load_pair(cert, key)?;
+        Ok(Self {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            check_every,
+            state: std::sync::Mutex::new(Loaded {
+                key: Arc::new(loaded),
+                stamps,
+                checked: Instant::now(),
+            }),
+        })
+    }
+}
+
+fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let read = |p: &Path| {
         std::fs::read(p).map_err(|source| TlsError::Read {
-            path: p.to_string(),
+            path: p.display().to_string(),
             source,
         })
     };
-    tls_acceptor(&read(cert)?, &read(key)?)
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem("no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem(e.to_string()))?;
+    // Refuses a key that is not the certificate's.
+    Ok(CertifiedKey::from_der(certs, key, &provider())?)
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if s.checked.elapsed() >= self.check_every {
+            s.checked = Instant::now();
+            let stamps = (stamp(&self.cert), stamp(&self.key));
+            if stamps != s.stamps {
+                match load_pair(&self.cert, &self.key) {
+                    Ok(k) => {
+                        s.key = Arc::new(k);
+                        s.stamps = stamps;
+                        tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "TLS certificate changed but not reloaded (keeping the previous one): {e}"
+                        );
+                    }
+                }
+            }
+        }
+        Some(s.key.clone())
+    }
 }
 
 /// Serves `router` on `listener` within `limits` until `shutdown` resolves,

@@ -49,14 +49,18 @@ pub(crate) fn labels_and_value(line: &str) -> Option<(&str, &str, f64)> {
     }
 }
 
+/// The bucket's upper bound; None for a NaN one (no bound at all).
 fn le_of(labels: &str) -> Option<f64> {
     let start = labels.find("le=\"")? + 4;
     let end = labels[start..].find('"')? + start;
     match &labels[start..end] {
         "+Inf" => Some(f64::INFINITY),
-        v => v.parse().ok(),
+        v => v.parse().ok().filter(|le: &f64| !le.is_nan()),
     }
 }
+
+/// Largest engine queue taken as a reading; beyond it the value is unknown.
+pub const MAX_PLAUSIBLE_QUEUE: f64 = 1e6;
 
 /// Reads the sidecar's exposition (summing over model and adapter labels).
 pub fn parse(text: &str) -> Snapshot {
@@ -80,8 +84,12 @@ pub fn parse(text: &str) -> Snapshot {
                 snap.tokens += value;
                 continue;
             }
+            // Implausible engine readings are unknown, as in the sidecar
+            // (a pod could serve its own numbers on the admin port).
             "strata_engine_queue_depth" => {
-                snap.queue = Some(value);
+                snap.queue = (0.0..=MAX_PLAUSIBLE_QUEUE)
+                    .contains(&value)
+                    .then_some(value);
                 continue;
             }
             "strata_requests_in_flight" => {
@@ -89,7 +97,7 @@ pub fn parse(text: &str) -> Snapshot {
                 continue;
             }
             "strata_engine_kv_cache_usage_ratio" => {
-                snap.kv_cache = Some(value);
+                snap.kv_cache = (0.0..=1.0).contains(&value).then_some(value);
                 continue;
             }
             _ => continue,
@@ -171,7 +179,9 @@ impl Histogram {
 
     /// The q-quantile (0..1), interpolated linearly within the bucket as
     /// Prometheus does; None without observations. A quantile in the +Inf
-    /// bucket is reported as the highest finite bound.
+    /// bucket is reported as the highest finite bound. Never infinite nor
+    /// NaN: buckets no sane exposition has (bounds or counts near
+    /// `f64::MAX`, a `-Inf` bound) give None.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         let total = self.buckets.last().map_or(0.0, |(_, c)| *c);
         if total <= 0.0 {
@@ -180,21 +190,24 @@ impl Histogram {
         let rank = q.clamp(0.0, 1.0) * total;
         let mut prev_le = 0.0;
         let mut prev_count = 0.0;
-        for (le, count) in &self.buckets {
-            if *count >= rank {
-                if le.is_infinite() {
-                    return Some(prev_le);
+        let value = 'found: {
+            for (le, count) in &self.buckets {
+                if *count >= rank {
+                    if le.is_infinite() {
+                        break 'found prev_le;
+                    }
+                    let in_bucket = count - prev_count;
+                    if in_bucket <= 0.0 {
+                        break 'found *le;
+                    }
+                    break 'found prev_le + (le - prev_le) * (rank - prev_count) / in_bucket;
                 }
-                let in_bucket = count - prev_count;
-                if in_bucket <= 0.0 {
-                    return Some(*le);
-                }
-                return Some(prev_le + (le - prev_le) * (rank - prev_count) / in_bucket);
+                prev_le = *le;
+                prev_count = *count;
             }
-            prev_le = *le;
-            prev_count = *count;
-        }
-        Some(prev_le)
+            prev_le
+        };
+        value.is_finite().then_some(value)
     }
 }
 
@@ -405,6 +418,18 @@ mod tests {
     }
 
     #[test]
+    fn implausible_engine_readings_are_unknown() {
+        for (queue, kv) in [("-1", "1.5"), ("2e6", "-0.1"), ("NaN", "+Inf")] {
+            let s = parse(&format!(
+                "strata_engine_queue_depth {queue}\nstrata_engine_kv_cache_usage_ratio {kv}\n"
+            ));
+            assert_eq!((s.queue, s.kv_cache), (None, None), "{queue} {kv}");
+        }
+        let s = parse("strata_engine_queue_depth 3\nstrata_engine_kv_cache_usage_ratio 0.5\n");
+        assert_eq!((s.queue, s.kv_cache), (Some(3.0), Some(0.5)));
+    }
+
+    #[test]
     fn observe_combines_replicas() {
         let mut a = PodSeries::default();
         let mut b = PodSeries::default();
@@ -435,5 +460,188 @@ mod tests {
         );
         // Half under 0.1 s (from a), half in (0.5, 1] s (from b): p75 is halfway up that bucket.
         assert_eq!(o.ttft, Some(0.75));
+    }
+
+    #[test]
+    fn hostile_buckets_give_no_quantile_rather_than_inf_or_nan() {
+        // Found by the property tests: a NaN bound, or bounds and counts
+        // whose differences overflow, gave NaN or infinite percentiles.
+        let nan = parse("strata_request_time_to_first_token_seconds_bucket{le=\"NaN\"} 5\n");
+        assert!(nan.ttft.buckets.is_empty(), "a NaN bound is no bucket");
+        assert_eq!(nan.ttft.quantile(0.5), None);
+        let wide = parse(
+            "strata_request_e2e_latency_seconds_bucket{le=\"-1e308\"} 0\n\
+             strata_request_e2e_latency_seconds_bucket{le=\"1e308\"} 1\n\
+             strata_request_e2e_latency_seconds_bucket{le=\"+Inf\"} 1\n",
+        );
+        assert_eq!(wide.e2e.buckets.len(), 3);
+        assert_eq!(wide.e2e.quantile(0.5), None, "1e308 - -1e308 overflows");
+        let h = Histogram {
+            buckets: vec![(-1.8e182, -4.9e194), (0.0, 4e-309)],
+            count: 0.0,
+            sum: 0.0,
+        };
+        assert_eq!(h.quantile(0.0), None);
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    const FAMILIES: [&str; 3] = [
+        "strata_request_time_to_first_token_seconds",
+        "strata_request_inter_token_latency_seconds",
+        "strata_request_e2e_latency_seconds",
+    ];
+
+    fn quantiles_are_finite(h: &Histogram, qs: &[f64]) -> Result<(), TestCaseError> {
+        for q in qs {
+            if let Some(v) = h.quantile(*q) {
+                prop_assert!(v.is_finite(), "quantile({}) = {} of {:?}", q, v, h);
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot_quantiles_are_finite(s: &Snapshot, qs: &[f64]) -> Result<(), TestCaseError> {
+        for h in [&s.ttft, &s.itl, &s.e2e] {
+            quantiles_are_finite(h, qs)?;
+        }
+        Ok(())
+    }
+
+    /// Numbers as an exposition may write them, hostile ones included.
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<f64>().prop_map(|v| v.to_string()),
+            (0u32..1000).prop_map(|v| v.to_string()),
+            prop::sample::select(vec![
+                "+Inf",
+                "-Inf",
+                "NaN",
+                "inf",
+                "1e308",
+                "-1e308",
+                "1.7976931348623157e308",
+                "0",
+                "-0",
+                "5e-324",
+                "1e-320",
+            ])
+            .prop_map(str::to_string),
+        ]
+    }
+
+    /// Lines of the sidecar's exposition, with any bounds and counts.
+    fn line() -> impl Strategy<Value = String> {
+        let suffix = prop::sample::select(vec!["_bucket", "_count", "_sum", ""]);
+        prop_oneof![
+            4 => (prop::sample::select(FAMILIES.to_vec()), suffix, number(), number())
+                .prop_map(|(f, s, le, v)| format!("{f}{s}{{model=\"m\",le=\"{le}\"}} {v}")),
+            1 => (
+                prop::sample::select(vec![
+                    "strata_request_generation_tokens_total",
+                    "strata_engine_queue_depth",
+                    "strata_requests_in_flight",
+                    "strata_engine_kv_cache_usage_ratio",
+                ]),
+                number(),
+            )
+                .prop_map(|(n, v)| format!("{n} {v}")),
+            1 => "[a-z_{}=\" #.0-9+\\-]{0,40}",
+        ]
+    }
+
+    /// A well-formed histogram: ascending finite bounds, cumulative counts,
+    /// `+Inf` last.
+    fn histogram() -> impl Strategy<Value = Histogram> {
+        (vec((1e-6f64..100.0, 0u32..1000), 1..8), 0u32..100).prop_map(|(steps, over)| {
+            let (mut le, mut count) = (0.0, 0.0);
+            let mut buckets: Vec<(f64, f64)> = steps
+                .into_iter()
+                .map(|(width, n)| {
+                    le += width;
+                    count += f64::from(n);
+                    (le, count)
+                })
+                .collect();
+            count += f64::from(over);
+            buckets.push((f64::INFINITY, count));
+            Histogram {
+                buckets,
+                count,
+                sum: 0.0,
+            }
+        })
+    }
+
+    const QS: [f64; 8] = [0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 1.0, 1.5];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn never_panics_and_quantiles_are_finite(text in any::<String>(), q in any::<f64>()) {
+            snapshot_quantiles_are_finite(&parse(&text), &[q])?;
+        }
+
+        #[test]
+        fn any_exposition_gives_finite_quantiles(
+            first in vec(line(), 0..24),
+            second in vec(line(), 0..24),
+            q in any::<f64>(),
+        ) {
+            let mut qs = QS.to_vec();
+            qs.push(q);
+            let a = parse(&first.join("\n"));
+            let b = parse(&second.join("\n"));
+            snapshot_quantiles_are_finite(&a, &qs)?;
+            snapshot_quantiles_are_finite(&b, &qs)?;
+            let mut sum = a.ttft.clone();
+            sum.add(&b.ttft);
+            quantiles_are_finite(&sum, &qs)?;
+            quantiles_are_finite(&b.e2e.delta(&a.e2e), &qs)?;
+            let mut one = PodSeries::default();
+            one.push(0.0, a.clone(), 120.0);
+            one.push(30.0, b.clone(), 120.0);
+            let mut two = PodSeries::default();
+            two.push(0.0, b, 120.0);
+            two.push(30.0, a, 120.0);
+            for q in qs {
+                let o = observe([&one, &two], 30.0, 60.0, q);
+                for v in [o.ttft, o.itl, o.e2e].into_iter().flatten() {
+                    prop_assert!(v.is_finite(), "observed {}", v);
+                }
+            }
+        }
+
+        #[test]
+        fn any_histogram_gives_finite_quantiles(
+            buckets in vec((any::<f64>(), any::<f64>()), 0..6),
+            q in any::<f64>(),
+        ) {
+            let h = Histogram { buckets, count: 0.0, sum: 0.0 };
+            let mut qs = QS.to_vec();
+            qs.push(q);
+            quantiles_are_finite(&h, &qs)?;
+        }
+
+        #[test]
+        fn well_formed_quantiles_are_bounded_and_monotone(h in histogram()) {
+            let top = h.buckets[h.buckets.len() - 2].0;
+            let mut last = 0.0f64;
+            for q in (0..=100).map(|i| f64::from(i) / 100.0) {
+                let Some(v) = h.quantile(q) else {
+                    prop_assert_eq!(h.count, 0.0, "None only without observations");
+                    return Ok(());
+                };
+                prop_assert!((0.0..=top * (1.0 + 1e-12)).contains(&v), "{} outside 0..={}", v, top);
+                prop_assert!(v >= last - top * 1e-12, "quantile({}) = {} < {}", q, v, last);
+                last = v;
+            }
+        }
     }
 }

@@ -19,6 +19,9 @@ pub enum Error {
     /// No randomness for a token.
     #[error("reading random bytes for a token: {0}")]
     Random(#[from] std::io::Error),
+    /// A sidecar certificate could not be built.
+    #[error("issuing the sidecar certificate: {0}")]
+    Pki(#[from] crate::pki::PkiError),
 }
 
 impl Error {
@@ -33,6 +36,7 @@ impl Error {
             Self::Kube(_) => "api",
             Self::Template(_) => "template",
             Self::MissingKey(_) | Self::Serialize(_) | Self::Random(_) => "internal",
+            Self::Pki(_) => "certificate",
         }
     }
 }

@@ -38,6 +38,10 @@ struct Cli {
     /// Namespace of the leader Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "strata-system")]
     lease_namespace: String,
+    /// Name of the Secret, in the operator's namespace (--lease-namespace),
+    /// that holds the CA of the sidecars' admin TLS (created if absent).
+    #[arg(long, default_value = strata_operator::pki::DEFAULT_CA_SECRET)]
+    ca_secret: String,
     /// Seconds a Lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration_seconds: u64,
@@ -57,12 +61,22 @@ struct Cli {
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
     /// Address of the activator (the front that holds requests for a Model
-    /// at zero until a replica is ready); empty to disable.
-    #[arg(long, default_value = "0.0.0.0:8081")]
+    /// at zero until a replica is ready), e.g. 0.0.0.0:8081; empty (the
+    /// default) disables it. The chart sets it when activator.enabled.
+    #[arg(long, default_value = "")]
     activator_addr: String,
     /// Seconds a request may wait at the activator for a replica.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=3600))]
     activator_timeout_seconds: u64,
+    /// Requests that may wait at the activator for one Model (beyond: 503).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    activator_max_waiting_per_model: u64,
+    /// Requests that may wait at the activator in all (beyond: 503).
+    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    activator_max_waiting: u64,
+    /// Largest request body the activator forwards, bytes.
+    #[arg(long, default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    activator_max_request_bytes: u64,
     /// Seconds between readings of the replicas' GPU energy counters.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     energy_interval_seconds: u64,
@@ -131,6 +145,16 @@ async fn main() -> ExitCode {
         tracing::error!("{e}");
         return ExitCode::FAILURE;
     }
+    // The CA of the sidecars' admin TLS: the same for every replica.
+    let ca = match strata_operator::pki::ensure_ca(&client, &cli.lease_namespace, &cli.ca_secret)
+        .await
+    {
+        Ok(ca) => Arc::new(ca),
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let identity = cli
         .identity
@@ -153,9 +177,17 @@ async fn main() -> ExitCode {
     if !cli.activator_addr.is_empty() {
         match cli.activator_addr.parse::<SocketAddr>() {
             Ok(addr) => {
+                let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+                let limits = strata_operator::activator::Limits {
+                    timeout: Duration::from_secs(cli.activator_timeout_seconds),
+                    max_waiting_per_model: size(cli.activator_max_waiting_per_model),
+                    max_waiting: size(cli.activator_max_waiting),
+                    max_request_bytes: size(cli.activator_max_request_bytes),
+                    ..strata_operator::activator::Limits::default()
+                };
                 let activator = strata_operator::activator::Activator::new(
                     client.clone(),
-                    Duration::from_secs(cli.activator_timeout_seconds),
+                    limits,
                     metrics.clone(),
                 );
                 let stop = stopped(stop_rx.clone());
@@ -194,6 +226,7 @@ async fn main() -> ExitCode {
         unschedulable_grace: cli.unschedulable_grace_seconds,
         resync: Duration::from_secs(cli.resync_seconds),
         energy_interval: Duration::from_secs(cli.energy_interval_seconds),
+        ca,
     };
 
     let elector = cli.leader_elect.then(|| {

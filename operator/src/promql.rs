@@ -324,13 +324,15 @@ impl Readings {
         let replicas = get(Signal::Replicas).map_or(0, |n| n.max(0.0).round() as usize);
         let counter = |s: Signal| get(s).map(|v| v.max(0.0)).or((replicas > 0).then_some(0.0));
         let throughput = counter(Signal::Throughput);
-        let arrivals = throughput.map(|t| {
+        // Unknown, not infinite, when the sum overflows (values near
+        // `f64::MAX`, or a tiny interval).
+        let arrivals = throughput.and_then(|t| {
             let change = if interval > 0.0 {
                 get(Signal::InFlightDelta).unwrap_or(0.0) / interval
             } else {
                 0.0
             };
-            (t + change).max(0.0)
+            Some((t + change).max(0.0)).filter(|a| a.is_finite())
         });
         Readings {
             ttft: get(Signal::Ttft),
@@ -535,5 +537,157 @@ mod tests {
             Readings::default(),
             "nothing scraped: unknown, not idle"
         );
+    }
+
+    #[test]
+    fn arrivals_that_overflow_are_unknown() {
+        // Found by the property tests: throughput plus the change in flight
+        // per second overflowed to an infinite arrival rate.
+        let mut v = BTreeMap::new();
+        v.insert(Signal::Throughput, Some(f64::MAX));
+        v.insert(Signal::InFlightDelta, Some(f64::MAX));
+        let r = Readings::from_values(&v, 15.0);
+        assert_eq!((r.throughput, r.arrivals), (Some(f64::MAX), None));
+        v.insert(Signal::Throughput, Some(0.0));
+        v.insert(Signal::InFlightDelta, Some(1.3e225));
+        assert_eq!(Readings::from_values(&v, 1.5e-308).arrivals, None);
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    const SIGNALS: [Signal; 10] = [
+        Signal::Ttft,
+        Signal::Itl,
+        Signal::E2e,
+        Signal::Rps,
+        Signal::TokensPerSecond,
+        Signal::QueuePerReplica,
+        Signal::KvCache,
+        Signal::Replicas,
+        Signal::Throughput,
+        Signal::InFlightDelta,
+    ];
+
+    /// Any JSON value, a few levels deep, with the API's words likely.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            prop::sample::select(vec![
+                "success", "error", "vector", "scalar", "matrix", "NaN", "+Inf", "-Inf", "Inf",
+                "1e309", "0.25",
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                vec(inner.clone(), 0..4).prop_map(Value::Array),
+                btree_map(
+                    prop_oneof![
+                        prop::sample::select(vec![
+                            "status",
+                            "data",
+                            "resultType",
+                            "result",
+                            "value",
+                            "metric",
+                            "errorType",
+                            "error",
+                        ])
+                        .prop_map(str::to_string),
+                        any::<String>(),
+                    ],
+                    inner,
+                    0..4,
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// An answer shaped like the API's, with anything where a result goes.
+    fn answer() -> impl Strategy<Value = Value> {
+        (
+            prop::sample::select(vec!["success", "error", "warning"]),
+            prop::sample::select(vec!["vector", "scalar", "matrix", "string"]),
+            value(),
+            vec((any::<f64>(), value()), 0..3),
+        )
+            .prop_map(|(status, kind, result, samples)| {
+                let series: Vec<Value> = samples
+                    .into_iter()
+                    .map(|(t, v)| json!({"metric": {}, "value": [t, v]}))
+                    .collect();
+                let result = if kind == "vector" && result.is_null() {
+                    Value::Array(series)
+                } else {
+                    result
+                };
+                json!({"status": status, "data": {"resultType": kind, "result": result}})
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn never_panics_on_bytes(body in vec(any::<u8>(), 0..256)) {
+            let _ = parse_value(&body);
+        }
+
+        #[test]
+        fn never_panics_on_json(v in prop_oneof![value(), answer()]) {
+            let _ = parse_value(v.to_string().as_bytes());
+        }
+
+        #[test]
+        fn one_sample_reads_back(v in any::<f64>(), scalar in any::<bool>()) {
+            let text = if v.is_nan() {
+                "NaN".to_string()
+            } else if v.is_infinite() {
+                (if v > 0.0 { "+Inf" } else { "-Inf" }).to_string()
+            } else {
+                v.to_string()
+            };
+            let body = if scalar {
+                json!({"status": "success", "data": {"resultType": "scalar", "result": [1.5, text]}})
+            } else {
+                json!({"status": "success", "data": {"resultType": "vector",
+                    "result": [{"metric": {"pod": "a"}, "value": [1.5, text]}]}})
+            };
+            let got = parse_value(body.to_string().as_bytes())
+                .expect("a valid answer")
+                .expect("one sample");
+            if v.is_nan() {
+                prop_assert!(got.is_nan());
+            } else {
+                prop_assert_eq!(got, v);
+            }
+        }
+
+        #[test]
+        fn readings_are_finite_and_counters_never_negative(
+            values in vec(any::<Option<f64>>(), 10),
+            interval in prop_oneof![Just(0.0), Just(15.0), any::<f64>()],
+        ) {
+            let values: BTreeMap<Signal, Option<f64>> =
+                SIGNALS.iter().copied().zip(values).collect();
+            let r = Readings::from_values(&values, interval);
+            for v in [r.ttft, r.itl, r.e2e, r.queue_per_replica, r.kv_cache].into_iter().flatten() {
+                prop_assert!(v.is_finite(), "{}", v);
+            }
+            for v in [r.rps, r.tokens_per_second, r.throughput, r.arrivals].into_iter().flatten() {
+                prop_assert!(v.is_finite() && v >= 0.0, "{}", v);
+            }
+        }
     }
 }

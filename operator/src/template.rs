@@ -24,16 +24,43 @@ use crate::labels;
 pub const SIDECAR_HTTP_PORT: i32 = 8080;
 /// Port of the sidecar's /metrics, /healthz, /readyz and adapter API.
 pub const SIDECAR_ADMIN_PORT: i32 = 9090;
-/// Where the sidecar finds the operator's adapter API token.
-pub const ADAPTER_TOKEN_DIR: &str = "/var/run/strata/adapter-token";
+/// Where the sidecar mounts its Model's Secret (adapter API token, admin
+/// port certificate and key, CA certificate).
+pub const SIDECAR_SECRET_DIR: &str = "/var/run/strata/sidecar";
 /// The key of the token in its Secret.
 pub const ADAPTER_TOKEN_KEY: &str = "token";
 /// Where fetched adapters live, in the sidecar and the engine.
 pub const ADAPTERS_DIR: &str = "/adapters";
 
-/// The Secret holding the adapter API token of a Model's replicas.
+/// The Secret of a Model's replicas (every Model has one): the adapter API
+/// token and the sidecars' admin port certificate (keys in [`crate::pki`]).
+/// The name predates the certificate.
 pub fn adapter_token_secret(model: &str) -> String {
     format!("{model}-adapter-token")
+}
+
+/// The TLS server name of a Model's sidecars: the only name in their
+/// certificate and what the operator verifies (never resolved; pod IPs are
+/// unknown when the certificate is made).
+/// `<model>.<namespace>.sidecar.strata.internal`, or, where that is not a
+/// valid DNS name (a label over 63 characters, over 253 in all),
+/// `m-<hash of namespace/model>.<namespace>.sidecar.strata.internal`.
+pub fn sidecar_server_name(namespace: &str, model: &str) -> String {
+    let name = format!("{model}.{namespace}.{}", crate::pki::SIDECAR_DOMAIN);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() <= 253 && name.split('.').all(label_ok) {
+        return name;
+    }
+    format!(
+        "m-{:016x}.{namespace}.{}",
+        fnv1a(format!("{namespace}/{model}").as_bytes()),
+        crate::pki::SIDECAR_DOMAIN
+    )
 }
 /// Image of the init container that copies s3:// and gs:// weights.
 pub const FETCH_IMAGE: &str = "docker.io/rclone/rclone:1.71";
@@ -286,28 +313,37 @@ impl ReplicaTemplate<'_> {
             format!("--engine-health-path={}", engine::health_path(engine_type)),
             format!("--served-model={served}"),
         ];
-        let mut sidecar_mounts = Vec::new();
+        // The Model's Secret: the admin port's certificate (the operator
+        // calls it over TLS) and, for adapters, the operator's token.
+        volumes.push(Volume {
+            name: s("sidecar-secret"),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(adapter_token_secret(&kube::ResourceExt::name_any(
+                    self.model,
+                ))),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        let mut sidecar_mounts = vec![VolumeMount {
+            name: s("sidecar-secret"),
+            mount_path: s(SIDECAR_SECRET_DIR),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }];
+        sidecar_args.push(format!(
+            "--admin-tls-cert-file={SIDECAR_SECRET_DIR}/{}",
+            crate::pki::TLS_CERT_KEY
+        ));
+        sidecar_args.push(format!(
+            "--admin-tls-key-file={SIDECAR_SECRET_DIR}/{}",
+            crate::pki::TLS_KEY_KEY
+        ));
         if spec.adapters.is_some() {
-            // The operator's token for the sidecar's adapter API.
-            volumes.push(Volume {
-                name: s("adapter-token"),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(adapter_token_secret(&kube::ResourceExt::name_any(
-                        self.model,
-                    ))),
-                    optional: Some(false),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            });
-            sidecar_mounts.push(VolumeMount {
-                name: s("adapter-token"),
-                mount_path: s(ADAPTER_TOKEN_DIR),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            });
+            // Without the token file the adapter API refuses every call.
             sidecar_args.push(format!(
-                "--adapter-token-file={ADAPTER_TOKEN_DIR}/{ADAPTER_TOKEN_KEY}"
+                "--adapter-token-file={SIDECAR_SECRET_DIR}/{ADAPTER_TOKEN_KEY}"
             ));
             // Adapters fetched by the sidecar with their own credentials,
             // loaded by the engine from there.
@@ -327,7 +363,7 @@ impl ReplicaTemplate<'_> {
             name: s("strata-sidecar"),
             image: Some(self.settings.sidecar_image.clone()),
             args: Some(sidecar_args),
-            volume_mounts: (!sidecar_mounts.is_empty()).then_some(sidecar_mounts),
+            volume_mounts: Some(sidecar_mounts),
             env: Some(vec![
                 field_env("POD_NAME", "metadata.name"),
                 field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -350,6 +386,8 @@ impl ReplicaTemplate<'_> {
                 http_get: Some(HTTPGetAction {
                     path: Some(s("/readyz")),
                     port: IntOrString::String(s("admin")),
+                    // The kubelet does not verify the certificate.
+                    scheme: Some(s("HTTPS")),
                     ..HTTPGetAction::default()
                 }),
                 period_seconds: Some(5),
@@ -361,6 +399,8 @@ impl ReplicaTemplate<'_> {
                 http_get: Some(HTTPGetAction {
                     path: Some(s("/healthz")),
                     port: IntOrString::String(s("admin")),
+                    // The kubelet does not verify the certificate.
+                    scheme: Some(s("HTTPS")),
                     ..HTTPGetAction::default()
                 }),
                 period_seconds: Some(10),
@@ -608,6 +648,52 @@ mod tests {
             Some("hf-token")
         );
         let sidecar = &spec.containers[1];
+        // The admin port serves TLS with the Model's certificate; the probes
+        // speak HTTPS to it.
+        let sargs = sidecar.args.clone().unwrap_or_default();
+        for a in [
+            "--admin-tls-cert-file=/var/run/strata/sidecar/tls.crt",
+            "--admin-tls-key-file=/var/run/strata/sidecar/tls.key",
+            "--adapter-token-file=/var/run/strata/sidecar/token",
+        ] {
+            assert!(sargs.iter().any(|x| x == a), "{a} in {sargs:?}");
+        }
+        let secret_volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "sidecar-secret")
+            .and_then(|v| v.secret.as_ref())
+            .expect("the Model's Secret as a volume");
+        assert_eq!(
+            secret_volume.secret_name.as_deref(),
+            Some("llama-3-1-8b-adapter-token")
+        );
+        assert!(
+            sidecar
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "sidecar-secret"
+                    && m.mount_path == SIDECAR_SECRET_DIR
+                    && m.read_only == Some(true))
+        );
+        for probe in [&sidecar.readiness_probe, &sidecar.liveness_probe] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .expect("an HTTP probe");
+            assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
+            assert_eq!(get.port, IntOrString::String("admin".into()));
+        }
+        assert!(
+            !engine
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "sidecar-secret"),
+            "the engine does not see the sidecar's key"
+        );
         let sc = sidecar.security_context.clone().expect("hardened");
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
@@ -628,6 +714,67 @@ mod tests {
         assert_eq!(
             (owner.kind.as_str(), owner.controller),
             ("Model", Some(true))
+        );
+    }
+
+    #[test]
+    fn a_model_without_adapters_still_gets_admin_tls() {
+        let mut m = model();
+        m.spec.adapters = None;
+        let s = settings();
+        let t = ReplicaTemplate {
+            model: &m,
+            pool: &m.spec.pools[0],
+            tolerations: &[],
+            gpu_resource: "nvidia.com/gpu",
+            settings: &s,
+        };
+        let spec = t.pod_spec().expect("spec");
+        let sidecar = &spec.containers[1];
+        let args = sidecar.args.clone().unwrap_or_default();
+        assert!(
+            args.iter().any(|a| a.starts_with("--admin-tls-cert-file="))
+                && args.iter().any(|a| a.starts_with("--admin-tls-key-file=")),
+            "{args:?}"
+        );
+        assert!(
+            !args.iter().any(|a| a.starts_with("--adapter-token-file=")),
+            "no adapter API without adapters: {args:?}"
+        );
+        assert!(
+            spec.volumes
+                .iter()
+                .flatten()
+                .any(|v| v.name == "sidecar-secret")
+        );
+    }
+
+    #[test]
+    fn sidecar_server_names_are_valid_dns_names_per_model() {
+        assert_eq!(
+            sidecar_server_name("default", "llama-3-1-8b"),
+            "llama-3-1-8b.default.sidecar.strata.internal"
+        );
+        assert_ne!(
+            sidecar_server_name("a", "m"),
+            sidecar_server_name("b", "m"),
+            "namespaces differ"
+        );
+        // A name too long for one DNS label: a hash, still per Model.
+        let long = "x".repeat(80);
+        let n = sidecar_server_name("default", &long);
+        assert!(
+            n.starts_with("m-") && n.ends_with(".default.sidecar.strata.internal"),
+            "{n}"
+        );
+        assert!(n.split('.').all(|l| l.len() <= 63) && n.len() <= 253);
+        assert_eq!(n, sidecar_server_name("default", &long), "stable");
+        assert_ne!(n, sidecar_server_name("default", &"y".repeat(80)));
+        assert!(rustls::pki_types::ServerName::try_from(n.as_str()).is_ok());
+        // A Model name with dots is still a valid name.
+        assert!(
+            rustls::pki_types::ServerName::try_from(sidecar_server_name("ns", "llama.v2").as_str())
+                .is_ok()
         );
     }
 

@@ -6,14 +6,10 @@
 //! finalizer).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -31,7 +27,8 @@ use crate::adapters::{self, Replica};
 use crate::conditions::{self, Set};
 use crate::error::{Error, Result};
 use crate::labels;
-use crate::template::{self, SIDECAR_ADMIN_PORT, SIDECAR_HTTP_PORT};
+use crate::sidecar_client::{ADAPTER_TIMEOUT, SidecarClient, Target};
+use crate::template::{self, SIDECAR_HTTP_PORT};
 use crate::view;
 
 /// Failed loads of one Adapter on one replica.
@@ -47,43 +44,41 @@ pub struct Failures {
 /// for a while.
 const MOVE_AFTER: u32 = 3;
 
-static CLIENT: LazyLock<Client<HttpConnector, Full<Bytes>>> = LazyLock::new(|| {
-    let mut c = HttpConnector::new();
-    c.set_connect_timeout(Some(Duration::from_secs(2)));
-    Client::builder(TokioExecutor::new()).build(c)
-});
+/// What calling a Model's sidecars takes: the client (TLS, the operator's
+/// CA), the Model (its replicas' certificate name) and the adapter API token.
+struct Admin {
+    client: SidecarClient,
+    namespace: String,
+    model: String,
+    token: String,
+}
 
-/// One call to a sidecar's adapter API: (status, body) or a transport error.
+/// One call to a sidecar's adapter API over TLS: (status, body) or why
+/// not. The answer is bounded (4 MiB, 300 s: a load may fetch the adapter).
 async fn call(
     ip: &str,
     method: http::Method,
     path: &str,
-    token: &str,
+    admin: &Admin,
     body: Option<serde_json::Value>,
 ) -> std::result::Result<(u16, String), String> {
-    let req = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{ip}:{SIDECAR_ADMIN_PORT}{path}"))
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            body.map(|b| b.to_string()).unwrap_or_default(),
-        )))
-        .map_err(|e| e.to_string())?;
-    let fut = async {
-        let resp = CLIENT.request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(300), fut)
+    let target = Target::pod(ip, &admin.namespace, &admin.model).map_err(|e| e.to_string())?;
+    let answer = admin
+        .client
+        .call(
+            &target,
+            method,
+            path,
+            Some(&admin.token),
+            body.map(|b| Bytes::from(b.to_string())),
+            ADAPTER_TIMEOUT,
+        )
         .await
-        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok((
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    ))
 }
 
 fn served_name(a: &Adapter) -> String {
@@ -142,14 +137,21 @@ async fn model_lock(ctx: &Context, ns: &str, model: &str) -> Arc<tokio::sync::Mu
         .clone()
 }
 
-async fn token(ctx: &Context, ns: &str, model: &str) -> Result<Option<String>> {
+/// The adapter API token of a Model's replicas (None until its Secret
+/// exists), with what else calling them takes.
+async fn token(ctx: &Context, ns: &str, model: &str) -> Result<Option<Admin>> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     Ok(api
         .get_opt(&template::adapter_token_secret(model))
         .await?
         .and_then(|s| s.data)
         .and_then(|d| d.get(template::ADAPTER_TOKEN_KEY).cloned())
-        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string()))
+        .map(|b| Admin {
+            client: ctx.sidecars.clone(),
+            namespace: ns.to_string(),
+            model: model.to_string(),
+            token: String::from_utf8_lossy(&b.0).trim().to_string(),
+        }))
 }
 
 /// Reconciles one Adapter.

@@ -82,9 +82,9 @@ pub async fn round(
             .map(|p| p.name_any())
             .collect();
         let readings: Vec<ReplicaReading> =
-            futures::future::join_all(mine.iter().filter(|p| running(p)).map(|p| async move {
+            futures::future::join_all(mine.iter().filter(|p| running(p)).map(|p| async {
                 let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
-                let text = super::scale::scrape(&super::scale::CLIENT, &ip).await?;
+                let text = super::scale::scrape(&ctx.sidecars, &ip, &ns, &name).await?;
                 let pool = p.labels().get(labels::POOL).cloned().unwrap_or_default();
                 Some(energy::parse(&text, &p.name_any(), &pool))
             }))

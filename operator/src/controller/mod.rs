@@ -36,6 +36,9 @@ pub struct Config {
     pub resync: Duration,
     /// How often the replicas' energy counters are read.
     pub energy_interval: Duration,
+    /// The CA that signs the sidecars' admin port certificates (and the
+    /// only one the operator trusts when it calls them).
+    pub ca: Arc<crate::pki::Ca>,
 }
 
 /// A replica pod created but not yet seen in the pod cache: placement must
@@ -82,6 +85,8 @@ pub struct Context {
     pub adapter_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Failed adapter loads by (Adapter UID, pod).
     pub adapter_failures: Mutex<HashMap<(String, String), adapter::Failures>>,
+    /// The client of the sidecars' admin ports (TLS, trusting `config.ca`).
+    pub sidecars: crate::sidecar_client::SidecarClient,
 }
 
 fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
@@ -176,6 +181,15 @@ pub async fn run(
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!("caches synced; reconciling");
 
+    let sidecars = match crate::sidecar_client::SidecarClient::new(&config.ca) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("the sidecars' client: {e}");
+            return;
+        }
+    };
+    // The autoscaler's scrapes (scale::evaluate has no Context) use the same.
+    let _ = scale::CLIENT.set(sidecars.clone());
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -196,6 +210,7 @@ pub async fn run(
         scalers: Mutex::new(HashMap::new()),
         adapter_locks: Mutex::new(HashMap::new()),
         adapter_failures: Mutex::new(HashMap::new()),
+        sidecars,
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -142,10 +142,9 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
     let key = format!("{ns}/{name}");
     let now = Timestamp::now();
 
-    // The sidecars mount the adapter token: it exists before any replica.
-    if model.spec.adapters.is_some() {
-        ensure_adapter_token(ctx, model, &ns, &uid).await?;
-    }
+    // The sidecars mount the Model's Secret (admin TLS certificate, adapter
+    // token): it exists before any replica.
+    ensure_adapter_token(ctx, model, &ns, &uid).await?;
 
     // Dereference.
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
@@ -688,32 +687,75 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(after))
 }
 
-/// Applies the Model's Service unless a foreign Service has its name.
-/// Returns true on such a conflict.
-/// Creates the Secret with the adapter API token of the Model's replicas
-/// (random, 32 bytes, hex) unless it exists. The sidecars read it from a
-/// mounted file; the Adapter controller reads it to call them.
+/// Ensures the Secret of the Model's replicas (every Model has one; the
+/// sidecars mount it): the adapter API token (random, 32 bytes, hex; made
+/// once), and the sidecars' admin port certificate for the Model's server
+/// name (`template::sidecar_server_name`) with its key and the CA
+/// certificate, issued again when it expires within 30 days or is not the
+/// current CA's (`pki::needs_reissue`). The Adapter controller reads the
+/// token to call the sidecars. Sidecars pick up a new certificate without
+/// a restart (the mounted files are re-read when they change).
 async fn ensure_adapter_token(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Result<()> {
     let name = template::adapter_token_secret(&model.name_any());
+    let server_name = template::sidecar_server_name(ns, &model.name_any());
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    if api.get_opt(&name).await?.is_some() {
-        return Ok(());
+    let ca = &ctx.config.ca;
+    let now = std::time::SystemTime::now();
+    let new_token = || -> Result<k8s_openapi::ByteString> {
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(k8s_openapi::ByteString(token.into_bytes()))
+    };
+    let issue = || crate::pki::sidecar_entries(ca, &server_name, now).map_err(Error::from);
+    if let Some(mut existing) = api.get_opt(&name).await? {
+        let data = existing.data.get_or_insert_with(BTreeMap::new);
+        let has_token = data
+            .get(template::ADAPTER_TOKEN_KEY)
+            .is_some_and(|t| !t.0.is_empty());
+        let reissue = crate::pki::needs_reissue(ca, data, &server_name, now);
+        if has_token && !reissue {
+            return Ok(());
+        }
+        if !has_token {
+            data.insert(template::ADAPTER_TOKEN_KEY.into(), new_token()?);
+        }
+        if reissue {
+            data.extend(issue()?);
+        }
+        existing.string_data = None;
+        // Optimistic concurrency (resourceVersion): on a conflict the next
+        // reconcile looks again.
+        return match api.replace(&name, &PostParams::default(), &existing).await {
+            Ok(_) => {
+                tracing::info!(model = %model.name_any(), namespace = %ns, secret = %name, "issued the sidecars' admin TLS certificate");
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        };
     }
-    let mut bytes = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": name,
-            "namespace": ns,
-            "labels": {labels::MANAGED_BY: labels::MANAGER, labels::MODEL: model.name_any()},
-            "ownerReferences": [template::controller_ref("Model", &model.name_any(), uid)],
+    let mut data = issue()?;
+    data.insert(template::ADAPTER_TOKEN_KEY.into(), new_token()?);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name),
+            namespace: Some(ns.to_string()),
+            labels: Some(BTreeMap::from([
+                (labels::MANAGED_BY.to_string(), labels::MANAGER.to_string()),
+                (labels::MODEL.to_string(), model.name_any()),
+            ])),
+            owner_references: Some(vec![template::controller_ref(
+                "Model",
+                &model.name_any(),
+                uid,
+            )]),
+            ..Default::default()
         },
-        "type": "Opaque",
-        "stringData": {template::ADAPTER_TOKEN_KEY: token},
-    }))?;
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Secret::default()
+    };
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
@@ -721,6 +763,8 @@ async fn ensure_adapter_token(ctx: &Context, model: &Model, ns: &str, uid: &str)
     }
 }
 
+/// Applies the Model's Service unless a foreign Service has its name.
+/// Returns true on such a conflict.
 async fn apply_service(
     ctx: &Context,
     model: &Model,

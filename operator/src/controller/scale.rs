@@ -4,14 +4,9 @@
 //! (pure: crate::autoscale), and report the decision.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
-use std::time::{Duration, Instant};
+use std::sync::{LazyLock, OnceLock};
+use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
@@ -19,7 +14,7 @@ use strata_crds::model::{MetricsSourceType, Model, ScaleDecision, SignalStatus, 
 
 use crate::autoscale::{self, Decision, Input, Limit, Policy, Signals, Targets};
 use crate::collect::{self, PodSeries};
-use crate::template::SIDECAR_ADMIN_PORT;
+use crate::sidecar_client::{SidecarClient, Target};
 
 /// Per-Model memory of the autoscaler.
 #[derive(Debug, Default)]
@@ -129,32 +124,27 @@ pub fn policy_and_targets(model: &Model) -> (Policy, Targets, f64, f64, f64) {
     (policy, targets, interval, window, sla.percentile / 100.0)
 }
 
+/// Reads a replica's `/metrics` over TLS (the Model's certificate from the
+/// operator's CA), bounded in size and to 2 s; None when it does not answer.
 pub(crate) async fn scrape(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &SidecarClient,
     ip: &str,
+    namespace: &str,
+    model: &str,
 ) -> Option<String> {
-    let uri: http::Uri = format!("http://{ip}:{SIDECAR_ADMIN_PORT}/metrics")
-        .parse()
-        .ok()?;
-    let fut = async {
-        let resp = client.get(uri).await.ok()?;
-        if !resp.status().is_success() {
-            return None;
+    let target = Target::pod(ip, namespace, model).ok()?;
+    match client.metrics(&target).await {
+        Ok(text) => Some(text),
+        Err(e) => {
+            tracing::debug!(%model, %namespace, "scraping a replica: {e}");
+            None
         }
-        let body = resp.into_body().collect().await.ok()?.to_bytes();
-        Some(String::from_utf8_lossy(&body).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(2), fut)
-        .await
-        .ok()
-        .flatten()
+    }
 }
 
-pub(crate) static CLIENT: LazyLock<Client<HttpConnector, Empty<Bytes>>> = LazyLock::new(|| {
-    let mut c = HttpConnector::new();
-    c.set_connect_timeout(Some(Duration::from_secs(1)));
-    Client::builder(TokioExecutor::new()).build(c)
-});
+/// The sidecars' client for the autoscaler's scrapes: the Context's, set
+/// once when the controllers start (until then nothing is scraped).
+pub(crate) static CLIENT: OnceLock<SidecarClient> = OnceLock::new();
 
 /// With spec.autoscaling.metrics type Prometheus: the window's and the last
 /// interval's signals from Prometheus, or why there are none (logged; the
@@ -238,9 +228,11 @@ pub async fn evaluate(
         ready_pods
     };
     // Scrape in parallel; a replica that does not answer is left out this time.
+    let (ns, name) = (model.namespace().unwrap_or_default(), model.name_any());
+    let (ns, name) = (ns.as_str(), name.as_str());
     let scrapes = futures::future::join_all(scraped.iter().map(|p| async move {
         let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
-        Some((p.name_any(), scrape(&CLIENT, &ip).await?))
+        Some((p.name_any(), scrape(CLIENT.get()?, &ip, ns, name).await?))
     }))
     .await;
     let live: std::collections::HashSet<String> = scraped.iter().map(|p| p.name_any()).collect();
