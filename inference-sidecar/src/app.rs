@@ -161,9 +161,7 @@ impl App {
             budget: strata_net::body::ByteBudget::new(
                 config.limits.request_memory_bytes - config.limits.request_memory_bytes / 4,
             ),
-            small_budget: strata_net::body::ByteBudget::new(
-                config.limits.request_memory_bytes / 4,
-            ),
+            small_budget: strata_net::body::ByteBudget::new(config.limits.request_memory_bytes / 4),
             config,
         }
     }

@@ -55,7 +55,9 @@ async fn engine(State(seen): State<Seen>, req: axum::extract::Request) -> Respon
             }
         }
         // An engine would obey: this is what the sidecar must prevent.
-        _ => Response::new(Body::from("Success: LoRA adapter 'evil' added successfully")),
+        _ => Response::new(Body::from(
+            "Success: LoRA adapter 'evil' added successfully",
+        )),
     }
 }
 
@@ -168,7 +170,8 @@ impl Sidecar {
 #[tokio::test]
 async fn every_engine_admin_path_is_refused_and_never_reaches_the_engine() {
     let s = Sidecar::start(&[]).await;
-    let evil = Bytes::from(json!({"lora_name": "evil", "lora_path": "/attacker/weights"}).to_string());
+    let evil =
+        Bytes::from(json!({"lora_name": "evil", "lora_path": "/attacker/weights"}).to_string());
     for (engine, path) in ENGINE_ADMIN_PATHS {
         for method in ["GET", "POST", "PUT", "DELETE"] {
             let (status, body) = s
@@ -181,7 +184,11 @@ async fn every_engine_admin_path_is_refused_and_never_reaches_the_engine() {
             assert_eq!(v["error"]["code"], json!(404), "{body}");
         }
     }
-    assert_eq!(s.engine_saw(), Vec::<String>::new(), "nothing reached the engine");
+    assert_eq!(
+        s.engine_saw(),
+        Vec::<String>::new(),
+        "nothing reached the engine"
+    );
     // The inference API still passes; its path is the allowlist's own.
     let chat = Bytes::from(json!({"model": "llama", "messages": []}).to_string());
     let (status, _) = s
@@ -189,7 +196,10 @@ async fn every_engine_admin_path_is_refused_and_never_reaches_the_engine() {
         .await
         .expect("chat");
     assert_eq!(status, 200);
-    let (status, _) = s.send("GET", "/v1/models", Bytes::new()).await.expect("models");
+    let (status, _) = s
+        .send("GET", "/v1/models", Bytes::new())
+        .await
+        .expect("models");
     assert_eq!(status, 200);
     let (status, _) = s
         .send("GET", "/v1/chat/completions", Bytes::new())
@@ -220,9 +230,8 @@ async fn slow_body(addr: SocketAddr, declared: usize) -> Option<tokio::net::TcpS
 
 #[tokio::test]
 async fn attack_bodies_cannot_exhaust_the_sidecar_and_valid_traffic_goes_on() {
-    let s = Arc::new(
-        Sidecar::start(&["--header-read-timeout=3", "--request-body-timeout=4"]).await,
-    );
+    let s =
+        Arc::new(Sidecar::start(&["--header-read-timeout=3", "--request-body-timeout=4"]).await);
     let baseline = s.peak_rss_kib();
 
     // Valid traffic throughout the attacks.
@@ -260,10 +269,14 @@ async fn attack_bodies_cannot_exhaust_the_sidecar_and_valid_traffic_goes_on() {
     // 2. The same, chunked (no Content-Length): cut at the cap.
     let chunks = prompt
         .chunks(256 * 1024)
-        .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::copy_from_slice(c))))
+        .map(|c| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::copy_from_slice(c)))
+        })
         .collect::<Vec<_>>();
     let req = http::Request::post(format!("http://{}/v1/completions", s.api))
-        .body(http_body_util::StreamBody::new(futures::stream::iter(chunks)))
+        .body(http_body_util::StreamBody::new(futures::stream::iter(
+            chunks,
+        )))
         .expect("req");
     let chunked: Client<HttpConnector, _> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
@@ -314,7 +327,10 @@ async fn attack_bodies_cannot_exhaust_the_sidecar_and_valid_traffic_goes_on() {
             .all(|k| k == "200" || k == "503" || k == "refused while sending"),
         "large bodies are served or told to retry: {codes:?}"
     );
-    assert!(codes.contains_key("200"), "some large bodies are served: {codes:?}");
+    assert!(
+        codes.contains_key("200"),
+        "some large bodies are served: {codes:?}"
+    );
 
     let results = valid.await.expect("valid traffic");
     let failed: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(200))).collect();
