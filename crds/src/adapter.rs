@@ -24,6 +24,7 @@ use crate::common::Source;
     status = "AdapterStatus",
     derive = "PartialEq",
     cel,
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 58").message("an Adapter's name becomes its Service's name (<name>-lora) and a label key: at most 58 lowercase letters, digits and '-', starting with a letter and ending with a letter or digit (e.g. sql-v2, not sql.v2)"),
     doc = "A LoRA adapter loaded live onto the replicas of a Model in the same namespace.",
     printcolumn(
         name = "MODEL",
@@ -50,7 +51,7 @@ pub struct AdapterSpec {
     /// onto. The Model must set spec.adapters. Immutable.
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("model is immutable: create a new Adapter for another Model"))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("model must be the name of a Model: lowercase letters, digits, '-' and '.'"))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 63").message("model must be the name of a Model: at most 63 lowercase letters, digits and '-', starting with a letter"))]
     pub model: String,
 
     /// Where the adapter's weights come from (hf://, s3://, gs://, pvc://,
@@ -63,7 +64,7 @@ pub struct AdapterSpec {
     /// Defaults to metadata.name. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._/:-]*$')").message("servedName may hold letters, digits, '.', '_', '/', ':' and '-', and must start with a letter or digit"))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._:-]*$')").message("servedName may hold letters, digits, '.', '_', ':' and '-' (no '/': the name is part of the adapter API's paths), and must start with a letter or digit"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("servedName is immutable: clients address the adapter by it"))]
     pub served_name: Option<String>,
 

@@ -32,6 +32,7 @@ fn default_gpu_resource() -> String {
     status = "GPUPoolStatus",
     derive = "PartialEq",
     cel,
+    validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && size(self.metadata.name) <= 63").message("a GPUPool's name becomes a label value on its replicas: at most 63 lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"),
     doc = "A set of NVIDIA GPU nodes, chosen by label, that Strata places model replicas on.",
     printcolumn(
         name = "NODES",

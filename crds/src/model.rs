@@ -30,6 +30,7 @@ use crate::common::{Source, duration_format, duration_range};
     status = "ModelStatus",
     derive = "PartialEq",
     cel,
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 63").message("a Model's name becomes its Service's name and a label value: at most 63 lowercase letters, digits and '-', starting with a letter and ending with a letter or digit (e.g. llama-3-1-8b, not llama-3.1-8b)"),
     doc = "A foundation model served by an inference engine on NVIDIA GPU pools, kept inside its latency targets.",
     scale(
         spec_replicas_path = ".spec.replicas",
