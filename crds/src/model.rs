@@ -205,6 +205,29 @@ pub struct Engine {
     /// requested with gpusPerReplica, not here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<EngineResources>,
+
+    /// Who the engine runs as. By default a non-root user (UID 1000, its
+    /// home and caches on an emptyDir at /cache) with no privileges, no
+    /// capabilities and the runtime's seccomp profile: admitted where Pod
+    /// Security enforces "restricted".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<EngineSecurity>,
+}
+
+/// Who the engine container runs as.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineSecurity {
+    /// UID (and GID) of the engine process; default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2147483647").message("engine.security.runAsUser must be a non-root UID (1 or more); use runAsRoot for images that need root"))]
+    pub run_as_user: Option<i64>,
+
+    /// Run the engine as the image's user, root included, for images that
+    /// need it. Such pods are refused where Pod Security enforces
+    /// "restricted".
+    #[serde(default)]
+    pub run_as_root: bool,
 }
 
 /// CPU and memory of the engine container.

@@ -208,8 +208,16 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     .await
     .expect("the h100 pool reports 2 nodes and 16 free GPUs");
 
-    // A Model, manual replicas, H100 first then L4.
+    // A Model, manual replicas, H100 first then L4, in a namespace where
+    // Pod Security enforces "restricted": its pods must be admitted there.
     let ns = test_namespace(&client, "models").await.expect("namespace");
+    let out = w.kubectl(&[
+        "label",
+        "namespace",
+        &ns,
+        "pod-security.kubernetes.io/enforce=restricted",
+    ]);
+    assert!(out.status.success(), "labelling the namespace restricted");
     let secret: Secret = serde_json::from_value(
         json!({"metadata": {"name": "hf-token"}, "stringData": {"HF_TOKEN": "hf_e2e"}}),
     )

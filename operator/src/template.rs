@@ -163,6 +163,24 @@ impl ReplicaTemplate<'_> {
             env.retain(|x| x.name != e.name);
             env.push(e.clone());
         }
+        // A home and caches the engine's user can write (the image's may
+        // belong to root), unless the Model sets them.
+        let security = spec.engine.security.clone().unwrap_or_default();
+        if !security.run_as_root {
+            for (k, v) in [
+                ("HOME", CACHE_DIR.to_string()),
+                ("XDG_CACHE_HOME", CACHE_DIR.to_string()),
+                ("HF_HOME", format!("{CACHE_DIR}/huggingface")),
+            ] {
+                if !env.iter().any(|e| e.name == k) {
+                    env.push(EnvVar {
+                        name: s(k),
+                        value: Some(v),
+                        value_from: None,
+                    });
+                }
+            }
+        }
         if spec.engine.engine_type == strata_crds::model::EngineType::Custom {
             env.push(EnvVar {
                 name: s("PORT"),
@@ -211,6 +229,18 @@ impl ReplicaTemplate<'_> {
             mount_path: s("/dev/shm"),
             ..VolumeMount::default()
         }];
+        if !security.run_as_root {
+            volumes.push(Volume {
+                name: s("cache"),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            });
+            mounts.push(VolumeMount {
+                name: s("cache"),
+                mount_path: s(CACHE_DIR),
+                ..VolumeMount::default()
+            });
+        }
         let mut init_containers = Vec::new();
         match &source {
             SourceKind::Hf { .. } => {}
@@ -302,6 +332,7 @@ impl ReplicaTemplate<'_> {
                 claims: None,
             }),
             volume_mounts: Some(mounts),
+            security_context: Some(engine_security(&security)),
             ..Container::default()
         };
 
@@ -433,6 +464,9 @@ impl ReplicaTemplate<'_> {
                     type_: s("RuntimeDefault"),
                     localhost_profile: None,
                 }),
+                // Volumes (the cache, fetched weights) writable by the engine's group.
+                fs_group: (!security.run_as_root)
+                    .then(|| security.run_as_user.unwrap_or(ENGINE_UID)),
                 ..PodSecurityContext::default()
             }),
             ..PodSpec::default()
@@ -555,6 +589,34 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// The engine's UID unless the Model names one.
+pub const ENGINE_UID: i64 = 1000;
+/// The engine's home and caches (an emptyDir).
+pub const CACHE_DIR: &str = "/cache";
+
+/// The engine container's security context: Pod Security "restricted"
+/// (non-root, no privilege escalation, no capabilities, the runtime's
+/// seccomp profile), or, with runAsRoot, the image's user but still no
+/// escalation. The root filesystem stays writable (engines write to /tmp).
+pub fn engine_security(sec: &strata_crds::model::EngineSecurity) -> SecurityContext {
+    let uid = sec.run_as_user.unwrap_or(ENGINE_UID);
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        run_as_non_root: (!sec.run_as_root).then_some(true),
+        run_as_user: (!sec.run_as_root).then_some(uid),
+        run_as_group: (!sec.run_as_root).then_some(uid),
+        capabilities: (!sec.run_as_root).then(|| Capabilities {
+            drop: Some(vec![s("ALL")]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: s("RuntimeDefault"),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
 fn hardened() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -594,6 +656,69 @@ mod tests {
             sidecar_image: "ghcr.io/strata-ai/strata-sidecar:test".into(),
             extra_pod_labels: BTreeMap::new(),
         }
+    }
+
+    fn engine_pod_spec(m: &Model) -> PodSpec {
+        let s = settings();
+        ReplicaTemplate {
+            model: m,
+            pool: &m.spec.pools[0],
+            tolerations: &[],
+            gpu_resource: "nvidia.com/gpu",
+            settings: &s,
+        }
+        .pod_spec()
+        .expect("spec")
+    }
+
+    #[test]
+    fn the_engine_runs_restricted_unless_the_model_says_root() {
+        let m = model();
+        let spec = engine_pod_spec(&m);
+        let engine = &spec.containers[0];
+        let sc = engine.security_context.clone().expect("security context");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.run_as_user, Some(ENGINE_UID));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()])
+        );
+        let env: Vec<_> = engine
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert!(env.contains(&"HOME") && env.contains(&"HF_HOME"), "{env:?}");
+        assert!(
+            engine
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|v| v.mount_path == CACHE_DIR)
+        );
+        assert_eq!(
+            spec.security_context.and_then(|p| p.fs_group),
+            Some(ENGINE_UID)
+        );
+
+        let mut root = model();
+        root.spec.engine.security = Some(strata_crds::model::EngineSecurity {
+            run_as_user: None,
+            run_as_root: true,
+        });
+        let spec = engine_pod_spec(&root);
+        let sc = spec.containers[0].security_context.clone().expect("sc");
+        assert_eq!((sc.run_as_non_root, sc.run_as_user), (None, None));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert!(
+            !spec.containers[0]
+                .env
+                .iter()
+                .flatten()
+                .any(|e| e.name == "HOME")
+        );
     }
 
     #[test]
