@@ -694,4 +694,57 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     )
     .await
     .expect("garbage collected");
+
+    // A persistent refusal (a quota that allows no pods) is visible on the
+    // Model: the ReconcileError condition and a Warning Event carry the API
+    // server's words, without the operator's logs.
+    let quota_ns = test_namespace(&client, "quota").await.expect("namespace");
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}
+    }))
+    .expect("quota");
+    Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(client.clone(), &quota_ns)
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("quota");
+    let blocked_models: Api<Model> = Api::namespaced(client.clone(), &quota_ns);
+    let mut blocked = repo_yaml("samples/model-llama.yaml").expect("sample");
+    blocked["metadata"] = json!({"name": "blocked"});
+    blocked["spec"]["autoscaling"] = json!({"mode": "Manual"});
+    blocked["spec"]["replicas"] = json!(1);
+    let blocked: Model = serde_json::from_value(blocked).expect("model");
+    blocked_models
+        .create(&PostParams::default(), &blocked)
+        .await
+        .expect("create model");
+    wait_model(
+        &blocked_models,
+        "blocked",
+        "ReconcileError True with the quota's words",
+        |m| {
+            m.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.type_ == "ReconcileError"
+                        && c.status == "True"
+                        && c.message.contains("exceeded quota")
+                })
+            })
+        },
+    )
+    .await;
+    let warnings =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &quota_ns)
+            .list(&ListParams::default())
+            .await
+            .expect("events");
+    assert!(
+        warnings.items.iter().any(|e| {
+            e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("blocked")
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("exceeded quota"))
+        }),
+        "a Warning Event on the Model"
+    );
 }

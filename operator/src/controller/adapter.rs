@@ -159,6 +159,7 @@ pub async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Actio
     let ns = adapter.namespace().ok_or(Error::MissingKey("namespace"))?;
     let api: Api<Adapter> = Api::namespaced(ctx.client.clone(), &ns);
     let started = Instant::now();
+    let obj = adapter.clone();
     let res = finalizer(&api, labels::ADAPTER_FINALIZER, adapter, |ev| async {
         match ev {
             finalizer::Event::Apply(a) => apply(&a, &ctx, &ns).await,
@@ -170,6 +171,23 @@ pub async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Actio
         .reconcile_duration
         .with_label_values(&["adapter"])
         .observe(started.elapsed().as_secs_f64());
+    let res = into_result(&ctx, res);
+    if obj.metadata.deletion_timestamp.is_none() {
+        let existing = obj
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let outcome = res.as_ref().map(|_| ());
+        super::report::report(&ctx, "adapter", obj.as_ref(), &existing, outcome).await;
+    }
+    res
+}
+
+fn into_result(
+    ctx: &Context,
+    res: std::result::Result<Action, finalizer::Error<Error>>,
+) -> Result<Action> {
     match res {
         Ok(a) => {
             ctx.metrics
@@ -194,13 +212,13 @@ pub async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Actio
 }
 
 /// Backoff after an error.
-pub fn error_policy(_a: Arc<Adapter>, e: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(a: Arc<Adapter>, e: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .errors
         .with_label_values(&["adapter", e.metric_label()])
         .inc();
-    tracing::warn!("adapter reconcile: {e}");
-    Action::requeue(Duration::from_secs(10))
+    tracing::warn!(adapter = %a.name_any(), namespace = ?a.namespace(), "adapter reconcile: {e}");
+    Action::requeue(super::report::retry_after(&ctx, "adapter", a.as_ref()))
 }
 
 fn model_pods(ctx: &Context, ns: &str, model: &Model) -> Vec<Pod> {

@@ -6,6 +6,7 @@ pub mod energy;
 pub mod model;
 pub mod pool;
 pub mod prometheus;
+pub mod report;
 pub mod scale;
 
 use std::collections::{BTreeMap, HashMap};
@@ -83,6 +84,8 @@ pub struct Context {
     /// One Adapter plan at a time per Model (its replicas' room is shared),
     /// by Model key.
     pub adapter_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Failed reconciles in a row, by controller/namespace/name (backoff).
+    pub failures: std::sync::Mutex<HashMap<String, u32>>,
     /// Failed adapter loads by (Adapter UID, pod).
     pub adapter_failures: Mutex<HashMap<(String, String), adapter::Failures>>,
     /// The client of the sidecars' admin ports (TLS, trusting `config.ca`).
@@ -210,6 +213,7 @@ pub async fn run(
         scalers: Mutex::new(HashMap::new()),
         adapter_locks: Mutex::new(HashMap::new()),
         adapter_failures: Mutex::new(HashMap::new()),
+        failures: std::sync::Mutex::new(HashMap::new()),
         sidecars,
     });
 

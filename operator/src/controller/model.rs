@@ -112,17 +112,27 @@ pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action> {
         .observe(start.elapsed().as_secs_f64());
     let result = if res.is_ok() { "success" } else { "error" };
     m.reconciles.with_label_values(&[CONTROLLER, result]).inc();
+    if model.metadata.deletion_timestamp.is_none() {
+        let existing = model
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let outcome = res.as_ref().map(|_| ());
+        super::report::report(&ctx, CONTROLLER, model.as_ref(), &existing, outcome).await;
+    }
     res
 }
 
-/// On error: count it, tell the Model's Events, retry soon.
+/// On error: count it and retry with backoff (the reconcile wrapper has
+/// told the Model: a Warning Event and the ReconcileError condition).
 pub fn error_policy(model: Arc<Model>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .errors
         .with_label_values(&[CONTROLLER, err.metric_label()])
         .inc();
     tracing::warn!(model = %model.name_any(), namespace = ?model.namespace(), category = err.metric_label(), "reconcile failed: {err}");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(super::report::retry_after(&ctx, CONTROLLER, model.as_ref()))
 }
 
 struct PoolTemplate<'a> {
