@@ -61,6 +61,24 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Removes a deleted Model's series.
+    pub fn forget_model(&self, namespace: &str, model: &str) {
+        let l = [namespace, model];
+        let _ = self.unplaceable.remove_label_values(&l);
+        let _ = self.desired_replicas.remove_label_values(&l);
+        let _ = self.model_energy.remove_label_values(&l);
+        let _ = self.model_power.remove_label_values(&l);
+        let _ = self.model_utilization.remove_label_values(&l);
+        let _ = self.model_tokens.remove_label_values(&l);
+    }
+
+    /// Removes a deleted Adapter's series.
+    pub fn forget_adapter(&self, namespace: &str, adapter: &str) {
+        let _ = self
+            .adapter_energy
+            .remove_label_values(&[namespace, adapter]);
+    }
+
     /// Registers every metric.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();

@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod energy;
+pub mod janitor;
 pub mod model;
 pub mod pool;
 pub mod prometheus;
@@ -307,6 +308,12 @@ pub async fn run(
                 tracing::debug!("adapter controller: {e}");
             }
         });
+    let janitor = tokio::spawn(janitor::run(
+        ctx.clone(),
+        model_store.clone(),
+        adapter_store.clone(),
+        rx.clone(),
+    ));
     let accountant = tokio::spawn(energy::run(
         ctx.clone(),
         model_store.clone(),
@@ -391,6 +398,7 @@ pub async fn run(
     futures::join!(models, gpupools, adapters);
     backlog.abort();
     accountant.abort();
+    janitor.abort();
     tracing::info!("controllers stopped");
 }
 

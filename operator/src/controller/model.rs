@@ -183,7 +183,14 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
             .filter(|p| view::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
             .collect();
         // Take this Model's scaler out so that scraping does not hold the lock.
-        let mut scaler = ctx.scalers.lock().await.remove(&key).unwrap_or_default();
+        // Keyed by UID too: a Model re-created under the same name starts afresh.
+        let scaler_key = format!("{key}#{uid}");
+        let mut scaler = ctx
+            .scalers
+            .lock()
+            .await
+            .remove(&scaler_key)
+            .unwrap_or_default();
         // The count this process decided last; the status in the cache can
         // lag behind its own write (a reconcile woken by the pods it just
         // deleted would otherwise read the old count and create them again).
@@ -209,7 +216,7 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
             scaler.last_decision = Some(super::scale::decision_status(e));
         }
         last_decision = scaler.last_decision.clone();
-        ctx.scalers.lock().await.insert(key.clone(), scaler);
+        ctx.scalers.lock().await.insert(scaler_key, scaler);
         if let (true, Some(e)) = (evaluated, &evaluation) {
             ctx.metrics
                 .autoscaler_decisions
@@ -237,7 +244,7 @@ async fn reconcile_inner(model: &Model, ctx: &Context) -> Result<Action> {
     } else {
         // Not autoscaled: forget the autoscaler's memory, so that coming back
         // to SLA mode starts from the status, not from an old decision.
-        ctx.scalers.lock().await.remove(&key);
+        ctx.scalers.lock().await.remove(&format!("{key}#{uid}"));
         spec_desired
     };
     ctx.metrics
