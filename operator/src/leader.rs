@@ -1,5 +1,13 @@
 //! Leader election on a coordination.k8s.io Lease: one instance reconciles,
 //! the others stand by and take over when the holder stops renewing.
+//!
+//! With a safety margin: a standby may take the lease `duration` after the
+//! holder's last renewal started; the holder gives up (and the process
+//! exits, stopping every controller) once `renew deadline` = 2/3 of the
+//! duration has passed since its last successful renewal started, and
+//! every lease call is cut at 1/5 of the duration, so a stalled API server
+//! cannot keep the holder waiting past its deadline. The holder stops
+//! writing a third of a lease before anyone else may start.
 
 use std::time::Duration;
 
@@ -20,6 +28,24 @@ pub struct LeaseConfig {
     pub identity: String,
     /// How long a lease lasts without renewal.
     pub duration: Duration,
+}
+
+impl LeaseConfig {
+    /// How long after its last successful renewal (started) the holder
+    /// gives up: 2/3 of the lease.
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+
+    /// The longest a single lease call may take.
+    pub fn call_timeout(&self) -> Duration {
+        (self.duration / 5).max(Duration::from_millis(200))
+    }
+
+    /// How often the holder renews.
+    pub fn renew_every(&self) -> Duration {
+        (self.duration / 5).max(Duration::from_millis(200))
+    }
 }
 
 /// What the holder check decided.
@@ -75,8 +101,19 @@ impl Elector {
         }
     }
 
-    /// Tries once to acquire or renew. Ok(true): we are the leader now.
+    /// Tries once to acquire or renew, within the call timeout. Ok(true):
+    /// we are the leader now. A call cut short is an error (not leading).
     pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
+        let limit = self.config.call_timeout();
+        match tokio::time::timeout(limit, self.try_acquire_unbounded()).await {
+            Ok(r) => r,
+            Err(_) => Err(kube::Error::Service(
+                format!("the lease call took longer than {limit:?}").into(),
+            )),
+        }
+    }
+
+    async fn try_acquire_unbounded(&self) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
         match self.api.get_opt(&self.config.name).await? {
             None => {
@@ -116,8 +153,20 @@ impl Elector {
         }
     }
 
-    /// Gives the lease up (on graceful shutdown), so a standby takes over at once.
+    /// Gives the lease up (on graceful shutdown), so a standby takes over
+    /// at once; bounded by the call timeout (a stalled API server cannot
+    /// hold up the exit).
     pub async fn release(&self) {
+        let limit = self.config.call_timeout();
+        if tokio::time::timeout(limit, self.release_unbounded())
+            .await
+            .is_err()
+        {
+            tracing::warn!("releasing the lease took longer than {limit:?}; leaving it to expire");
+        }
+    }
+
+    async fn release_unbounded(&self) {
         if let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await
             && let Some(spec) = lease.spec.as_mut()
             && spec.holder_identity.as_deref() == Some(self.config.identity.as_str())
@@ -147,24 +196,33 @@ impl Elector {
         }
     }
 
-    /// Renews until renewal has failed for a whole lease duration; returns
-    /// when leadership is lost.
+    /// Renews until it cannot: returns when another instance took the
+    /// lease, or when no renewal has succeeded within the renew deadline
+    /// (counted from the start of the last successful one, which is the
+    /// renewTime the standbys see). The caller must stop acting at once.
     pub async fn hold(&self) {
-        let every = self.config.duration / 3;
+        let deadline_after = self.config.renew_deadline();
         let mut last_ok = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(every).await;
-            match self.try_acquire().await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
-                Ok(false) => {
+            tokio::time::sleep(self.config.renew_every()).await;
+            let started = tokio::time::Instant::now();
+            let deadline = last_ok + deadline_after;
+            if started >= deadline {
+                tracing::error!("could not renew the lease within {deadline_after:?}");
+                return;
+            }
+            // No call may outlive the deadline.
+            match tokio::time::timeout_at(deadline, self.try_acquire()).await {
+                Ok(Ok(true)) => last_ok = started,
+                Ok(Ok(false)) => {
                     tracing::error!("the lease was taken by another instance");
                     return;
                 }
-                Err(e) => tracing::warn!("renewing the lease: {e}"),
-            }
-            if last_ok.elapsed() >= self.config.duration {
-                tracing::error!("could not renew the lease for {:?}", self.config.duration);
-                return;
+                Ok(Err(e)) => tracing::warn!("renewing the lease: {e}"),
+                Err(_) => {
+                    tracing::error!("could not renew the lease within {deadline_after:?}");
+                    return;
+                }
             }
         }
     }
@@ -182,6 +240,25 @@ mod tests {
             renew_time: Some(MicroTime(now - SignedDuration::from_secs(renewed_secs_ago))),
             ..LeaseSpec::default()
         }
+    }
+
+    #[test]
+    fn the_holder_gives_up_well_before_a_standby_may_take_over() {
+        let c = LeaseConfig {
+            name: "l".into(),
+            namespace: "n".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(15),
+        };
+        assert_eq!(c.renew_deadline(), Duration::from_secs(10));
+        assert_eq!(c.call_timeout(), Duration::from_secs(3));
+        // The last renewal plus a call cut at its timeout still ends inside
+        // the lease, with a margin.
+        assert!(c.renew_deadline() + c.call_timeout() < c.duration);
+        assert!(
+            c.renew_every() * 2 < c.renew_deadline(),
+            "two tries per deadline"
+        );
     }
 
     #[test]
