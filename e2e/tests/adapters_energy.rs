@@ -601,6 +601,49 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         "restarted in place, as the kubelet would"
     );
     adapter_loaded_on(&adapters, "sql", 3).await;
+    // The engine alone restarts in another replica (the kubelet restarts
+    // the container in place): it comes back without its adapters, and the
+    // sidecar loads them again; `sql` is served there within 30 s.
+    let engine_victim = &names[1];
+    let pid: i32 = std::fs::read_to_string(pod_dir(w, &ns, engine_victim).join("engine.pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the engine");
+    let victim_ip = ip(&pods.get(engine_victim).await.expect("pod"));
+    let killed = std::time::Instant::now();
+    loop {
+        let restarted = std::fs::read_to_string(pod_dir(w, &ns, engine_victim).join("engine.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .is_some_and(|p| p != pid);
+        if restarted && chat(&victim_ip, "sql").await.0 == 200 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "sql is served again by {engine_victim} within 30 s of its engine's restart"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let metrics = strata_e2e::http::get_https(
+        format!("{victim_ip}:9090").parse().expect("addr"),
+        "/metrics",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("sidecar metrics");
+    assert!(
+        metrics.body.lines().any(|l| l.starts_with(
+            "strata_adapter_operations_total{operation=\"reload\",result=\"success\"}"
+        )),
+        "the sidecar counts the reload"
+    );
     // The operator restarts too: the new one continues from status.
     operator.kill().await.expect("stop the operator");
     tokio::time::sleep(Duration::from_secs(3)).await; // load runs while no operator reads it

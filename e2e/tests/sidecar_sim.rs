@@ -69,6 +69,7 @@ async fn start(config: SimConfig) -> Pair {
     let intervals = Intervals {
         health: Duration::from_millis(100),
         engine_metrics: Duration::from_millis(100),
+        adapters: Duration::from_millis(200),
     };
     tokio::spawn(server::run(app, api, admin, intervals, async move {
         let _ = r2.await;

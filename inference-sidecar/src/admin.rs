@@ -250,6 +250,9 @@ pub async fn load(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
         }
     }
     adapters.insert(req.name.clone(), req.source.clone());
+    if let Ok(mut paths) = app.adapter_paths.lock() {
+        paths.insert(req.name.clone(), path.clone());
+    }
     app.metrics.adapters_loaded.set(adapters.len() as i64);
     app.metrics
         .adapter_operations
@@ -320,6 +323,9 @@ pub async fn unload(
         }
     }
     adapters.remove(&name);
+    if let Ok(mut paths) = app.adapter_paths.lock() {
+        paths.remove(&name);
+    }
     if let Some(dir) = app.config.adapter_dir.as_deref() {
         let _ = tokio::fs::remove_dir_all(crate::fetch::adapter_path(dir, &name)).await;
     }
@@ -330,6 +336,94 @@ pub async fn unload(
         .inc();
     tracing::info!(adapter = %name, "adapter unloaded");
     Json(json!({"name": name, "status": "unloaded", "changed": true})).into_response()
+}
+
+/// The model ids an engine's `/v1/models` answer lists. Pure.
+pub fn listed_models(body: &[u8]) -> Option<std::collections::BTreeSet<String>> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    Some(
+        v.get("data")?
+            .as_array()?
+            .iter()
+            .filter_map(|m| m.get("id").and_then(serde_json::Value::as_str))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Keeps the engine's adapters in line with what was loaded through the
+/// adapter API: an engine that restarted inside the pod (its process alone)
+/// has lost them, so every `every` the engine's `/v1/models` is read and
+/// what is missing there is loaded again from the same path. Only for
+/// engines that list their adapters there (vLLM and Custom).
+pub async fn keep_adapters(app: Arc<App>, every: Duration) {
+    let Some((load_path, _)) = app.config.engine.adapter_paths() else {
+        return;
+    };
+    if !matches!(
+        app.config.engine,
+        crate::engine::EngineKind::Vllm | crate::engine::EngineKind::Custom
+    ) {
+        return;
+    }
+    loop {
+        tokio::time::sleep(every).await;
+        if !app.engine_ready.load(Ordering::Relaxed) || app.adapters.read().await.is_empty() {
+            continue;
+        }
+        let listed = match app
+            .call(Method::GET, "/v1/models", None, Duration::from_secs(5))
+            .await
+        {
+            Ok((s, body)) if s.is_success() => listed_models(&body),
+            _ => None,
+        };
+        let Some(listed) = listed else {
+            continue;
+        };
+        // Hold the adapter API while reloading: no load or unload meanwhile.
+        let adapters = app.adapters.write().await;
+        let paths = app
+            .adapter_paths
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        for name in adapters.keys().filter(|n| !listed.contains(*n)) {
+            let Some(path) = paths.get(name) else {
+                continue;
+            };
+            tracing::warn!(adapter = %name, "the engine lost the adapter (restarted?); loading it again");
+            let body = json!({"lora_name": name, "lora_path": path}).to_string();
+            let result = match app
+                .call(
+                    Method::POST,
+                    load_path,
+                    Some(Bytes::from(body)),
+                    Duration::from_secs(300),
+                )
+                .await
+            {
+                Ok((status, text))
+                    if status.is_success()
+                        || String::from_utf8_lossy(&text).contains("has already been loaded") =>
+                {
+                    "success"
+                }
+                Ok((status, text)) => {
+                    tracing::warn!(adapter = %name, %status, "reloading: {}", String::from_utf8_lossy(&text));
+                    "engine_error"
+                }
+                Err(e) => {
+                    tracing::warn!(adapter = %name, "reloading: {e}");
+                    "engine_error"
+                }
+            };
+            app.metrics
+                .adapter_operations
+                .with_label_values(&["reload", result])
+                .inc();
+        }
+    }
 }
 
 /// Polls the engine's health endpoint: readiness follows it.
@@ -392,5 +486,19 @@ pub async fn scrape_engine(app: Arc<App>, every: Duration) {
             }
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_ids_an_engine_lists() {
+        let body = br#"{"object":"list","data":[{"id":"llama","object":"model"},{"id":"sql","root":"/a","parent":"llama"}]}"#;
+        let ids = listed_models(body).expect("a list");
+        assert_eq!(ids.into_iter().collect::<Vec<_>>(), ["llama", "sql"]);
+        assert_eq!(listed_models(b"<html>"), None);
+        assert_eq!(listed_models(br#"{"data": 3}"#), None);
     }
 }

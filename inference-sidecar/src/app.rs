@@ -110,6 +110,9 @@ pub struct App {
     pub engine_ready: AtomicBool,
     /// Adapters loaded through the adapter API: name to source.
     pub adapters: tokio::sync::RwLock<BTreeMap<String, String>>,
+    /// Where the engine loaded each adapter from (its `lora_path`), to load
+    /// it again after an engine restart.
+    pub adapter_paths: std::sync::Mutex<BTreeMap<String, String>>,
     /// Slots of requests in flight.
     pub slots: Arc<tokio::sync::Semaphore>,
     /// Memory of large (or undeclared) request bodies and of answers read
@@ -155,6 +158,7 @@ impl App {
             metrics,
             engine_ready: AtomicBool::new(false),
             adapters: tokio::sync::RwLock::new(BTreeMap::new()),
+            adapter_paths: std::sync::Mutex::new(BTreeMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_concurrent_requests.max(1),
             )),

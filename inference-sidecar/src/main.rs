@@ -63,6 +63,10 @@ struct Cli {
     /// Seconds between engine metric scrapes.
     #[arg(long, default_value_t = 2.0)]
     engine_metrics_interval: f64,
+    /// Seconds between checks that the engine still has its adapters
+    /// (an engine restarted in the pod has lost them: they are reloaded).
+    #[arg(long, default_value_t = 5.0)]
+    adapter_check_interval: f64,
     /// Seconds between engine health checks.
     #[arg(long, default_value_t = 1.0)]
     engine_health_interval: f64,
@@ -190,6 +194,7 @@ async fn main() -> ExitCode {
     let intervals = Intervals {
         health: secs(cli.engine_health_interval),
         engine_metrics: secs(cli.engine_metrics_interval),
+        adapters: secs(cli.adapter_check_interval),
     };
     match server::run(app, api, admin, intervals, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,6 +38,9 @@ pub struct Intervals {
     pub health: Duration,
     /// Engine metrics scrapes.
     pub engine_metrics: Duration,
+    /// Checks that the engine still has the adapters loaded through the
+    /// adapter API.
+    pub adapters: Duration,
 }
 
 /// Why the sidecar cannot serve.
@@ -68,6 +71,7 @@ pub async fn run(
     };
     let health = tokio::spawn(admin::watch_engine_health(app.clone(), intervals.health));
     let scrape = tokio::spawn(admin::scrape_engine(app.clone(), intervals.engine_metrics));
+    let keep = tokio::spawn(admin::keep_adapters(app.clone(), intervals.adapters));
     let (tx, rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -92,6 +96,7 @@ pub async fn run(
     let (a, b) = tokio::join!(api_srv, admin_srv);
     health.abort();
     scrape.abort();
+    keep.abort();
     a?;
     b?;
     Ok(())

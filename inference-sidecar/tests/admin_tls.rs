@@ -150,6 +150,7 @@ async fn sidecar(dir: &Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let intervals = Intervals {
         health: Duration::from_millis(100),
         engine_metrics: Duration::from_millis(100),
+        adapters: Duration::from_millis(200),
     };
     tokio::spawn(server::run(app, api, admin, intervals, async move {
         let _ = rx.await;

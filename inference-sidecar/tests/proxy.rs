@@ -197,6 +197,7 @@ async fn start_with(adapter_dir: Option<std::path::PathBuf>, hf_endpoint: String
     let intervals = Intervals {
         health: Duration::from_millis(50),
         engine_metrics: Duration::from_millis(50),
+        adapters: Duration::from_millis(200),
     };
     tokio::spawn(server::run(app, api, admin, intervals, async move {
         let _ = rx.await;
@@ -591,6 +592,7 @@ async fn an_unreachable_engine_is_a_clear_502() {
     let intervals = Intervals {
         health: Duration::from_millis(50),
         engine_metrics: Duration::from_millis(50),
+        adapters: Duration::from_millis(200),
     };
     tokio::spawn(server::run(
         app,
