@@ -71,11 +71,8 @@ pub async fn run(
         dropped += prune(&mut *ctx.adapter_locks.lock().await, |k| {
             live_models.contains(k)
         });
-        let live_adapter_uids: BTreeSet<String> = adapters
-            .state()
-            .iter()
-            .filter_map(|a| a.uid())
-            .collect();
+        let live_adapter_uids: BTreeSet<String> =
+            adapters.state().iter().filter_map(|a| a.uid()).collect();
         {
             let mut f = ctx.adapter_failures.lock().await;
             let before = f.len();
