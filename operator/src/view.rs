@@ -45,6 +45,49 @@ pub fn pod_gpu_requests(pod: &Pod) -> BTreeMap<String, i64> {
     total
 }
 
+/// Trims a pod Strata does not own (no `strata.ai/model` label) to what
+/// GPU accounting reads: its identity, node, containers' and init
+/// containers' names and resources, phase and deletion. The operator
+/// watches every pod of the cluster (other workloads hold GPUs too), so
+/// this keeps its cache proportional to what it uses. Managed fields go
+/// from every pod. Pure.
+pub fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    let ours = pod
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(crate::labels::MODEL));
+    if ours {
+        return;
+    }
+    pod.metadata.annotations = None;
+    pod.metadata.labels = None;
+    pod.metadata.owner_references = None;
+    if let Some(spec) = pod.spec.take() {
+        let keep =
+            |c: k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
+                name: c.name,
+                resources: c.resources,
+                ..Default::default()
+            };
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name,
+            containers: spec.containers.into_iter().map(keep).collect(),
+            init_containers: spec
+                .init_containers
+                .map(|cs| cs.into_iter().map(keep).collect()),
+            ..Default::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase,
+            ..Default::default()
+        });
+    }
+}
+
 /// The node a pod is bound to, or the node its required affinity pins it to
 /// (a planned pod the scheduler has not bound yet).
 pub fn pod_node(pod: &Pod) -> Option<String> {
@@ -224,5 +267,41 @@ mod tests {
         assert!(v.ready);
         assert_eq!(v.taints.len(), 1);
         assert!(!v.allocatable.contains_key("cpu"));
+    }
+
+    #[test]
+    fn foreign_pods_keep_what_gpu_accounting_reads() {
+        let mut foreign: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "train", "namespace": "ml", "annotations": {"big": "x".repeat(4096)},
+                         "labels": {"app": "trainer"}, "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "h100-0",
+                     "containers": [{"name": "a", "image": "trainer", "env": [{"name": "A", "value": "b"}],
+                                     "args": ["--lots"], "resources": {"limits": {"nvidia.com/gpu": "4"}}}],
+                     "initContainers": [{"name": "i", "image": "init", "resources": {"limits": {"nvidia.com/gpu": "6"}}}],
+                     "volumes": [{"name": "v", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod");
+        let (gpus, node, holds) = (
+            pod_gpu_requests(&foreign),
+            pod_node(&foreign),
+            pod_holds_resources(&foreign),
+        );
+        let before = serde_json::to_vec(&foreign).expect("json").len();
+        trim_pod(&mut foreign);
+        assert_eq!(pod_gpu_requests(&foreign), gpus);
+        assert_eq!(pod_node(&foreign), node);
+        assert_eq!(pod_holds_resources(&foreign), holds);
+        let after = serde_json::to_vec(&foreign).expect("json").len();
+        assert!(after * 5 < before, "{before} -> {after} bytes");
+
+        let mut ours: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "m-1", "labels": {"strata.ai/model": "m"}, "managedFields": [{"manager": "x"}]},
+            "status": {"podIP": "127.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod");
+        trim_pod(&mut ours);
+        assert!(ours.metadata.managed_fields.is_none());
+        assert!(pod_ready(&ours), "Strata's own pods keep their status");
     }
 }

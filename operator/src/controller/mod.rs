@@ -163,7 +163,27 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default());
-    let pods = spawn_reflector(Api::<Pod>::all(client.clone()), watcher::Config::default());
+    // Every pod of the cluster (other workloads hold GPUs too), but only
+    // what GPU accounting reads of pods that are not Strata's.
+    let pods = {
+        let (reader, writer) = reflector::store();
+        let stream = reflector::reflector(
+            writer,
+            watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+                .modify(crate::view::trim_pod),
+        )
+        .default_backoff()
+        .touched_objects();
+        tokio::spawn(async move {
+            tokio::pin!(stream);
+            while let Some(ev) = stream.next().await {
+                if let Err(e) = ev {
+                    tracing::warn!("watch: {e}");
+                }
+            }
+        });
+        reader
+    };
     let pools = spawn_reflector(
         Api::<GPUPool>::all(client.clone()),
         watcher::Config::default(),
