@@ -135,6 +135,24 @@ fn the_world() -> &'static World {
     })
 }
 
+/// The pid of a pod's process (the runner's pid file), if it runs.
+fn process_pid(w: &World, ns: &str, pod: &str, process: &str) -> Option<i32> {
+    std::fs::read_to_string(pod_dir(w, ns, pod).join(format!("{process}.pid")))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// SIGKILLs a pod's process (a container crash); returns its pid.
+fn kill_process(w: &World, ns: &str, pod: &str, process: &str) -> i32 {
+    let pid = process_pid(w, ns, pod, process).expect("pid file");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    pid
+}
+
 /// The pod's directory the runner keeps (fake NVML state, pid files).
 fn pod_dir(w: &World, ns: &str, pod: &str) -> PathBuf {
     w.info.log_dir.join("pods").join(format!("{ns}_{pod}.d"))
@@ -559,16 +577,7 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     tokio::time::sleep(Duration::from_secs(8)).await; // load runs for a measured time
     // A replica restart under load: its sidecar crashes and comes back in place.
     let victim = &names[0];
-    let pid: i32 = std::fs::read_to_string(pod_dir(w, &ns, victim).join("strata-sidecar.pid"))
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill the sidecar");
+    kill_process(w, &ns, victim, "strata-sidecar");
     wait_for(
         pods.clone(),
         victim,
@@ -605,23 +614,11 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     // the container in place): it comes back without its adapters, and the
     // sidecar loads them again; `sql` is served there within 30 s.
     let engine_victim = &names[1];
-    let pid: i32 = std::fs::read_to_string(pod_dir(w, &ns, engine_victim).join("engine.pid"))
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill the engine");
+    let pid = kill_process(w, &ns, engine_victim, "engine");
     let victim_ip = ip(&pods.get(engine_victim).await.expect("pod"));
     let killed = std::time::Instant::now();
     loop {
-        let restarted = std::fs::read_to_string(pod_dir(w, &ns, engine_victim).join("engine.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .is_some_and(|p| p != pid);
+        let restarted = process_pid(w, &ns, engine_victim, "engine").is_some_and(|p| p != pid);
         if restarted && chat(&victim_ip, "sql").await.0 == 200 {
             break;
         }

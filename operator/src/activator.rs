@@ -34,14 +34,13 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use strata_crds::Model;
@@ -179,40 +178,6 @@ impl Drop for Place<'_> {
     }
 }
 
-fn spawn_watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    tx: Arc<tokio::sync::watch::Sender<u64>>,
-) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, config)
-            .default_backoff()
-            .modify(|o| o.meta_mut().managed_fields = None),
-    );
-    tokio::spawn(async move {
-        tokio::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(_) => tx.send_modify(|n| *n = n.wrapping_add(1)),
-                Err(e) => tracing::warn!("activator watch: {e}"),
-            }
-        }
-    });
-    reader
-}
-
 impl Activator {
     /// An activator with its own watches of Models and model pods.
     pub fn new(client: Client, limits: Limits, metrics: crate::metrics::Metrics) -> Self {
@@ -221,15 +186,20 @@ impl Activator {
         c.set_nodelay(true);
         let (tx, changes) = tokio::sync::watch::channel(0u64);
         let tx = Arc::new(tx);
-        let models = spawn_watch(
+        let bump = |tx: Arc<tokio::sync::watch::Sender<u64>>| {
+            move || tx.send_modify(|n| *n = n.wrapping_add(1))
+        };
+        let models = crate::watch::spawn_store(
             Api::<Model>::all(client.clone()),
             watcher::Config::default(),
-            tx.clone(),
+            crate::watch::drop_managed_fields,
+            bump(tx.clone()),
         );
-        let pods = spawn_watch(
+        let pods = crate::watch::spawn_store(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().labels(labels::MODEL),
-            tx,
+            crate::watch::drop_managed_fields,
+            bump(tx),
         );
         Self {
             client,

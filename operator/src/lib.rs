@@ -26,3 +26,4 @@ pub mod server;
 pub mod sidecar_client;
 pub mod template;
 pub mod view;
+pub mod watch;

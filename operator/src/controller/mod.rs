@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use strata_crds::{Adapter, GPUPool, Model};
 use tokio::sync::Mutex;
@@ -104,19 +104,7 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config))
-        .default_backoff()
-        .touched_objects();
-    tokio::spawn(async move {
-        tokio::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!("watch: {e}");
-            }
-        }
-    });
-    reader
+    crate::watch::spawn_store(api, config, crate::watch::drop_managed_fields, || {})
 }
 
 /// A digest of what matters about a node for placement: readiness,
@@ -165,25 +153,12 @@ pub async fn run(
     let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default());
     // Every pod of the cluster (other workloads hold GPUs too), but only
     // what GPU accounting reads of pods that are not Strata's.
-    let pods = {
-        let (reader, writer) = reflector::store();
-        let stream = reflector::reflector(
-            writer,
-            watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-                .modify(crate::view::trim_pod),
-        )
-        .default_backoff()
-        .touched_objects();
-        tokio::spawn(async move {
-            tokio::pin!(stream);
-            while let Some(ev) = stream.next().await {
-                if let Err(e) = ev {
-                    tracing::warn!("watch: {e}");
-                }
-            }
-        });
-        reader
-    };
+    let pods = crate::watch::spawn_store(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default(),
+        crate::view::trim_pod,
+        || {},
+    );
     let pools = spawn_reflector(
         Api::<GPUPool>::all(client.clone()),
         watcher::Config::default(),
