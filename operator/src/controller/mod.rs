@@ -93,20 +93,6 @@ pub struct Context {
     pub sidecars: crate::sidecar_client::SidecarClient,
 }
 
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    crate::watch::spawn_store(api, config, crate::watch::drop_managed_fields, || {})
-}
-
 /// A digest of what matters about a node for placement: readiness,
 /// cordon, taints, labels and GPU allocatable (not heartbeats).
 fn node_digest(node: &Node) -> u64 {
@@ -150,7 +136,12 @@ pub async fn run(
     ready: Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default());
+    let nodes = crate::watch::spawn_store(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        crate::watch::drop_managed_fields,
+        || {},
+    );
     // Every pod of the cluster (other workloads hold GPUs too), but only
     // what GPU accounting reads of pods that are not Strata's.
     let pods = crate::watch::spawn_store(
@@ -159,9 +150,11 @@ pub async fn run(
         crate::view::trim_pod,
         || {},
     );
-    let pools = spawn_reflector(
+    let pools = crate::watch::spawn_store(
         Api::<GPUPool>::all(client.clone()),
         watcher::Config::default(),
+        crate::watch::drop_managed_fields,
+        || {},
     );
     for (what, fut) in [
         (
