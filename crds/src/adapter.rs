@@ -146,4 +146,11 @@ pub struct AdapterReplicaStatus {
     /// When the adapter was loaded there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_at: Option<Time>,
+    /// Times the replica's sidecar loaded the adapter again after its
+    /// engine restarted (and lost it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reloads: Option<i32>,
+    /// When it last did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload_time: Option<Time>,
 }

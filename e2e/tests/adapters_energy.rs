@@ -24,6 +24,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use strata_core::view::pod_ready;
 use strata_crds::{Adapter, GPUPool, Model};
 use strata_e2e::fake_nvml;
 use strata_e2e::harness::{
@@ -31,7 +32,6 @@ use strata_e2e::harness::{
     workspace_binary, world,
 };
 use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
-use strata_operator::view::pod_ready;
 use tokio::process::Command;
 
 const PROFILE: &str = "replica-with-gpu";

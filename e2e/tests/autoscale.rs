@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use strata_operator::view::pod_ready;
+use strata_core::view::pod_ready;
 
 use bytes::Bytes;
 use futures::StreamExt;

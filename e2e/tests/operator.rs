@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use strata_operator::view::pod_ready;
+use strata_core::view::pod_ready;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;

@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strata_operator::collect::{self, Histogram, PodSeries, Snapshot};
+use strata_core::collect::{self, Histogram, PodSeries, Snapshot};
 
 const QS: [f64; 7] = [0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 1.0];
 

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use strata_operator::promql::{Readings, Signal, parse_value};
+use strata_core::promql::{Readings, Signal, parse_value};
 
 const SIGNALS: [Signal; 10] = [
     Signal::Ttft,

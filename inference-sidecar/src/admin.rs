@@ -109,17 +109,28 @@ pub struct LoadRequest {
     pub credentials: BTreeMap<String, String>,
 }
 
-/// GET /v1/adapters: what is loaded.
+/// GET /v1/adapters: what is loaded, with the reloads after engine
+/// restarts (`reloads`, `lastReloadUnix`) where there were any.
 pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if !authorized(&app, &headers) {
         return unauthorized();
     }
+    let reloads = app
+        .adapter_reloads
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_default();
     let adapters: Vec<_> = app
         .adapters
         .read()
         .await
         .iter()
-        .map(|(n, s)| json!({"name": n, "source": s}))
+        .map(|(n, s)| match reloads.get(n) {
+            Some((count, at)) => {
+                json!({"name": n, "source": s, "reloads": count, "lastReloadUnix": at})
+            }
+            None => json!({"name": n, "source": s}),
+        })
         .collect();
     Json(json!({"adapters": adapters})).into_response()
 }
@@ -326,6 +337,9 @@ pub async fn unload(
     if let Ok(mut paths) = app.adapter_paths.lock() {
         paths.remove(&name);
     }
+    if let Ok(mut reloads) = app.adapter_reloads.lock() {
+        reloads.remove(&name);
+    }
     if let Some(dir) = app.config.adapter_dir.as_deref() {
         let _ = tokio::fs::remove_dir_all(crate::fetch::adapter_path(dir, &name)).await;
     }
@@ -418,6 +432,16 @@ pub async fn keep_adapters(app: Arc<App>, every: Duration) {
                     "engine_error"
                 }
             };
+            if result == "success"
+                && let Ok(mut reloads) = app.adapter_reloads.lock()
+            {
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                let entry = reloads.entry(name.clone()).or_default();
+                *entry = (entry.0.saturating_add(1), at);
+            }
             app.metrics
                 .adapter_operations
                 .with_label_values(&["reload", result])

@@ -113,6 +113,10 @@ pub struct App {
     /// Where the engine loaded each adapter from (its `lora_path`), to load
     /// it again after an engine restart.
     pub adapter_paths: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Reloads after engine restarts, by adapter: how many, and when the
+    /// last one was (Unix seconds). Listed by `GET /v1/adapters`, so the
+    /// operator can show them on the Adapter.
+    pub adapter_reloads: std::sync::Mutex<BTreeMap<String, (u32, u64)>>,
     /// Slots of requests in flight.
     pub slots: Arc<tokio::sync::Semaphore>,
     /// Memory of large (or undeclared) request bodies and of answers read
@@ -159,6 +163,7 @@ impl App {
             engine_ready: AtomicBool::new(false),
             adapters: tokio::sync::RwLock::new(BTreeMap::new()),
             adapter_paths: std::sync::Mutex::new(BTreeMap::new()),
+            adapter_reloads: std::sync::Mutex::new(BTreeMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_concurrent_requests.max(1),
             )),

@@ -46,9 +46,9 @@ use serde_json::json;
 use strata_crds::Model;
 use strata_net::openai::{self, Route};
 
-use crate::labels;
-use crate::template::SIDECAR_HTTP_PORT;
-use crate::view;
+use strata_core::labels;
+use strata_core::template::SIDECAR_HTTP_PORT;
+use strata_core::view;
 
 /// The annotation by which the activator asks for a replica.
 pub const WAKE_ANNOTATION: &str = "strata.ai/wake-requested-at";

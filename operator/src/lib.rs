@@ -1,29 +1,24 @@
 //! strata-operator: places model replicas on GPU pools, rolls and scales
 //! them, and reports what it did.
 //!
-//! Pure core: [`placement`], [`rollout`], [`template`], [`engine`], [`view`],
-//! [`conditions`] take plain values and return plain values. Thin shell:
-//! [`controller`] reads the cluster and applies the plans; [`leader`],
-//! [`server`] and [`metrics`] run the process.
+//! This crate is the thin shell: it reads the cluster, asks the pure core
+//! (the `strata-core` crate: placement, rollout, templates, autoscaling,
+//! metric math, energy ledger, status building) what to do, and applies
+//! the answer. [`controller`] holds the reconcilers (each a pipeline of
+//! phases, see its module docs); [`activator`] holds requests for Models
+//! at zero; [`leader`], [`server`] and [`metrics`] run the process;
+//! [`sidecar_client`] and [`pki`] talk to the sidecars' admin ports.
 
 pub mod activator;
-pub mod adapters;
-pub mod autoscale;
-pub mod collect;
-pub mod conditions;
 pub mod controller;
-pub mod energy;
-pub mod engine;
 pub mod error;
-pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod pki;
-pub mod placement;
-pub mod promql;
-pub mod rollout;
 pub mod server;
 pub mod sidecar_client;
-pub mod template;
-pub mod view;
 pub mod watch;
+
+// Read by the e2e crate through the operator until its harness imports the
+// core directly.
+pub use strata_core::{autoscale, view};

@@ -12,12 +12,12 @@ use std::time::Duration;
 use clap::Parser;
 use kube::api::ListParams;
 use kube::{Api, Client};
+use strata_core::template::Settings;
 use strata_crds::{GPUPool, Model};
 use strata_operator::controller::{self, Config};
 use strata_operator::leader::{Elector, LeaseConfig};
 use strata_operator::metrics::Metrics;
 use strata_operator::server::{self, Health};
-use strata_operator::template::Settings;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]

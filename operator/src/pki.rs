@@ -5,7 +5,7 @@
 //! Secret `strata-ca`, keys [`CA_CERT_KEY`] and [`CA_KEY_KEY`]; ECDSA P-256,
 //! 10 years): created by whichever replica comes first, read by the others,
 //! so that every replica trusts the same CA. For each Model it issues a leaf
-//! (1 year) for one DNS name, [`crate::template::sidecar_server_name`],
+//! (1 year) for one DNS name, [`strata_core::template::sidecar_server_name`],
 //! into the Model's own Secret, which the sidecars mount; the operator
 //! verifies that name (never the pod IP, unknown when the Secret is made).
 //!
@@ -30,21 +30,14 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::labels;
+use strata_core::labels;
+pub use strata_core::template::{CA_CERT_KEY, SIDECAR_DOMAIN, TLS_CERT_KEY, TLS_KEY_KEY};
 
-/// Key of the CA certificate (PEM), in the CA Secret and in each Model's Secret.
-pub const CA_CERT_KEY: &str = "ca.crt";
 /// Key of the CA private key (PEM, PKCS#8), in the CA Secret only.
 pub const CA_KEY_KEY: &str = "ca.key";
-/// Key of a sidecar's certificate (PEM) in its Model's Secret.
-pub const TLS_CERT_KEY: &str = "tls.crt";
-/// Key of a sidecar's private key (PEM, PKCS#8) in its Model's Secret.
-pub const TLS_KEY_KEY: &str = "tls.key";
 /// Default name of the CA Secret (in the operator's namespace).
 pub const DEFAULT_CA_SECRET: &str = "strata-ca";
 
-/// Every sidecar name is under this domain (the CA is constrained to it).
-pub const SIDECAR_DOMAIN: &str = "sidecar.strata.internal";
 /// How long the CA is valid.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// How long a sidecar certificate is valid.

@@ -1,7 +1,7 @@
 //! The operator's client of the sidecars' admin ports (adapter API,
 //! metrics): HTTPS to `<pod IP>:9090`, the sidecar's certificate verified
 //! against the operator's CA with the Model's server name
-//! ([`crate::template::sidecar_server_name`]), never the IP. Every answer
+//! ([`strata_core::template::sidecar_server_name`]), never the IP. Every answer
 //! is bounded in size ([`MAX_ANSWER_BYTES`]) and in time (the caller's
 //! deadline covers connecting, the handshake, the request and the whole
 //! body). One connection per call: calls are rare (a scrape per replica
@@ -18,7 +18,7 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::pki::Ca;
-use crate::template::{SIDECAR_ADMIN_PORT, sidecar_server_name};
+use strata_core::template::{SIDECAR_ADMIN_PORT, sidecar_server_name};
 
 /// The largest answer read from a sidecar.
 pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;

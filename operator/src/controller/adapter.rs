@@ -1,11 +1,21 @@
 //! The Adapter controller: loads an Adapter through the sidecar adapter API
-//! of the replicas chosen by the pure planner (crate::adapters), labels each
-//! replica by the adapters it carries, keeps a Service per Adapter that
-//! selects exactly those replicas, retries failed loads with backoff and
-//! then elsewhere, and unloads an Adapter everywhere before it goes (a
-//! finalizer).
+//! of the replicas chosen by the pure planner (`strata_core::adapters`),
+//! labels each replica by the adapters it carries, keeps a Service per
+//! Adapter that selects exactly those replicas, retries failed loads with
+//! backoff and then elsewhere, and unloads an Adapter everywhere before it
+//! goes (a finalizer). A pipeline of phases, one Model's Adapters at a time:
+//!
+//! 1. [`dereference`]: the Model, its adapter settings, the source's
+//!    credentials, the replicas' token; what is missing is the status
+//!    (Pending or Failed with the reason), not an error;
+//! 2. [`verify_carriers`]: ask each carrier's sidecar what it has: a
+//!    replica that lost the adapter loses its label (it is loaded again),
+//!    one whose engine restarted and whose sidecar reloaded it is counted;
+//! 3. plan (pure: `strata_core::adapters::plan`) and [`load`] / [`unload`];
+//! 4. [`apply_service`];
+//! 5. status (pure: `strata_core::adapters::phase`), written once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,21 +25,21 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
+use strata_core::adapters::{self, Replica};
+use strata_core::conditions;
+use strata_core::template::{self, SIDECAR_HTTP_PORT};
+use strata_core::{labels, view};
 use strata_crds::adapter::{AdapterPhase, AdapterReplicaStatus, AdapterStatus};
 use strata_crds::{Adapter, Model};
 
 use super::Context;
-use crate::adapters::{self, Replica};
-use crate::conditions::{self, Set};
+use super::reconcile;
 use crate::error::{Error, Result};
-use crate::labels;
 use crate::sidecar_client::{ADAPTER_TIMEOUT, SidecarClient, Target};
-use crate::template::{self, SIDECAR_HTTP_PORT};
-use crate::view;
 
 /// Failed loads of one Adapter on one replica.
 #[derive(Debug, Clone, Copy)]
@@ -89,13 +99,7 @@ fn label_key(a: &Adapter) -> String {
     format!("{}{}", labels::ADAPTER_PREFIX, a.name_any())
 }
 
-/// The Service of an Adapter.
-pub fn service_name(adapter: &str) -> String {
-    let mut n = format!("{adapter}-lora");
-    n.truncate(63);
-    n.trim_end_matches('-').to_string()
-}
-
+/// Sets or removes the adapter label `key` on a replica.
 async fn set_label(ctx: &Context, ns: &str, pod: &str, key: &str, on: bool) -> Result<()> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let value = if on {
@@ -110,21 +114,15 @@ async fn set_label(ctx: &Context, ns: &str, pod: &str, key: &str, on: bool) -> R
     {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(source) => Err(Error::LabelPod {
+            pod: pod.to_string(),
+            source,
+        }),
     }
 }
 
 async fn publish(ctx: &Context, a: &Adapter, type_: EventType, reason: &str, note: String) {
-    let e = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Adapter".into(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&e, &a.object_ref(&())).await {
-        tracing::debug!("event: {err}");
-    }
+    reconcile::publish(ctx, a, type_, reason, "Adapter", note).await;
 }
 
 /// The lock that serializes the Adapter plans of one Model.
@@ -141,9 +139,15 @@ async fn model_lock(ctx: &Context, ns: &str, model: &str) -> Arc<tokio::sync::Mu
 /// exists), with what else calling them takes.
 async fn token(ctx: &Context, ns: &str, model: &str) -> Result<Option<Admin>> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = template::adapter_token_secret(model);
     Ok(api
-        .get_opt(&template::adapter_token_secret(model))
-        .await?
+        .get_opt(&name)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Secret",
+            name: name.clone(),
+            source,
+        })?
         .and_then(|s| s.data)
         .and_then(|d| d.get(template::ADAPTER_TOKEN_KEY).cloned())
         .map(|b| Admin {
@@ -154,73 +158,46 @@ async fn token(ctx: &Context, ns: &str, model: &str) -> Result<Option<Admin>> {
         }))
 }
 
-/// Reconciles one Adapter.
+/// Reconciles one Adapter: the finalizer, then the phases, inside the
+/// shared wrapper (metrics, the error reporter).
 pub async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = adapter.namespace().ok_or(Error::MissingKey("namespace"))?;
+    reconcile::run(
+        adapter,
+        ctx,
+        |a, ctx| async move { finalized(a, &ctx).await },
+    )
+    .await
+}
+
+/// Runs `apply`, or `cleanup` once the Adapter is being deleted, under the
+/// finalizer that keeps it until it is unloaded everywhere.
+async fn finalized(a: Arc<Adapter>, ctx: &Context) -> Result<Action> {
+    let ns = a.namespace().ok_or(Error::MissingKey("namespace"))?;
+    let name = a.name_any();
     let api: Api<Adapter> = Api::namespaced(ctx.client.clone(), &ns);
-    let started = Instant::now();
-    let obj = adapter.clone();
-    let res = finalizer(&api, labels::ADAPTER_FINALIZER, adapter, |ev| async {
+    let finalizer_err = |action, source| Error::Finalizer {
+        action,
+        kind: "Adapter",
+        name: name.clone(),
+        source,
+    };
+    finalizer(&api, labels::ADAPTER_FINALIZER, a, |ev| async {
         match ev {
-            finalizer::Event::Apply(a) => apply(&a, &ctx, &ns).await,
-            finalizer::Event::Cleanup(a) => cleanup(&a, &ctx, &ns).await,
+            finalizer::Event::Apply(a) => apply(&a, ctx, &ns).await,
+            finalizer::Event::Cleanup(a) => cleanup(&a, ctx, &ns).await,
         }
     })
-    .await;
-    ctx.metrics
-        .reconcile_duration
-        .with_label_values(&["adapter"])
-        .observe(started.elapsed().as_secs_f64());
-    let res = into_result(&ctx, res);
-    if obj.metadata.deletion_timestamp.is_none() {
-        let existing = obj
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        let outcome = res.as_ref().map(|_| ());
-        super::report::report(&ctx, "adapter", obj.as_ref(), &existing, outcome).await;
-    }
-    res
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        finalizer::Error::AddFinalizer(source) => finalizer_err("adding", source),
+        finalizer::Error::RemoveFinalizer(source) => finalizer_err("removing", source),
+        finalizer::Error::UnnamedObject => Error::MissingKey("name"),
+        finalizer::Error::InvalidFinalizer => Error::MissingKey("valid finalizer name"),
+    })
 }
 
-fn into_result(
-    ctx: &Context,
-    res: std::result::Result<Action, finalizer::Error<Error>>,
-) -> Result<Action> {
-    match res {
-        Ok(a) => {
-            ctx.metrics
-                .reconciles
-                .with_label_values(&["adapter", "success"])
-                .inc();
-            Ok(a)
-        }
-        Err(finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e)) => {
-            ctx.metrics
-                .reconciles
-                .with_label_values(&["adapter", "error"])
-                .inc();
-            Err(e)
-        }
-        Err(finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e)) => {
-            Err(Error::Kube(e))
-        }
-        Err(finalizer::Error::UnnamedObject) => Err(Error::MissingKey("name")),
-        Err(finalizer::Error::InvalidFinalizer) => Err(Error::MissingKey("finalizer")),
-    }
-}
-
-/// Backoff after an error.
-pub fn error_policy(a: Arc<Adapter>, e: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .errors
-        .with_label_values(&["adapter", e.metric_label()])
-        .inc();
-    tracing::warn!(adapter = %a.name_any(), namespace = ?a.namespace(), "adapter reconcile: {e}");
-    Action::requeue(super::report::retry_after(&ctx, "adapter", a.as_ref()))
-}
-
+/// The replicas of `model` in the pod cache (not being deleted).
 fn model_pods(ctx: &Context, ns: &str, model: &Model) -> Vec<Pod> {
     let uid = model.uid().unwrap_or_default();
     ctx.pods
@@ -240,6 +217,7 @@ fn ip_of(p: &Pod) -> Option<String> {
     p.status.as_ref().and_then(|s| s.pod_ip.clone())
 }
 
+/// What the Adapter's status says after a round.
 struct Outcome {
     phase: AdapterPhase,
     reason: &'static str,
@@ -248,37 +226,23 @@ struct Outcome {
     carriers: Vec<AdapterReplicaStatus>,
 }
 
-async fn write_status(ctx: &Context, a: &Adapter, ns: &str, o: Outcome) -> Result<()> {
+/// Writes the Adapter's status (phase, conditions, carriers).
+async fn write_status(ctx: &Context, a: &Adapter, o: Outcome) -> Result<()> {
     let now = Time(Timestamp::now());
     let existing = a
         .status
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let ready = Set::new(
-        "Ready",
-        o.phase == AdapterPhase::Ready,
-        o.reason,
-        o.message.clone(),
-    );
-    let degraded = Set::new(
-        "Degraded",
-        matches!(o.phase, AdapterPhase::Degraded | AdapterPhase::Failed),
-        if matches!(o.phase, AdapterPhase::Degraded | AdapterPhase::Failed) {
-            o.reason
-        } else {
-            "AsExpected"
-        },
-        if matches!(o.phase, AdapterPhase::Degraded | AdapterPhase::Failed) {
-            o.message.clone()
-        } else {
-            "no problems".to_string()
-        },
-    );
     let status = AdapterStatus {
         observed_generation: a.metadata.generation,
+        conditions: conditions::merge(
+            &existing,
+            &adapters::conditions(&o.phase, o.reason, &o.message),
+            a.metadata.generation,
+            &now,
+        ),
         phase: o.phase,
-        conditions: conditions::merge(&existing, &[ready, degraded], a.metadata.generation, &now),
         desired_replicas: o.desired,
         loaded_replicas: o.carriers.len() as i32,
         replicas: o.carriers,
@@ -287,171 +251,205 @@ async fn write_status(ctx: &Context, a: &Adapter, ns: &str, o: Outcome) -> Resul
         generated_tokens: None,
         energy_joules: None,
     };
-    let api: Api<Adapter> = Api::namespaced(ctx.client.clone(), ns);
-    let patch = json!({
-        "apiVersion": strata_crds::API_VERSION,
-        "kind": "Adapter",
-        "status": status,
-    });
-    api.patch_status(
-        &a.name_any(),
-        &PatchParams::apply(labels::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    reconcile::write_status(ctx, a, &status).await
 }
 
-async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
-    let lock = model_lock(ctx, ns, &a.spec.model).await;
-    let _serial = lock.lock().await;
-    let name = a.name_any();
-    let uid = a.uid().ok_or(Error::MissingKey("uid"))?;
-    let pending = |reason: &'static str, message: String| Outcome {
-        phase: AdapterPhase::Pending,
-        reason,
-        message,
-        desired: 0,
-        carriers: Vec::new(),
-    };
-    let models: Api<Model> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(model) = models.get_opt(&a.spec.model).await? else {
-        write_status(
-            ctx,
-            a,
-            ns,
-            pending(
-                "ModelNotFound",
-                format!("no Model {} in namespace {ns}", a.spec.model),
-            ),
-        )
-        .await?;
-        return Ok(Action::requeue(Duration::from_secs(30)));
-    };
-    let Some(limits) = model.spec.adapters.as_ref() else {
-        write_status(
-            ctx,
-            a,
-            ns,
-            Outcome {
-                phase: AdapterPhase::Failed,
-                ..pending(
-                    "AdaptersNotEnabled",
-                    format!(
-                        "Model {} takes no adapters: set spec.adapters on it",
-                        a.spec.model
-                    ),
-                )
-            },
-        )
-        .await?;
-        return Ok(Action::requeue(Duration::from_secs(60)));
-    };
-    if name.len() > 63 {
-        write_status(
-            ctx,
-            a,
-            ns,
-            Outcome {
-                phase: AdapterPhase::Failed,
-                ..pending(
-                    "NameTooLong",
-                    "an Adapter's name must be at most 63 characters: replicas carry it in a label key".into(),
-                )
-            },
-        )
-        .await?;
-        return Ok(Action::await_change());
-    }
-    // The source's credentials go to the sidecar with each load (it fetches
-    // the weights with them: an engine has one set of hub credentials).
-    let mut credentials: std::collections::BTreeMap<String, String> =
-        std::collections::BTreeMap::new();
-    if let Some(r) = &a.spec.source.credentials_secret_ref {
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        if let Some(secret) = secrets.get_opt(&r.name).await? {
-            for (k, v) in secret.data.unwrap_or_default() {
-                credentials.insert(k, String::from_utf8_lossy(&v.0).trim().to_string());
-            }
-        } else {
-            write_status(
-                ctx,
-                a,
-                ns,
-                pending(
-                    "CredentialsNotFound",
-                    format!("the credentials Secret {} does not exist", r.name),
-                ),
-            )
-            .await?;
-            return Ok(Action::requeue(Duration::from_secs(30)));
+/// What an Adapter needs before it can be loaded anywhere.
+struct Deps {
+    model: Model,
+    max_per_replica: i32,
+    /// The source's credentials: they go to the sidecar with each load (it
+    /// fetches the weights with them: an engine has one set of hub
+    /// credentials).
+    credentials: BTreeMap<String, String>,
+    admin: Admin,
+}
+
+/// Why an Adapter cannot be worked on yet: its status says so, and the
+/// controller looks again after `after` (or on a change).
+struct Blocked {
+    phase: AdapterPhase,
+    reason: &'static str,
+    message: String,
+    after: Option<Duration>,
+}
+
+impl Blocked {
+    fn pending(reason: &'static str, message: String, after: Duration) -> Self {
+        Self {
+            phase: AdapterPhase::Pending,
+            reason,
+            message,
+            after: Some(after),
         }
     }
-    let Some(token) = token(ctx, ns, &model.name_any()).await? else {
-        write_status(
-            ctx,
-            a,
-            ns,
-            pending(
-                "WaitingForToken",
-                "waiting for the Model's adapter token Secret".into(),
-            ),
-        )
-        .await?;
-        return Ok(Action::requeue(Duration::from_secs(5)));
-    };
-    let served = served_name(a);
-    let key = label_key(a);
-    let source = a.spec.source.uri.clone();
-    let mut pods = model_pods(ctx, ns, &model);
-    pods.sort_by_key(|p| p.name_any());
-    // Label changes of this round (the pod cache may not show them yet).
-    let mut loaded_now: BTreeSet<String> = BTreeSet::new();
-    let mut dropped_now: BTreeSet<String> = BTreeSet::new();
+}
 
-    // Carriers whose sidecar no longer has it (a restarted replica) lose the
-    // label until it is loaded again.
+/// Phase 1: the Model, its adapter settings, the credentials, the token.
+async fn dereference(
+    ctx: &Context,
+    a: &Adapter,
+    ns: &str,
+) -> Result<std::result::Result<Deps, Blocked>> {
+    let models: Api<Model> = Api::namespaced(ctx.client.clone(), ns);
+    let model = models
+        .get_opt(&a.spec.model)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Model",
+            name: a.spec.model.clone(),
+            source,
+        })?;
+    let Some(model) = model else {
+        return Ok(Err(Blocked::pending(
+            "ModelNotFound",
+            format!("no Model {} in namespace {ns}", a.spec.model),
+            Duration::from_secs(30),
+        )));
+    };
+    let Some(limits) = model.spec.adapters.as_ref() else {
+        return Ok(Err(Blocked {
+            phase: AdapterPhase::Failed,
+            reason: "AdaptersNotEnabled",
+            message: format!(
+                "Model {} takes no adapters: set spec.adapters on it",
+                a.spec.model
+            ),
+            after: Some(Duration::from_secs(60)),
+        }));
+    };
+    let max_per_replica = limits.max_per_replica;
+    let mut credentials = BTreeMap::new();
+    if let Some(r) = &a.spec.source.credentials_secret_ref {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let secret = secrets
+            .get_opt(&r.name)
+            .await
+            .map_err(|source| Error::Get {
+                kind: "Secret",
+                name: r.name.clone(),
+                source,
+            })?;
+        let Some(secret) = secret else {
+            return Ok(Err(Blocked::pending(
+                "CredentialsNotFound",
+                format!("the credentials Secret {} does not exist", r.name),
+                Duration::from_secs(30),
+            )));
+        };
+        for (k, v) in secret.data.unwrap_or_default() {
+            credentials.insert(k, String::from_utf8_lossy(&v.0).trim().to_string());
+        }
+    }
+    let Some(admin) = token(ctx, ns, &model.name_any()).await? else {
+        return Ok(Err(Blocked::pending(
+            "WaitingForToken",
+            "waiting for the Model's adapter token Secret".into(),
+            Duration::from_secs(5),
+        )));
+    };
+    Ok(Ok(Deps {
+        model,
+        max_per_replica,
+        credentials,
+        admin,
+    }))
+}
+
+/// What the carriers' sidecars said.
+#[derive(Default)]
+struct Verified {
+    /// Replicas that lost the adapter (their label is gone now).
+    dropped: BTreeSet<String>,
+    /// Replicas whose sidecar has it, with its reloads.
+    listed: HashMap<String, adapters::Listed>,
+}
+
+/// Phase 2: asks each ready carrier's sidecar what it has. A replica that
+/// no longer has the adapter (a restarted pod) loses its label, so the plan
+/// loads it again; one whose engine restarted and whose sidecar loaded it
+/// again says so (an Event, and `reloads` in status).
+async fn verify_carriers(
+    ctx: &Context,
+    a: &Adapter,
+    ns: &str,
+    admin: &Admin,
+    pods: &mut [Pod],
+) -> Result<Verified> {
+    let (key, served) = (label_key(a), served_name(a));
+    let before: HashMap<&str, i32> = a
+        .status
+        .iter()
+        .flat_map(|s| s.replicas.iter())
+        .map(|r| (r.pod.as_str(), r.reloads.unwrap_or(0)))
+        .collect();
+    let mut out = Verified::default();
     for p in pods.iter_mut().filter(|p| p.labels().contains_key(&key)) {
         let Some(ip) = ip_of(p).filter(|_| view::pod_ready(p)) else {
             continue;
         };
-        let listed = call(&ip, http::Method::GET, "/v1/adapters", &token, None).await;
-        let has = matches!(&listed, Ok((200, body)) if serde_json::from_str::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.get("adapters").cloned())
-            .and_then(|v| v.as_array().cloned())
-            .is_some_and(|l| l.iter().any(|x| x.get("name").and_then(|n| n.as_str()) == Some(served.as_str()))));
-        if !has && matches!(listed, Ok((200, _))) {
-            set_label(ctx, ns, &p.name_any(), &key, false).await?;
-            p.labels_mut().remove(&key);
-            dropped_now.insert(p.name_any());
-            tracing::info!(adapter = %name, pod = %p.name_any(), "the replica no longer carries the adapter (restarted): loading it again");
+        let pod = p.name_any();
+        let Ok((200, body)) = call(&ip, http::Method::GET, "/v1/adapters", admin, None).await
+        else {
+            continue;
+        };
+        match adapters::listed(&body, &served) {
+            Some(l) => {
+                let was = before.get(pod.as_str()).copied().unwrap_or(0);
+                if i64::from(l.reloads) > i64::from(was) {
+                    publish(
+                        ctx,
+                        a,
+                        EventType::Normal,
+                        "Reloaded",
+                        format!(
+                            "the engine of replica {pod} restarted and lost {served}; its sidecar loaded it again ({} time(s) so far)",
+                            l.reloads
+                        ),
+                    )
+                    .await;
+                }
+                out.listed.insert(pod, l);
+            }
+            None => {
+                set_label(ctx, ns, &pod, &key, false).await?;
+                p.labels_mut().remove(&key);
+                tracing::info!(adapter = %a.name_any(), %pod, "the replica no longer carries the adapter (restarted): loading it again");
+                out.dropped.insert(pod);
+            }
         }
     }
+    Ok(out)
+}
 
-    let now = Instant::now();
-    // Replicas where loading kept failing are avoided for a while; those
-    // still backing off keep their turn (no other replica is chosen yet).
-    let (avoid, backing_off): (BTreeSet<String>, BTreeSet<String>) = {
-        let f = ctx.adapter_failures.lock().await;
-        let mine: Vec<(&String, &Failures)> = f
-            .iter()
-            .filter(|((u, _), v)| *u == uid && v.next > now)
-            .map(|((_, pod), v)| (pod, v))
-            .collect();
-        (
-            mine.iter()
-                .filter(|(_, v)| v.count >= MOVE_AFTER)
-                .map(|(p, _)| (*p).clone())
-                .collect(),
-            mine.iter()
-                .filter(|(_, v)| v.count < MOVE_AFTER)
-                .map(|(p, _)| (*p).clone())
-                .collect(),
-        )
-    };
-    let replicas: Vec<Replica> = pods
+/// Replicas where loading kept failing (avoided for a while) and those
+/// still backing off (they keep their turn: no other replica is chosen yet).
+async fn failing_replicas(
+    ctx: &Context,
+    uid: &str,
+    now: Instant,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let f = ctx.adapter_failures.lock().await;
+    let mine: Vec<(&String, &Failures)> = f
         .iter()
+        .filter(|((u, _), v)| u == uid && v.next > now)
+        .map(|((_, pod), v)| (pod, v))
+        .collect();
+    (
+        mine.iter()
+            .filter(|(_, v)| v.count >= MOVE_AFTER)
+            .map(|(p, _)| (*p).clone())
+            .collect(),
+        mine.iter()
+            .filter(|(_, v)| v.count < MOVE_AFTER)
+            .map(|(p, _)| (*p).clone())
+            .collect(),
+    )
+}
+
+/// The replicas as the planner sees them.
+fn planner_view(pods: &[Pod]) -> Vec<Replica> {
+    pods.iter()
         .map(|p| Replica {
             pod: p.name_any(),
             ready: view::pod_ready(p),
@@ -463,40 +461,56 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
                 .map(str::to_string)
                 .collect(),
         })
-        .collect();
-    let plan = adapters::plan(
-        &name,
-        a.spec.replicas,
-        limits.max_per_replica,
-        &replicas,
-        &avoid,
-    );
+        .collect()
+}
 
-    let mut failures = 0;
-    let mut last_error = String::new();
-    for pod in &plan.load {
-        if backing_off.contains(pod) {
-            continue;
-        }
+/// What the loads of a round did.
+#[derive(Default)]
+struct Loaded {
+    pods: BTreeSet<String>,
+    failures: usize,
+    last_error: String,
+}
+
+/// Phase 3a: loads the adapter on the plan's replicas (those backing off
+/// wait for their turn); a failure backs off 10 s, 20 s, and after the third
+/// in a row the replica is skipped for 5 minutes.
+async fn load(
+    ctx: &Context,
+    a: &Adapter,
+    ns: &str,
+    deps: &Deps,
+    plan: &adapters::Plan,
+    pods: &[Pod],
+    backing_off: &BTreeSet<String>,
+) -> Result<Loaded> {
+    let (key, served) = (label_key(a), served_name(a));
+    let uid = a.uid().unwrap_or_default();
+    let uid = uid.as_str();
+    let now = Instant::now();
+    let mut out = Loaded::default();
+    for pod in plan.load.iter().filter(|p| !backing_off.contains(*p)) {
         let Some(ip) = pods.iter().find(|p| &p.name_any() == pod).and_then(ip_of) else {
             continue;
         };
+        let body =
+            json!({"name": served, "source": a.spec.source.uri, "credentials": deps.credentials});
         let res = call(
             &ip,
             http::Method::POST,
             "/v1/adapters",
-            &token,
-            Some(json!({"name": served, "source": source, "credentials": credentials})),
+            &deps.admin,
+            Some(body),
         )
         .await;
-        match res {
+        let why = match res {
             Ok((200 | 201, _)) => {
                 set_label(ctx, ns, pod, &key, true).await?;
-                loaded_now.insert(pod.clone());
+                out.pods.insert(pod.clone());
                 ctx.adapter_failures
                     .lock()
                     .await
-                    .remove(&(uid.clone(), pod.clone()));
+                    .remove(&(uid.to_string(), pod.clone()));
                 ctx.metrics
                     .adapter_operations
                     .with_label_values(&["load", "success"])
@@ -509,56 +523,81 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
                     format!("loaded {served} on replica {pod}"),
                 )
                 .await;
+                continue;
             }
-            other => {
-                let why = match other {
-                    Ok((code, body)) => format!("sidecar answered {code}: {}", body.trim()),
-                    Err(e) => e,
+            Ok((code, body)) => format!("sidecar answered {code}: {}", body.trim()),
+            Err(e) => e,
+        };
+        out.failures += 1;
+        out.last_error = format!("loading on {pod}: {why}");
+        let attempt = {
+            let mut f = ctx.adapter_failures.lock().await;
+            let e = f.entry((uid.to_string(), pod.clone())).or_insert(Failures {
+                count: 0,
+                next: now,
+            });
+            e.count += 1;
+            e.next = now
+                + if e.count >= MOVE_AFTER {
+                    Duration::from_secs(300)
+                } else {
+                    Duration::from_secs(5 << e.count)
                 };
-                failures += 1;
-                last_error = format!("loading on {pod}: {why}");
-                let mut f = ctx.adapter_failures.lock().await;
-                let e = f.entry((uid.clone(), pod.clone())).or_insert(Failures {
-                    count: 0,
-                    next: now,
-                });
-                e.count += 1;
-                // Again after 10 s, 20 s; after the third failure in a row
-                // the replica is skipped for 5 minutes: another one is chosen.
-                e.next = now
-                    + if e.count >= MOVE_AFTER {
-                        Duration::from_secs(300)
-                    } else {
-                        Duration::from_secs(5 << e.count)
-                    };
-                ctx.metrics
-                    .adapter_operations
-                    .with_label_values(&["load", "error"])
-                    .inc();
-                publish(
-                    ctx,
-                    a,
-                    EventType::Warning,
-                    "LoadFailed",
-                    format!("{last_error} (attempt {})", e.count),
-                )
-                .await;
-            }
-        }
+            e.count
+        };
+        ctx.metrics
+            .adapter_operations
+            .with_label_values(&["load", "error"])
+            .inc();
+        publish(
+            ctx,
+            a,
+            EventType::Warning,
+            "LoadFailed",
+            format!("{} (attempt {attempt})", out.last_error),
+        )
+        .await;
     }
+    let waiting: Vec<&str> = plan
+        .load
+        .iter()
+        .filter(|p| backing_off.contains(*p))
+        .map(String::as_str)
+        .collect();
+    if out.failures == 0 && !waiting.is_empty() {
+        out.failures = waiting.len();
+        out.last_error = format!(
+            "a load failed on {}; retrying after a backoff",
+            waiting.join(", ")
+        );
+    }
+    Ok(out)
+}
+
+/// Phase 3b: unloads the adapter from the plan's extra carriers.
+async fn unload(
+    ctx: &Context,
+    a: &Adapter,
+    ns: &str,
+    admin: &Admin,
+    plan: &adapters::Plan,
+    pods: &[Pod],
+) -> Result<BTreeSet<String>> {
+    let (key, served) = (label_key(a), served_name(a));
+    let mut dropped = BTreeSet::new();
     for pod in &plan.unload {
         if let Some(ip) = pods.iter().find(|p| &p.name_any() == pod).and_then(ip_of) {
             let _ = call(
                 &ip,
                 http::Method::DELETE,
                 &format!("/v1/adapters/{served}"),
-                &token,
+                admin,
                 None,
             )
             .await;
         }
         set_label(ctx, ns, pod, &key, false).await?;
-        dropped_now.insert(pod.clone());
+        dropped.insert(pod.clone());
         publish(
             ctx,
             a,
@@ -568,93 +607,110 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
         )
         .await;
     }
+    Ok(dropped)
+}
 
-    let waiting: Vec<&String> = plan
-        .load
-        .iter()
-        .filter(|p| backing_off.contains(*p))
-        .collect();
-    if failures == 0 && !waiting.is_empty() {
-        failures = waiting.len();
-        last_error = format!(
-            "a load failed on {}; retrying after a backoff",
-            waiting
-                .iter()
-                .map(|p| p.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    apply_service(ctx, a, ns, &model.name_any(), &uid).await?;
-
-    // Status from the replicas' labels now.
-    let pods = model_pods(ctx, ns, &model);
-    let previous: HashMap<String, Option<Time>> = a
+/// The carriers for status: replicas labelled now (or loaded this round),
+/// with when they got it and how often their sidecar reloaded it.
+fn carriers(
+    a: &Adapter,
+    pods: &[Pod],
+    loaded: &BTreeSet<String>,
+    dropped: &BTreeSet<String>,
+    listed: &HashMap<String, adapters::Listed>,
+) -> Vec<AdapterReplicaStatus> {
+    let key = label_key(a);
+    let previous: HashMap<&str, Option<Time>> = a
         .status
-        .as_ref()
-        .map(|s| {
-            s.replicas
-                .iter()
-                .map(|r| (r.pod.clone(), r.loaded_at.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let carriers: Vec<AdapterReplicaStatus> = pods
         .iter()
+        .flat_map(|s| s.replicas.iter())
+        .map(|r| (r.pod.as_str(), r.loaded_at.clone()))
+        .collect();
+    pods.iter()
         .filter(|p| {
             let n = p.name_any();
-            loaded_now.contains(&n) || (p.labels().contains_key(&key) && !dropped_now.contains(&n))
+            loaded.contains(&n) || (p.labels().contains_key(&key) && !dropped.contains(&n))
         })
-        .map(|p| AdapterReplicaStatus {
-            pod: p.name_any(),
-            node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
-            loaded_at: previous
-                .get(&p.name_any())
-                .cloned()
-                .flatten()
-                .or_else(|| Some(Time(Timestamp::now()))),
+        .map(|p| {
+            let pod = p.name_any();
+            let l = listed.get(&pod);
+            AdapterReplicaStatus {
+                node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                loaded_at: previous
+                    .get(pod.as_str())
+                    .cloned()
+                    .flatten()
+                    .or_else(|| Some(Time(Timestamp::now()))),
+                reloads: l
+                    .filter(|l| l.reloads > 0)
+                    .map(|l| i32::try_from(l.reloads).unwrap_or(i32::MAX)),
+                last_reload_time: l
+                    .and_then(|l| l.last_reload_unix)
+                    .and_then(|s| i64::try_from(s).ok())
+                    .and_then(|s| Timestamp::from_second(s).ok())
+                    .map(Time),
+                pod,
+            }
         })
-        .collect();
-    let loaded = carriers.len() as i32;
-    let (phase, reason, message) = if plan.desired == 0 {
-        (
-            AdapterPhase::Pending,
-            "NoReadyReplicas",
-            format!("Model {} has no ready replica yet", a.spec.model),
-        )
-    } else if loaded >= plan.desired {
-        (
-            AdapterPhase::Ready,
-            "Loaded",
-            format!("loaded on {loaded} of {} replica(s)", plan.desired),
-        )
-    } else if failures > 0 && loaded == 0 {
-        (AdapterPhase::Failed, "LoadFailed", last_error)
-    } else if failures > 0 || plan.short > 0 {
-        (
-            AdapterPhase::Degraded,
-            if failures > 0 { "LoadFailed" } else { "NoRoom" },
-            if failures > 0 {
-                last_error
-            } else {
-                format!(
-                    "{} replica(s) short: the others already carry adapters.maxPerReplica ({})",
-                    plan.short, limits.max_per_replica
-                )
-            },
-        )
-    } else {
-        (
-            AdapterPhase::Loading,
-            "Loading",
-            format!("loaded on {loaded} of {} replica(s)", plan.desired),
-        )
+        .collect()
+}
+
+/// The phases for an Adapter that exists.
+async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
+    let lock = model_lock(ctx, ns, &a.spec.model).await;
+    let _serial = lock.lock().await;
+    let uid = a.uid().ok_or(Error::MissingKey("uid"))?;
+    let deps = match dereference(ctx, a, ns).await? {
+        Ok(deps) => deps,
+        Err(blocked) => {
+            let outcome = Outcome {
+                phase: blocked.phase,
+                reason: blocked.reason,
+                message: blocked.message,
+                desired: 0,
+                carriers: Vec::new(),
+            };
+            write_status(ctx, a, outcome).await?;
+            return Ok(blocked
+                .after
+                .map_or_else(Action::await_change, Action::requeue));
+        }
     };
+    let mut pods = model_pods(ctx, ns, &deps.model);
+    pods.sort_by_key(|p| p.name_any());
+    let verified = verify_carriers(ctx, a, ns, &deps.admin, &mut pods).await?;
+
+    let (avoid, backing_off) = failing_replicas(ctx, &uid, Instant::now()).await;
+    let plan = adapters::plan(
+        &a.name_any(),
+        a.spec.replicas,
+        deps.max_per_replica,
+        &planner_view(&pods),
+        &avoid,
+    );
+    let loaded = load(ctx, a, ns, &deps, &plan, &pods, &backing_off).await?;
+    let mut dropped = unload(ctx, a, ns, &deps.admin, &plan, &pods).await?;
+    dropped.extend(verified.dropped);
+
+    apply_service(ctx, a, ns, &deps.model.name_any(), &uid).await?;
+
+    // Status from the replicas' labels now (the cache may lag behind this
+    // round's label changes: `loaded` and `dropped` cover them).
+    let pods = model_pods(ctx, ns, &deps.model);
+    let carriers = carriers(a, &pods, &loaded.pods, &dropped, &verified.listed);
+    let (phase, reason, message) = adapters::phase(&adapters::Round {
+        desired: plan.desired,
+        loaded: carriers.len() as i32,
+        failures: loaded.failures,
+        last_error: loaded.last_error,
+        short: plan.short,
+        max_per_replica: deps.max_per_replica,
+        model: a.spec.model.clone(),
+    });
     let converged = phase == AdapterPhase::Ready;
     write_status(
         ctx,
         a,
-        ns,
         Outcome {
             phase,
             reason,
@@ -671,8 +727,9 @@ async fn apply(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
     }))
 }
 
+/// Phase 4: the Adapter's Service, selecting exactly its carriers.
 async fn apply_service(ctx: &Context, a: &Adapter, ns: &str, model: &str, uid: &str) -> Result<()> {
-    let name = service_name(&a.name_any());
+    let name = adapters::service_name(&a.name_any());
     let mut selector = template::model_selector(model);
     selector.insert(label_key(a), labels::ADAPTER_LOADED.into());
     let svc = json!({
@@ -702,14 +759,23 @@ async fn apply_service(ctx: &Context, a: &Adapter, ns: &str, model: &str, uid: &
     Ok(())
 }
 
+/// The finalizer's work: unload the adapter from every replica carrying
+/// it; a sidecar that refuses keeps the finalizer (and says why).
 async fn cleanup(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
     let lock = model_lock(ctx, ns, &a.spec.model).await;
     let _serial = lock.lock().await;
     let key = label_key(a);
     let served = served_name(a);
     let models: Api<Model> = Api::namespaced(ctx.client.clone(), ns);
-    let model = models.get_opt(&a.spec.model).await?;
-    let token = match &model {
+    let model = models
+        .get_opt(&a.spec.model)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Model",
+            name: a.spec.model.clone(),
+            source,
+        })?;
+    let admin = match &model {
         Some(m) => token(ctx, ns, &m.name_any()).await?,
         None => None,
     };
@@ -722,41 +788,34 @@ async fn cleanup(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
         .collect();
     for p in &pods {
         let running = p.metadata.deletion_timestamp.is_none() && view::pod_ready(p);
-        if let (true, Some(ip), Some(token)) = (running, ip_of(p), token.as_ref()) {
-            match call(
+        if let (true, Some(ip), Some(admin)) = (running, ip_of(p), admin.as_ref()) {
+            let answer = call(
                 &ip,
                 http::Method::DELETE,
                 &format!("/v1/adapters/{served}"),
-                token,
+                admin,
                 None,
             )
-            .await
-            {
-                Ok((200, _)) => {
-                    ctx.metrics
-                        .adapter_operations
-                        .with_label_values(&["unload", "success"])
-                        .inc();
-                }
-                other => {
-                    ctx.metrics
-                        .adapter_operations
-                        .with_label_values(&["unload", "error"])
-                        .inc();
-                    let why = match other {
-                        Ok((code, body)) => format!("sidecar answered {code}: {}", body.trim()),
-                        Err(e) => e,
-                    };
-                    publish(
-                        ctx,
-                        a,
-                        EventType::Warning,
-                        "UnloadFailed",
-                        format!("unloading {served} from {}: {why}", p.name_any()),
-                    )
-                    .await;
-                    return Ok(Action::requeue(Duration::from_secs(5)));
-                }
+            .await;
+            let ok = matches!(answer, Ok((200, _)));
+            ctx.metrics
+                .adapter_operations
+                .with_label_values(&["unload", if ok { "success" } else { "error" }])
+                .inc();
+            if !ok {
+                let why = match answer {
+                    Ok((code, body)) => format!("sidecar answered {code}: {}", body.trim()),
+                    Err(e) => e,
+                };
+                publish(
+                    ctx,
+                    a,
+                    EventType::Warning,
+                    "UnloadFailed",
+                    format!("unloading {served} from {}: {why}", p.name_any()),
+                )
+                .await;
+                return Ok(Action::requeue(Duration::from_secs(5)));
             }
         }
         set_label(ctx, ns, &p.name_any(), &key, false).await?;

@@ -1,6 +1,6 @@
 //! The energy accountant's shell: every interval, read every running
 //! replica's sidecar (in parallel, with timeouts, on pod IPs), account
-//! (pure: crate::energy) and write Model, GPUPool and Adapter status with
+//! (pure: strata_core::energy) and write Model, GPUPool and Adapter status with
 //! its own field manager, so that no other writer overwrites the totals.
 //!
 //! Totals advance in memory; status is where they survive a restart or a
@@ -21,8 +21,8 @@ use strata_crds::model::EnergyStatus;
 use strata_crds::{Adapter, GPUPool, Model};
 
 use super::Context;
-use crate::energy::{self, ReplicaReading};
-use crate::labels;
+use strata_core::energy::{self, ReplicaReading};
+use strata_core::labels;
 
 /// What the accountant remembers between rounds.
 #[derive(Debug, Default)]

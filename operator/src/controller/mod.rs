@@ -7,6 +7,7 @@ pub mod janitor;
 pub mod model;
 pub mod pool;
 pub mod prometheus;
+pub mod reconcile;
 pub mod report;
 pub mod scale;
 
@@ -23,9 +24,9 @@ use kube::{Api, Client, ResourceExt};
 use strata_crds::{Adapter, GPUPool, Model};
 use tokio::sync::Mutex;
 
-use crate::labels;
 use crate::metrics::Metrics;
-use crate::template::Settings;
+use strata_core::labels;
+use strata_core::template::Settings;
 
 /// Operator settings from the command line.
 #[derive(Debug, Clone)]
@@ -124,7 +125,7 @@ fn node_digest(node: &Node) -> u64 {
         node.metadata.labels,
         gpus,
     ]);
-    crate::template::fnv1a(key.to_string().as_bytes())
+    strata_core::template::fnv1a(key.to_string().as_bytes())
 }
 
 /// Runs both controllers until `shutdown` resolves.
@@ -147,7 +148,7 @@ pub async fn run(
     let pods = crate::watch::spawn_store(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
-        crate::view::trim_pod,
+        strata_core::view::trim_pod,
         || {},
     );
     let pools = crate::watch::spawn_store(
@@ -260,7 +261,7 @@ pub async fn run(
             },
         )
         .graceful_shutdown_on(stop(rx.clone()))
-        .run(model::reconcile, model::error_policy, ctx.clone())
+        .run(model::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!("model controller: {e}");
@@ -290,7 +291,7 @@ pub async fn run(
             },
         )
         .graceful_shutdown_on(stop(rx.clone()))
-        .run(adapter::reconcile, adapter::error_policy, ctx.clone())
+        .run(adapter::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!("adapter controller: {e}");
@@ -336,7 +337,7 @@ pub async fn run(
             .collect::<Vec<_>>()
     })
     .graceful_shutdown_on(stop(rx))
-    .run(pool::reconcile, pool::error_policy, ctx.clone())
+    .run(pool::reconcile, reconcile::error_policy, ctx.clone())
     .for_each(|res| async move {
         if let Err(e) = res {
             tracing::debug!("gpupool controller: {e}");
@@ -400,13 +401,14 @@ pub(crate) async fn apply_owned_service(
     owner_uid: &str,
     svc: &serde_json::Value,
 ) -> crate::error::Result<bool> {
+    use crate::error::Error;
     let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), ns);
-    if let Some(existing) = api.get_opt(name).await?
-        && !existing
-            .owner_references()
-            .iter()
-            .any(|o| o.uid == owner_uid)
-    {
+    let existing = api.get_opt(name).await.map_err(|source| Error::Get {
+        kind: "Service",
+        name: name.to_string(),
+        source,
+    })?;
+    if existing.is_some_and(|e| !e.owner_references().iter().any(|o| o.uid == owner_uid)) {
         return Ok(false);
     }
     api.patch(
@@ -414,6 +416,11 @@ pub(crate) async fn apply_owned_service(
         &kube::api::PatchParams::apply(labels::FIELD_MANAGER).force(),
         &kube::api::Patch::Apply(svc),
     )
-    .await?;
+    .await
+    .map_err(|source| Error::Write {
+        kind: "Service",
+        name: name.to_string(),
+        source,
+    })?;
     Ok(true)
 }

@@ -2,50 +2,30 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
-use serde_json::json;
 use strata_crds::GPUPool;
 use strata_crds::common::ObjectRef;
 use strata_crds::gpupool::{GPUPoolStatus, PoolModelStatus, PoolNodeStatus};
 
 use super::Context;
-use crate::conditions::{self, Set};
-use crate::error::{Error, Result};
-use crate::placement::NodeView;
-use crate::{labels, view};
+use super::reconcile;
+use crate::error::Result;
+use strata_core::conditions::{self, Set};
+use strata_core::placement::NodeView;
+use strata_core::{labels, view};
 
-const CONTROLLER: &str = "gpupool";
-
-/// Reconciles one GPUPool.
+/// Reconciles one GPUPool: read the caches, build its status (pure), write it.
 pub async fn reconcile(pool: Arc<GPUPool>, ctx: Arc<Context>) -> Result<Action> {
-    let m = &ctx.metrics;
-    m.in_flight.with_label_values(&[CONTROLLER]).inc();
-    let start = Instant::now();
-    let res = reconcile_inner(&pool, &ctx).await;
-    m.in_flight.with_label_values(&[CONTROLLER]).dec();
-    m.reconcile_duration
-        .with_label_values(&[CONTROLLER])
-        .observe(start.elapsed().as_secs_f64());
-    m.reconciles
-        .with_label_values(&[CONTROLLER, if res.is_ok() { "success" } else { "error" }])
-        .inc();
-    res
-}
-
-/// On error: count it and retry soon.
-pub fn error_policy(pool: Arc<GPUPool>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .errors
-        .with_label_values(&[CONTROLLER, err.metric_label()])
-        .inc();
-    tracing::warn!(pool = %pool.name_any(), category = err.metric_label(), "reconcile failed: {err}");
-    Action::requeue(Duration::from_secs(5))
+    reconcile::run(
+        pool,
+        ctx,
+        |pool, ctx| async move { phases(&pool, &ctx).await },
+    )
+    .await
 }
 
 fn why_unschedulable(n: &NodeView, pool: &GPUPool) -> Option<String> {
@@ -110,7 +90,7 @@ pub fn pool_status(
     status
 }
 
-async fn reconcile_inner(pool: &GPUPool, ctx: &Context) -> Result<Action> {
+async fn phases(pool: &GPUPool, ctx: &Context) -> Result<Action> {
     let name = pool.name_any();
     let nodes = ctx.nodes.state();
     let pods = ctx.pods.state();
@@ -180,14 +160,6 @@ async fn reconcile_inner(pool: &GPUPool, ctx: &Context) -> Result<Action> {
     );
     // powerWatts and energyJoules belong to the energy accountant (its own
     // field manager) and are left out here.
-    let api: Api<GPUPool> = Api::all(ctx.client.clone());
-    let patch =
-        json!({"apiVersion": strata_crds::API_VERSION, "kind": "GPUPool", "status": status});
-    api.patch_status(
-        &name,
-        &PatchParams::apply(labels::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    reconcile::write_status(ctx, pool, &status).await?;
     Ok(Action::requeue(ctx.config.resync))
 }

@@ -1,5 +1,5 @@
 //! The autoscaler's Prometheus metrics source, thin shell: runs the queries
-//! of [`crate::promql`] against a Prometheus HTTP API (`GET
+//! of [`strata_core::promql`] against a Prometheus HTTP API (`GET
 //! /api/v1/query`), in parallel, each with a timeout.
 //!
 //! `http://` URLs are queried in the clear. `https://` URLs are verified
@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
-use crate::promql::{self, Readings, Signal};
+use strata_core::promql::{self, Readings, Signal};
 
 /// How long one query may take.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -339,8 +339,8 @@ mod tests {
         assert!(evaluated);
         assert_eq!(desired, 2, "held");
         let e = scaler.last.expect("an evaluation");
-        assert_eq!(e.decision.reason, crate::autoscale::Reason::NoData);
-        assert_eq!(e.observed, crate::collect::Observed::default());
+        assert_eq!(e.decision.reason, strata_core::autoscale::Reason::NoData);
+        assert_eq!(e.observed, strata_core::collect::Observed::default());
         let why = e.error.expect("the reason is kept");
         assert!(
             why.contains("query") && why.contains("Connection refused"),

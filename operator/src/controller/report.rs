@@ -12,21 +12,21 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
-use kube::{Api, Resource, ResourceExt};
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
 use serde_json::json;
 
 use super::Context;
-use crate::conditions::{self, Set};
+use super::reconcile::{Reconciled, apply_status, publish};
 use crate::error::Error;
+use strata_core::conditions::{self, Set};
 
 /// The condition type.
 pub const CONDITION: &str = "ReconcileError";
 /// Field manager of the condition.
 const FIELD_MANAGER: &str = "strata-errors";
 /// Longest Event note (the API server's limit is 1 KiB).
-const MAX_NOTE: usize = 1000;
+pub const MAX_NOTE: usize = 1000;
 
 /// Delay before the next try after `failures` failures in a row: 5 s,
 /// doubling, at most 5 minutes. Pure.
@@ -67,73 +67,42 @@ fn showing(existing: &[Condition]) -> bool {
         .any(|c| c.type_ == CONDITION && c.status == "True")
 }
 
-async fn apply_condition<K>(
-    ctx: &Context,
-    obj: &K,
-    existing: &[Condition],
-    set: Set,
-) -> Result<(), kube::Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let (Some(ns), name) = (obj.namespace(), obj.name_any()) else {
-        return Ok(());
-    };
+async fn apply_condition<K: Reconciled>(ctx: &Context, obj: &K, set: Set) {
     let now = Time(Timestamp::now());
-    let cond = conditions::merge(existing, &[set], obj.meta().generation, &now);
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": {"conditions": cond},
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
+    let cond = conditions::merge(obj.conditions(), &[set], obj.meta().generation, &now);
+    if let Err(e) = apply_status(&ctx.client, obj, FIELD_MANAGER, json!({"conditions": cond})).await
+    {
+        tracing::debug!(name = %obj.name_any(), "setting {CONDITION}: {e}");
+    }
+}
+
+fn key_of<K: Reconciled>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::CONTROLLER,
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
     )
-    .await
-    .map(|_| ())
 }
 
 /// Reports a reconcile's outcome on the object: on failure a Warning Event
 /// and `ReconcileError` True (counting the failures in a row for the
 /// backoff); on success, `ReconcileError` False if it showed True.
-pub async fn report<K>(
-    ctx: &Context,
-    controller: &str,
-    obj: &K,
-    existing: &[Condition],
-    outcome: Result<(), &Error>,
-) where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let key = format!(
-        "{controller}/{}/{}",
-        obj.namespace().unwrap_or_default(),
-        obj.name_any()
-    );
+pub async fn report<K: Reconciled>(ctx: &Context, obj: &K, outcome: Result<(), &Error>) {
+    let key = key_of(obj);
     match outcome {
         Ok(()) => {
             if let Ok(mut f) = ctx.failures.lock() {
                 f.remove(&key);
             }
-            if showing(existing) {
+            if showing(obj.conditions()) {
                 let set = Set::new(
                     CONDITION,
                     false,
                     "ReconcileSucceeded",
                     "the last reconcile succeeded",
                 );
-                if let Err(e) = apply_condition(ctx, obj, existing, set).await {
-                    tracing::debug!(object = %key, "clearing {CONDITION}: {e}");
-                }
+                apply_condition(ctx, obj, set).await;
             }
         }
         Err(err) => {
@@ -141,31 +110,23 @@ pub async fn report<K>(
                 *f.entry(key.clone()).or_default() += 1;
             }
             let message = cut(&err.to_string(), MAX_NOTE);
-            let ev = Event {
-                type_: EventType::Warning,
-                reason: reason(err),
-                note: Some(message.clone()),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
-                tracing::debug!(object = %key, "publishing the error: {e}");
-            }
-            let set = Set::new(CONDITION, true, reason(err), message);
-            if let Err(e) = apply_condition(ctx, obj, existing, set).await {
-                tracing::debug!(object = %key, "setting {CONDITION}: {e}");
-            }
+            publish(
+                ctx,
+                obj,
+                EventType::Warning,
+                &reason(err),
+                "Reconcile",
+                message.clone(),
+            )
+            .await;
+            apply_condition(ctx, obj, Set::new(CONDITION, true, reason(err), message)).await;
         }
     }
 }
 
 /// The delay before retrying a failed object.
-pub fn retry_after(ctx: &Context, controller: &str, obj: &impl ResourceExt) -> Duration {
-    let key = format!(
-        "{controller}/{}/{}",
-        obj.namespace().unwrap_or_default(),
-        obj.name_any()
-    );
+pub fn retry_after<K: Reconciled>(ctx: &Context, obj: &K) -> Duration {
+    let key = key_of(obj);
     let n = ctx
         .failures
         .lock()

@@ -1,7 +1,7 @@
 //! The SLA autoscaler's shell: scrape the ready replicas' sidecars (in
 //! parallel, with timeouts, on pod IPs) and keep windows of snapshots, or
 //! ask Prometheus (spec.autoscaling.metrics, [`super::prometheus`]); decide
-//! (pure: crate::autoscale), and report the decision.
+//! (pure: strata_core::autoscale), and report the decision.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, OnceLock};
@@ -10,10 +10,11 @@ use std::time::Instant;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use strata_crds::model::{MetricsSourceType, Model, ScaleDecision, SignalStatus, SlaStatus};
+use strata_core::autoscale::{self, Input, Signals};
+use strata_core::collect::{self, PodSeries};
+use strata_core::sla::{Evaluation, hold, policy_and_targets};
+use strata_crds::model::{MetricsSourceType, Model, ScaleDecision};
 
-use crate::autoscale::{self, Decision, Input, Limit, Policy, Signals, Targets};
-use crate::collect::{self, PodSeries};
 use crate::sidecar_client::{SidecarClient, Target};
 
 /// Per-Model memory of the autoscaler.
@@ -57,72 +58,7 @@ impl ModelScaler {
     }
 }
 
-/// One evaluation's result.
-#[derive(Debug, Clone)]
-pub struct Evaluation {
-    /// The decision.
-    pub decision: Decision,
-    /// The windowed signals.
-    pub observed: collect::Observed,
-    /// When.
-    pub at: Time,
-    /// Replicas before.
-    pub from: i32,
-    /// Arrivals per second over the last interval.
-    pub arrivals: Option<f64>,
-    /// The learned per-replica capacity.
-    pub capacity: Option<f64>,
-    /// Why there were no metrics (the Prometheus source failed), for status.
-    pub error: Option<String>,
-}
-
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-fn secs(d: &str) -> Option<f64> {
-    super::model::parse_duration(d).map(|d| d.as_secs_f64())
-}
-
-/// The decision's inputs from the Model spec.
-pub fn policy_and_targets(model: &Model) -> (Policy, Targets, f64, f64, f64) {
-    let spec = &model.spec;
-    let a = &spec.autoscaling;
-    let sla = spec.sla.clone().unwrap_or_default();
-    let up = a.scale_up.clone().unwrap_or_default();
-    let down = a.scale_down.clone().unwrap_or_default();
-    let policy = Policy {
-        min: spec.min_replicas,
-        max: spec.max_replicas,
-        tolerance: f64::from(a.tolerance_percent) / 100.0,
-        up: Limit {
-            replicas: up.max_replicas_per_interval.or(Some(4)),
-            percent: up.max_percent_per_interval.or(Some(100)),
-        },
-        down: Limit {
-            replicas: down.max_replicas_per_interval.or(Some(1)),
-            percent: down.max_percent_per_interval,
-        },
-        up_window: up
-            .stabilization_window
-            .as_deref()
-            .and_then(secs)
-            .unwrap_or(0.0),
-        down_window: down
-            .stabilization_window
-            .as_deref()
-            .and_then(secs)
-            .unwrap_or(300.0),
-        idle_to_zero: a.scale_to_zero.as_ref().and_then(|z| secs(&z.idle_window)),
-    };
-    let targets = Targets {
-        ttft: sla.time_to_first_token.as_deref().and_then(secs),
-        itl: sla.inter_token_latency.as_deref().and_then(secs),
-        e2e: sla.end_to_end_latency.as_deref().and_then(secs),
-        queue_per_replica: sla.queue_depth_per_replica.map(f64::from),
-    };
-    let interval = secs(&a.interval).unwrap_or(15.0);
-    let window = secs(&a.window).unwrap_or(60.0);
-    (policy, targets, interval, window, sla.percentile / 100.0)
-}
 
 /// Reads a replica's `/metrics` over TLS (the Model's certificate from the
 /// operator's CA), bounded in size and to 2 s; None when it does not answer.
@@ -173,25 +109,6 @@ async fn from_prometheus(
             }
         },
     )
-}
-
-/// The decision while the metrics source fails: the current count (within
-/// bounds). Not `decide` on empty signals, which would read an outage as
-/// idleness and scale a Model with scaleToZero to zero.
-fn hold(input: &Input, why: &str) -> Decision {
-    let p = input.policy;
-    let desired = input.current.clamp(p.min, p.max.max(p.min));
-    Decision {
-        desired,
-        reason: if desired == input.current {
-            autoscale::Reason::NoData
-        } else {
-            autoscale::Reason::Bounds
-        },
-        signal: "none".into(),
-        message: format!("no metrics ({why}): holding"),
-        signals: Vec::new(),
-    }
 }
 
 /// Runs an evaluation if the interval has passed; returns the desired
@@ -288,85 +205,6 @@ pub async fn evaluate(
         error,
     });
     (desired, true)
-}
-
-fn fmt_secs(v: f64) -> String {
-    if v < 1.0 {
-        format!("{:.0}ms", v * 1000.0)
-    } else {
-        format!("{v:.2}s")
-    }
-}
-
-/// status.sla from the last evaluation.
-pub fn sla_status(model: &Model, e: &Evaluation) -> SlaStatus {
-    let sla = model.spec.sla.clone().unwrap_or_default();
-    let sig = |observed: Option<f64>, target: Option<&String>, t: Option<f64>, latency: bool| {
-        (observed.is_some() || target.is_some()).then(|| SignalStatus {
-            observed: observed.map(|v| {
-                if latency {
-                    fmt_secs(v)
-                } else {
-                    format!("{v:.1}")
-                }
-            }),
-            target: target.cloned(),
-            ratio: match (observed, t) {
-                (Some(o), Some(t)) if t > 0.0 => Some((o / t * 100.0).round() / 100.0),
-                _ => None,
-            },
-        })
-    };
-    let (_, targets, ..) = policy_and_targets(model);
-    let queue_target = sla.queue_depth_per_replica.map(|q| q.to_string());
-    SlaStatus {
-        time_to_first_token: sig(
-            e.observed.ttft,
-            sla.time_to_first_token.as_ref(),
-            targets.ttft,
-            true,
-        ),
-        inter_token_latency: sig(
-            e.observed.itl,
-            sla.inter_token_latency.as_ref(),
-            targets.itl,
-            true,
-        ),
-        end_to_end_latency: sig(
-            e.observed.e2e,
-            sla.end_to_end_latency.as_ref(),
-            targets.e2e,
-            true,
-        ),
-        queue_depth_per_replica: sig(
-            e.observed.queue_per_replica,
-            queue_target.as_ref(),
-            targets.queue_per_replica,
-            false,
-        ),
-        requests_per_second: e.observed.rps.map(|v| (v * 100.0).round() / 100.0),
-        tokens_per_second: e
-            .observed
-            .tokens_per_second
-            .map(|v| (v * 10.0).round() / 10.0),
-        arrivals_per_second: e.arrivals.map(|v| (v * 100.0).round() / 100.0),
-        kv_cache_usage: e.observed.kv_cache.map(|v| (v * 1000.0).round() / 1000.0),
-        replica_capacity: e.capacity.map(|v| (v * 1000.0).round() / 1000.0),
-        metrics_error: e.error.clone(),
-        observed_at: Some(e.at.clone()),
-    }
-}
-
-/// status.lastScaleDecision from an evaluation that changed the count.
-pub fn decision_status(e: &Evaluation) -> ScaleDecision {
-    ScaleDecision {
-        time: e.at.clone(),
-        from_replicas: e.from,
-        to_replicas: e.decision.desired,
-        signal: e.decision.signal.clone(),
-        reason: e.decision.reason.as_str().to_string(),
-        message: e.decision.message.clone(),
-    }
 }
 
 #[cfg(test)]

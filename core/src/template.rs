@@ -31,9 +31,18 @@ pub const SIDECAR_SECRET_DIR: &str = "/var/run/strata/sidecar";
 pub const ADAPTER_TOKEN_KEY: &str = "token";
 /// Where fetched adapters live, in the sidecar and the engine.
 pub const ADAPTERS_DIR: &str = "/adapters";
+/// Key of the CA certificate (PEM), in the CA Secret and in each Model's Secret.
+pub const CA_CERT_KEY: &str = "ca.crt";
+/// Key of a sidecar's certificate (PEM) in its Model's Secret.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// Key of a sidecar's private key (PEM, PKCS#8) in its Model's Secret.
+pub const TLS_KEY_KEY: &str = "tls.key";
+/// Every sidecar name is under this domain (the operator's CA is
+/// constrained to it).
+pub const SIDECAR_DOMAIN: &str = "sidecar.strata.internal";
 
 /// The Secret of a Model's replicas (every Model has one): the adapter API
-/// token and the sidecars' admin port certificate (keys in [`crate::pki`]).
+/// token and the sidecars' admin port certificate (keys below).
 /// The name predates the certificate.
 pub fn adapter_token_secret(model: &str) -> String {
     format!("{model}-adapter-token")
@@ -46,7 +55,7 @@ pub fn adapter_token_secret(model: &str) -> String {
 /// valid DNS name (a label over 63 characters, over 253 in all),
 /// `m-<hash of namespace/model>.<namespace>.sidecar.strata.internal`.
 pub fn sidecar_server_name(namespace: &str, model: &str) -> String {
-    let name = format!("{model}.{namespace}.{}", crate::pki::SIDECAR_DOMAIN);
+    let name = format!("{model}.{namespace}.{}", SIDECAR_DOMAIN);
     let label_ok = |l: &str| {
         (1..=63).contains(&l.len())
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -59,7 +68,7 @@ pub fn sidecar_server_name(namespace: &str, model: &str) -> String {
     format!(
         "m-{:016x}.{namespace}.{}",
         fnv1a(format!("{namespace}/{model}").as_bytes()),
-        crate::pki::SIDECAR_DOMAIN
+        SIDECAR_DOMAIN
     )
 }
 /// Image of the init container that copies s3:// and gs:// weights.
@@ -349,9 +358,9 @@ impl ReplicaTemplate<'_> {
         volumes.push(Volume {
             name: s("sidecar-secret"),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(adapter_token_secret(&kube::ResourceExt::name_any(
-                    self.model,
-                ))),
+                secret_name: Some(adapter_token_secret(
+                    self.model.metadata.name.as_deref().unwrap_or_default(),
+                )),
                 optional: Some(false),
                 ..SecretVolumeSource::default()
             }),
@@ -365,11 +374,11 @@ impl ReplicaTemplate<'_> {
         }];
         sidecar_args.push(format!(
             "--admin-tls-cert-file={SIDECAR_SECRET_DIR}/{}",
-            crate::pki::TLS_CERT_KEY
+            TLS_CERT_KEY
         ));
         sidecar_args.push(format!(
             "--admin-tls-key-file={SIDECAR_SECRET_DIR}/{}",
-            crate::pki::TLS_KEY_KEY
+            TLS_KEY_KEY
         ));
         if spec.adapters.is_some() {
             // Without the token file the adapter API refuses every call.

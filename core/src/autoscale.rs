@@ -516,7 +516,7 @@ pub fn decide(input: &Input, state: &mut State) -> Decision {
 
 /// Parses the CRD's duration strings for the policy (seconds).
 pub fn seconds(s: Option<&str>, default: f64) -> f64 {
-    s.and_then(crate::controller::model::parse_duration)
+    s.and_then(crate::duration::parse)
         .map_or(default, |d| d.as_secs_f64())
 }
 

@@ -1,0 +1,33 @@
+//! strata-core: everything Strata decides, as pure functions of plain
+//! values. No API client, no I/O, no clock of its own (callers pass `now`):
+//! this crate does not depend on kube or tokio, so the compiler keeps the
+//! controllers (in strata-operator) out of it.
+//!
+//! - [`placement`]: which node of which GPUPool gets the next replica.
+//! - [`rollout`]: which replicas to delete and how many to create.
+//! - [`template`] and [`engine`]: the replica pod (engine, sidecar, volumes).
+//! - [`autoscale`]: the SLA autoscaler's decision from observed signals;
+//!   [`sla`]: its inputs from a Model's spec and its outputs as status.
+//! - [`collect`] and [`promql`]: metric math on scraped text or PromQL answers.
+//! - [`energy`]: the per-Model, per-Adapter energy ledger.
+//! - [`adapters`]: which replicas carry which LoRA adapter.
+//! - [`view`]: the plain views placement reads, built from Nodes and Pods.
+//! - [`status`]: a Model's status and conditions from what a reconcile saw
+//!   and did.
+//! - [`conditions`], [`labels`], [`duration`]: shared vocabulary.
+
+pub mod adapters;
+pub mod autoscale;
+pub mod collect;
+pub mod conditions;
+pub mod duration;
+pub mod energy;
+pub mod engine;
+pub mod labels;
+pub mod placement;
+pub mod promql;
+pub mod rollout;
+pub mod sla;
+pub mod status;
+pub mod template;
+pub mod view;

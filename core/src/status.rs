@@ -1,0 +1,512 @@
+//! A Model's status from what one reconcile saw and did: the replicas now
+//! (their placement), the counts, and the conditions a person reads in
+//! `kubectl describe model`:
+//!
+//! | condition   | reasons |
+//! |-------------|---------|
+//! | Ready       | AllReplicasReady, PartiallyReady, NoReplicaReady, ScaledToZero |
+//! | Progressing | RolloutComplete, RollingOut, Scaling, ProgressDeadlineExceeded (False) |
+//! | Degraded    | Unplaceable, ServiceConflict, ReplicaFailures, AsExpected (False) |
+//! | ReconcileError | the error's category (Forbidden, Invalid, Conflict, Api, ...), ReconcileSucceeded (False) |
+//!
+//! ReconcileError is written by the operator's error reporter (its own
+//! field manager) from [`reconcile_error`]; the others by the Model
+//! controller from [`model_conditions`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use strata_crds::model::{ModelAdapterStatus, ReplicaPlacement};
+
+use crate::conditions::Set;
+use crate::rollout::Replica;
+use crate::{labels, view};
+
+/// The type of the condition the error reporter sets.
+pub const RECONCILE_ERROR: &str = "ReconcileError";
+
+/// What a Model reconcile saw and did, for its conditions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The Model's name.
+    pub name: String,
+    /// Replicas wanted.
+    pub desired: i32,
+    /// Replicas that exist now (not being deleted), after this reconcile.
+    pub replicas: i32,
+    /// Of those, ready.
+    pub ready: i32,
+    /// Of those, on the current template.
+    pub updated: i32,
+    /// Old-template replicas remain.
+    pub rolling: bool,
+    /// This reconcile deleted replicas.
+    pub deleted: usize,
+    /// Failed replicas this reconcile replaced.
+    pub failures: usize,
+    /// Why replicas could not be placed, if some could not.
+    pub unplaced: Option<String>,
+    /// A Service of the Model's name exists that the Model does not own.
+    pub service_conflict: bool,
+    /// A replica on the current template is not ready past the deadline.
+    pub stalled: bool,
+    /// spec.rollout.progressDeadline, as written.
+    pub progress_deadline: String,
+}
+
+impl Facts {
+    /// The Model has what it wants: nothing to create, delete or roll.
+    pub fn converged(&self) -> bool {
+        !self.rolling
+            && self.updated == self.desired
+            && self.replicas == self.desired
+            && self.ready >= self.desired
+            && self.deleted == 0
+    }
+}
+
+/// Ready, Progressing and Degraded, in that order. Pure.
+pub fn model_conditions(f: &Facts) -> [Set; 3] {
+    let (desired, ready) = (f.desired, f.ready);
+    let ready_cond = if desired == 0 {
+        Set::new(
+            "Ready",
+            true,
+            "ScaledToZero",
+            "the Model has no replicas by request",
+        )
+    } else if ready >= desired {
+        Set::new(
+            "Ready",
+            true,
+            "AllReplicasReady",
+            format!("{ready} of {desired} replicas ready"),
+        )
+    } else if ready > 0 {
+        Set::new(
+            "Ready",
+            false,
+            "PartiallyReady",
+            format!("{ready} of {desired} replicas ready"),
+        )
+    } else {
+        Set::new(
+            "Ready",
+            false,
+            "NoReplicaReady",
+            format!("0 of {desired} replicas ready"),
+        )
+    };
+    let progressing = if f.stalled {
+        Set::new(
+            "Progressing",
+            false,
+            "ProgressDeadlineExceeded",
+            format!(
+                "a replica on the current template has not become ready within {}",
+                f.progress_deadline
+            ),
+        )
+    } else if f.converged() {
+        Set::new(
+            "Progressing",
+            true,
+            "RolloutComplete",
+            format!("{desired} replica(s) on the current template"),
+        )
+    } else if f.rolling || f.updated < f.replicas {
+        Set::new(
+            "Progressing",
+            true,
+            "RollingOut",
+            format!(
+                "{} of {desired} replicas on the current template",
+                f.updated
+            ),
+        )
+    } else {
+        Set::new(
+            "Progressing",
+            true,
+            "Scaling",
+            format!("{} replica(s), converging to {desired}", f.replicas),
+        )
+    };
+    let degraded = if let Some(msg) = &f.unplaced {
+        Set::new("Degraded", true, "Unplaceable", msg.clone())
+    } else if f.service_conflict {
+        Set::new(
+            "Degraded",
+            true,
+            "ServiceConflict",
+            format!(
+                "a Service named {} exists and is not owned by this Model; Strata leaves it alone",
+                f.name
+            ),
+        )
+    } else if f.failures > 0 {
+        Set::new(
+            "Degraded",
+            true,
+            "ReplicaFailures",
+            format!("{} replica(s) failed and were replaced", f.failures),
+        )
+    } else {
+        Set::new("Degraded", false, "AsExpected", "no problems")
+    };
+    [ready_cond, progressing, degraded]
+}
+
+/// The error reporter's condition: True with the error's reason and message
+/// after a failed reconcile, False after a success. Pure.
+pub fn reconcile_error(failure: Option<(&str, &str)>) -> Set {
+    match failure {
+        Some((reason, message)) => Set::new(RECONCILE_ERROR, true, reason, message),
+        None => Set::new(
+            RECONCILE_ERROR,
+            false,
+            "ReconcileSucceeded",
+            "the last reconcile succeeded",
+        ),
+    }
+}
+
+/// Whether a replica on the current template (`hashes`: pool to hash) has
+/// stayed unready longer than `deadline`. Pure.
+pub fn stalled(
+    replicas: &[Replica],
+    hashes: &BTreeMap<String, String>,
+    deadline: Duration,
+) -> bool {
+    replicas.iter().any(|r| {
+        !r.terminating
+            && !r.ready
+            && hashes.get(&r.pool) == Some(&r.hash)
+            && Duration::from_secs(r.age) > deadline
+    })
+}
+
+/// status.placement: one entry per replica pod, sorted by pod name. Pure.
+pub fn placement<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<ReplicaPlacement> {
+    let mut out: Vec<ReplicaPlacement> = pods
+        .into_iter()
+        .map(|p| {
+            let l = p.metadata.labels.clone().unwrap_or_default();
+            ReplicaPlacement {
+                pod: p.metadata.name.clone().unwrap_or_default(),
+                node: view::pod_node(p).unwrap_or_default(),
+                pool: l.get(labels::POOL).cloned().unwrap_or_default(),
+                gpus: view::pod_gpu_requests(p).values().sum::<i64>() as i32,
+                ready: view::pod_ready(p),
+                template_hash: l.get(labels::TEMPLATE_HASH).cloned(),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.pod.cmp(&b.pod));
+    out
+}
+
+/// Adapters carried by the Model's replicas, from the replicas' adapter
+/// labels (pods being deleted do not count). Pure.
+pub fn adapters<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<ModelAdapterStatus> {
+    let mut counts: BTreeMap<String, i32> = BTreeMap::new();
+    for p in pods
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        for (k, v) in p.metadata.labels.iter().flatten() {
+            if let Some(name) = k.strip_prefix(labels::ADAPTER_PREFIX)
+                && v == labels::ADAPTER_LOADED
+            {
+                *counts.entry(name.to_string()).or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(name, replicas)| ModelAdapterStatus { name, replicas })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::json;
+
+    fn facts(desired: i32, replicas: i32, ready: i32, updated: i32) -> Facts {
+        Facts {
+            name: "llama".into(),
+            desired,
+            replicas,
+            ready,
+            updated,
+            progress_deadline: "15m".into(),
+            ..Facts::default()
+        }
+    }
+
+    /// (situation, facts, expected (type, status, reason) of Ready,
+    /// Progressing, Degraded).
+    #[test]
+    fn the_conditions_a_model_gets_for_each_situation() {
+        type Want = [(&'static str, bool, &'static str); 3];
+        let cases: Vec<(&str, Facts, Want)> = vec![
+            (
+                "all replicas ready on the current template",
+                facts(2, 2, 2, 2),
+                [
+                    ("Ready", true, "AllReplicasReady"),
+                    ("Progressing", true, "RolloutComplete"),
+                    ("Degraded", false, "AsExpected"),
+                ],
+            ),
+            (
+                "one of two ready, scaling up",
+                facts(2, 2, 1, 2),
+                [
+                    ("Ready", false, "PartiallyReady"),
+                    ("Progressing", true, "Scaling"),
+                    ("Degraded", false, "AsExpected"),
+                ],
+            ),
+            (
+                "nothing ready yet",
+                facts(1, 1, 0, 1),
+                [
+                    ("Ready", false, "NoReplicaReady"),
+                    ("Progressing", true, "Scaling"),
+                    ("Degraded", false, "AsExpected"),
+                ],
+            ),
+            (
+                "scaled to zero",
+                facts(0, 0, 0, 0),
+                [
+                    ("Ready", true, "ScaledToZero"),
+                    ("Progressing", true, "RolloutComplete"),
+                    ("Degraded", false, "AsExpected"),
+                ],
+            ),
+            (
+                "rolling out a new template",
+                Facts {
+                    rolling: true,
+                    ..facts(2, 3, 2, 1)
+                },
+                [
+                    ("Ready", true, "AllReplicasReady"),
+                    ("Progressing", true, "RollingOut"),
+                    ("Degraded", false, "AsExpected"),
+                ],
+            ),
+            (
+                "a new replica never became ready",
+                Facts {
+                    stalled: true,
+                    ..facts(2, 2, 1, 2)
+                },
+                [
+                    ("Ready", false, "PartiallyReady"),
+                    ("Progressing", false, "ProgressDeadlineExceeded"),
+                    ("Degraded", false, "AsExpected"),
+                ],
+            ),
+            (
+                "no room on any pool",
+                Facts {
+                    unplaced: Some(
+                        "1 replica(s) cannot be placed: pool a: no node has 8 free GPUs".into(),
+                    ),
+                    ..facts(2, 1, 1, 1)
+                },
+                [
+                    ("Ready", false, "PartiallyReady"),
+                    ("Progressing", true, "Scaling"),
+                    ("Degraded", true, "Unplaceable"),
+                ],
+            ),
+            (
+                "a foreign Service has the Model's name",
+                Facts {
+                    service_conflict: true,
+                    ..facts(1, 1, 1, 1)
+                },
+                [
+                    ("Ready", true, "AllReplicasReady"),
+                    ("Progressing", true, "RolloutComplete"),
+                    ("Degraded", true, "ServiceConflict"),
+                ],
+            ),
+            (
+                "a failed replica was replaced",
+                Facts {
+                    failures: 1,
+                    deleted: 1,
+                    ..facts(2, 2, 1, 2)
+                },
+                [
+                    ("Ready", false, "PartiallyReady"),
+                    ("Progressing", true, "Scaling"),
+                    ("Degraded", true, "ReplicaFailures"),
+                ],
+            ),
+            (
+                "unplaceable wins over a Service conflict",
+                Facts {
+                    unplaced: Some("none of the GPUPools [\"gone\"] exists".into()),
+                    service_conflict: true,
+                    ..facts(1, 0, 0, 0)
+                },
+                [
+                    ("Ready", false, "NoReplicaReady"),
+                    ("Progressing", true, "Scaling"),
+                    ("Degraded", true, "Unplaceable"),
+                ],
+            ),
+        ];
+        for (situation, f, want) in cases {
+            let got = model_conditions(&f);
+            let got: Vec<(&str, bool, &str)> = got
+                .iter()
+                .map(|s| (s.type_, s.status, s.reason.as_str()))
+                .collect();
+            assert_eq!(got, want, "{situation}");
+        }
+        let msg = model_conditions(&Facts {
+            service_conflict: true,
+            ..facts(1, 1, 1, 1)
+        })[2]
+            .message
+            .clone();
+        assert!(msg.contains("llama"), "{msg}");
+        let msg = model_conditions(&Facts {
+            stalled: true,
+            ..facts(1, 1, 0, 1)
+        })[1]
+            .message
+            .clone();
+        assert!(msg.contains("15m"), "{msg}");
+    }
+
+    #[test]
+    fn the_reconcile_error_condition_carries_the_api_servers_words() {
+        let s = reconcile_error(Some((
+            "Forbidden",
+            "creating a replica of Model m on node n: exceeded quota: gpus",
+        )));
+        assert_eq!(
+            (s.type_, s.status, s.reason.as_str()),
+            (RECONCILE_ERROR, true, "Forbidden")
+        );
+        assert!(s.message.contains("exceeded quota"));
+        let s = reconcile_error(None);
+        assert_eq!((s.status, s.reason.as_str()), (false, "ReconcileSucceeded"));
+    }
+
+    fn replica(pool: &str, hash: &str, ready: bool, age: u64) -> Replica {
+        Replica {
+            name: format!("r-{pool}-{age}"),
+            pool: pool.into(),
+            hash: hash.into(),
+            ready,
+            phase: "Running".into(),
+            terminating: false,
+            node: Some("n".into()),
+            node_gone: false,
+            unschedulable_for: None,
+            age,
+        }
+    }
+
+    #[test]
+    fn only_a_current_replica_past_the_deadline_stalls_a_rollout() {
+        let hashes = BTreeMap::from([("a".to_string(), "h2".to_string())]);
+        let deadline = Duration::from_secs(600);
+        assert!(stalled(
+            &[replica("a", "h2", false, 601)],
+            &hashes,
+            deadline
+        ));
+        assert!(!stalled(
+            &[replica("a", "h2", false, 599)],
+            &hashes,
+            deadline
+        ));
+        assert!(
+            !stalled(&[replica("a", "h1", false, 9999)], &hashes, deadline),
+            "old template"
+        );
+        assert!(
+            !stalled(&[replica("a", "h2", true, 9999)], &hashes, deadline),
+            "ready"
+        );
+        let mut t = replica("a", "h2", false, 9999);
+        t.terminating = true;
+        assert!(!stalled(&[t], &hashes, deadline), "terminating");
+    }
+
+    fn pod(name: &str, labels: &[(&str, &str)], deleting: bool) -> Pod {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels.iter().copied().collect::<BTreeMap<_, _>>()},
+            "spec": {"nodeName": "gpu-0", "containers": [{"name": "engine", "resources": {"requests": {"nvidia.com/gpu": "2"}}}]},
+        }))
+        .expect("pod");
+        if deleting {
+            p.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        }
+        p
+    }
+
+    #[test]
+    fn the_adapters_a_model_carries_come_from_its_replicas_labels() {
+        let pods = [
+            pod(
+                "a",
+                &[
+                    ("adapter.strata.ai/sql", "loaded"),
+                    ("adapter.strata.ai/poet", "loaded"),
+                ],
+                false,
+            ),
+            pod(
+                "b",
+                &[
+                    ("adapter.strata.ai/sql", "loaded"),
+                    ("strata.ai/model", "m"),
+                ],
+                false,
+            ),
+            pod("c", &[("adapter.strata.ai/sql", "loaded")], true),
+            pod("d", &[("adapter.strata.ai/poet", "pending")], false),
+        ];
+        let got: Vec<(String, i32)> = adapters(&pods)
+            .into_iter()
+            .map(|a| (a.name, a.replicas))
+            .collect();
+        assert_eq!(got, [("poet".to_string(), 1), ("sql".to_string(), 2)]);
+    }
+
+    #[test]
+    fn placement_lists_each_replica_sorted_with_its_gpus() {
+        let pods = [
+            pod(
+                "z",
+                &[("strata.ai/pool", "a"), ("strata.ai/template-hash", "h")],
+                false,
+            ),
+            pod("b", &[("strata.ai/pool", "b")], false),
+        ];
+        let got = placement(&pods);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].pod, "b");
+        assert_eq!(
+            (got[1].pool.as_str(), got[1].gpus, got[1].node.as_str()),
+            ("a", 2, "gpu-0")
+        );
+        assert_eq!(got[1].template_hash.as_deref(), Some("h"));
+        assert!(!got[1].ready);
+    }
+}
