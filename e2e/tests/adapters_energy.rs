@@ -641,6 +641,37 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         )),
         "the sidecar counts the reload"
     );
+    // The Adapter says what happened: the replica's reload in status and
+    // a Normal Event naming the replica.
+    let reloaded_on = engine_victim.clone();
+    wait_for(
+        adapters.clone(),
+        "sql",
+        Duration::from_secs(60),
+        move |a: Option<&Adapter>| {
+            a.and_then(|a| a.status.as_ref()).is_some_and(|s| {
+                s.replicas.iter().any(|r| {
+                    r.pod == reloaded_on
+                        && r.reloads.unwrap_or(0) >= 1
+                        && r.last_reload_time.is_some()
+                })
+            })
+        },
+    )
+    .await
+    .expect("the Adapter's status shows the reload on the replica whose engine restarted");
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .expect("events");
+    assert!(
+        events.items.iter().any(|e| {
+            e.reason.as_deref() == Some("Reloaded")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("sql")
+                && e.note.as_deref().is_some_and(|n| n.contains(engine_victim.as_str()))
+        }),
+        "a Reloaded Event on the Adapter names the replica"
+    );
     // The operator restarts too: the new one continues from status.
     operator.kill().await.expect("stop the operator");
     tokio::time::sleep(Duration::from_secs(3)).await; // load runs while no operator reads it
