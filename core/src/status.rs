@@ -6,7 +6,7 @@
 //! |-------------|---------|
 //! | Ready       | AllReplicasReady, PartiallyReady, NoReplicaReady, ScaledToZero |
 //! | Progressing | RolloutComplete, RollingOut, Scaling, ProgressDeadlineExceeded (False) |
-//! | Degraded    | Unplaceable, ServiceConflict, ReplicaFailures, AsExpected (False) |
+//! | Degraded    | SecretNotFound, Unplaceable, ServiceConflict, ReplicaFailures, AsExpected (False) |
 //! | ReconcileError | the error's category (Forbidden, Invalid, Conflict, Api, ...), ReconcileSucceeded (False) |
 //!
 //! ReconcileError is written by the operator's error reporter (its own
@@ -49,6 +49,13 @@ pub struct Facts {
     pub unplaced: Option<String>,
     /// A Service of the Model's name exists that the Model does not own.
     pub service_conflict: bool,
+    /// A Secret the replicas need is missing (no replica is created until
+    /// it exists): its description.
+    pub missing_secret: Option<String>,
+    /// None of the GPUPools the Model lists exists.
+    pub no_pool: bool,
+    /// This reconcile created or deleted replicas.
+    pub acted: bool,
     /// A replica on the current template is not ready past the deadline.
     pub stalled: bool,
     /// spec.rollout.progressDeadline, as written.
@@ -63,6 +70,34 @@ impl Facts {
             && self.replicas == self.desired
             && self.ready >= self.desired
             && self.deleted == 0
+    }
+}
+
+/// How soon a Model is looked at again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Converging: again in seconds.
+    Busy,
+    /// Blocked on something only a person (or another object) can change:
+    /// a missing Secret, no GPUPool at all. Their changes wake the Model
+    /// too (GPUPools are watched); the slow look catches the rest without
+    /// a storm when many Models are blocked.
+    Waiting,
+    /// Converged: at the resync interval.
+    Settled,
+}
+
+impl Facts {
+    /// How soon to look again. Pure.
+    pub fn pace(&self) -> Pace {
+        if self.missing_secret.is_some() || self.no_pool {
+            Pace::Waiting
+        } else if self.acted || self.rolling || self.unplaced.is_some() || self.ready < self.desired
+        {
+            Pace::Busy
+        } else {
+            Pace::Settled
+        }
     }
 }
 
@@ -133,7 +168,14 @@ pub fn model_conditions(f: &Facts) -> [Set; 3] {
             format!("{} replica(s), converging to {desired}", f.replicas),
         )
     };
-    let degraded = if let Some(msg) = &f.unplaced {
+    let degraded = if let Some(what) = &f.missing_secret {
+        Set::new(
+            "Degraded",
+            true,
+            "SecretNotFound",
+            format!("{what} does not exist: no replica is created until it does"),
+        )
+    } else if let Some(msg) = &f.unplaced {
         Set::new("Degraded", true, "Unplaceable", msg.clone())
     } else if f.service_conflict {
         Set::new(
@@ -354,6 +396,20 @@ mod tests {
                 ],
             ),
             (
+                "the source's credentials Secret is missing",
+                Facts {
+                    missing_secret: Some(
+                        "the Secret hf-token (spec.source.credentialsSecretRef)".into(),
+                    ),
+                    ..facts(1, 0, 0, 0)
+                },
+                [
+                    ("Ready", false, "NoReplicaReady"),
+                    ("Progressing", true, "Scaling"),
+                    ("Degraded", true, "SecretNotFound"),
+                ],
+            ),
+            (
                 "unplaceable wins over a Service conflict",
                 Facts {
                     unplaced: Some("none of the GPUPools [\"gone\"] exists".into()),
@@ -389,6 +445,33 @@ mod tests {
             .message
             .clone();
         assert!(msg.contains("15m"), "{msg}");
+    }
+
+    #[test]
+    fn blocked_models_are_looked_at_slowly_and_converging_ones_soon() {
+        assert_eq!(facts(2, 2, 2, 2).pace(), Pace::Settled);
+        assert_eq!(facts(2, 2, 1, 2).pace(), Pace::Busy, "not all ready");
+        let acted = Facts {
+            acted: true,
+            ..facts(2, 2, 2, 2)
+        };
+        assert_eq!(acted.pace(), Pace::Busy);
+        let unplaced = Facts {
+            unplaced: Some("no room".into()),
+            ..facts(2, 1, 1, 1)
+        };
+        assert_eq!(unplaced.pace(), Pace::Busy, "GPUs may free up any moment");
+        let no_pool = Facts {
+            unplaced: Some("none exists".into()),
+            no_pool: true,
+            ..facts(2, 0, 0, 0)
+        };
+        assert_eq!(no_pool.pace(), Pace::Waiting);
+        let no_secret = Facts {
+            missing_secret: Some("the Secret x".into()),
+            ..facts(1, 0, 0, 0)
+        };
+        assert_eq!(no_secret.pace(), Pace::Waiting);
     }
 
     #[test]

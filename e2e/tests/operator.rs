@@ -707,6 +707,14 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         .create(&PostParams::default(), &quota)
         .await
         .expect("quota");
+    let hf_token: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "hf-token"}, "stringData": {"HF_TOKEN": "hf_e2e"}}),
+    )
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &quota_ns)
+        .create(&PostParams::default(), &hf_token)
+        .await
+        .expect("secret");
     let blocked_models: Api<Model> = Api::namespaced(client.clone(), &quota_ns);
     let mut blocked = repo_yaml("samples/model-llama.yaml").expect("sample");
     blocked["metadata"] = json!({"name": "blocked"});
@@ -747,4 +755,61 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         }),
         "a Warning Event on the Model"
     );
+    let m = blocked_models.get("blocked").await.expect("model");
+    let msg = condition(&m, "ReconcileError").expect("condition").2;
+    assert!(
+        msg.starts_with("creating a replica of Model blocked on node "),
+        "the message names the call that failed: {msg}"
+    );
+
+    // A Model whose source credentials Secret does not exist: Degraded
+    // SecretNotFound, and no replica is even tried (a pod would never start
+    // and would hold its GPUs); once the Secret exists, the Model goes on
+    // (here into the quota).
+    let mut needs = repo_yaml("samples/model-llama.yaml").expect("sample");
+    needs["metadata"] = json!({"name": "needs-secret"});
+    needs["spec"]["autoscaling"] = json!({"mode": "Manual"});
+    needs["spec"]["replicas"] = json!(1);
+    needs["spec"]["source"]["credentialsSecretRef"] = json!({"name": "other-token"});
+    let needs: Model = serde_json::from_value(needs).expect("model");
+    blocked_models
+        .create(&PostParams::default(), &needs)
+        .await
+        .expect("create model");
+    wait_model(
+        &blocked_models,
+        "needs-secret",
+        "Degraded SecretNotFound naming the Secret",
+        |m| {
+            condition(m, "Degraded").is_some_and(|c| {
+                c.0 == "True" && c.1 == "SecretNotFound" && c.2.contains("other-token")
+            })
+        },
+    )
+    .await;
+    let m = blocked_models.get("needs-secret").await.expect("model");
+    assert!(
+        condition(&m, "ReconcileError").is_none_or(|c| c.0 == "False"),
+        "no pod was tried while the Secret is missing: {:?}",
+        condition(&m, "ReconcileError")
+    );
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "other-token"}, "stringData": {"HF_TOKEN": "hf_test"}
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &quota_ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
+    wait_model(
+        &blocked_models,
+        "needs-secret",
+        "past the Secret: the pod is tried (and refused by the quota)",
+        |m| {
+            condition(m, "Degraded").is_some_and(|c| c.1 != "SecretNotFound")
+                && condition(m, "ReconcileError")
+                    .is_some_and(|c| c.0 == "True" && c.2.contains("exceeded quota"))
+        },
+    )
+    .await;
 }

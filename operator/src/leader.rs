@@ -7,7 +7,9 @@
 //! duration has passed since its last successful renewal started, and
 //! every lease call is cut at 1/5 of the duration, so a stalled API server
 //! cannot keep the holder waiting past its deadline. The holder stops
-//! writing a third of a lease before anyone else may start.
+//! writing a third of a lease before anyone else may start: its writes go
+//! through a fenced client ([`crate::fence`]) that refuses them once the
+//! renew deadline has passed, even before this loop notices.
 
 use std::time::Duration;
 
@@ -79,14 +81,19 @@ pub fn decide(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Decis
 pub struct Elector {
     api: Api<Lease>,
     config: LeaseConfig,
+    fence: crate::fence::Fence,
 }
 
 impl Elector {
-    /// A new elector.
-    pub fn new(client: Client, config: LeaseConfig) -> Self {
+    /// A new elector. `client` must not be fenced (it writes the Lease);
+    /// `fence` is opened while the lease is held (until the start of the
+    /// last successful renewal plus the renew deadline) and closed when it
+    /// is lost or given up.
+    pub fn new(client: Client, config: LeaseConfig, fence: crate::fence::Fence) -> Self {
         Self {
             api: Api::namespaced(client, &config.namespace),
             config,
+            fence,
         }
     }
 
@@ -105,12 +112,20 @@ impl Elector {
     /// we are the leader now. A call cut short is an error (not leading).
     pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
         let limit = self.config.call_timeout();
-        match tokio::time::timeout(limit, self.try_acquire_unbounded()).await {
+        let started = std::time::Instant::now();
+        let res = match tokio::time::timeout(limit, self.try_acquire_unbounded()).await {
             Ok(r) => r,
             Err(_) => Err(kube::Error::Service(
                 format!("the lease call took longer than {limit:?}").into(),
             )),
+        };
+        if matches!(res, Ok(true)) {
+            // The renewTime written is at or after `started`: a standby may
+            // take over a full lease after it, writes stop 1/3 before.
+            self.fence
+                .open_until(started + self.config.renew_deadline());
         }
+        res
     }
 
     async fn try_acquire_unbounded(&self) -> Result<bool, kube::Error> {
@@ -157,6 +172,7 @@ impl Elector {
     /// at once; bounded by the call timeout (a stalled API server cannot
     /// hold up the exit).
     pub async fn release(&self) {
+        self.fence.close();
         let limit = self.config.call_timeout();
         if tokio::time::timeout(limit, self.release_unbounded())
             .await
@@ -208,6 +224,7 @@ impl Elector {
             let started = tokio::time::Instant::now();
             let deadline = last_ok + deadline_after;
             if started >= deadline {
+                self.fence.close();
                 tracing::error!("could not renew the lease within {deadline_after:?}");
                 return;
             }
@@ -215,11 +232,13 @@ impl Elector {
             match tokio::time::timeout_at(deadline, self.try_acquire()).await {
                 Ok(Ok(true)) => last_ok = started,
                 Ok(Ok(false)) => {
+                    self.fence.close();
                     tracing::error!("the lease was taken by another instance");
                     return;
                 }
                 Ok(Err(e)) => tracing::warn!("renewing the lease: {e}"),
                 Err(_) => {
+                    self.fence.close();
                     tracing::error!("could not renew the lease within {deadline_after:?}");
                     return;
                 }

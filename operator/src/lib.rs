@@ -12,6 +12,7 @@
 pub mod activator;
 pub mod controller;
 pub mod error;
+pub mod fence;
 pub mod leader;
 pub mod metrics;
 pub mod pki;

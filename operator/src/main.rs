@@ -15,6 +15,7 @@ use kube::{Api, Client};
 use strata_core::template::Settings;
 use strata_crds::{GPUPool, Model};
 use strata_operator::controller::{self, Config};
+use strata_operator::fence::{Fence, FenceLayer};
 use strata_operator::leader::{Elector, LeaseConfig};
 use strata_operator::metrics::Metrics;
 use strata_operator::server::{self, Health};
@@ -113,6 +114,17 @@ async fn check_crds(client: &Client) -> Result<(), String> {
     Ok(())
 }
 
+/// The fenced client (everything but the Lease) and the elector's.
+async fn clients(fence: &Fence) -> Result<(Client, Client), kube::Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    let fenced = kube::client::ClientBuilder::try_from(config.clone())?
+        .with_layer(&FenceLayer(fence.clone()))
+        .build();
+    Ok((fenced, Client::try_from(config)?))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -134,7 +146,15 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = match Client::try_default().await {
+    // Two clients: the elector's (it writes the Lease) and everyone else's,
+    // whose writes are fenced while this instance does not hold a current
+    // lease (see strata_operator::fence). Without election the fence is open.
+    let fence = if cli.leader_elect {
+        Fence::elected()
+    } else {
+        Fence::open()
+    };
+    let (client, lease_client) = match clients(&fence).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("no Kubernetes client configuration: {e}");
@@ -146,15 +166,18 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     // The CA of the sidecars' admin TLS: the same for every replica.
-    let ca = match strata_operator::pki::ensure_ca(&client, &cli.lease_namespace, &cli.ca_secret)
-        .await
-    {
-        Ok(ca) => Arc::new(ca),
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // Every replica, before the election: the CA is made once (a create that
+    // loses the race reads the winner's), through the unfenced client.
+    let ca =
+        match strata_operator::pki::ensure_ca(&lease_client, &cli.lease_namespace, &cli.ca_secret)
+            .await
+        {
+            Ok(ca) => Arc::new(ca),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
 
     let identity = cli
         .identity
@@ -185,8 +208,11 @@ async fn main() -> ExitCode {
                     max_request_bytes: size(cli.activator_max_request_bytes),
                     ..strata_operator::activator::Limits::default()
                 };
+                // Every replica serves the activator, standbys too: its one
+                // write (the wake annotation, at most one per Model per 30 s)
+                // asks the leader for a replica, so it is not fenced.
                 let activator = strata_operator::activator::Activator::new(
-                    client.clone(),
+                    lease_client.clone(),
                     limits,
                     metrics.clone(),
                 );
@@ -231,13 +257,14 @@ async fn main() -> ExitCode {
 
     let elector = cli.leader_elect.then(|| {
         Elector::new(
-            client.clone(),
+            lease_client.clone(),
             LeaseConfig {
                 name: cli.lease_name.clone(),
                 namespace: cli.lease_namespace.clone(),
                 identity: identity.clone(),
                 duration: Duration::from_secs(cli.lease_duration_seconds),
             },
+            fence.clone(),
         )
     });
     let mut code = ExitCode::SUCCESS;

@@ -13,14 +13,14 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::reflector::Store;
-use kube::{Api, ResourceExt};
 use serde_json::json;
 use strata_crds::model::EnergyStatus;
-use strata_crds::{Adapter, GPUPool, Model};
+use strata_crds::{Adapter, Model};
 
 use super::Context;
+use super::reconcile::apply_status;
 use strata_core::energy::{self, ReplicaReading};
 use strata_core::labels;
 
@@ -136,21 +136,15 @@ pub async fn round(
         for (pool, w) in &inc.pool_watts {
             *pool_watts.entry(pool.clone()).or_default() += w;
         }
-        let api: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({
-            "apiVersion": strata_crds::API_VERSION,
-            "kind": "Model",
-            "status": {"energy": status},
-        });
+        let written = apply_status(
+            &ctx.client,
+            model.as_ref(),
+            labels::ENERGY_FIELD_MANAGER,
+            json!({"energy": status}),
+        )
+        .await;
         ledger.models.insert(uid.clone(), status);
-        if let Err(e) = api
-            .patch_status(
-                &name,
-                &PatchParams::apply(labels::ENERGY_FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
+        if let Err(e) = written {
             tracing::warn!(namespace = %ns, model = %name, "writing energy status: {e}");
         }
 
@@ -181,19 +175,13 @@ pub async fn round(
             m.adapter_energy
                 .with_label_values(&[ns.as_str(), a.name_any().as_str()])
                 .inc_by(aj);
-            let api: Api<Adapter> = Api::namespaced(ctx.client.clone(), &ns);
-            let patch = json!({
-                "apiVersion": strata_crds::API_VERSION,
-                "kind": "Adapter",
-                "status": {"energyJoules": nj, "generatedTokens": nt, "requests": nr},
-            });
-            if let Err(e) = api
-                .patch_status(
-                    &a.name_any(),
-                    &PatchParams::apply(labels::ENERGY_FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
+            if let Err(e) = apply_status(
+                &ctx.client,
+                a.as_ref(),
+                labels::ENERGY_FIELD_MANAGER,
+                json!({"energyJoules": nj, "generatedTokens": nt, "requests": nr}),
+            )
+            .await
             {
                 tracing::warn!(namespace = %ns, adapter = %a.name_any(), "writing energy status: {e}");
             }
@@ -221,19 +209,13 @@ pub async fn round(
             .pool_power
             .with_label_values(&[name.as_str()])
             .set(watts);
-        let api: Api<GPUPool> = Api::all(ctx.client.clone());
-        let patch = json!({
-            "apiVersion": strata_crds::API_VERSION,
-            "kind": "GPUPool",
-            "status": {"powerWatts": (watts * 10.0).round() / 10.0, "energyJoules": joules},
-        });
-        if let Err(e) = api
-            .patch_status(
-                &name,
-                &PatchParams::apply(labels::ENERGY_FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
+        if let Err(e) = apply_status(
+            &ctx.client,
+            pool.as_ref(),
+            labels::ENERGY_FIELD_MANAGER,
+            json!({"powerWatts": (watts * 10.0).round() / 10.0, "energyJoules": joules}),
+        )
+        .await
         {
             tracing::warn!(pool = %name, "writing energy status: {e}");
         }

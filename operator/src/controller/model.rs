@@ -31,7 +31,7 @@ use strata_core::conditions;
 use strata_core::placement::{self, Preference, Request};
 use strata_core::rollout::{self, DeleteReason, Replica, Target};
 use strata_core::sla::{self, Evaluation};
-use strata_core::status::{self, Facts};
+use strata_core::status::{self, Facts, Pace};
 use strata_core::template::{self, ReplicaTemplate, SIDECAR_ADMIN_PORT, SIDECAR_HTTP_PORT};
 use strata_core::{labels, view};
 use strata_crds::GPUPool;
@@ -57,10 +57,21 @@ async fn phases(model: &Model, ctx: &Context) -> Result<Action> {
     let seen = dereference(ctx, model).await?;
     let desire = desire(ctx, model, &seen).await;
     let plan = plan(ctx, model, &seen, desire.replicas)?;
-    let deleted = delete_replicas(ctx, model, &seen, &plan).await?;
-    let created = place_and_create(ctx, model, &seen, &plan, &deleted).await?;
-    let service_conflict = apply_service(ctx, model, &seen).await?;
-    let (status, busy) = status(
+    // The apply phases record what they did as they go; the status is
+    // written even when one fails (so that it never shows a condition the
+    // cluster has moved past), and then the failure is returned for the
+    // error reporter (ReconcileError, a Warning Event, backoff).
+    let mut deleted = Deleted::default();
+    let mut created = Created::default();
+    let mut service_conflict = false;
+    let applied = async {
+        delete_replicas(ctx, model, &seen, &plan, &mut deleted).await?;
+        place_and_create(ctx, model, &seen, &plan, &deleted, &mut created).await?;
+        service_conflict = apply_service(ctx, model, &seen).await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    let (status, pace) = status(
         model,
         &seen,
         &desire,
@@ -69,8 +80,10 @@ async fn phases(model: &Model, ctx: &Context) -> Result<Action> {
         &created,
         service_conflict,
     );
-    reconcile::write_status(ctx, model, &status).await?;
-    Ok(Action::requeue(next_look(ctx, model, busy)))
+    let written = reconcile::write_status(ctx, model, &status).await;
+    applied?;
+    written?;
+    Ok(Action::requeue(next_look(ctx, model, pace)))
 }
 
 /// What the reconcile read.
@@ -87,6 +100,8 @@ struct Seen {
     nodes: Vec<Arc<Node>>,
     node_names: HashSet<String>,
     pools: Vec<Arc<GPUPool>>,
+    /// A Secret the replicas mount that does not exist (described).
+    missing_secret: Option<String>,
 }
 
 /// Phase 1: the Model's Secret, its pods, nodes and pools.
@@ -109,7 +124,9 @@ async fn dereference(ctx: &Context, model: &Model) -> Result<Seen> {
         .collect();
     let nodes = ctx.nodes.state();
     let node_names = nodes.iter().map(|n| n.name_any()).collect();
+    let missing_secret = missing_secret(ctx, model, &ns).await?;
     Ok(Seen {
+        missing_secret,
         key: format!("{ns}/{name}"),
         ns,
         name,
@@ -120,6 +137,27 @@ async fn dereference(ctx: &Context, model: &Model) -> Result<Seen> {
         node_names,
         pools: ctx.pools.state(),
     })
+}
+
+/// The source's credentials Secret, when the Model names one that does
+/// not exist: a replica would never start (the kubelet refuses a container
+/// whose envFrom Secret is missing) and would hold its GPUs meanwhile.
+async fn missing_secret(ctx: &Context, model: &Model, ns: &str) -> Result<Option<String>> {
+    let Some(r) = &model.spec.source.credentials_secret_ref else {
+        return Ok(None);
+    };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let found = api
+        .get_metadata_opt(&r.name)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Secret",
+            name: r.name.clone(),
+            source,
+        })?;
+    Ok(found
+        .is_none()
+        .then(|| format!("the Secret {} (spec.source.credentialsSecretRef)", r.name)))
 }
 
 /// How many replicas, and what the autoscaler saw.
@@ -328,7 +366,10 @@ fn plan<'a>(ctx: &Context, model: &'a Model, seen: &Seen, desired: i32) -> Resul
         max_unavailable: model.spec.rollout.max_unavailable.max(0) as usize,
         unschedulable_grace: ctx.config.unschedulable_grace,
     };
-    let rollout = rollout::plan(&replicas, &target);
+    let mut rollout = rollout::plan(&replicas, &target);
+    if seen.missing_secret.is_some() {
+        rollout.create = 0;
+    }
     Ok(Plan {
         desired,
         templates,
@@ -389,9 +430,9 @@ async fn delete_replicas(
     model: &Model,
     seen: &Seen,
     plan: &Plan<'_>,
-) -> Result<Deleted> {
+    deleted: &mut Deleted,
+) -> Result<()> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &seen.ns);
-    let mut deleted = Deleted::default();
     for (pod, reason) in &plan.rollout.delete {
         let dp = if *reason == DeleteReason::NodeGone {
             // No kubelet will confirm the deletion of a pod on a vanished node.
@@ -430,7 +471,7 @@ async fn delete_replicas(
             entry.push((n.clone(), Instant::now()));
         }
     }
-    Ok(deleted)
+    Ok(())
 }
 
 /// The Event of a deletion. Pure.
@@ -476,14 +517,14 @@ async fn place_and_create(
     seen: &Seen,
     plan: &Plan<'_>,
     deleted: &Deleted,
-) -> Result<Created> {
+    created: &mut Created,
+) -> Result<()> {
     ctx.metrics
         .unplaceable
         .with_label_values(&[&seen.ns, &seen.name])
         .set(0);
-    let mut created = Created::default();
     if plan.rollout.create == 0 {
-        return Ok(created);
+        return Ok(());
     }
     let mut ledger = ctx.placement.lock().await;
     let cached = ctx.pods.state();
@@ -634,7 +675,7 @@ async fn place_and_create(
         .await;
         created.unplaced = Some(msg);
     }
-    Ok(created)
+    Ok(())
 }
 
 /// Phase 4c: the Model's Service, unless a foreign Service has its name.
@@ -666,7 +707,7 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
 }
 
 /// Phase 5 (pure): the Model's status from what the reconcile saw and did,
-/// and whether it is still busy (look again soon).
+/// and how soon to look again.
 fn status(
     model: &Model,
     seen: &Seen,
@@ -675,7 +716,7 @@ fn status(
     deleted: &Deleted,
     created: &Created,
     service_conflict: bool,
-) -> (ModelStatus, bool) {
+) -> (ModelStatus, Pace) {
     let desired = desire.replicas;
     let current: Vec<&Pod> = seen
         .own
@@ -712,6 +753,9 @@ fn status(
         failures: deleted.failures,
         unplaced: created.unplaced.clone(),
         service_conflict,
+        missing_secret: seen.missing_secret.clone(),
+        no_pool: plan.templates.is_empty() && !model.spec.pools.is_empty(),
+        acted: plan.rollout.create > 0 || !plan.rollout.delete.is_empty(),
         stalled: status::stalled(&plan.replicas, &hashes, deadline),
         progress_deadline: model.spec.rollout.progress_deadline.clone(),
     };
@@ -720,11 +764,7 @@ fn status(
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let busy = plan.rollout.create > 0
-        || !plan.rollout.delete.is_empty()
-        || plan.rollout.rolling
-        || created.unplaced.is_some()
-        || ready < desired;
+    let pace = facts.pace();
     let status = ModelStatus {
         observed_generation: model.metadata.generation,
         conditions: conditions::merge(
@@ -757,16 +797,16 @@ fn status(
         adapters: status::adapters(seen.own.iter()),
         placement,
     };
-    (status, busy)
+    (status, pace)
 }
 
-/// When to look again: soon while busy, else at the resync interval; an
-/// SLA Model at least every autoscaling interval.
-fn next_look(ctx: &Context, model: &Model, busy: bool) -> Duration {
-    let mut after = if busy {
-        Duration::from_secs(5)
-    } else {
-        ctx.config.resync
+/// When to look again: 5 s while converging, 30 s while blocked, else at
+/// the resync interval; an SLA Model at least every autoscaling interval.
+fn next_look(ctx: &Context, model: &Model, pace: Pace) -> Duration {
+    let mut after = match pace {
+        Pace::Busy => Duration::from_secs(5),
+        Pace::Waiting => Duration::from_secs(30).min(ctx.config.resync),
+        Pace::Settled => ctx.config.resync,
     };
     if model.spec.autoscaling.mode == AutoscalingMode::Sla {
         let (_, _, interval, _, _) = sla::policy_and_targets(model);
