@@ -128,15 +128,26 @@ fn node_digest(node: &Node) -> u64 {
     strata_core::template::fnv1a(key.to_string().as_bytes())
 }
 
-/// Runs both controllers until `shutdown` resolves.
-pub async fn run(
-    client: Client,
-    metrics: Metrics,
-    config: Config,
-    identity: String,
-    ready: Arc<std::sync::atomic::AtomicBool>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+/// Tasks aborted when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// The caches every controller reads.
+struct Caches {
+    nodes: Store<Node>,
+    pods: Store<Pod>,
+    pools: Store<GPUPool>,
+}
+
+/// Starts the caches and waits until each has its first list.
+async fn caches(client: &Client) -> Option<Caches> {
     let nodes = crate::watch::spawn_store(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
@@ -168,9 +179,209 @@ pub async fn run(
     ] {
         if fut.await.is_err() {
             tracing::error!("the {what} cache stopped before it was ready");
-            return;
+            return None;
         }
     }
+    Some(Caches { nodes, pods, pools })
+}
+
+/// Pods Strata manages (its replicas).
+fn owned_pods() -> watcher::Config {
+    watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER))
+}
+
+/// Resolves when `stop` turns true.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+/// Logs what a controller's stream yields (errors at debug: the reporter
+/// has told the object already).
+async fn drain<S, T, E>(name: &'static str, stream: S)
+where
+    S: futures::Stream<Item = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    stream
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("{name} controller: {e}");
+            }
+        })
+        .await;
+}
+
+/// The Model controller: woken by its Model, its pods, placement-relevant
+/// node changes (readiness, cordon, taints, labels, GPUs; not heartbeats)
+/// and changes of the GPUPools it lists.
+fn model_controller(
+    ctx: Arc<Context>,
+    controller: Controller<Model>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> {
+    let client = ctx.client.clone();
+    let models_for_nodes = controller.store();
+    let models_for_pools = controller.store();
+    let node_digests: std::sync::Mutex<HashMap<String, u64>> =
+        std::sync::Mutex::new(HashMap::new());
+    let stream = controller
+        .owns(Api::<Pod>::all(client.clone()), owned_pods())
+        .watches(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            move |node: Node| {
+                let digest = node_digest(&node);
+                let changed = match node_digests.lock() {
+                    Ok(mut d) => d.insert(node.name_any(), digest) != Some(digest),
+                    Err(_) => true,
+                };
+                if changed {
+                    models_for_nodes
+                        .state()
+                        .iter()
+                        .map(|m| ObjectRef::from_obj(m.as_ref()))
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            },
+        )
+        .watches(
+            Api::<GPUPool>::all(client),
+            watcher::Config::default(),
+            move |pool: GPUPool| {
+                let name = pool.name_any();
+                models_for_pools
+                    .state()
+                    .iter()
+                    .filter(|m| m.spec.pools.iter().any(|p| p.name == name))
+                    .map(|m| ObjectRef::from_obj(m.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stopped(stop))
+        .run(model::reconcile, reconcile::error_policy, ctx);
+    drain("model", stream)
+}
+
+/// The Adapter controller: woken by its Adapter and by its Model's pods
+/// (new, ready, gone).
+fn adapter_controller(
+    ctx: Arc<Context>,
+    controller: Controller<Adapter>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> {
+    let adapters_for_pods = controller.store();
+    let stream = controller
+        .watches(
+            Api::<Pod>::all(ctx.client.clone()),
+            owned_pods(),
+            move |pod: Pod| {
+                let model = pod.labels().get(labels::MODEL).cloned();
+                let ns = pod.namespace();
+                adapters_for_pods
+                    .state()
+                    .iter()
+                    .filter(|a| a.namespace() == ns && Some(&a.spec.model) == model.as_ref())
+                    .map(|a| ObjectRef::from_obj(a.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stopped(stop))
+        .run(adapter::reconcile, reconcile::error_policy, ctx);
+    drain("adapter", stream)
+}
+
+/// The GPUPool controller: woken by its pool, any node, and the replicas
+/// placed on it.
+fn pool_controller(
+    ctx: Arc<Context>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> {
+    let client = ctx.client.clone();
+    let for_nodes = ctx.pools.clone();
+    let for_pods = ctx.pools.clone();
+    let stream = Controller::new(
+        Api::<GPUPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        move |_node: Node| {
+            for_nodes
+                .state()
+                .iter()
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    )
+    .watches(Api::<Pod>::all(client), owned_pods(), move |pod: Pod| {
+        let pool = pod.labels().get(labels::POOL).cloned();
+        for_pods
+            .state()
+            .iter()
+            .filter(|p| Some(p.name_any()) == pool)
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect::<Vec<_>>()
+    })
+    .graceful_shutdown_on(stopped(stop))
+    .run(pool::reconcile, reconcile::error_policy, ctx);
+    drain("gpupool", stream)
+}
+
+/// Every 5 s, the objects whose latest generation no reconcile has handled
+/// yet (`strata_reconcile_queue_depth`).
+async fn backlog(
+    metrics: Metrics,
+    models: Store<Model>,
+    pools: Store<GPUPool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+        let models = models
+            .state()
+            .iter()
+            .filter(|m| {
+                m.status.as_ref().and_then(|s| s.observed_generation) != m.metadata.generation
+            })
+            .count();
+        let pools = pools
+            .state()
+            .iter()
+            .filter(|p| {
+                p.status.as_ref().and_then(|s| s.observed_generation) != p.metadata.generation
+            })
+            .count();
+        metrics
+            .queue_depth
+            .with_label_values(&["model"])
+            .set(models as i64);
+        metrics
+            .queue_depth
+            .with_label_values(&["gpupool"])
+            .set(pools as i64);
+    }
+}
+
+/// Runs the controllers, the janitor and the energy accountant until
+/// `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    metrics: Metrics,
+    config: Config,
+    identity: String,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let Some(caches) = caches(&client).await else {
+        return;
+    };
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!("caches synced; reconciling");
 
@@ -195,9 +406,9 @@ pub async fn run(
         recorder,
         metrics,
         config,
-        nodes: nodes.clone(),
-        pods: pods.clone(),
-        pools: pools.clone(),
+        nodes: caches.nodes,
+        pods: caches.pods,
+        pools: caches.pools,
         placement: Mutex::new(HashMap::new()),
         avoid: Mutex::new(HashMap::new()),
         scalers: Mutex::new(HashMap::new()),
@@ -208,186 +419,42 @@ pub async fn run(
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let rx_backlog = rx.clone();
-    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-
-    let owned =
-        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
-    let model_controller = Controller::new(
+    let model_ctl = Controller::new(
         Api::<Model>::all(client.clone()),
         watcher::Config::default(),
     );
-    let model_store = model_controller.store();
-    let node_digests: std::sync::Mutex<HashMap<String, u64>> =
-        std::sync::Mutex::new(HashMap::new());
-    let models_for_nodes = model_store.clone();
-    let models_for_pools = model_store.clone();
-    let models = model_controller
-        .owns(Api::<Pod>::all(client.clone()), owned.clone())
-        .watches(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default(),
-            move |node: Node| {
-                // Only changes that matter for placement wake every Model.
-                let digest = node_digest(&node);
-                let changed = match node_digests.lock() {
-                    Ok(mut d) => d.insert(node.name_any(), digest) != Some(digest),
-                    Err(_) => true,
-                };
-                if changed {
-                    models_for_nodes
-                        .state()
-                        .iter()
-                        .map(|m| ObjectRef::from_obj(m.as_ref()))
-                        .collect()
-                } else {
-                    Vec::new()
-                }
-            },
-        )
-        .watches(
-            Api::<GPUPool>::all(client.clone()),
-            watcher::Config::default(),
-            move |pool: GPUPool| {
-                let name = pool.name_any();
-                models_for_pools
-                    .state()
-                    .iter()
-                    .filter(|m| m.spec.pools.iter().any(|p| p.name == name))
-                    .map(|m| ObjectRef::from_obj(m.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(stop(rx.clone()))
-        .run(model::reconcile, reconcile::error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!("model controller: {e}");
-            }
-        });
-
-    // Adapters: woken by their Model's pods (new, ready, gone).
-    let adapter_controller = Controller::new(
-        Api::<Adapter>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let adapter_store = adapter_controller.store();
-    let adapters_for_pods = adapter_store.clone();
-    let adapters = adapter_controller
-        .watches(
-            Api::<Pod>::all(client.clone()),
-            owned.clone(),
-            move |pod: Pod| {
-                let model = pod.labels().get(labels::MODEL).cloned();
-                let ns = pod.namespace();
-                adapters_for_pods
-                    .state()
-                    .iter()
-                    .filter(|a| a.namespace() == ns && Some(&a.spec.model) == model.as_ref())
-                    .map(|a| ObjectRef::from_obj(a.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(stop(rx.clone()))
-        .run(adapter::reconcile, reconcile::error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!("adapter controller: {e}");
-            }
-        });
-    let janitor = tokio::spawn(janitor::run(
-        ctx.clone(),
-        model_store.clone(),
-        adapter_store.clone(),
-        rx.clone(),
-    ));
-    let accountant = tokio::spawn(energy::run(
-        ctx.clone(),
-        model_store.clone(),
-        adapter_store,
-        rx.clone(),
-    ));
-
-    let pool_store = pools.clone();
-    let pool_store2 = pools.clone();
-    let gpupools = Controller::new(
-        Api::<GPUPool>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .watches(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default(),
-        move |_node: Node| {
-            pool_store
-                .state()
-                .iter()
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        },
-    )
-    .watches(Api::<Pod>::all(client.clone()), owned, move |pod: Pod| {
-        let pool = pod.labels().get(labels::POOL).cloned();
-        pool_store2
-            .state()
-            .iter()
-            .filter(|p| Some(p.name_any()) == pool)
-            .map(|p| ObjectRef::from_obj(p.as_ref()))
-            .collect::<Vec<_>>()
-    })
-    .graceful_shutdown_on(stop(rx))
-    .run(pool::reconcile, reconcile::error_policy, ctx.clone())
-    .for_each(|res| async move {
-        if let Err(e) = res {
-            tracing::debug!("gpupool controller: {e}");
-        }
-    });
-
-    // Backlog: objects whose latest generation no reconcile has handled yet.
-    let backlog_metrics = ctx.metrics.clone();
-    let backlog_models = model_store.clone();
-    let backlog_pools = pools.clone();
-    let mut backlog_stop = rx_backlog;
-    let backlog = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = backlog_stop.wait_for(|v| *v) => return,
-            }
-            let models = backlog_models
-                .state()
-                .iter()
-                .filter(|m| {
-                    m.status.as_ref().and_then(|s| s.observed_generation) != m.metadata.generation
-                })
-                .count();
-            let pools = backlog_pools
-                .state()
-                .iter()
-                .filter(|p| {
-                    p.status.as_ref().and_then(|s| s.observed_generation) != p.metadata.generation
-                })
-                .count();
-            backlog_metrics
-                .queue_depth
-                .with_label_values(&["model"])
-                .set(models as i64);
-            backlog_metrics
-                .queue_depth
-                .with_label_values(&["gpupool"])
-                .set(pools as i64);
-        }
-    });
+    let adapter_ctl = Controller::new(Api::<Adapter>::all(client), watcher::Config::default());
+    let (model_store, adapter_store) = (model_ctl.store(), adapter_ctl.store());
+    let models = model_controller(ctx.clone(), model_ctl, rx.clone());
+    let adapters = adapter_controller(ctx.clone(), adapter_ctl, rx.clone());
+    let gpupools = pool_controller(ctx.clone(), rx.clone());
+    // Stopped when this function returns or its future is dropped (the
+    // leader lost its lease: main drops it).
+    let _tasks = AbortOnDrop(vec![
+        tokio::spawn(janitor::run(
+            ctx.clone(),
+            model_store.clone(),
+            adapter_store.clone(),
+            rx.clone(),
+        )),
+        tokio::spawn(energy::run(
+            ctx.clone(),
+            model_store.clone(),
+            adapter_store,
+            rx.clone(),
+        )),
+        tokio::spawn(backlog(
+            ctx.metrics.clone(),
+            model_store,
+            ctx.pools.clone(),
+            rx,
+        )),
+    ]);
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);
     });
     futures::join!(models, gpupools, adapters);
-    backlog.abort();
-    accountant.abort();
-    janitor.abort();
     tracing::info!("controllers stopped");
 }
 

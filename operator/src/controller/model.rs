@@ -540,53 +540,14 @@ async fn place_and_create(
             && (p.model != seen.key || own_names.contains(pod))
             && p.at.elapsed() < Duration::from_secs(60)
     });
-    let own_uids: HashSet<String> = seen.own.iter().filter_map(|p| p.uid()).collect();
-    let view_pods: Vec<&Pod> = cached
-        .iter()
-        .map(|p| p.as_ref())
-        .filter(|p| p.uid().is_none_or(|u| !own_uids.contains(&u)))
-        .chain(seen.own.iter())
-        .collect();
-    let mut node_views = view::node_views(seen.nodes.iter().map(|n| n.as_ref()), view_pods);
-    for planned in ledger.values() {
-        if let Some(v) = node_views.iter_mut().find(|v| v.name == planned.node) {
-            *v.used.entry(planned.resource.clone()).or_default() += planned.gpus;
-        }
-    }
-    let live: Vec<&Replica> = plan
-        .replicas
-        .iter()
-        .filter(|r| !r.terminating && !deleted.pods.contains(&r.name))
-        .collect();
-    let mut per_node: BTreeMap<String, i64> = BTreeMap::new();
-    for r in &live {
-        if let Some(n) = &r.node {
-            *per_node.entry(n.clone()).or_default() += 1;
-        }
-    }
+    let node_views = node_views(seen, &cached, ledger.values());
     let avoid_nodes: Vec<String> = {
         let mut avoid = ctx.avoid.lock().await;
         let entry = avoid.entry(seen.key.clone()).or_default();
         entry.retain(|(_, at)| at.elapsed() < Duration::from_secs(120));
         entry.iter().map(|(n, _)| n.clone()).collect()
     };
-    let request = Request {
-        // Every listed pool, existing or not, so that the reason names a missing one.
-        preferences: model
-            .spec
-            .pools
-            .iter()
-            .map(|p| Preference {
-                pool: p.name.clone(),
-                gpus: template::gpus_on(model, p),
-                max_replicas: p.max_replicas.map(i64::from),
-                existing: live.iter().filter(|r| r.pool == p.name).count() as i64,
-            })
-            .collect(),
-        replicas: plan.rollout.create,
-        existing_per_node: per_node,
-        avoid_nodes,
-    };
+    let request = placement_request(model, plan, deleted, avoid_nodes);
     let pool_views: Vec<placement::PoolView> = plan
         .templates
         .iter()
@@ -641,25 +602,7 @@ async fn place_and_create(
         created.pods.push(pod);
     }
     if outcome.unplaced > 0 {
-        let msg = if plan.templates.is_empty() {
-            format!(
-                "{} replica(s) cannot be placed: none of the GPUPools {:?} exists",
-                outcome.unplaced,
-                model
-                    .spec
-                    .pools
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-            )
-        } else {
-            let gpus = plan
-                .templates
-                .first()
-                .map(|t| template::gpus_on(model, t.pref))
-                .unwrap_or(i64::from(model.spec.gpus_per_replica));
-            outcome.explain(gpus)
-        };
+        let msg = unplaced_message(model, plan, &outcome);
         ctx.metrics
             .unplaceable
             .with_label_values(&[&seen.ns, &seen.name])
@@ -676,6 +619,89 @@ async fn place_and_create(
         created.unplaced = Some(msg);
     }
     Ok(())
+}
+
+/// The nodes as placement sees them: every cached pod's GPUs (this Model's
+/// from the fresh list) plus those of pods created but not yet cached.
+fn node_views<'a>(
+    seen: &Seen,
+    cached: &[Arc<Pod>],
+    planned: impl Iterator<Item = &'a Planned>,
+) -> Vec<placement::NodeView> {
+    let own_uids: HashSet<String> = seen.own.iter().filter_map(|p| p.uid()).collect();
+    let pods: Vec<&Pod> = cached
+        .iter()
+        .map(|p| p.as_ref())
+        .filter(|p| p.uid().is_none_or(|u| !own_uids.contains(&u)))
+        .chain(seen.own.iter())
+        .collect();
+    let mut views = view::node_views(seen.nodes.iter().map(|n| n.as_ref()), pods);
+    for p in planned {
+        if let Some(v) = views.iter_mut().find(|v| v.name == p.node) {
+            *v.used.entry(p.resource.clone()).or_default() += p.gpus;
+        }
+    }
+    views
+}
+
+/// What to ask placement for: the plan's new replicas over every listed
+/// pool (existing or not, so that the reason names a missing one), with the
+/// live replicas per pool and node. Pure.
+fn placement_request(
+    model: &Model,
+    plan: &Plan<'_>,
+    deleted: &Deleted,
+    avoid_nodes: Vec<String>,
+) -> Request {
+    let live: Vec<&Replica> = plan
+        .replicas
+        .iter()
+        .filter(|r| !r.terminating && !deleted.pods.contains(&r.name))
+        .collect();
+    let mut per_node: BTreeMap<String, i64> = BTreeMap::new();
+    for r in &live {
+        if let Some(n) = &r.node {
+            *per_node.entry(n.clone()).or_default() += 1;
+        }
+    }
+    Request {
+        preferences: model
+            .spec
+            .pools
+            .iter()
+            .map(|p| Preference {
+                pool: p.name.clone(),
+                gpus: template::gpus_on(model, p),
+                max_replicas: p.max_replicas.map(i64::from),
+                existing: live.iter().filter(|r| r.pool == p.name).count() as i64,
+            })
+            .collect(),
+        replicas: plan.rollout.create,
+        existing_per_node: per_node,
+        avoid_nodes,
+    }
+}
+
+/// Why replicas could not be placed, for people. Pure.
+fn unplaced_message(model: &Model, plan: &Plan<'_>, outcome: &placement::Outcome) -> String {
+    if plan.templates.is_empty() {
+        return format!(
+            "{} replica(s) cannot be placed: none of the GPUPools {:?} exists",
+            outcome.unplaced,
+            model
+                .spec
+                .pools
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+        );
+    }
+    let gpus = plan
+        .templates
+        .first()
+        .map(|t| template::gpus_on(model, t.pref))
+        .unwrap_or(i64::from(model.spec.gpus_per_replica));
+    outcome.explain(gpus)
 }
 
 /// Phase 4c: the Model's Service, unless a foreign Service has its name.
