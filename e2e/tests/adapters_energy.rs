@@ -668,7 +668,9 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         events.items.iter().any(|e| {
             e.reason.as_deref() == Some("Reloaded")
                 && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("sql")
-                && e.note.as_deref().is_some_and(|n| n.contains(engine_victim.as_str()))
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains(engine_victim.as_str()))
         }),
         "a Reloaded Event on the Adapter names the replica"
     );
