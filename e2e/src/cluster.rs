@@ -1,6 +1,9 @@
-//! Brings up the local world: etcd, kube-apiserver (RBAC, PodSecurity),
-//! kube-controller-manager, kube-scheduler and KWOK, all on loopback, with
-//! simulated GPU nodes from a topology file.
+//! Brings up the local world: etcd, kube-apiserver (RBAC, PodSecurity, an
+//! audit log of writes), kube-controller-manager, kube-scheduler and KWOK,
+//! all on loopback, with simulated GPU nodes from a topology file; then
+//! supervises them (a component that exits is restarted, as a kubelet
+//! restarts a control plane's static pods) and serves the control socket
+//! that stops, pauses, kills and restarts them on request.
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -13,9 +16,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client, Config};
 
+use crate::control::Component;
 use crate::error::{Error, Result, io_err};
 use crate::pki::{Authority, write_kubeconfig};
-use crate::process::Component;
+use crate::supervisor::{ComponentStatus, Handle, Spec, Supervisor};
 use crate::topology::Topology;
 use crate::wait::{poll_until, within};
 
@@ -71,15 +75,27 @@ pub struct ClusterInfo {
     pub nodes: Vec<String>,
     /// Seconds from start to ready.
     pub startup_seconds: f64,
+    /// The control socket (see [`crate::control`]); absent in worlds
+    /// started before it existed.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// The kube-apiserver's audit log of writes (see [`crate::audit`]).
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+    /// The topology file the nodes came from (to bring a deleted node back).
+    #[serde(default)]
+    pub topology: Option<PathBuf>,
 }
 
-/// A running cluster. Dropping it kills the processes (SIGKILL via
-/// kill_on_drop); `shutdown` stops them gracefully and removes a temporary
-/// directory.
+/// A running cluster, supervised. Dropping it kills the processes (SIGKILL
+/// via kill_on_drop); `shutdown` stops them gracefully and removes a
+/// temporary directory.
 pub struct Cluster {
     /// Where things are.
     pub info: ClusterInfo,
-    components: Vec<Component>,
+    supervisor: Handle,
+    supervising: tokio::task::JoinHandle<()>,
+    control: tokio::task::JoinHandle<()>,
     temp: Option<tempfile::TempDir>,
 }
 
@@ -129,9 +145,101 @@ impl Cluster {
             }
         };
         let log_dir = dir.join("logs");
-        let bin = |name: &str| opts.bin_dir.join(name);
-        let mut components: Vec<Component> = Vec::new();
+        let mut sup = Supervisor::new(&log_dir);
+        match start_components(&opts, &topology, &dir, &log_dir, &mut sup).await {
+            Ok((server, kubeconfig, names)) => {
+                let (supervisor, supervising) = sup.run();
+                let socket = crate::control::socket_in(&dir);
+                let control = match crate::control::serve(&socket, supervisor.clone()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        supervisor.shutdown().await;
+                        return Err(e);
+                    }
+                };
+                let info = ClusterInfo {
+                    dir,
+                    kubeconfig,
+                    server,
+                    audit_log: Some(log_dir.join(crate::audit::LOG_NAME)),
+                    log_dir,
+                    bin_dir: opts.bin_dir.clone(),
+                    nodes: names,
+                    startup_seconds: started.elapsed().as_secs_f64(),
+                    control_socket: Some(socket),
+                    topology: Some(opts.topology.clone()),
+                };
+                tracing::info!(seconds = info.startup_seconds, server = %info.server, "cluster ready");
+                Ok(Self {
+                    info,
+                    supervisor,
+                    supervising,
+                    control,
+                    temp,
+                })
+            }
+            Err(e) => {
+                sup.stop_all().await;
+                Err(e)
+            }
+        }
+    }
 
+    /// The supervisor (to act on components from this process).
+    pub fn supervisor(&self) -> &Handle {
+        &self.supervisor
+    }
+
+    /// Every component's state.
+    pub async fn status(&self) -> Result<Vec<ComponentStatus>> {
+        self.supervisor.status().await.map_err(Error::Control)
+    }
+
+    /// Stops every component (reverse start order) and removes a temporary
+    /// directory unless `keep`.
+    pub async fn shutdown(mut self, keep: bool) {
+        self.control.abort();
+        if let Some(socket) = &self.info.control_socket {
+            let _ = std::fs::remove_file(socket);
+        }
+        self.supervisor.shutdown().await;
+        let _ = (&mut self.supervising).await;
+        if let Some(t) = self.temp.take() {
+            if keep {
+                let path = t.keep();
+                tracing::info!(dir = %path.display(), "kept the cluster directory");
+            } else {
+                let _ = t.close();
+            }
+        }
+    }
+}
+
+fn spec(
+    component: Component,
+    bin_dir: &Path,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+) -> Spec {
+    Spec {
+        component,
+        program: bin_dir.join(component.name()),
+        args,
+        env,
+    }
+}
+
+/// Starts the components in order, each once the one before is usable, and
+/// the nodes; the API server's URL, the admin kubeconfig and the node names.
+async fn start_components(
+    opts: &Options,
+    topology: &Topology,
+    dir: &Path,
+    log_dir: &Path,
+    sup: &mut Supervisor,
+) -> Result<(String, PathBuf, Vec<String>)> {
+    let bin_dir = opts.bin_dir.as_path();
+    {
         // PKI and kubeconfigs.
         let (ca, pki) = Authority::create(&dir.join("pki"), IpAddr::V4(KUBERNETES_SERVICE_IP))?;
         let api_port = free_port()?;
@@ -160,10 +268,10 @@ impl Cluster {
         let etcd_peer = free_port()?;
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{etcd_peer}");
-        components.push(Component::spawn(
-            "etcd",
-            &bin("etcd"),
-            &[
+        sup.spawn(spec(
+            Component::Etcd,
+            bin_dir,
+            vec![
                 s("--name=strata-e2e"),
                 format!("--data-dir={}", dir.join("etcd").display()),
                 format!("--listen-client-urls={etcd_url}"),
@@ -176,19 +284,17 @@ impl Cluster {
                 s("--quota-backend-bytes=4294967296"),
                 s("--log-level=warn"),
             ],
-            &[],
-            &log_dir,
-        )?);
+            Vec::new(),
+        ))?;
         let etcd_addr = format!("127.0.0.1:{etcd_port}")
             .parse()
             .map_err(|_| Error::Tools("bad etcd address".into()))?;
-        let checked = &mut components;
         poll_until(
             "etcd /health",
             opts.timeout,
             Duration::from_millis(100),
             || {
-                let alive = checked[0].check_running();
+                let alive = sup.check(Component::Etcd);
                 async move {
                     alive?;
                     Ok(
@@ -202,10 +308,12 @@ impl Cluster {
         .await?;
 
         // kube-apiserver.
-        components.push(Component::spawn(
-            "kube-apiserver",
-            &bin("kube-apiserver"),
-            &[
+        let audit_policy = dir.join("audit-policy.yaml");
+        std::fs::write(&audit_policy, crate::audit::POLICY).map_err(io_err(&audit_policy))?;
+        sup.spawn(spec(
+            Component::ApiServer,
+            bin_dir,
+            vec![
                 format!("--etcd-servers={etcd_url}"),
                 s("--bind-address=127.0.0.1"),
                 s("--advertise-address=127.0.0.1"),
@@ -231,15 +339,24 @@ impl Cluster {
                 s("--enable-aggregator-routing=true"),
                 s("--allow-privileged=false"),
                 s("--profiling=false"),
+                // Every write, at Metadata level (see crate::audit); appended
+                // across restarts, never rotated.
+                format!("--audit-policy-file={}", audit_policy.display()),
+                format!(
+                    "--audit-log-path={}",
+                    log_dir.join(crate::audit::LOG_NAME).display()
+                ),
+                s("--audit-log-format=json"),
+                s("--audit-log-maxsize=0"),
+                s("--audit-log-maxbackup=0"),
                 s("--v=1"),
             ],
-            &[],
-            &log_dir,
-        )?);
+            Vec::new(),
+        ))?;
         let admin_client = {
             let deadline = Instant::now() + opts.timeout;
             loop {
-                components[1].check_running()?;
+                sup.check(Component::ApiServer)?;
                 let client = client_from(&kubeconfig).await?;
                 match client.request_text(http_request("/readyz")?).await {
                     Ok(body) if body.trim() == "ok" => break client,
@@ -249,7 +366,7 @@ impl Cluster {
                                 what: "kube-apiserver /readyz".into(),
                                 seconds: opts.timeout.as_secs(),
                             },
-                            &log_dir,
+                            log_dir,
                             "kube-apiserver",
                         ));
                     }
@@ -259,10 +376,10 @@ impl Cluster {
         };
 
         // kube-controller-manager and kube-scheduler.
-        components.push(Component::spawn(
-            "kube-controller-manager",
-            &bin("kube-controller-manager"),
-            &[
+        sup.spawn(spec(
+            Component::ControllerManager,
+            bin_dir,
+            vec![
                 format!("--kubeconfig={}", kcm_kc.display()),
                 format!("--authentication-kubeconfig={}", kcm_kc.display()),
                 format!("--authorization-kubeconfig={}", kcm_kc.display()),
@@ -277,13 +394,12 @@ impl Cluster {
                 s("--concurrent-gc-syncs=10"),
                 s("--v=1"),
             ],
-            &[],
-            &log_dir,
-        )?);
-        components.push(Component::spawn(
-            "kube-scheduler",
-            &bin("kube-scheduler"),
-            &[
+            Vec::new(),
+        ))?;
+        sup.spawn(spec(
+            Component::Scheduler,
+            bin_dir,
+            vec![
                 format!("--kubeconfig={}", sched_kc.display()),
                 format!("--authentication-kubeconfig={}", sched_kc.display()),
                 format!("--authorization-kubeconfig={}", sched_kc.display()),
@@ -292,18 +408,17 @@ impl Cluster {
                 s("--leader-elect=true"),
                 s("--v=1"),
             ],
-            &[],
-            &log_dir,
-        )?);
+            Vec::new(),
+        ))?;
 
         // KWOK with the stages of this world.
         let pod_cidr = pod_cidr();
         let stages = dir.join("kwok-stages.yaml");
         std::fs::write(&stages, KWOK_STAGES).map_err(io_err(&stages))?;
-        components.push(Component::spawn(
-            "kwok",
-            &bin("kwok"),
-            &[
+        sup.spawn(spec(
+            Component::Kwok,
+            bin_dir,
+            vec![
                 format!("--kubeconfig={}", kwok_kc.display()),
                 format!("--config={}", stages.display()),
                 s("--manage-all-nodes=false"),
@@ -313,9 +428,8 @@ impl Cluster {
                 s("--node-lease-duration-seconds=40"),
             ],
             // KWOK reads ~/.kwok unless told otherwise; keep it inside the world.
-            &[(s("KWOK_WORKDIR"), dir.join("kwok").display().to_string())],
-            &log_dir,
-        )?);
+            vec![(s("KWOK_WORKDIR"), dir.join("kwok").display().to_string())],
+        ))?;
 
         // The simulated nodes.
         let nodes: Api<Node> = Api::all(admin_client.clone());
@@ -334,7 +448,7 @@ impl Cluster {
         // controllers hold their leases, and the controller-manager has created
         // the default ServiceAccount.
         for name in &names {
-            check_all(&mut components)?;
+            sup.check_all()?;
             within(&format!("node {name} Ready"), opts.timeout, async {
                 await_condition(nodes.clone(), name, node_ready)
                     .await
@@ -342,11 +456,11 @@ impl Cluster {
                 Ok(())
             })
             .await
-            .map_err(|e| with_logs(e, &log_dir, "kwok"))?;
+            .map_err(|e| with_logs(e, log_dir, "kwok"))?;
         }
         let leases: Api<Lease> = Api::namespaced(admin_client.clone(), "kube-system");
         for lease in ["kube-controller-manager", "kube-scheduler"] {
-            check_all(&mut components)?;
+            sup.check_all()?;
             within(
                 &format!("lease kube-system/{lease} held"),
                 opts.timeout,
@@ -362,7 +476,7 @@ impl Cluster {
                 },
             )
             .await
-            .map_err(|e| with_logs(e, &log_dir, lease))?;
+            .map_err(|e| with_logs(e, log_dir, lease))?;
         }
         let sas: Api<ServiceAccount> = Api::namespaced(admin_client.clone(), "default");
         within("ServiceAccount default/default", opts.timeout, async {
@@ -372,58 +486,10 @@ impl Cluster {
             Ok(())
         })
         .await
-        .map_err(|e| with_logs(e, &log_dir, "kube-controller-manager"))?;
-        check_all(&mut components)?;
-
-        let info = ClusterInfo {
-            dir,
-            kubeconfig,
-            server,
-            log_dir,
-            bin_dir: opts.bin_dir.clone(),
-            nodes: names,
-            startup_seconds: started.elapsed().as_secs_f64(),
-        };
-        tracing::info!(seconds = info.startup_seconds, server = %info.server, "cluster ready");
-        Ok(Self {
-            info,
-            components,
-            temp,
-        })
+        .map_err(|e| with_logs(e, log_dir, "kube-controller-manager"))?;
+        sup.check_all()?;
+        Ok((server, kubeconfig, names))
     }
-
-    /// An error if any component has exited.
-    pub fn check(&mut self) -> Result<()> {
-        check_all(&mut self.components)
-    }
-
-    /// Mutable access to the components (to wait on their exit).
-    pub fn components_mut(&mut self) -> &mut [Component] {
-        &mut self.components
-    }
-
-    /// Stops every component (reverse start order) and removes a temporary
-    /// directory unless `keep`.
-    pub async fn shutdown(mut self, keep: bool) {
-        for c in self.components.iter_mut().rev() {
-            c.stop(Duration::from_secs(5)).await;
-        }
-        if let Some(t) = self.temp.take() {
-            if keep {
-                let path = t.keep();
-                tracing::info!(dir = %path.display(), "kept the cluster directory");
-            } else {
-                let _ = t.close();
-            }
-        }
-    }
-}
-
-fn check_all(components: &mut [Component]) -> Result<()> {
-    for c in components.iter_mut() {
-        c.check_running()?;
-    }
-    Ok(())
 }
 
 fn with_logs(e: Error, log_dir: &Path, component: &str) -> Error {
@@ -441,7 +507,7 @@ fn with_logs(e: Error, log_dir: &Path, component: &str) -> Error {
 
 /// True when the node's Ready condition is True.
 pub fn node_ready(node: Option<&Node>) -> bool {
-    node.is_some_and(strata_operator::view::node_ready)
+    node.is_some_and(strata_core::view::node_ready)
 }
 
 fn http_request(path: &str) -> Result<http::Request<Vec<u8>>> {

@@ -61,6 +61,9 @@ pub enum Error {
     /// The kubeconfig could not be loaded.
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
+    /// The world's control channel refused or failed a request.
+    #[error("world control: {0}")]
+    Control(String),
     /// Serialization failed.
     #[error("serializing {what}: {reason}")]
     Serialize {

@@ -7,6 +7,7 @@
 //! removes its directory. Set `STRATA_E2E_KUBECONFIG` to run the tests
 //! against a cluster you keep up yourself (see docs/testing.md).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -15,14 +16,16 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{Condition, await_condition};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use crate::cluster::{ClusterInfo, client_from};
+use crate::control::{Action, Component, Request};
 use crate::error::{Error, Result};
 use crate::runner::RunnerConfig;
+use crate::supervisor::{ComponentStatus, State};
 
 /// Label on every namespace a test creates.
 pub const TEST_NAMESPACE_LABEL: &str = "e2e.strata.ai/test";
@@ -62,6 +65,8 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
         // The cluster is yours; the pod runner with this binary's profiles runs
         // in a child owned like a world (run one test binary at a time).
         let runner_child = start_runner_child(exe, &kubeconfig, &runner, &log_dir)?;
+        let control_socket = Some(crate::control::socket_in(&dir)).filter(|p| p.exists());
+        let audit_log = Some(log_dir.join(crate::audit::LOG_NAME)).filter(|p| p.exists());
         return Ok(World {
             info: ClusterInfo {
                 log_dir,
@@ -71,12 +76,20 @@ fn start_world(exe: &Path, runner: RunnerConfig) -> Result<World> {
                 bin_dir,
                 nodes: Vec::new(),
                 startup_seconds: 0.0,
+                control_socket,
+                audit_log,
+                topology: None,
             },
             _supervisor: Some(Mutex::new(runner_child)),
         });
     }
     let mut cmd = Command::new(exe);
     cmd.args(["up", "--exit-on-stdin-eof", "--runner-config", "-"]);
+    // STRATA_E2E_KEEP=1 keeps the world's directory (logs, audit log) after
+    // the test binary ends, to read what happened.
+    if std::env::var_os("STRATA_E2E_KEEP").is_some_and(|v| !v.is_empty() && v != "0") {
+        cmd.arg("--keep");
+    }
     // Generous: on a cold machine strata-cluster first builds the upstream
     // binaries (e2e/tools/build.sh), which takes minutes.
     let (mut child, line) = spawn_owned(
@@ -187,6 +200,188 @@ impl World {
             Ok(c) => c,
             Err(e) => panic!("client for {}: {e}", self.info.kubeconfig.display()),
         }
+    }
+
+    /// The world's control socket.
+    fn control_socket(&self) -> Result<&Path> {
+        self.info.control_socket.as_deref().ok_or_else(|| {
+            Error::Control(
+                "this world has no control socket (a cluster kept up by hand before it had one?)"
+                    .into(),
+            )
+        })
+    }
+
+    /// Injects a fault (or heals one): stops, starts, pauses (SIGSTOP),
+    /// resumes (SIGCONT), kills (SIGKILL; restarted by the supervisor after
+    /// its backoff) or restarts one component while the rest stays up. A
+    /// stopped component stays down until started. Its state afterwards.
+    pub async fn fault(&self, component: Component, action: Action) -> Result<ComponentStatus> {
+        let reply =
+            crate::control::send(self.control_socket()?, Request::Act(action, component)).await?;
+        reply.components.into_iter().next().ok_or_else(|| {
+            Error::Control(format!("no state in the answer to {action} {component}"))
+        })
+    }
+
+    /// Every component's state (pid, restarts, last exit), in start order.
+    pub async fn components(&self) -> Result<Vec<ComponentStatus>> {
+        Ok(
+            crate::control::send(self.control_socket()?, Request::Status)
+                .await?
+                .components,
+        )
+    }
+
+    /// One component's state.
+    pub async fn component(&self, component: Component) -> Result<ComponentStatus> {
+        self.components()
+            .await?
+            .into_iter()
+            .find(|c| c.component == component)
+            .ok_or_else(|| Error::Control(format!("{component} is not part of this world")))
+    }
+
+    /// The process ids of the components that have a process now.
+    pub async fn pids(&self) -> Result<BTreeMap<Component, u32>> {
+        Ok(self
+            .components()
+            .await?
+            .into_iter()
+            .filter_map(|c| c.pid.map(|p| (c.component, p)))
+            .collect())
+    }
+
+    /// Undoes whatever a fault left behind (a test that failed half-way):
+    /// resumes paused components, starts stopped ones, then waits until the
+    /// API server answers `/readyz` and every component runs.
+    pub async fn heal(&self, timeout: Duration) -> Result<()> {
+        for c in self.components().await? {
+            match c.state {
+                State::Paused => {
+                    self.fault(c.component, Action::Resume).await?;
+                }
+                State::Stopped | State::Restarting => {
+                    self.fault(c.component, Action::Start).await?;
+                }
+                State::Running => {}
+            }
+        }
+        self.api_ready(timeout).await?;
+        crate::wait::poll_until(
+            "every component running",
+            timeout,
+            Duration::from_millis(200),
+            || async {
+                Ok(self
+                    .components()
+                    .await?
+                    .iter()
+                    .all(|c| c.state == State::Running))
+            },
+        )
+        .await
+    }
+
+    /// Waits until the API server answers `/readyz` with ok (a new client
+    /// each try: one made while the server was down may hold dead
+    /// connections).
+    pub async fn api_ready(&self, timeout: Duration) -> Result<()> {
+        crate::wait::poll_until(
+            "kube-apiserver /readyz",
+            timeout,
+            Duration::from_millis(200),
+            || async {
+                let client = client_from(&self.info.kubeconfig).await?;
+                let req = http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+                Ok(
+                    tokio::time::timeout(Duration::from_secs(2), client.request_text(req))
+                        .await
+                        .is_ok_and(|r| r.is_ok_and(|b| b.trim() == "ok")),
+                )
+            },
+        )
+        .await
+    }
+
+    /// Creates a node of the world's topology again (after a test deleted
+    /// it) and waits until KWOK has made it Ready.
+    pub async fn recreate_node(&self, name: &str, timeout: Duration) -> Result<()> {
+        use k8s_openapi::api::core::v1::Node;
+        let path = self
+            .info
+            .topology
+            .clone()
+            .unwrap_or_else(crate::topology::Topology::default_path);
+        let node = crate::topology::Topology::load(&path)?
+            .nodes()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+            .ok_or_else(|| Error::Topology {
+                path: path.clone(),
+                reason: format!("no node {name}"),
+            })?;
+        let client = self.client().await;
+        let nodes: Api<Node> = Api::all(client);
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let status = serde_json::json!({ "status": node.status });
+        nodes
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        wait_for(nodes, name, timeout, crate::cluster::node_ready).await
+    }
+
+    /// Stops a node's heartbeat, as when a kubelet dies or its network is
+    /// cut: KWOK no longer simulates that node (no Lease renewals, no
+    /// status). KWOK keeps renewing a node it once managed until it
+    /// restarts, so it is restarted without the node (a few seconds; the
+    /// other nodes keep their Leases). The node lifecycle controller then
+    /// marks the node Unknown once its grace period (50 s) has passed,
+    /// taints it unreachable and marks its pods not ready. The pod runner
+    /// keeps the pods' processes running (a partitioned node's containers
+    /// do not stop).
+    pub async fn stop_node_heartbeat(&self, name: &str) -> Result<()> {
+        use k8s_openapi::api::core::v1::Node;
+        let nodes: Api<Node> = Api::all(self.client().await);
+        let unmanage = serde_json::json!({"metadata": {"annotations": {
+            crate::topology::KWOK_NODE_ANNOTATION: null
+        }}});
+        nodes
+            .patch(name, &PatchParams::default(), &Patch::Merge(&unmanage))
+            .await?;
+        self.fault(Component::Kwok, Action::Restart).await?;
+        Ok(())
+    }
+
+    /// Starts a node's heartbeat again (KWOK simulates it again) and waits
+    /// until it is Ready.
+    pub async fn resume_node_heartbeat(&self, name: &str, timeout: Duration) -> Result<()> {
+        use k8s_openapi::api::core::v1::Node;
+        let nodes: Api<Node> = Api::all(self.client().await);
+        let manage = serde_json::json!({"metadata": {"annotations": {
+            crate::topology::KWOK_NODE_ANNOTATION: "fake"
+        }}});
+        nodes
+            .patch(name, &PatchParams::default(), &Patch::Merge(&manage))
+            .await?;
+        self.fault(Component::Kwok, Action::Restart).await?;
+        wait_for(nodes, name, timeout, crate::cluster::node_ready).await
+    }
+
+    /// The API server's audit log of writes so far (see [`crate::audit`]).
+    pub fn audit_events(&self) -> Result<Vec<crate::audit::Event>> {
+        let path = self
+            .info
+            .audit_log
+            .as_deref()
+            .ok_or_else(|| Error::Control("this world has no audit log".into()))?;
+        crate::audit::read(path)
     }
 
     /// Path of an upstream binary (kubectl, helm, ...).

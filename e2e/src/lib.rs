@@ -6,11 +6,17 @@
 //!   kube-scheduler and KWOK as local processes on loopback.
 //! - [`topology`]: the simulated GPU nodes.
 //! - [`runner`]: starts local processes for pods, listening on the pod IP.
+//! - [`supervisor`], [`control`]: the components are restarted when they
+//!   exit, and stopped, paused, killed or restarted on request through a
+//!   control socket (`strata-cluster ctl`, `harness::World::fault`).
+//! - [`audit`]: the kube-apiserver's audit log of writes.
 //! - [`harness`]: what tests use: one shared cluster per test binary, a
 //!   namespace per test, helpers for waiting and for kubectl and helm.
 
+pub mod audit;
 pub mod bench;
 pub mod cluster;
+pub mod control;
 pub mod error;
 pub mod fake_nvml;
 pub mod harness;
@@ -19,6 +25,7 @@ pub mod pki;
 pub mod process;
 pub mod runner;
 pub mod sim;
+pub mod supervisor;
 pub mod tools;
 pub mod topology;
 pub mod wait;

@@ -29,7 +29,8 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 impl Component {
-    /// Starts `program` with `args` and `env`, output to `<log_dir>/<name>.log`.
+    /// Starts `program` with `args` and `env`, output to `<log_dir>/<name>.log`
+    /// (a new file).
     pub fn spawn(
         name: &str,
         program: &Path,
@@ -37,9 +38,45 @@ impl Component {
         env: &[(String, String)],
         log_dir: &Path,
     ) -> Result<Self> {
+        Self::spawn_logged(name, program, args, env, log_dir, None)
+    }
+
+    /// Starts it again after an exit: output appended to the same log,
+    /// after a line saying why (what a kubelet's restart looks like in one
+    /// file: the previous run's last words, then the next run's first).
+    pub fn respawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+        why: &str,
+    ) -> Result<Self> {
+        Self::spawn_logged(name, program, args, env, log_dir, Some(why))
+    }
+
+    fn spawn_logged(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+        append: Option<&str>,
+    ) -> Result<Self> {
+        use std::io::Write;
         std::fs::create_dir_all(log_dir).map_err(io_err(log_dir))?;
         let log = log_dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).map_err(io_err(&log))?;
+        let mut out = match append {
+            None => std::fs::File::create(&log).map_err(io_err(&log))?,
+            Some(_) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(io_err(&log))?,
+        };
+        if let Some(why) = append {
+            writeln!(out, "==== {why} ====").map_err(io_err(&log))?;
+        }
         let err = out.try_clone().map_err(io_err(&log))?;
         let child = Command::new(program)
             .args(args)
@@ -65,6 +102,26 @@ impl Component {
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// How it exited, if it has (without waiting).
+    pub fn exit_status(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(None) => None,
+            Ok(Some(status)) => Some(status.to_string()),
+            Err(e) => Some(format!("unknown: {e}")),
+        }
+    }
+
+    /// Sends `signal` to the process's group (the process and whatever it
+    /// started). An error if it has already been reaped.
+    pub fn signal_group(&self, signal: Signal) -> std::result::Result<(), String> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| format!("{} is not running", self.name))?;
+        killpg(Pid::from_raw(pid as i32), signal)
+            .map_err(|e| format!("{signal} to {}: {e}", self.name))
     }
 
     /// An error if the process has exited.
@@ -93,13 +150,15 @@ impl Component {
         }
     }
 
-    /// SIGTERM to the process group, then SIGKILL after `grace`.
+    /// SIGTERM to the process group, then SIGKILL after `grace`. A paused
+    /// (SIGSTOPped) process is continued so that it can act on the SIGTERM.
     pub async fn stop(&mut self, grace: Duration) {
         let Some(pid) = self.child.id() else {
             return;
         };
         let group = Pid::from_raw(pid as i32);
         let _ = killpg(group, Signal::SIGTERM);
+        let _ = killpg(group, Signal::SIGCONT);
         if tokio::time::timeout(grace, self.child.wait())
             .await
             .is_err()

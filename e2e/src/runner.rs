@@ -389,6 +389,12 @@ async fn run_pod(
         .as_ref()
         .map(|s| s.containers.clone())
         .unwrap_or_default();
+    // As the kubelet: no container starts while a Secret it needs (not
+    // marked optional) is missing; the pod says which, and starts once it
+    // exists.
+    if !secrets_present(&client, &pod, &mut stop).await {
+        return;
+    }
     // Secret and emptyDir volumes, as the kubelet mounts them: a directory
     // under the pod's (a Secret's keys as files in it); the mount path in a
     // container's args points there.
@@ -536,8 +542,10 @@ async fn run_pod(
                             ready = Some(false);
                             set_ready(&client, &pod, false, &restarts).await;
                         }
-                        *restarts.entry(name.clone()).or_default() += 1;
-                        match Component::spawn(log_name, command, args, env, &log_dir) {
+                        let count = restarts.entry(name.clone()).or_default();
+                        *count += 1;
+                        let why = format!("pod runner: {name} exited; restarting it in place (restart {count})");
+                        match Component::respawn(log_name, command, args, env, &log_dir, &why) {
                             Ok(c) => {
                                 write_pid(&pod_dir, name, c.pid());
                                 procs[i].1 = c;
@@ -578,6 +586,142 @@ async fn run_pod(
         c.stop(Duration::from_secs(5)).await;
     }
     tracing::info!(pod = %pod_name, "stopped pod processes");
+}
+
+/// A Secret a pod cannot start without.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NeededSecret {
+    /// Its name (in the pod's namespace).
+    pub name: String,
+    /// Mounted as a volume (the kubelet keeps the pod ContainerCreating),
+    /// rather than read into the environment (CreateContainerConfigError).
+    pub volume: bool,
+}
+
+/// The Secrets a pod needs (not marked optional): volumes, `envFrom` and
+/// `env[].valueFrom.secretKeyRef` of its containers (pure).
+pub fn needed_secrets(pod: &Pod) -> Vec<NeededSecret> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for v in spec.volumes.iter().flatten() {
+        if let Some(sv) = &v.secret
+            && sv.optional != Some(true)
+            && let Some(name) = &sv.secret_name
+        {
+            out.push(NeededSecret {
+                name: name.clone(),
+                volume: true,
+            });
+        }
+    }
+    for c in &spec.containers {
+        for from in c.env_from.iter().flatten() {
+            if let Some(r) = &from.secret_ref
+                && r.optional != Some(true)
+            {
+                out.push(NeededSecret {
+                    name: r.name.clone(),
+                    volume: false,
+                });
+            }
+        }
+        for e in c.env.iter().flatten() {
+            if let Some(r) = e
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+                && r.optional != Some(true)
+            {
+                out.push(NeededSecret {
+                    name: r.name.clone(),
+                    volume: false,
+                });
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Waits until every Secret the pod needs exists, saying in the pod's
+/// container statuses what is missing meanwhile (as the kubelet does:
+/// CreateContainerConfigError for the environment, ContainerCreating for
+/// volumes). False if told to stop first.
+async fn secrets_present(client: &Client, pod: &Pod, stop: &mut oneshot::Receiver<()>) -> bool {
+    let needed = needed_secrets(pod);
+    if needed.is_empty() {
+        return true;
+    }
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let mut said: Option<String> = None;
+    loop {
+        let mut missing: Option<&NeededSecret> = None;
+        for n in &needed {
+            match api.get_opt(&n.name).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    missing = Some(n);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %pod.name_any(), "reading secret {}: {e}", n.name);
+                    missing = Some(n);
+                    break;
+                }
+            }
+        }
+        let Some(m) = missing else {
+            return true;
+        };
+        let message = format!("secret \"{}\" not found", m.name);
+        if said.as_deref() != Some(message.as_str()) {
+            let reason = if m.volume {
+                "ContainerCreating"
+            } else {
+                "CreateContainerConfigError"
+            };
+            tracing::info!(pod = %pod.name_any(), "{reason}: {message}");
+            mark_waiting(client, pod, reason, &message).await;
+            said = Some(message);
+        }
+        tokio::select! {
+            _ = &mut *stop => return false,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+async fn mark_waiting(client: &Client, pod: &Pod, reason: &str, message: &str) {
+    let statuses: Vec<serde_json::Value> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "image": c.image.clone().unwrap_or_default(),
+                "imageID": "",
+                "ready": false,
+                "started": false,
+                "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}},
+            })
+        })
+        .collect();
+    let patch = serde_json::json!({
+        "status": {
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "message": message, "lastTransitionTime": now()},
+                {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady", "message": message, "lastTransitionTime": now()},
+            ],
+            "containerStatuses": statuses,
+        }
+    });
+    patch_status(client, pod, &patch).await;
 }
 
 fn resolve_port(port: &IntOrString, container: &Container) -> Option<u16> {
@@ -863,6 +1007,38 @@ mod tests {
             vars.rewrite("--listen=0.0.0.0:8080"),
             "--listen=127.64.0.9:8080"
         );
+    }
+
+    #[test]
+    fn finds_the_secrets_a_pod_cannot_start_without() {
+        let mut p = pod("Running", Some("127.64.0.9"), true, false);
+        if let Some(spec) = p.spec.as_mut() {
+            *spec = serde_json::from_value(serde_json::json!({
+                "nodeName": "h100-0",
+                "volumes": [
+                    {"name": "tls", "secret": {"secretName": "model-tls"}},
+                    {"name": "maybe", "secret": {"secretName": "optional-one", "optional": true}},
+                    {"name": "cache", "emptyDir": {}},
+                ],
+                "containers": [{
+                    "name": "engine",
+                    "envFrom": [{"secretRef": {"name": "hf-token"}}, {"secretRef": {"name": "opt", "optional": true}}],
+                    "env": [
+                        {"name": "A", "value": "x"},
+                        {"name": "B", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "b"}}},
+                        {"name": "C", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "c"}}},
+                    ],
+                }],
+            }))
+            .expect("spec");
+        }
+        let needed = needed_secrets(&p);
+        let names: Vec<(&str, bool)> = needed.iter().map(|n| (n.name.as_str(), n.volume)).collect();
+        assert_eq!(
+            names,
+            [("hf-token", false), ("keys", false), ("model-tls", true)]
+        );
+        assert!(needed_secrets(&pod("Running", None, true, false)).is_empty());
     }
 
     #[test]

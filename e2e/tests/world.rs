@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
-use strata_operator::view::pod_ready;
+use strata_core::view::pod_ready;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -17,10 +17,16 @@ use kube::api::{
 };
 use kube::{Api, Client};
 use serde_json::{Value, json};
+use strata_e2e::control::{Action, Component};
 use strata_e2e::harness::{World, delete_namespace, repo_path, test_namespace, wait_for, world};
 use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
+use strata_e2e::supervisor::State;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The fault self-tests stop parts of the shared world: each runs alone
+/// (write), the other tests share the world (read).
+static FAULTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 fn the_world() -> &'static World {
     world(env!("CARGO_BIN_EXE_strata-cluster"), || RunnerConfig {
@@ -135,6 +141,7 @@ fn sample(name: &str, unique: &str) -> Value {
 
 #[tokio::test]
 async fn kubectl_reports_kubernetes_1_36() {
+    let _shared = FAULTS.read().await;
     let w = the_world();
     let out = w.kubectl(&["version", "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -148,6 +155,7 @@ async fn kubectl_reports_kubernetes_1_36() {
 
 #[tokio::test]
 async fn simulated_gpu_nodes_follow_the_topology() {
+    let _shared = FAULTS.read().await;
     let w = the_world();
     let client = w.client().await;
     let nodes: Api<Node> = Api::all(client);
@@ -170,7 +178,7 @@ async fn simulated_gpu_nodes_follow_the_topology() {
             );
         }
         assert!(
-            strata_operator::view::node_ready(n),
+            strata_core::view::node_ready(n),
             "{:?} is Ready",
             n.metadata.name
         );
@@ -235,6 +243,7 @@ fn gpu_pod(name: &str, gpus: u32) -> Pod {
 
 #[tokio::test]
 async fn the_scheduler_binds_gpu_pods_and_rejects_oversized_ones() {
+    let _shared = FAULTS.read().await;
     let w = the_world();
     let client = w.client().await;
     let ns = test_namespace(&client, "sched").await.expect("namespace");
@@ -300,6 +309,7 @@ async fn the_scheduler_binds_gpu_pods_and_rejects_oversized_ones() {
 
 #[tokio::test]
 async fn the_pod_runner_serves_http_on_the_pod_ip_and_reports_crashes() {
+    let _shared = FAULTS.read().await;
     let w = the_world();
     let client = w.client().await;
     let ns = test_namespace(&client, "runner").await.expect("namespace");
@@ -371,6 +381,7 @@ async fn the_pod_runner_serves_http_on_the_pod_ip_and_reports_crashes() {
 
 #[tokio::test]
 async fn the_pod_runner_stops_processes_of_deleted_pods() {
+    let _shared = FAULTS.read().await;
     let w = the_world();
     let client = w.client().await;
     let ns = test_namespace(&client, "runner-del")
@@ -447,6 +458,7 @@ async fn helm_installs_the_crds_and_the_api_server_enforces_their_rules() {
         update: bool,
         expect: String,
     }
+    let _shared = FAULTS.read().await;
     let w = the_world();
     ensure_chart(w);
     let client = w.client().await;
@@ -584,6 +596,7 @@ async fn helm_installs_the_crds_and_the_api_server_enforces_their_rules() {
 
 #[tokio::test]
 async fn pod_security_admission_and_rbac_are_enforced() {
+    let _shared = FAULTS.read().await;
     let w = the_world();
     let client = w.client().await;
     let ns = test_namespace(&client, "psa").await.expect("namespace");
@@ -627,6 +640,7 @@ async fn pod_security_admission_and_rbac_are_enforced() {
 
 #[tokio::test]
 async fn deleting_a_namespace_removes_everything_in_it() {
+    let _shared = FAULTS.read().await;
     let w = the_world();
     let client = w.client().await;
     let ns = test_namespace(&client, "gone").await.expect("namespace");
@@ -670,4 +684,273 @@ async fn deleting_a_namespace_removes_everything_in_it() {
     assert!(matches!(cms.get("cfg").await, Err(kube::Error::Api(e)) if e.code == 404));
     assert!(matches!(svcs.get("svc").await, Err(kube::Error::Api(e)) if e.code == 404));
     assert!(matches!(pods.get("engine").await, Err(kube::Error::Api(e)) if e.code == 404));
+}
+
+// ---- The world survives faults (it supervises its components as a kubelet
+// would, and injects faults on request through its control socket). ----
+
+/// A lease in kube-system renewed within the last `fresh`: its holder acts.
+async fn lease_renewed(client: &Client, name: &str, fresh: Duration, timeout: Duration) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+    strata_e2e::wait::poll_until(
+        &format!("lease kube-system/{name} renewed"),
+        timeout,
+        Duration::from_millis(500),
+        || {
+            let leases = leases.clone();
+            async move {
+                let Ok(l) = leases.get(name).await else {
+                    return Ok(false);
+                };
+                let renewed = l
+                    .spec
+                    .and_then(|s| s.renew_time)
+                    .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0));
+                Ok(renewed.is_some_and(|d| d.unsigned_abs() < fresh))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The control plane works end to end: a new namespace gets its default
+/// ServiceAccount (kube-controller-manager), and a pod in it is bound
+/// (kube-scheduler), started (KWOK, the pod runner) and answers on its IP.
+async fn a_new_pod_runs(w: &World, prefix: &str) {
+    let client = w.client().await;
+    let ns = test_namespace(&client, prefix).await.expect("namespace");
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    wait_for(sas, "default", TIMEOUT, |sa: Option<&_>| sa.is_some())
+        .await
+        .expect("the controller-manager creates the default ServiceAccount");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "labels": {RUN_LABEL: "http-echo"}},
+        "spec": {"containers": [{
+            "name": "http",
+            "image": "strata.ai/e2e-http:test",
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1},
+        }]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create");
+    wait_for(pods.clone(), "web", TIMEOUT, |p: Option<&Pod>| {
+        p.is_some_and(pod_ready)
+    })
+    .await
+    .expect("the new pod is scheduled, started and Ready");
+    let ip = pods
+        .get("web")
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("pod IP");
+    let addr: SocketAddr = format!("{ip}:8080").parse().expect("addr");
+    let resp = strata_e2e::http::get(addr, "/", Duration::from_secs(5))
+        .await
+        .expect("GET /");
+    assert_eq!(resp.status, 200);
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("cleanup");
+}
+
+async fn all_running(w: &World) {
+    w.heal(TIMEOUT).await.expect("every component running");
+    for c in w.components().await.expect("status") {
+        assert_eq!(c.state, State::Running, "{c:?}");
+        assert!(c.pid.is_some(), "{c:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_world_comes_back_after_the_api_server_is_paused_for_35_seconds() {
+    let _alone = FAULTS.write().await;
+    let w = the_world();
+    all_running(w).await;
+    let before = w.components().await.expect("status");
+    let api = w
+        .fault(Component::ApiServer, Action::Pause)
+        .await
+        .expect("pause");
+    assert_eq!(api.state, State::Paused);
+    let paused_pid = api.pid.expect("pid");
+    // The fault itself: the API server is stalled for 35 s (longer than the
+    // controller-manager's and scheduler's 15 s leases).
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    let api = w
+        .fault(Component::ApiServer, Action::Resume)
+        .await
+        .expect("resume");
+    assert_eq!(
+        (api.state, api.pid),
+        (State::Running, Some(paused_pid)),
+        "the same process, continued"
+    );
+    let resumed = std::time::Instant::now();
+    w.api_ready(TIMEOUT).await.expect("the API server answers");
+    let out = w.kubectl(&["get", "nodes"]);
+    assert!(out.status.success(), "kubectl works: {}", text(&out));
+    let client = w.client().await;
+    // The controller-manager and the scheduler lost their leases and (as
+    // upstream does) exited; the world restarted them and they lead again.
+    lease_renewed(
+        &client,
+        "kube-controller-manager",
+        Duration::from_secs(10),
+        TIMEOUT,
+    )
+    .await;
+    lease_renewed(&client, "kube-scheduler", Duration::from_secs(10), TIMEOUT).await;
+    a_new_pod_runs(w, "after-pause").await;
+    let after = w.components().await.expect("status");
+    for (b, a) in before.iter().zip(&after) {
+        eprintln!(
+            "{}: restarts {} -> {} ({})",
+            a.component,
+            b.restarts,
+            a.restarts,
+            a.last_exit.as_deref().unwrap_or("no exit")
+        );
+        assert_eq!(a.state, State::Running, "{a:?}");
+    }
+    let kcm = after
+        .iter()
+        .find(|c| c.component == Component::ControllerManager)
+        .expect("kcm");
+    let log = std::fs::read_to_string(&kcm.log).unwrap_or_default();
+    if kcm.restarts > before[2].restarts {
+        assert!(
+            log.contains("strata-cluster: restarting kube-controller-manager"),
+            "its log continues across the restart"
+        );
+    }
+    eprintln!(
+        "the world was back {:.1} s after the API server resumed",
+        resumed.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test]
+async fn a_killed_controller_manager_is_restarted_by_the_world() {
+    let _alone = FAULTS.write().await;
+    let w = the_world();
+    all_running(w).await;
+    let before = w
+        .component(Component::ControllerManager)
+        .await
+        .expect("status");
+    let killed = w
+        .fault(Component::ControllerManager, Action::Kill)
+        .await
+        .expect("kill");
+    assert_eq!(killed.state, State::Restarting);
+    assert!(
+        killed
+            .last_exit
+            .as_deref()
+            .is_some_and(|e| e.contains("SIGKILL")),
+        "{killed:?}"
+    );
+    strata_e2e::wait::poll_until(
+        "the controller-manager restarted",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let c = w.component(Component::ControllerManager).await?;
+            Ok(c.state == State::Running && c.pid.is_some() && c.pid != before.pid)
+        },
+    )
+    .await
+    .expect("restarted by the supervisor");
+    let after = w
+        .component(Component::ControllerManager)
+        .await
+        .expect("status");
+    assert_eq!(after.restarts, before.restarts + 1);
+    let pid = after.pid.expect("pid");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "its process runs"
+    );
+    let client = w.client().await;
+    lease_renewed(
+        &client,
+        "kube-controller-manager",
+        Duration::from_secs(10),
+        TIMEOUT,
+    )
+    .await;
+    a_new_pod_runs(w, "after-kcm-kill").await;
+}
+
+#[tokio::test]
+async fn etcd_stopped_and_started_again_keeps_the_data() {
+    let _alone = FAULTS.write().await;
+    let w = the_world();
+    all_running(w).await;
+    let client = w.client().await;
+    let ns = test_namespace(&client, "etcd").await.expect("namespace");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "kept"}, "data": {"k": "v"}}))
+            .expect("cm");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("configmap");
+
+    let etcd = w.fault(Component::Etcd, Action::Stop).await.expect("stop");
+    assert_eq!((etcd.state, etcd.pid), (State::Stopped, None));
+    // Stopped stays stopped: the supervisor does not start it on its own.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let etcd = w.component(Component::Etcd).await.expect("status");
+    assert_eq!(etcd.state, State::Stopped);
+    let fresh = w.client().await;
+    let down = tokio::time::timeout(
+        Duration::from_secs(15),
+        Api::<ConfigMap>::namespaced(fresh, &ns).get("kept"),
+    )
+    .await;
+    assert!(
+        !matches!(down, Ok(Ok(_))),
+        "nothing is read without etcd: {down:?}"
+    );
+
+    let etcd = w
+        .fault(Component::Etcd, Action::Start)
+        .await
+        .expect("start");
+    assert_eq!(etcd.state, State::Running);
+    w.api_ready(TIMEOUT)
+        .await
+        .expect("the API server is ready again");
+    let client = w.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    strata_e2e::wait::poll_until(
+        "the ConfigMap read back",
+        TIMEOUT,
+        Duration::from_millis(300),
+        || {
+            let cms = cms.clone();
+            async move {
+                Ok(cms.get("kept").await.is_ok_and(|c| {
+                    c.data
+                        .is_some_and(|d| d.get("k").map(String::as_str) == Some("v"))
+                }))
+            }
+        },
+    )
+    .await
+    .expect("the data survived");
+    a_new_pod_runs(w, "after-etcd").await;
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("cleanup");
 }

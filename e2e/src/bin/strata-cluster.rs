@@ -5,7 +5,9 @@
 //! goes with it).
 //!
 //! When the cluster is ready it prints one line of JSON (ClusterInfo) on
-//! stdout; logs go to stderr.
+//! stdout; logs go to stderr. While it runs, it restarts components that
+//! exit (as a kubelet restarts static pods) and takes requests on its
+//! control socket: `strata-cluster ctl --dir DIR pause kube-apiserver`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use strata_e2e::cluster::{Cluster, Options};
+use strata_e2e::control::Request;
 use strata_e2e::runner::{PodRunner, RunnerConfig};
 use strata_e2e::topology::Topology;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
@@ -45,6 +48,23 @@ enum Command {
         /// Exit (stopping every pod process) when standard input closes.
         #[arg(long)]
         exit_on_stdin_eof: bool,
+    },
+    /// Act on a component of a running world (`up`): `status`, or `stop`,
+    /// `start`, `pause` (SIGSTOP), `resume` (SIGCONT), `kill` (SIGKILL; the
+    /// world restarts it after a short backoff) or `restart` one of etcd,
+    /// kube-apiserver, kube-controller-manager, kube-scheduler, kwok.
+    Ctl {
+        /// The world's directory (its `--dir`); default: the directory of
+        /// $KUBECONFIG.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// `status`, or an action.
+        action: String,
+        /// The component (not for `status`).
+        component: Option<String>,
     },
     /// Print the path of the fake libnvidia-ml.so.1 (for pod runner
     /// profiles that meter simulated GPUs, e.g. the demo's).
@@ -103,6 +123,12 @@ async fn main() -> ExitCode {
             exit_on_stdin_eof,
             keep,
         ),
+        Command::Ctl {
+            dir,
+            json,
+            action,
+            component,
+        } => return ctl(dir, json, &action, component.as_deref()).await,
         Command::FakeNvmlPath => {
             println!("{}", strata_e2e::fake_nvml::LIB);
             return ExitCode::SUCCESS;
@@ -155,7 +181,7 @@ async fn main() -> ExitCode {
         bin_dir,
         timeout: Duration::from_secs(timeout),
     };
-    let mut cluster = match Cluster::start(opts).await {
+    let cluster = match Cluster::start(opts).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cluster did not come up: {e}");
@@ -180,7 +206,7 @@ async fn main() -> ExitCode {
         Err(e) => tracing::error!("{e}"),
     }
 
-    let code = wait_for_exit(&mut cluster, exit_on_stdin_eof, stdin).await;
+    let code = wait_for_exit(exit_on_stdin_eof, stdin).await;
     if let Some(r) = runner {
         r.stop().await;
     }
@@ -188,8 +214,9 @@ async fn main() -> ExitCode {
     code
 }
 
+/// Runs until asked to stop; meanwhile the supervisor restarts components
+/// that exit and the control socket takes requests.
 async fn wait_for_exit(
-    cluster: &mut Cluster,
     exit_on_stdin_eof: bool,
     mut stdin: tokio::io::BufReader<tokio::io::Stdin>,
 ) -> ExitCode {
@@ -201,19 +228,73 @@ async fn wait_for_exit(
         return ExitCode::FAILURE;
     };
     let stdin_closed = stdin_closed(&mut stdin, exit_on_stdin_eof);
-    let mut health = tokio::time::interval(Duration::from_secs(1));
-    tokio::pin!(stdin_closed);
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return ExitCode::SUCCESS; }
-            _ = int.recv() => { tracing::info!("interrupted: stopping"); return ExitCode::SUCCESS; }
-            _ = &mut stdin_closed => { tracing::info!("stdin closed: stopping"); return ExitCode::SUCCESS; }
-            _ = health.tick() => {
-                if let Err(e) = cluster.check() {
-                    tracing::error!("a component died: {e}");
-                    return ExitCode::FAILURE;
-                }
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("interrupted: stopping"),
+        _ = stdin_closed => tracing::info!("stdin closed: stopping"),
+    }
+    ExitCode::SUCCESS
+}
+
+async fn ctl(dir: Option<PathBuf>, json: bool, action: &str, component: Option<&str>) -> ExitCode {
+    let dir = dir.or_else(|| {
+        std::env::var_os("KUBECONFIG")
+            .map(PathBuf::from)
+            .and_then(|k| k.parent().map(std::path::Path::to_path_buf))
+    });
+    let Some(dir) = dir else {
+        eprintln!(
+            "error: say which world: --dir DIR (its `up --dir`), or set KUBECONFIG to its admin.kubeconfig"
+        );
+        return ExitCode::FAILURE;
+    };
+    let line = match component {
+        Some(c) => format!("{action} {c}"),
+        None => action.to_string(),
+    };
+    let request = match Request::parse(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = strata_e2e::control::socket_in(&dir);
+    match strata_e2e::control::send(&socket, request).await {
+        Ok(reply) if json => match serde_json::to_string(&reply) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(reply) => {
+            println!(
+                "{:<24} {:<10} {:>8} {:>8}  LAST EXIT",
+                "COMPONENT", "STATE", "PID", "RESTARTS"
+            );
+            for c in reply.components {
+                let state = serde_json::to_value(c.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                println!(
+                    "{:<24} {:<10} {:>8} {:>8}  {}",
+                    c.component.name(),
+                    state,
+                    c.pid.map_or("-".into(), |p| p.to_string()),
+                    c.restarts,
+                    c.last_exit.as_deref().unwrap_or("-"),
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }
