@@ -3,12 +3,12 @@
 //! (continuous batching, prefill per prompt token, inter-token time growing
 //! with the batch) and a start-up delay, a least-loaded router, load traces,
 //! and the policies side by side: Strata's SLA autoscaler
-//! (`strata_operator::autoscale`), HPA on queue depth (KEDA/KAITO default),
+//! (`strata_core::autoscale`), HPA on queue depth (KEDA/KAITO default),
 //! KubeAI's average-requests formula, AIBrix KPA, and an offline oracle.
 
 use std::collections::VecDeque;
 
-use strata_operator::autoscale::{self, Limit, Policy as StrataPolicy, Signals, Targets};
+use strata_core::autoscale::{self, Limit, Policy as StrataPolicy, Signals, Targets};
 
 use crate::sim::{self, SimConfig};
 
