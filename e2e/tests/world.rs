@@ -914,7 +914,7 @@ async fn etcd_stopped_and_started_again_keeps_the_data() {
     assert_eq!(etcd.state, State::Stopped);
     let fresh = w.client().await;
     let down = tokio::time::timeout(
-        Duration::from_secs(15),
+        Duration::from_secs(3),
         Api::<ConfigMap>::namespaced(fresh, &ns).get("kept"),
     )
     .await;
