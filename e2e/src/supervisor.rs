@@ -503,9 +503,17 @@ mod tests {
         let s = h.act(Component::Kwok, Action::Pause).await.expect("pause");
         assert_eq!(s.state, State::Paused);
         let pid = s.pid.expect("pid");
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-        let state = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
-        assert_eq!(state, Some('T'), "stopped by SIGSTOP: {stat}");
+        // The signal is delivered asynchronously: the kernel shows the
+        // process stopped ('T') soon after.
+        let state = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit(')').next().unwrap_or("").trim().chars().next()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state() != Some('T') && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(state(), Some('T'), "stopped by SIGSTOP");
         let s = h
             .act(Component::Kwok, Action::Resume)
             .await

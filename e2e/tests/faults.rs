@@ -578,7 +578,8 @@ struct Load {
 /// Model's ready replicas (pod IPs; the list refreshed every 300 ms and kept
 /// while the API server is away, as an endpoints cache would), alternating
 /// with `adapter` if given. A request that does not end within
-/// REQUEST_BOUND hung; one that ends without a complete stream failed.
+/// REQUEST_BOUND hung; one that ends without a complete stream failed (and
+/// its client waits 200 ms before the next).
 fn start_load(
     client: &Client,
     ns: &str,
@@ -652,23 +653,32 @@ fn start_load(
                 let outcome =
                     tokio::time::timeout(REQUEST_BOUND, stream_chat(&http, &ip, &served)).await;
                 let took = t0.elapsed().as_secs_f64();
-                let Ok(mut s) = stats.lock() else { return };
-                match outcome {
-                    Ok(Ok(())) => s.ok += 1,
-                    Ok(Err(e)) => {
-                        s.failed += 1;
-                        s.failures
-                            .push((started.elapsed().as_secs_f64(), pod, e, took));
+                let failed = !matches!(outcome, Ok(Ok(())));
+                {
+                    let Ok(mut s) = stats.lock() else { return };
+                    match outcome {
+                        Ok(Ok(())) => s.ok += 1,
+                        Ok(Err(e)) => {
+                            s.failed += 1;
+                            s.failures
+                                .push((started.elapsed().as_secs_f64(), pod, e, took));
+                        }
+                        Err(_) => {
+                            s.hung += 1;
+                            s.failures.push((
+                                started.elapsed().as_secs_f64(),
+                                pod,
+                                format!("no end within {REQUEST_BOUND:?}"),
+                                took,
+                            ));
+                        }
                     }
-                    Err(_) => {
-                        s.hung += 1;
-                        s.failures.push((
-                            started.elapsed().as_secs_f64(),
-                            pod,
-                            format!("no end within {REQUEST_BOUND:?}"),
-                            took,
-                        ));
-                    }
+                }
+                // A client waits a little after a failure (a refused
+                // connection fails at once), so that failures count the
+                // outage, not how fast a loop can retry.
+                if failed {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }));
