@@ -24,6 +24,8 @@ pub struct Replica {
     pub node: Option<String>,
     /// Its node no longer exists.
     pub node_gone: bool,
+    /// Its node has not been Ready for this many seconds.
+    pub node_not_ready_for: Option<u64>,
     /// The scheduler reported it Unschedulable for at least this many seconds.
     pub unschedulable_for: Option<u64>,
     /// Age in seconds.
@@ -45,6 +47,9 @@ pub struct Target {
     pub max_unavailable: usize,
     /// Seconds a pod may stay Unschedulable before it is re-planned.
     pub unschedulable_grace: u64,
+    /// Seconds a replica's node may stay NotReady before the replica is
+    /// placed elsewhere.
+    pub node_lost_grace: u64,
 }
 
 /// Why a pod is deleted.
@@ -54,6 +59,8 @@ pub enum DeleteReason {
     Failed,
     /// Its node is gone.
     NodeGone,
+    /// Its node has not been Ready for longer than the grace period.
+    NodeNotReady,
     /// The scheduler could not bind it; place it elsewhere.
     Unschedulable,
     /// It runs an old template and its replacement is ready.
@@ -68,6 +75,7 @@ impl DeleteReason {
         match self {
             Self::Failed => "ReplicaFailed",
             Self::NodeGone => "NodeGone",
+            Self::NodeNotReady => "NodeNotReady",
             Self::Unschedulable => "Unschedulable",
             Self::Outdated => "Replaced",
             Self::ScaleDown => "ScaledDown",
@@ -107,6 +115,12 @@ pub fn plan(replicas: &[Replica], target: &Target) -> Plan {
             out.delete.push((r.name.clone(), DeleteReason::Failed));
         } else if r.node_gone {
             out.delete.push((r.name.clone(), DeleteReason::NodeGone));
+        } else if r
+            .node_not_ready_for
+            .is_some_and(|s| s >= target.node_lost_grace)
+        {
+            out.delete
+                .push((r.name.clone(), DeleteReason::NodeNotReady));
         } else if r
             .unschedulable_for
             .is_some_and(|s| s >= target.unschedulable_grace)
@@ -198,6 +212,7 @@ mod tests {
             terminating: false,
             node: Some("h100-0".into()),
             node_gone: false,
+            node_not_ready_for: None,
             unschedulable_for: None,
             age: 100,
         }
@@ -214,6 +229,7 @@ mod tests {
             max_surge: surge,
             max_unavailable: unavailable,
             unschedulable_grace: 30,
+            node_lost_grace: 30,
         }
     }
 
@@ -309,6 +325,18 @@ mod tests {
         );
         assert_eq!(p.avoid_nodes, vec!["h100-1".to_string()]);
         assert_eq!(p.create, 2, "the pending one still counts");
+    }
+
+    #[test]
+    fn replicas_on_a_node_not_ready_past_the_grace_are_placed_elsewhere() {
+        let t = target(2, 1, 0);
+        let mut lost = r("lost", "new", false);
+        lost.node_not_ready_for = Some(31);
+        let mut blip = r("blip", "new", true);
+        blip.node_not_ready_for = Some(10);
+        let p = plan(&[lost, blip], &t);
+        assert_eq!(deleted(&p), vec![("lost", DeleteReason::NodeNotReady)]);
+        assert_eq!(p.create, 1, "replaced; the one within the grace stays");
     }
 
     #[test]

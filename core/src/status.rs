@@ -499,6 +499,7 @@ mod tests {
             terminating: false,
             node: Some("n".into()),
             node_gone: false,
+            node_not_ready_for: None,
             unschedulable_for: None,
             age,
         }

@@ -128,6 +128,27 @@ pub fn node_ready(node: &Node) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Seconds a node has not been Ready at `now_unix` (its Ready condition
+/// False or Unknown since its last transition); None while it is Ready, or
+/// when it reports no Ready condition yet. Pure.
+pub fn node_not_ready_for(node: &Node, now_unix: i64) -> Option<u64> {
+    let ready = node
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    if ready.status == "True" {
+        return None;
+    }
+    let since = ready
+        .last_transition_time
+        .as_ref()
+        .map_or(now_unix, |t| t.0.as_second());
+    Some(now_unix.saturating_sub(since).max(0) as u64)
+}
+
 /// Whether a pod still holds its resources (not Succeeded or Failed).
 pub fn pod_holds_resources(pod: &Pod) -> bool {
     !matches!(
@@ -234,6 +255,28 @@ pub fn pool_view(pool: &GPUPool) -> PoolView {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_node_is_not_ready_from_its_ready_conditions_last_transition() {
+        let node = |status: &str| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "n"},
+                "status": {"conditions": [{"type": "Ready", "status": status,
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+            }))
+            .expect("node")
+        };
+        let t0 = 1_767_225_600; // 2026-01-01T00:00:00Z
+        assert_eq!(node_not_ready_for(&node("True"), t0 + 100), None);
+        assert_eq!(node_not_ready_for(&node("Unknown"), t0 + 42), Some(42));
+        assert_eq!(node_not_ready_for(&node("False"), t0 + 7), Some(7));
+        let bare: Node = serde_json::from_value(json!({"metadata": {"name": "n"}})).expect("node");
+        assert_eq!(
+            node_not_ready_for(&bare, t0),
+            None,
+            "no condition yet: not judged"
+        );
+    }
 
     #[test]
     fn counts_bound_and_planned_gpu_pods_but_not_finished_ones() {

@@ -58,6 +58,10 @@ struct Cli {
     /// Seconds a replica may stay Unschedulable before it is placed elsewhere.
     #[arg(long, default_value_t = 30)]
     unschedulable_grace_seconds: u64,
+    /// Seconds a replica's node may stay NotReady (after the node lifecycle
+    /// controller marked it so) before the replica is placed elsewhere.
+    #[arg(long, default_value_t = 30)]
+    node_lost_grace_seconds: u64,
     /// Seconds between reconciles of converged objects.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
@@ -250,6 +254,7 @@ async fn main() -> ExitCode {
             extra_pod_labels: cli.pod_labels.iter().cloned().collect::<BTreeMap<_, _>>(),
         },
         unschedulable_grace: cli.unschedulable_grace_seconds,
+        node_lost_grace: cli.node_lost_grace_seconds,
         resync: Duration::from_secs(cli.resync_seconds),
         energy_interval: Duration::from_secs(cli.energy_interval_seconds),
         ca,

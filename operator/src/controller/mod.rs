@@ -35,6 +35,9 @@ pub struct Config {
     pub template: Settings,
     /// Seconds a pod may stay Unschedulable before it is placed elsewhere.
     pub unschedulable_grace: u64,
+    /// Seconds a replica's node may stay NotReady before the replica is
+    /// placed elsewhere.
+    pub node_lost_grace: u64,
     /// How often converged objects are reconciled anyway.
     pub resync: Duration,
     /// How often the replicas' energy counters are read.
@@ -259,6 +262,7 @@ fn model_controller(
                     .collect::<Vec<_>>()
             },
         )
+        .trigger_backoff(crate::watch::backoff())
         .graceful_shutdown_on(stopped(stop))
         .run(model::reconcile, reconcile::error_policy, ctx);
     drain("model", stream)
@@ -287,6 +291,7 @@ fn adapter_controller(
                     .collect::<Vec<_>>()
             },
         )
+        .trigger_backoff(crate::watch::backoff())
         .graceful_shutdown_on(stopped(stop))
         .run(adapter::reconcile, reconcile::error_policy, ctx);
     drain("adapter", stream)
@@ -325,6 +330,7 @@ fn pool_controller(
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect::<Vec<_>>()
     })
+    .trigger_backoff(crate::watch::backoff())
     .graceful_shutdown_on(stopped(stop))
     .run(pool::reconcile, reconcile::error_policy, ctx);
     drain("gpupool", stream)

@@ -15,7 +15,7 @@
 //! [`reconcile`] runs them inside the shared wrapper (metrics, the error
 //! reporter); [`super::reconcile::error_policy`] backs off on failure.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,8 @@ struct Seen {
     own: Vec<Pod>,
     nodes: Vec<Arc<Node>>,
     node_names: HashSet<String>,
+    /// Nodes not Ready, with for how many seconds.
+    not_ready: HashMap<String, u64>,
     pools: Vec<Arc<GPUPool>>,
     /// A Secret the replicas mount that does not exist (described).
     missing_secret: Option<String>,
@@ -124,6 +126,11 @@ async fn dereference(ctx: &Context, model: &Model) -> Result<Seen> {
         .collect();
     let nodes = ctx.nodes.state();
     let node_names = nodes.iter().map(|n| n.name_any()).collect();
+    let now = Timestamp::now();
+    let not_ready = nodes
+        .iter()
+        .filter_map(|n| Some((n.name_any(), view::node_not_ready_for(n, now.as_second())?)))
+        .collect();
     let missing_secret = missing_secret(ctx, model, &ns).await?;
     Ok(Seen {
         missing_secret,
@@ -131,10 +138,11 @@ async fn dereference(ctx: &Context, model: &Model) -> Result<Seen> {
         ns,
         name,
         uid,
-        now: Timestamp::now(),
+        now,
         own,
         nodes,
         node_names,
+        not_ready,
         pools: ctx.pools.state(),
     })
 }
@@ -344,11 +352,7 @@ fn plan<'a>(ctx: &Context, model: &'a Model, seen: &Seen, desired: i32) -> Resul
             hash,
         });
     }
-    let replicas: Vec<Replica> = seen
-        .own
-        .iter()
-        .map(|p| to_replica(p, &seen.node_names, seen.now))
-        .collect();
+    let replicas: Vec<Replica> = seen.own.iter().map(|p| to_replica(p, seen)).collect();
     let target = Target {
         replicas: desired.max(0) as usize,
         hashes: templates
@@ -365,6 +369,7 @@ fn plan<'a>(ctx: &Context, model: &'a Model, seen: &Seen, desired: i32) -> Resul
         max_surge: model.spec.rollout.max_surge.max(0) as usize,
         max_unavailable: model.spec.rollout.max_unavailable.max(0) as usize,
         unschedulable_grace: ctx.config.unschedulable_grace,
+        node_lost_grace: ctx.config.node_lost_grace,
     };
     let mut rollout = rollout::plan(&replicas, &target);
     if seen.missing_secret.is_some() {
@@ -383,7 +388,8 @@ fn seconds_since(t: Option<&Time>, now: Timestamp) -> u64 {
         .unwrap_or(0)
 }
 
-fn to_replica(pod: &Pod, nodes: &HashSet<String>, now: Timestamp) -> Replica {
+fn to_replica(pod: &Pod, seen: &Seen) -> Replica {
+    let now = seen.now;
     let labels = pod.labels();
     let status = pod.status.as_ref();
     let node = view::pod_node(pod);
@@ -409,7 +415,8 @@ fn to_replica(pod: &Pod, nodes: &HashSet<String>, now: Timestamp) -> Replica {
             .and_then(|s| s.phase.clone())
             .unwrap_or_else(|| "Pending".into()),
         terminating: pod.metadata.deletion_timestamp.is_some(),
-        node_gone: node.as_ref().is_some_and(|n| !nodes.contains(n)),
+        node_gone: node.as_ref().is_some_and(|n| !seen.node_names.contains(n)),
+        node_not_ready_for: node.as_ref().and_then(|n| seen.not_ready.get(n).copied()),
         node,
         unschedulable_for,
         age: seconds_since(pod.metadata.creation_timestamp.as_ref(), now),
@@ -484,6 +491,12 @@ fn deletion_note(pod: &str, reason: DeleteReason, desired: i32) -> (EventType, S
         DeleteReason::NodeGone => (
             EventType::Warning,
             format!("the node of replica {pod} is gone; placing it again"),
+        ),
+        DeleteReason::NodeNotReady => (
+            EventType::Warning,
+            format!(
+                "the node of replica {pod} has not been Ready past the grace period; placing it elsewhere"
+            ),
         ),
         DeleteReason::Unschedulable => (
             EventType::Warning,
@@ -943,6 +956,7 @@ mod tests {
         for (reason, warning, words) in [
             (DeleteReason::Failed, true, "failed"),
             (DeleteReason::NodeGone, true, "node"),
+            (DeleteReason::NodeNotReady, true, "not been Ready"),
             (DeleteReason::Unschedulable, true, "scheduler"),
             (DeleteReason::Outdated, false, "old template"),
             (DeleteReason::ScaleDown, false, "scaling to 2"),
