@@ -15,6 +15,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_memory;
 pub mod cluster;
 pub mod control;
 pub mod error;
