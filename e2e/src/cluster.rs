@@ -95,7 +95,7 @@ pub struct Cluster {
     pub info: ClusterInfo,
     supervisor: Handle,
     supervising: tokio::task::JoinHandle<()>,
-    control: tokio::task::JoinHandle<()>,
+    control: Option<tokio::task::JoinHandle<()>>,
     temp: Option<tempfile::TempDir>,
 }
 
@@ -150,11 +150,13 @@ impl Cluster {
             Ok((server, kubeconfig, names)) => {
                 let (supervisor, supervising) = sup.run();
                 let socket = crate::control::socket_in(&dir);
+                // Without a control socket (a --dir too long for a socket
+                // path) the world still runs; faults cannot be injected.
                 let control = match crate::control::serve(&socket, supervisor.clone()) {
-                    Ok(c) => c,
+                    Ok(c) => Some(c),
                     Err(e) => {
-                        supervisor.shutdown().await;
-                        return Err(e);
+                        tracing::warn!("no control socket: {e}");
+                        None
                     }
                 };
                 let info = ClusterInfo {
@@ -166,7 +168,7 @@ impl Cluster {
                     bin_dir: opts.bin_dir.clone(),
                     nodes: names,
                     startup_seconds: started.elapsed().as_secs_f64(),
-                    control_socket: Some(socket),
+                    control_socket: control.is_some().then_some(socket),
                     topology: Some(opts.topology.clone()),
                 };
                 tracing::info!(seconds = info.startup_seconds, server = %info.server, "cluster ready");
@@ -198,7 +200,9 @@ impl Cluster {
     /// Stops every component (reverse start order) and removes a temporary
     /// directory unless `keep`.
     pub async fn shutdown(mut self, keep: bool) {
-        self.control.abort();
+        if let Some(c) = &self.control {
+            c.abort();
+        }
         if let Some(socket) = &self.info.control_socket {
             let _ = std::fs::remove_file(socket);
         }
