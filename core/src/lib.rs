@@ -25,6 +25,7 @@ pub mod energy;
 pub mod engine;
 pub mod labels;
 pub mod placement;
+pub mod podgpus;
 pub mod promql;
 pub mod rollout;
 pub mod sla;

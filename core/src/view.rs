@@ -1,6 +1,7 @@
 //! From Kubernetes objects to the plain views placement and rollout work on.
 //! Pure functions over already-fetched objects.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -8,6 +9,7 @@ use strata_crds::common::PlacementPolicy;
 use strata_crds::gpupool::GPUPool;
 
 use crate::placement::{self, NodeView, PoolView, Requirement, Selector, Taint, Toleration};
+use crate::podgpus::GpuClaim;
 
 /// GPUs (by resource name, only `nvidia.com/*`) a pod requests: the larger
 /// of the sum over containers and any single init container, as the
@@ -43,49 +45,6 @@ pub fn pod_gpu_requests(pod: &Pod) -> BTreeMap<String, i64> {
         }
     }
     total
-}
-
-/// Trims a pod Strata does not own (no `strata.ai/model` label) to what
-/// GPU accounting reads: its identity, node, containers' and init
-/// containers' names and resources, phase and deletion. The operator
-/// watches every pod of the cluster (other workloads hold GPUs too), so
-/// this keeps its cache proportional to what it uses. Managed fields go
-/// from every pod. Pure.
-pub fn trim_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    let ours = pod
-        .metadata
-        .labels
-        .as_ref()
-        .is_some_and(|l| l.contains_key(crate::labels::MODEL));
-    if ours {
-        return;
-    }
-    pod.metadata.annotations = None;
-    pod.metadata.labels = None;
-    pod.metadata.owner_references = None;
-    if let Some(spec) = pod.spec.take() {
-        let keep =
-            |c: k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
-                name: c.name,
-                resources: c.resources,
-                ..Default::default()
-            };
-        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            node_name: spec.node_name,
-            containers: spec.containers.into_iter().map(keep).collect(),
-            init_containers: spec
-                .init_containers
-                .map(|cs| cs.into_iter().map(keep).collect()),
-            ..Default::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
-            phase: status.phase,
-            ..Default::default()
-        });
-    }
 }
 
 /// The node a pod is bound to, or the node its required affinity pins it to
@@ -157,20 +116,22 @@ pub fn pod_holds_resources(pod: &Pod) -> bool {
     )
 }
 
-/// Node views with the GPUs used by `pods` (bound or planned, not finished).
-pub fn node_views<'a>(
+/// Node views with the GPUs held by `claims` (bound or pinned pods that
+/// have not finished; see [`GpuClaim`]).
+pub fn node_views<'a, C: Borrow<GpuClaim>>(
     nodes: impl IntoIterator<Item = &'a Node>,
-    pods: impl IntoIterator<Item = &'a Pod>,
+    claims: impl IntoIterator<Item = C>,
 ) -> Vec<NodeView> {
     let mut used: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    for pod in pods {
-        if !pod_holds_resources(pod) {
+    for claim in claims {
+        let claim = claim.borrow();
+        if !claim.holds {
             continue;
         }
-        if let Some(node) = pod_node(pod) {
-            let entry = used.entry(node).or_default();
-            for (k, v) in pod_gpu_requests(pod) {
-                *entry.entry(k).or_default() += v;
+        if let Some(node) = &claim.node {
+            let entry = used.entry(node.clone()).or_default();
+            for (k, v) in &claim.gpus {
+                *entry.entry(k.clone()).or_default() += v;
             }
         }
     }
@@ -302,7 +263,7 @@ mod tests {
             "status": {"phase": "Failed"}
         }))
         .expect("pod");
-        let views = node_views([&node], [&bound, &planned, &finished]);
+        let views = node_views([&node], [&bound, &planned, &finished].map(GpuClaim::of));
         assert_eq!(views.len(), 1);
         let v = &views[0];
         assert_eq!(v.allocatable.get("nvidia.com/gpu"), Some(&8));
@@ -310,41 +271,5 @@ mod tests {
         assert!(v.ready);
         assert_eq!(v.taints.len(), 1);
         assert!(!v.allocatable.contains_key("cpu"));
-    }
-
-    #[test]
-    fn foreign_pods_keep_what_gpu_accounting_reads() {
-        let mut foreign: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "train", "namespace": "ml", "annotations": {"big": "x".repeat(4096)},
-                         "labels": {"app": "trainer"}, "managedFields": [{"manager": "kubectl"}]},
-            "spec": {"nodeName": "h100-0",
-                     "containers": [{"name": "a", "image": "trainer", "env": [{"name": "A", "value": "b"}],
-                                     "args": ["--lots"], "resources": {"limits": {"nvidia.com/gpu": "4"}}}],
-                     "initContainers": [{"name": "i", "image": "init", "resources": {"limits": {"nvidia.com/gpu": "6"}}}],
-                     "volumes": [{"name": "v", "emptyDir": {}}]},
-            "status": {"phase": "Running", "podIP": "127.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]}
-        }))
-        .expect("pod");
-        let (gpus, node, holds) = (
-            pod_gpu_requests(&foreign),
-            pod_node(&foreign),
-            pod_holds_resources(&foreign),
-        );
-        let before = serde_json::to_vec(&foreign).expect("json").len();
-        trim_pod(&mut foreign);
-        assert_eq!(pod_gpu_requests(&foreign), gpus);
-        assert_eq!(pod_node(&foreign), node);
-        assert_eq!(pod_holds_resources(&foreign), holds);
-        let after = serde_json::to_vec(&foreign).expect("json").len();
-        assert!(after * 5 < before, "{before} -> {after} bytes");
-
-        let mut ours: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "m-1", "labels": {"strata.ai/model": "m"}, "managedFields": [{"manager": "x"}]},
-            "status": {"podIP": "127.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]}
-        }))
-        .expect("pod");
-        trim_pod(&mut ours);
-        assert!(ours.metadata.managed_fields.is_none());
-        assert!(pod_ready(&ours), "Strata's own pods keep their status");
     }
 }

@@ -18,16 +18,18 @@
 //!   ServiceAccount, three Models (four replicas of the real sidecar in
 //!   front of the engine simulator, started by the pod runner), the H100
 //!   pool and a pool over the other teams' A100 nodes (whose status shows
-//!   that the operator's pod cache has seen their GPU pods).
+//!   that the operator's cluster-wide pod cache has seen their GPU pods).
+//!   It caches Strata's own pods whole (a watch selected by
+//!   `app.kubernetes.io/managed-by=strata`) and every pod of the cluster as
+//!   `strata_core::podgpus::PodGpus` (identity and GPU claim, parsed lean).
 //! - **Measured** at each level: the operator that was running while the
 //!   pods were added, then a fresh one started with them already there (its
 //!   initial list); the API server's pod list in bytes (as the watch gets it,
-//!   as `kubectl get pods -A -o json` prints it, and what the operator's
-//!   `trim_pod` keeps); and, to separate the pod cache from the rest, bare
-//!   reflectors of every pod (kube-rs, as the operator uses it) holding the
-//!   pods in full, trimmed as the operator trims them (initial list in pages
-//!   of 500, the default; of 50; or streamed as watch events), or metadata
-//!   only.
+//!   as `kubectl get pods -A -o json` prints it); and, to separate the pod
+//!   cache from the rest, bare reflectors of every pod (kube-rs, as the
+//!   operator uses it) holding the pods in full, metadata only, or as
+//!   `PodGpus` (the operator's way; also with the initial list in pages of
+//!   50 instead of 500, or streamed as watch events).
 //!
 //! Waits are on conditions (readiness, reconcile counters, the Models' and
 //! pools' status, the pods' phase), each with a deadline; the one timed part
@@ -41,13 +43,13 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ListParams, ObjectList, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
+use strata_core::podgpus::PodGpus;
 use strata_crds::{GPUPool, Model};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -752,12 +754,8 @@ pub struct Sizes {
     pub foreign_full: usize,
     /// Per foreign pod: without managed fields.
     pub foreign_no_managed_fields: usize,
-    /// Per foreign pod: what `trim_pod` keeps.
-    pub foreign_trimmed: usize,
     /// Per foreign pod: metadata only, without managed fields.
     pub foreign_metadata: usize,
-    /// Every pod after `trim_pod`, compact JSON.
-    pub trimmed_bytes: usize,
 }
 
 /// A bare reflector's memory.
@@ -783,41 +781,38 @@ pub enum ProbeMode {
     Baseline,
     /// Every pod as received (managed fields included).
     Full,
-    /// Every pod trimmed by the operator's `trim_pod`.
-    Trimmed,
-    /// The same, the initial list in pages of 50 pods (the default: 500).
-    TrimmedPage50,
-    /// The same, the initial list streamed as watch events
-    /// (`sendInitialEvents`, the WatchList feature) instead of pages.
-    TrimmedStreaming,
     /// Metadata-only watch (PartialObjectMeta), managed fields dropped.
     Metadata,
-    /// A pod type that deserializes only what GPU accounting reads
-    /// ([`GpuPod`]): everything else is skipped while parsing, never built.
-    GpuView,
+    /// Every pod as [`PodGpus`], as the operator's cluster-wide pod cache
+    /// holds them: only identity and GPU claim are deserialized, everything
+    /// else is skipped while parsing, never built.
+    PodGpus,
+    /// The same, the initial list in pages of 50 pods (the default: 500).
+    PodGpusPage50,
+    /// The same, the initial list streamed as watch events
+    /// (`sendInitialEvents`, the WatchList feature) instead of pages.
+    PodGpusStreaming,
 }
 
 impl ProbeMode {
     /// All, in table order.
-    pub const ALL: [ProbeMode; 7] = [
+    pub const ALL: [ProbeMode; 6] = [
         Self::Baseline,
         Self::Full,
-        Self::Trimmed,
-        Self::TrimmedPage50,
-        Self::TrimmedStreaming,
         Self::Metadata,
-        Self::GpuView,
+        Self::PodGpus,
+        Self::PodGpusPage50,
+        Self::PodGpusStreaming,
     ];
 
     fn arg(self) -> &'static str {
         match self {
             Self::Baseline => "baseline",
             Self::Full => "full",
-            Self::Trimmed => "trimmed",
-            Self::TrimmedPage50 => "trimmed-page50",
-            Self::TrimmedStreaming => "trimmed-streaming",
             Self::Metadata => "metadata",
-            Self::GpuView => "gpu-view",
+            Self::PodGpus => "pod-gpus",
+            Self::PodGpusPage50 => "pod-gpus-page50",
+            Self::PodGpusStreaming => "pod-gpus-streaming",
         }
     }
 }
@@ -929,7 +924,7 @@ impl Report {
         s.push_str(
             "\n**The pod list** (all pods of the cluster; per foreign pod, compact JSON):\n\n",
         );
-        s.push_str("| Foreign pods | Pods | `GET /api/v1/pods` | `kubectl get pods -A -o json` | after `trim_pod` | per pod: as sent | without managedFields | after `trim_pod` | metadata only |\n|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("| Foreign pods | Pods | `GET /api/v1/pods` | `kubectl get pods -A -o json` | per pod: as sent | without managedFields | metadata only |\n|---|---|---|---|---|---|---|\n");
         for l in &self.levels {
             let z = &l.sizes;
             let per = |b: usize| {
@@ -940,15 +935,13 @@ impl Report {
                 }
             };
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
                 l.foreign,
                 z.pods,
                 human(z.api_bytes),
                 human(z.kubectl_bytes),
-                human(z.trimmed_bytes),
                 per(z.foreign_full),
                 per(z.foreign_no_managed_fields),
-                per(z.foreign_trimmed),
                 per(z.foreign_metadata)
             ));
         }
@@ -1519,29 +1512,20 @@ impl Bench {
             kubectl_bytes: kubectl.len(),
             ..Sizes::default()
         };
-        let (mut full, mut no_mf, mut trimmed, mut meta) = (0, 0, 0, 0);
-        for pod in list.items {
-            let foreign = pod.labels().contains_key(FOREIGN_LABEL);
-            let mut p = pod;
-            let f = json_len(&p);
-            p.metadata.managed_fields = None;
-            let n = json_len(&p);
-            let m = json_len(&p.metadata);
-            strata_operator::view::trim_pod(&mut p);
-            let t = json_len(&p);
-            z.trimmed_bytes += t;
-            if foreign {
-                z.foreign += 1;
-                full += f;
-                no_mf += n;
-                trimmed += t;
-                meta += m;
+        let (mut full, mut no_mf, mut meta) = (0, 0, 0);
+        for mut p in list.items {
+            if !p.labels().contains_key(FOREIGN_LABEL) {
+                continue;
             }
+            z.foreign += 1;
+            full += json_len(&p);
+            p.metadata.managed_fields = None;
+            no_mf += json_len(&p);
+            meta += json_len(&p.metadata);
         }
         let per = |total: usize| total.checked_div(z.foreign).unwrap_or(0);
         z.foreign_full = per(full);
         z.foreign_no_managed_fields = per(no_mf);
-        z.foreign_trimmed = per(trimmed);
         z.foreign_metadata = per(meta);
         Ok(z)
     }
@@ -1727,7 +1711,6 @@ fn json_len<T: Serialize>(v: &T) -> usize {
 /// closes.
 pub async fn probe(kubeconfig: &Path, mode: ProbeMode) -> Result<()> {
     let client = client_from(kubeconfig).await?;
-    let api: Api<Pod> = Api::all(client.clone());
     let store_err = |e: reflector::store::WriterDropped| BenchError::Process {
         what: "the probe's store".into(),
         reason: e.to_string(),
@@ -1740,23 +1723,13 @@ pub async fn probe(kubeconfig: &Path, mode: ProbeMode) -> Result<()> {
                 .map_err(kube_err("GET /version"))?;
             synced_until_stdin_eof(0).await;
         }
-        ProbeMode::Full
-        | ProbeMode::Trimmed
-        | ProbeMode::TrimmedPage50
-        | ProbeMode::TrimmedStreaming => {
-            let trim: fn(&mut Pod) = if mode == ProbeMode::Full {
-                |_| {}
-            } else {
-                strata_operator::view::trim_pod
-            };
-            let config = match mode {
-                ProbeMode::TrimmedPage50 => watcher::Config::default().page_size(50),
-                ProbeMode::TrimmedStreaming => watcher::Config::default().streaming_lists(),
-                _ => watcher::Config::default(),
-            };
+        ProbeMode::Full => {
             let (reader, writer) = reflector::store();
-            let stream =
-                reflector::reflector(writer, watcher(api, config).default_backoff().modify(trim));
+            let stream = reflector::reflector(
+                writer,
+                watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+                    .default_backoff(),
+            );
             tokio::spawn(stream.for_each(|_| async {}));
             reader.wait_until_ready().await.map_err(store_err)?;
             synced_until_stdin_eof(reader.state().len()).await;
@@ -1776,16 +1749,16 @@ pub async fn probe(kubeconfig: &Path, mode: ProbeMode) -> Result<()> {
             reader.wait_until_ready().await.map_err(store_err)?;
             synced_until_stdin_eof(reader.state().len()).await;
         }
-        ProbeMode::GpuView => {
+        ProbeMode::PodGpus | ProbeMode::PodGpusPage50 | ProbeMode::PodGpusStreaming => {
+            let config = match mode {
+                ProbeMode::PodGpusPage50 => watcher::Config::default().page_size(50),
+                ProbeMode::PodGpusStreaming => watcher::Config::default().streaming_lists(),
+                _ => watcher::Config::default(),
+            };
             let (reader, writer) = reflector::store();
             let stream = reflector::reflector(
                 writer,
-                watcher(
-                    Api::<GpuPod>::all(client.clone()),
-                    watcher::Config::default(),
-                )
-                .default_backoff()
-                .modify(GpuPod::keep_gpus),
+                watcher(Api::<PodGpus>::all(client.clone()), config).default_backoff(),
             );
             tokio::spawn(stream.for_each(|_| async {}));
             reader.wait_until_ready().await.map_err(store_err)?;
@@ -1793,176 +1766,6 @@ pub async fn probe(kubeconfig: &Path, mode: ProbeMode) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// What GPU accounting reads of a pod, and nothing else: the metadata that
-/// identifies it (labels too, to tell Strata's pods), its node, its
-/// containers' and init containers' resources, its phase. Deserialized
-/// straight from the API server's JSON: what it does not name (managed
-/// fields, annotations, env, probes, volumes, status conditions, ...) is
-/// skipped by the parser and never allocated. A prototype of the
-/// operator's pod cache (see docs/benchmarks.md), measured by the
-/// `gpu-view` probe.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct GpuPod {
-    /// Identity, labels and deletion only.
-    #[serde(deserialize_with = "lean_meta")]
-    pub metadata: ObjectMeta,
-    /// Node and resources.
-    #[serde(default)]
-    pub spec: Option<GpuPodSpec>,
-    /// Phase.
-    #[serde(default)]
-    pub status: Option<GpuPodStatus>,
-}
-
-/// The spec fields of a [`GpuPod`].
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GpuPodSpec {
-    /// spec.nodeName.
-    #[serde(default)]
-    pub node_name: Option<String>,
-    /// The containers' resources.
-    #[serde(default)]
-    pub containers: Vec<GpuContainer>,
-    /// The init containers' resources.
-    #[serde(default)]
-    pub init_containers: Vec<GpuContainer>,
-}
-
-/// A container's resources.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub struct GpuContainer {
-    /// requests and limits.
-    #[serde(default)]
-    pub resources: Option<GpuResources>,
-}
-
-/// Requests and limits (only `nvidia.com/*` are kept, see
-/// [`GpuPod::keep_gpus`]).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub struct GpuResources {
-    /// Requests.
-    #[serde(default)]
-    pub requests: BTreeMap<String, String>,
-    /// Limits.
-    #[serde(default)]
-    pub limits: BTreeMap<String, String>,
-}
-
-/// The status field of a [`GpuPod`].
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub struct GpuPodStatus {
-    /// status.phase.
-    #[serde(default)]
-    pub phase: Option<String>,
-}
-
-fn lean_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Lean {
-        name: Option<String>,
-        namespace: Option<String>,
-        uid: Option<String>,
-        resource_version: Option<String>,
-        labels: Option<BTreeMap<String, String>>,
-        deletion_timestamp: Option<Time>,
-    }
-    let m = <Lean as serde::Deserialize>::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        uid: m.uid,
-        resource_version: m.resource_version,
-        labels: m.labels,
-        deletion_timestamp: m.deletion_timestamp,
-        ..ObjectMeta::default()
-    })
-}
-
-impl GpuPod {
-    /// Drops what accounting does not read once parsed: resources other
-    /// than `nvidia.com/*`, and the labels of pods that are not Strata's.
-    pub fn keep_gpus(&mut self) {
-        let ours = self
-            .metadata
-            .labels
-            .as_ref()
-            .is_some_and(|l| l.contains_key("strata.ai/model"));
-        if !ours {
-            self.metadata.labels = None;
-        }
-        if let Some(spec) = &mut self.spec {
-            for c in spec
-                .containers
-                .iter_mut()
-                .chain(spec.init_containers.iter_mut())
-            {
-                if let Some(r) = &mut c.resources {
-                    r.requests.retain(|k, _| k.starts_with("nvidia.com/"));
-                    r.limits.retain(|k, _| k.starts_with("nvidia.com/"));
-                }
-            }
-        }
-    }
-
-    /// GPUs by resource name, as the scheduler counts them (the larger of
-    /// the containers' sum and any one init container).
-    pub fn gpu_requests(&self) -> BTreeMap<String, i64> {
-        let mut total: BTreeMap<String, i64> = BTreeMap::new();
-        let Some(spec) = &self.spec else { return total };
-        let amount = |c: &GpuContainer| {
-            let mut m: BTreeMap<String, i64> = BTreeMap::new();
-            if let Some(r) = &c.resources {
-                for (k, q) in r.limits.iter().chain(r.requests.iter()) {
-                    if let (true, Ok(n)) = (k.starts_with("nvidia.com/"), q.parse::<i64>()) {
-                        let e = m.entry(k.clone()).or_default();
-                        *e = (*e).max(n);
-                    }
-                }
-            }
-            m
-        };
-        for c in &spec.containers {
-            for (k, v) in amount(c) {
-                *total.entry(k).or_default() += v;
-            }
-        }
-        for c in &spec.init_containers {
-            for (k, v) in amount(c) {
-                let e = total.entry(k).or_default();
-                *e = (*e).max(v);
-            }
-        }
-        total
-    }
-}
-
-impl kube::Resource for GpuPod {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
-        "Pod".into()
-    }
-    fn group(_: &()) -> std::borrow::Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> std::borrow::Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
-        "pods".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
 }
 
 /// Reports the store's size and waits (holding it) until stdin closes.
@@ -1980,6 +1783,7 @@ async fn synced_until_stdin_eof(objects: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use strata_core::podgpus::GpuClaim;
 
     fn layout() -> Layout {
         let topo = Topology::load(&Options::default_topology()).expect("bench topology");
@@ -2014,7 +1818,7 @@ mod tests {
                 "{name}"
             );
             let parsed: Pod = serde_json::from_value(pod.clone()).expect("a valid Pod");
-            let gpus = strata_operator::view::pod_gpu_requests(&parsed);
+            let gpus = strata_core::view::pod_gpu_requests(&parsed);
             if is_gpu(i) {
                 assert_eq!(gpus.get("nvidia.com/gpu"), Some(&1), "pod {i}");
                 *per_gpu_node.entry(l.node(i)).or_default() += 1;
@@ -2040,48 +1844,46 @@ mod tests {
     }
 
     #[test]
-    fn the_gpu_view_counts_what_the_operator_counts() {
+    fn the_pod_gpus_probe_holds_the_claims_of_the_full_pods() {
         let l = layout();
         for i in [0, 48, 49, 99, 4999] {
             let mut pod = l.pod(i);
             pod["metadata"]["managedFields"] = json!([{"manager": "x", "operation": "Apply",
                 "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]);
+            pod["metadata"]["uid"] = json!(format!("uid-{i}"));
+            pod["metadata"]["resourceVersion"] = json!("7");
             pod["status"] = json!({"phase": "Running", "podIP": "127.64.0.9",
                 "conditions": [{"type": "Ready", "status": "True"}]});
-            let mut full: Pod = serde_json::from_value(pod.clone()).expect("pod");
-            let mut view: GpuPod = serde_json::from_value(pod).expect("view");
-            view.keep_gpus();
-            strata_operator::view::trim_pod(&mut full);
+            let full: Pod = serde_json::from_value(pod.clone()).expect("pod");
+            let lean: PodGpus = serde_json::from_value(pod).expect("lean");
+            assert_eq!(lean.claim, GpuClaim::of(&full), "pod {i}");
+            assert_eq!(lean.claim.node.as_deref(), Some(l.node(i)));
+            assert!(lean.claim.counts());
             assert_eq!(
-                view.gpu_requests(),
-                strata_operator::view::pod_gpu_requests(&full)
+                lean.claim.gpus.get("nvidia.com/gpu").copied(),
+                is_gpu(i).then_some(1),
+                "pod {i}"
             );
+            assert_eq!(lean.metadata.name, full.metadata.name);
+            assert_eq!(lean.metadata.namespace, full.metadata.namespace);
+            assert_eq!(lean.metadata.uid, full.metadata.uid);
             assert_eq!(
-                view.spec.as_ref().and_then(|s| s.node_name.as_deref()),
-                Some(l.node(i))
+                lean.metadata.resource_version,
+                full.metadata.resource_version
             );
-            assert_eq!(
-                view.status.and_then(|s| s.phase).as_deref(),
-                Some("Running")
+            assert!(
+                lean.metadata.managed_fields.is_none()
+                    && lean.metadata.labels.is_none()
+                    && lean.metadata.annotations.is_none()
             );
-            assert!(view.metadata.managed_fields.is_none() && view.metadata.labels.is_none());
-            assert_eq!(view.metadata.name, full.metadata.name);
         }
-        // Strata's own pods keep their labels.
-        let ours: GpuPod = serde_json::from_value(json!({
-            "metadata": {"name": "m-1", "namespace": "n", "labels": {"strata.ai/model": "m"}},
-            "spec": {"containers": [{"name": "engine", "resources": {"limits": {"nvidia.com/gpu": "2", "cpu": "4"}}}]}
-        }))
-        .map(|mut p: GpuPod| {
-            p.keep_gpus();
-            p
-        })
-        .expect("ours");
-        assert!(ours.metadata.labels.is_some());
-        assert_eq!(
-            ours.gpu_requests(),
-            BTreeMap::from([("nvidia.com/gpu".to_string(), 2)])
-        );
+        // A finished GPU pod claims its GPUs no more, as for the full pod.
+        let mut done = l.pod(49);
+        done["status"] = json!({"phase": "Succeeded"});
+        let full: Pod = serde_json::from_value(done.clone()).expect("pod");
+        let lean: PodGpus = serde_json::from_value(done).expect("lean");
+        assert_eq!(lean.claim, GpuClaim::of(&full));
+        assert!(!lean.claim.counts());
     }
 
     #[test]
@@ -2204,7 +2006,7 @@ mod tests {
         );
         assert!(md.contains("| 5000 | 5004 | 40.0 MiB |"), "{md}");
         assert!(
-            md.contains("| 5000 | - | 200.0 / 210.0 | - | - | - | - | - |\n"),
+            md.contains("| 5000 | - | 200.0 / 210.0 | - | - | - | - |\n"),
             "{md}"
         );
     }

@@ -426,7 +426,10 @@ async fn start_components(
                 format!("--kubeconfig={}", kwok_kc.display()),
                 format!("--config={}", stages.display()),
                 s("--manage-all-nodes=false"),
-                s("--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake"),
+                format!(
+                    "--manage-nodes-with-label-selector={}=fake",
+                    crate::topology::KWOK_NODE_LABEL
+                ),
                 format!("--cidr={pod_cidr}"),
                 s("--node-ip=127.1.0.254"),
                 s("--node-lease-duration-seconds=40"),

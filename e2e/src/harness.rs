@@ -338,24 +338,22 @@ impl World {
     }
 
     /// Stops a node's heartbeat, as when a kubelet dies or its network is
-    /// cut: KWOK no longer simulates that node (no Lease renewals, no
-    /// status). KWOK keeps renewing a node it once managed until it
-    /// restarts, so it is restarted without the node (a few seconds; the
-    /// other nodes keep their Leases). The node lifecycle controller then
-    /// marks the node Unknown once its grace period (50 s) has passed,
-    /// taints it unreachable and marks its pods not ready. The pod runner
-    /// keeps the pods' processes running (a partitioned node's containers
-    /// do not stop).
+    /// cut: KWOK no longer simulates that node (its label is removed, which
+    /// KWOK's label-selected watch sees as the node leaving: no more Lease
+    /// renewals, no status). The node lifecycle controller then marks the
+    /// node Unknown once its grace period (50 s) has passed, taints it
+    /// unreachable and marks its pods not ready. The pod runner keeps the
+    /// pods' processes running (a partitioned node's containers do not
+    /// stop).
     pub async fn stop_node_heartbeat(&self, name: &str) -> Result<()> {
         use k8s_openapi::api::core::v1::Node;
         let nodes: Api<Node> = Api::all(self.client().await);
-        let unmanage = serde_json::json!({"metadata": {"annotations": {
-            crate::topology::KWOK_NODE_ANNOTATION: null
+        let unmanage = serde_json::json!({"metadata": {"labels": {
+            crate::topology::KWOK_NODE_LABEL: null
         }}});
         nodes
             .patch(name, &PatchParams::default(), &Patch::Merge(&unmanage))
             .await?;
-        self.fault(Component::Kwok, Action::Restart).await?;
         Ok(())
     }
 
@@ -364,13 +362,12 @@ impl World {
     pub async fn resume_node_heartbeat(&self, name: &str, timeout: Duration) -> Result<()> {
         use k8s_openapi::api::core::v1::Node;
         let nodes: Api<Node> = Api::all(self.client().await);
-        let manage = serde_json::json!({"metadata": {"annotations": {
-            crate::topology::KWOK_NODE_ANNOTATION: "fake"
+        let manage = serde_json::json!({"metadata": {"labels": {
+            crate::topology::KWOK_NODE_LABEL: "fake"
         }}});
         nodes
             .patch(name, &PatchParams::default(), &Patch::Merge(&manage))
             .await?;
-        self.fault(Component::Kwok, Action::Restart).await?;
         wait_for(nodes, name, timeout, crate::cluster::node_ready).await
     }
 

@@ -12,8 +12,14 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result, io_err};
 
-/// Annotation KWOK uses to pick the nodes it simulates.
+/// Annotation KWOK conventionally uses to pick the nodes it simulates.
 pub const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
+/// The label the world's KWOK picks its nodes by (value `fake`). A label,
+/// not the annotation: the API server filters a label-selected watch, so a
+/// node whose label is removed leaves KWOK's view at once (its heartbeat
+/// stops) and comes back when the label does, without restarting KWOK
+/// (which would forget the pod IPs it handed out).
+pub const KWOK_NODE_LABEL: &str = "kwok.x-k8s.io/node";
 /// The taint GPU nodes carry so that only pods asking for GPUs land there.
 pub const GPU_TAINT_KEY: &str = "nvidia.com/gpu";
 /// The GPU extended resource.
@@ -129,6 +135,7 @@ impl NodeGroup {
                 self.name.clone(),
             ),
             (SIMULATED_LABEL.to_string(), "true".to_string()),
+            (KWOK_NODE_LABEL.to_string(), "fake".to_string()),
         ]);
         let mut capacity = BTreeMap::from([
             ("cpu".to_string(), Quantity(self.cpu.clone())),

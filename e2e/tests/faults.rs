@@ -167,8 +167,8 @@ async fn heal_nodes(w: &World, client: &Client) {
                 .unwrap_or_else(|e| panic!("recreating {name}: {e}")),
             Some(n)
                 if !n
-                    .annotations()
-                    .contains_key(strata_e2e::topology::KWOK_NODE_ANNOTATION) =>
+                    .labels()
+                    .contains_key(strata_e2e::topology::KWOK_NODE_LABEL) =>
             {
                 w.resume_node_heartbeat(name, TIMEOUT)
                     .await
@@ -929,7 +929,9 @@ async fn r1_operator_killed_mid_rollout_restarts_and_completes_it() {
 // ---------------------------------------------------------------------------
 // R2: the API server stopped for 30 s.
 
-/// How soon after the API server is back a spec change shows in status.
+/// How soon after the API server is back a spec change shows in status
+/// (the operator's watches retry within 2 s of each other's 410 Expired
+/// from the restarted server's new watch cache; see docs/reliability.md).
 const CATCH_UP_BOUND: Duration = Duration::from_secs(60);
 
 #[tokio::test]

@@ -19,7 +19,3 @@ pub mod pki;
 pub mod server;
 pub mod sidecar_client;
 pub mod watch;
-
-// Read by the e2e crate through the operator until its harness imports the
-// core directly.
-pub use strata_core::{autoscale, view};

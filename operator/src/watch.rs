@@ -45,18 +45,31 @@ impl Backoff for Doubling {
     }
 }
 
-/// The backoff of every watch of the operator (its caches and its
-/// controllers' triggers): 0.5 s doubling to 8 s, back to 0.5 s after 30 s
-/// without a retry. kube-runtime's default (0.8 s doubling to 30 s, reset
-/// only after 120 s, shared by all of a controller's watches) kept the
-/// controllers deaf for minutes after an API server restart, whose new
-/// watch cache answers the first watches with 410 Expired; a controller's
-/// handful of watches retrying every 8 s is no burden on a struggling API
-/// server.
+/// The backoff of each of the operator's caches (one watch each): 0.5 s
+/// doubling to 8 s, back to 0.5 s after 30 s without a retry.
+/// kube-runtime's default (0.8 s doubling to 30 s, reset only after 120 s)
+/// kept the operator deaf for minutes after an API server restart, whose
+/// new watch cache answers the first watches with 410 Expired; a handful
+/// of watches retrying every 8 s is no burden on a struggling API server.
 pub fn backoff() -> ResetTimerBackoff<Doubling> {
     ResetTimerBackoff::new(
         Doubling::new(Duration::from_millis(500), Duration::from_secs(8)),
         Duration::from_secs(30),
+    )
+}
+
+/// The backoff of a controller's triggers: 0.25 s doubling to 2 s, reset
+/// after 10 s without a retry. kube-runtime applies a controller's trigger
+/// backoff to the merged stream of all its watches (an error from any one
+/// pauses them all), and after an API server restart each watch gets its
+/// 410 Expired in turn: with [`backoff`]'s 8 s the Model controller's four
+/// watches took 32 s more to resume one after another (fault suite R2,
+/// docs/reliability.md). A short cap keeps that under 10 s; during an
+/// outage a controller retries at most every 2 s.
+pub fn trigger_backoff() -> ResetTimerBackoff<Doubling> {
+    ResetTimerBackoff::new(
+        Doubling::new(Duration::from_millis(250), Duration::from_secs(2)),
+        Duration::from_secs(10),
     )
 }
 

@@ -26,6 +26,7 @@ use tokio::sync::Mutex;
 
 use crate::metrics::Metrics;
 use strata_core::labels;
+use strata_core::podgpus::PodGpus;
 use strata_core::template::Settings;
 
 /// Operator settings from the command line.
@@ -75,8 +76,11 @@ pub struct Context {
     pub config: Config,
     /// Every node.
     pub nodes: Store<Node>,
-    /// Every pod (GPU accounting counts other workloads too).
+    /// Strata's pods (its replicas), whole.
     pub pods: Store<Pod>,
+    /// Every pod of the cluster as GPU accounting sees it (other workloads
+    /// hold GPUs too): identity, node and GPUs only.
+    pub gpu_pods: Store<PodGpus>,
     /// Every GPUPool.
     pub pools: Store<GPUPool>,
     /// Serializes placement across Models and remembers pods created but
@@ -146,6 +150,7 @@ impl Drop for AbortOnDrop {
 struct Caches {
     nodes: Store<Node>,
     pods: Store<Pod>,
+    gpu_pods: Store<PodGpus>,
     pools: Store<GPUPool>,
 }
 
@@ -157,12 +162,18 @@ async fn caches(client: &Client) -> Option<Caches> {
         crate::watch::drop_managed_fields,
         || {},
     );
-    // Every pod of the cluster (other workloads hold GPUs too), but only
-    // what GPU accounting reads of pods that are not Strata's.
+    // Strata's own pods, whole; every pod of the cluster only as GPU
+    // accounting reads it (deserialized lean: see strata_core::podgpus).
     let pods = crate::watch::spawn_store(
         Api::<Pod>::all(client.clone()),
+        owned_pods(),
+        crate::watch::drop_managed_fields,
+        || {},
+    );
+    let gpu_pods = crate::watch::spawn_store(
+        Api::<PodGpus>::all(client.clone()),
         watcher::Config::default(),
-        strata_core::view::trim_pod,
+        |_| {},
         || {},
     );
     let pools = crate::watch::spawn_store(
@@ -178,6 +189,7 @@ async fn caches(client: &Client) -> Option<Caches> {
                 as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
         ),
         ("pods", Box::pin(pods.wait_until_ready())),
+        ("all pods", Box::pin(gpu_pods.wait_until_ready())),
         ("gpupools", Box::pin(pools.wait_until_ready())),
     ] {
         if fut.await.is_err() {
@@ -185,7 +197,12 @@ async fn caches(client: &Client) -> Option<Caches> {
             return None;
         }
     }
-    Some(Caches { nodes, pods, pools })
+    Some(Caches {
+        nodes,
+        pods,
+        gpu_pods,
+        pools,
+    })
 }
 
 /// Pods Strata manages (its replicas).
@@ -262,7 +279,7 @@ fn model_controller(
                     .collect::<Vec<_>>()
             },
         )
-        .trigger_backoff(crate::watch::backoff())
+        .trigger_backoff(crate::watch::trigger_backoff())
         .graceful_shutdown_on(stopped(stop))
         .run(model::reconcile, reconcile::error_policy, ctx);
     drain("model", stream)
@@ -291,7 +308,7 @@ fn adapter_controller(
                     .collect::<Vec<_>>()
             },
         )
-        .trigger_backoff(crate::watch::backoff())
+        .trigger_backoff(crate::watch::trigger_backoff())
         .graceful_shutdown_on(stopped(stop))
         .run(adapter::reconcile, reconcile::error_policy, ctx);
     drain("adapter", stream)
@@ -330,7 +347,7 @@ fn pool_controller(
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect::<Vec<_>>()
     })
-    .trigger_backoff(crate::watch::backoff())
+    .trigger_backoff(crate::watch::trigger_backoff())
     .graceful_shutdown_on(stopped(stop))
     .run(pool::reconcile, reconcile::error_policy, ctx);
     drain("gpupool", stream)
@@ -414,6 +431,7 @@ pub async fn run(
         config,
         nodes: caches.nodes,
         pods: caches.pods,
+        gpu_pods: caches.gpu_pods,
         pools: caches.pools,
         placement: Mutex::new(HashMap::new()),
         avoid: Mutex::new(HashMap::new()),

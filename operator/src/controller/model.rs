@@ -29,6 +29,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use strata_core::conditions;
 use strata_core::placement::{self, Preference, Request};
+use strata_core::podgpus::{GpuClaim, PodGpus};
 use strata_core::rollout::{self, DeleteReason, Replica, Target};
 use strata_core::sla::{self, Evaluation};
 use strata_core::status::{self, Facts, Pace};
@@ -540,7 +541,7 @@ async fn place_and_create(
         return Ok(());
     }
     let mut ledger = ctx.placement.lock().await;
-    let cached = ctx.pods.state();
+    let cached = ctx.gpu_pods.state();
     let cached_names: HashSet<String> = cached
         .iter()
         .filter_map(|p| p.metadata.name.clone())
@@ -638,15 +639,15 @@ async fn place_and_create(
 /// from the fresh list) plus those of pods created but not yet cached.
 fn node_views<'a>(
     seen: &Seen,
-    cached: &[Arc<Pod>],
+    cached: &[Arc<PodGpus>],
     planned: impl Iterator<Item = &'a Planned>,
 ) -> Vec<placement::NodeView> {
     let own_uids: HashSet<String> = seen.own.iter().filter_map(|p| p.uid()).collect();
-    let pods: Vec<&Pod> = cached
+    let pods: Vec<GpuClaim> = cached
         .iter()
-        .map(|p| p.as_ref())
         .filter(|p| p.uid().is_none_or(|u| !own_uids.contains(&u)))
-        .chain(seen.own.iter())
+        .map(|p| p.claim.clone())
+        .chain(seen.own.iter().map(GpuClaim::of))
         .collect();
     let mut views = view::node_views(seen.nodes.iter().map(|n| n.as_ref()), pods);
     for p in planned {

@@ -93,11 +93,11 @@ pub fn pool_status(
 async fn phases(pool: &GPUPool, ctx: &Context) -> Result<Action> {
     let name = pool.name_any();
     let nodes = ctx.nodes.state();
-    let pods = ctx.pods.state();
     let views = view::node_views(
         nodes.iter().map(|n| n.as_ref()),
-        pods.iter().map(|p| p.as_ref()),
+        ctx.gpu_pods.state().iter().map(|p| p.claim.clone()),
     );
+    let pods = ctx.pods.state();
     let mut models: BTreeMap<(String, String), (i32, i32)> = BTreeMap::new();
     for p in pods
         .iter()
