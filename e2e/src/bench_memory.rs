@@ -605,6 +605,7 @@ fn model_replica_profile() -> Result<Profile> {
             },
         ],
         restart: true,
+        ..Profile::default()
     })
 }
 
@@ -1089,6 +1090,7 @@ impl Bench {
             &cluster.info.kubeconfig,
             RunnerConfig {
                 profiles: BTreeMap::from([(PROFILE.to_string(), profile)]),
+                ..RunnerConfig::default()
             },
             &cluster.info.log_dir,
         )

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result, io_err};
+use crate::oci::ImageStore;
 use crate::process::Component;
 
 /// The label that asks the runner to run a pod; its value names the profile.
@@ -35,6 +36,11 @@ pub const RUN_LABEL: &str = "e2e.strata.ai/run";
 pub struct RunnerConfig {
     /// Profile name (the label value) to what runs.
     pub profiles: BTreeMap<String, Profile>,
+    /// The OCI image layout that pods' images resolve in, for profiles with
+    /// `images: true` (default: `$STRATA_IMAGE_LAYOUT`, else
+    /// `target/images/oci` of the checkout, where `scripts/images` puts it).
+    #[serde(default)]
+    pub image_layout: Option<PathBuf>,
 }
 
 /// What runs for one pod.
@@ -48,6 +54,14 @@ pub struct Profile {
     /// pass again), instead of failing the pod.
     #[serde(default)]
     pub restart: bool,
+    /// Run the pod's own containers from their images, as a node does
+    /// (`processes` is then not used): see [`crate::pod_images`].
+    #[serde(default)]
+    pub images: bool,
+    /// With `images`: what the node adds to containers, by container name
+    /// (`*` for every container).
+    #[serde(default)]
+    pub inject: BTreeMap<String, crate::pod_images::Injection>,
 }
 
 /// One local process. In `args` and `env` values, `${POD_IP}`, `${POD_NAME}`,
@@ -263,9 +277,10 @@ impl PodRunner {
     /// Starts watching pods with the admin kubeconfig.
     pub async fn start(kubeconfig: &Path, config: RunnerConfig, log_dir: &Path) -> Result<Self> {
         let client = crate::cluster::client_from(kubeconfig).await?;
+        let node = std::sync::Arc::new(NodeRuntime::new(kubeconfig, &config).await?);
         let (stop, stopped) = oneshot::channel();
         let log_dir = log_dir.join("pods");
-        let task = tokio::spawn(run(client, config, log_dir, stopped));
+        let task = tokio::spawn(run(client, config, node, log_dir, stopped));
         Ok(Self { stop, task })
     }
 
@@ -276,9 +291,47 @@ impl PodRunner {
     }
 }
 
+/// What the runner's "node" has for image-mode pods.
+struct NodeRuntime {
+    store: ImageStore,
+    api_server: Option<(String, u16)>,
+    init: Option<PathBuf>,
+}
+
+impl NodeRuntime {
+    async fn new(kubeconfig: &Path, config: &RunnerConfig) -> Result<Self> {
+        let layout = config
+            .image_layout
+            .clone()
+            .or_else(|| std::env::var_os("STRATA_IMAGE_LAYOUT").map(PathBuf::from))
+            .unwrap_or_else(|| crate::harness::repo_path("target/images/oci"));
+        let cache = layout
+            .parent()
+            .map_or_else(|| layout.join("unpacked"), |p| p.join("unpacked"));
+        let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+            .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+        let cfg =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+        let api_server = cfg.cluster_url.host().map(|h| {
+            (
+                h.trim_matches(['[', ']']).to_string(),
+                cfg.cluster_url.port_u16().unwrap_or(443),
+            )
+        });
+        Ok(Self {
+            store: ImageStore::new(layout, cache),
+            api_server,
+            init: crate::pod_images::container_init_binary(),
+        })
+    }
+}
+
 async fn run(
     client: Client,
     config: RunnerConfig,
+    node: std::sync::Arc<NodeRuntime>,
     log_dir: PathBuf,
     mut stopped: oneshot::Receiver<()>,
 ) {
@@ -327,7 +380,7 @@ async fn run(
                             }
                         }
                         let (stop, stop_rx) = oneshot::channel();
-                        let task = tokio::spawn(run_pod(client.clone(), pod.clone(), profile, log_dir.clone(), stop_rx));
+                        let task = tokio::spawn(run_pod(client.clone(), pod.clone(), profile, node.clone(), log_dir.clone(), stop_rx));
                         running.insert(uid, RunningPod { ip, stop, task });
                     }
                     Desired::Stop => {
@@ -342,6 +395,75 @@ async fn run(
     }
     for (_, r) in running.drain() {
         stop_pod(r).await;
+    }
+}
+
+/// Prepares an image-mode pod's containers (retrying, as a kubelet does,
+/// while an image, Secret or ConfigMap is missing, and saying why in the
+/// containers' waiting state); None if told to stop first.
+async fn image_launches(
+    client: &Client,
+    pod: &Pod,
+    vars: &PodVars,
+    profile: &Profile,
+    node: &NodeRuntime,
+    pod_dir: &Path,
+    stop: &mut oneshot::Receiver<()>,
+) -> Option<Vec<Launch>> {
+    let mode = crate::pod_images::ImageMode {
+        client,
+        store: &node.store,
+        api_server: node.api_server.clone(),
+        inject: &profile.inject,
+    };
+    let mut said: Option<String> = None;
+    let mut attempts: u32 = 0;
+    loop {
+        let outcome = match &node.init {
+            None => Err(crate::pod_images::Waiting {
+                reason: "ContainerCreating".into(),
+                message: "strata-e2e-container (the runner's container init) is not built next to the runner: cargo build -p strata-e2e --bins".into(),
+            }),
+            Some(_) => mode.prepare(pod, vars, pod_dir).await,
+        };
+        match outcome {
+            Ok(prepared) => {
+                let init = node.init.clone()?;
+                return Some(
+                    prepared
+                        .into_iter()
+                        .map(|p| Launch {
+                            log_name: format!("{}_{}_{}", vars.namespace, vars.name, p.name),
+                            name: p.name,
+                            command: init.clone(),
+                            args: vec![p.spec_file.display().to_string()],
+                            env: Vec::new(),
+                        })
+                        .collect(),
+                );
+            }
+            Err(w) => {
+                attempts += 1;
+                // The kubelet's wording: the first failure is ErrImagePull,
+                // the retries back off (ImagePullBackOff).
+                let reason = if w.reason == "ErrImagePull" && attempts > 1 {
+                    "ImagePullBackOff".to_string()
+                } else {
+                    w.reason.clone()
+                };
+                let key = format!("{reason}: {}", w.message);
+                if said.as_deref() != Some(key.as_str()) {
+                    tracing::warn!(pod = %vars.name, "{key}");
+                    mark_waiting(client, pod, &reason, &w.message).await;
+                    said = Some(key);
+                }
+            }
+        }
+        let wait = Duration::from_secs(u64::from(attempts.min(4)) * 2);
+        tokio::select! {
+            _ = &mut *stop => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 
@@ -372,6 +494,7 @@ async fn run_pod(
     client: Client,
     pod: Pod,
     profile: Profile,
+    node: std::sync::Arc<NodeRuntime>,
     log_dir: PathBuf,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -399,7 +522,7 @@ async fn run_pod(
     // under the pod's (a Secret's keys as files in it); the mount path in a
     // container's args points there.
     let mut mounts: Vec<(String, String)> = Vec::new();
-    if let Some(spec) = pod.spec.as_ref() {
+    if let Some(spec) = pod.spec.as_ref().filter(|_| !profile.images) {
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(client.clone(), &vars.namespace);
         for v in spec.volumes.iter().flatten() {
@@ -440,7 +563,12 @@ async fn run_pod(
     let mut procs = Vec::new();
     // What each process was started with, to restart it in place.
     let mut launch: Vec<Launch> = Vec::new();
-    for spec in &profile.processes {
+    let processes: &[ProcessSpec] = if profile.images {
+        &[]
+    } else {
+        &profile.processes
+    };
+    for spec in processes {
         let mut env: Vec<(String, String)> = Vec::new();
         if let Some(c) = spec
             .container_env
@@ -483,21 +611,29 @@ async fn run_pod(
         launch.push(Launch {
             name: spec.name.clone(),
             command: spec.command.clone(),
-            args: args.clone(),
-            env: env.clone(),
-            log_name: log_name.clone(),
+            args,
+            env,
+            log_name,
         });
-        match Component::spawn(&log_name, &spec.command, &args, &env, &log_dir) {
+    }
+    if profile.images {
+        match image_launches(&client, &pod, &vars, &profile, &node, &pod_dir, &mut stop).await {
+            Some(l) => launch = l,
+            None => return,
+        }
+    }
+    for l in &launch {
+        match Component::spawn(&l.log_name, &l.command, &l.args, &l.env, &log_dir) {
             Ok(c) => {
-                write_pid(&pod_dir, &spec.name, c.pid());
-                procs.push((spec.name.clone(), c));
+                write_pid(&pod_dir, &l.name, c.pid());
+                procs.push((l.name.clone(), c));
             }
             Err(e) => {
                 tracing::warn!(pod = %pod_name, "{e}");
                 mark_failed(
                     &client,
                     &pod,
-                    &format!("process {} could not start: {e}", spec.name),
+                    &format!("process {} could not start: {e}", l.name),
                 )
                 .await;
                 for (_, mut c) in procs {
@@ -556,7 +692,11 @@ async fn run_pod(
                 }
                 if let Some((name, status)) = procs.iter_mut().find_map(|(n, c)| c.check_running().err().map(|e| (n.clone(), e))) {
                     let message = match &status {
-                        Error::Exited { status, .. } => format!("process {name} exited ({status})"),
+                        // The last line it wrote, as a container's termination message.
+                        Error::Exited { status, tail, .. } => match tail.lines().rev().find(|l| !l.trim().is_empty()) {
+                            Some(last) => format!("process {name} exited ({status}): {}", last.trim()),
+                            None => format!("process {name} exited ({status})"),
+                        },
                         other => format!("process {name}: {other}"),
                     };
                     tracing::warn!(pod = %pod_name, "{message}");

@@ -130,8 +130,10 @@ fn the_world() -> &'static World {
                     ]),
                 ),
                 restart: true,
+                ..Profile::default()
             },
         )]),
+        ..RunnerConfig::default()
     })
 }
 

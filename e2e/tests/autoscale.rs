@@ -62,8 +62,10 @@ fn the_world() -> &'static World {
                     BTreeMap::new(),
                 ),
                 restart: false,
+                ..Profile::default()
             },
         )]),
+        ..RunnerConfig::default()
     })
 }
 

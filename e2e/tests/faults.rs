@@ -103,8 +103,10 @@ fn the_world() -> &'static World {
                 ),
                 // Containers restart in place (restartPolicy Always).
                 restart: true,
+                ..Profile::default()
             },
         )]),
+        ..RunnerConfig::default()
     })
 }
 

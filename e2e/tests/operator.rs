@@ -74,8 +74,10 @@ fn the_world() -> &'static World {
                 Profile {
                     processes: vec![process("http", 8080), admin],
                     restart: false,
+                    ..Profile::default()
                 },
             )]),
+            ..RunnerConfig::default()
         }
     })
 }

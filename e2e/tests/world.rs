@@ -45,8 +45,10 @@ fn the_world() -> &'static World {
                     ..ProcessSpec::default()
                 }],
                 restart: false,
+                ..Profile::default()
             },
         )]),
+        ..RunnerConfig::default()
     })
 }
 

@@ -5,6 +5,12 @@
 //! product image.
 //!
 //! `strata-engine-sim --listen 127.64.0.5:8000 --model llama-3-8b --speed 0.6`
+//!
+//! It also takes the command line the operator gives a vLLM engine container
+//! (`--model <repo> --host <ip> --port <port> --served-model-name <name>
+//! --tensor-parallel-size N --enable-lora --max-loras N ...`), so that its
+//! image (`localhost/strata-engine-sim`) can stand in for vLLM's in a Model;
+//! a repeated flag takes its last value (test knobs appended by the world).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,14 +20,37 @@ use clap::Parser;
 use strata_e2e::sim::{self, SimConfig};
 
 #[derive(Parser)]
-#[command(about = "Simulated vLLM engine for Strata's tests and demo")]
+#[command(
+    about = "Simulated vLLM engine for Strata's tests and demo",
+    args_override_self = true
+)]
 struct Cli {
-    /// Address to listen on (the pod IP and a port).
+    /// Address to listen on (the pod IP and a port); or `--host` and `--port`.
+    #[arg(long, required_unless_present = "port")]
+    listen: Option<SocketAddr>,
+    /// vLLM's `--host` (with `--port`, instead of `--listen`).
+    #[arg(long, default_value = "0.0.0.0")]
+    host: std::net::IpAddr,
+    /// vLLM's `--port`.
     #[arg(long)]
-    listen: SocketAddr,
-    /// Served model name.
+    port: Option<u16>,
+    /// Served model name (with `--served-model-name`, as vLLM: the model
+    /// repository or path, then only reported).
     #[arg(long)]
     model: String,
+    /// vLLM's served model name (wins over `--model`).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// vLLM's flags that change nothing in the simulation (accepted so that
+    /// the operator's command line runs as is).
+    #[arg(long)]
+    tensor_parallel_size: Option<u32>,
+    #[arg(long)]
+    revision: Option<String>,
+    #[arg(long)]
+    enable_lora: bool,
+    #[arg(long)]
+    max_lora_rank: Option<u32>,
     /// Most sequences running at once; the others queue, first in first out.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -77,8 +106,24 @@ async fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    let listen = match (cli.listen, cli.port) {
+        (Some(l), _) => l,
+        (None, Some(port)) => SocketAddr::new(cli.host, port),
+        (None, None) => {
+            tracing::error!("--listen or --port is required");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::debug!(
+        repository = %cli.model,
+        tensor_parallel = ?cli.tensor_parallel_size,
+        revision = ?cli.revision,
+        lora = cli.enable_lora,
+        max_lora_rank = ?cli.max_lora_rank,
+        "vLLM flags accepted"
+    );
     let config = SimConfig {
-        model: cli.model,
+        model: cli.served_model_name.clone().unwrap_or(cli.model),
         max_batch: cli.max_batch,
         prefill_ms_per_token: cli.prefill_ms_per_token,
         itl_ms: cli.itl_ms,
@@ -92,15 +137,15 @@ async fn main() -> ExitCode {
         tracing::error!("invalid configuration: {e}");
         return ExitCode::from(2);
     }
-    let listener = match tokio::net::TcpListener::bind(cli.listen).await {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("listen {}: {e}", cli.listen);
+            tracing::error!("listen {}: {e}", listen);
             return ExitCode::from(2);
         }
     };
     tracing::info!(
-        listen = %cli.listen,
+        listen = %listen,
         model = %config.model,
         max_batch = config.max_batch,
         speed = config.speed,
