@@ -644,3 +644,47 @@ pub fn sim_replica_processes(
         },
     ]
 }
+
+/// For tests: the uid a process runs as, and whether its root filesystem is
+/// mounted read-only (from /proc). Panics if it cannot be read.
+pub fn process_identity(pid_file: &Path) -> (u32, bool) {
+    let pid =
+        std::fs::read_to_string(pid_file).unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+    let pid = pid.trim();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .expect("uid");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    // Fields: id parent major:minor root mount-point options ...
+    let root_ro = mounts
+        .lines()
+        .rfind(|l| l.split_whitespace().nth(4) == Some("/"))
+        .and_then(|l| l.split_whitespace().nth(5))
+        .is_some_and(|o| o.split(',').any(|x| x == "ro"));
+    (uid, root_ro)
+}
+
+/// For tests: POSTs JSON over plain HTTP/1.1 (loopback) and returns the whole answer.
+pub async fn post_json(addr: &str, path: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    assert!(addr.starts_with("127."), "loopback only: {addr}");
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(15), exchange)
+        .await
+        .expect("answered in time")
+        .expect("a completion through the sidecar")
+}

@@ -23,8 +23,8 @@ use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, repo_path, repo_yaml, service_account_kubeconfig, test_namespace, wait_for,
-    workspace_binary, world,
+    World, post_json, process_identity, repo_path, repo_yaml, service_account_kubeconfig,
+    test_namespace, wait_for, workspace_binary, world,
 };
 use strata_e2e::pod_images::{HostMount, Injection};
 use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
@@ -199,28 +199,6 @@ fn pod_dir(w: &World, ns: &str, name: &str) -> PathBuf {
     w.info.log_dir.join("pods").join(format!("{ns}_{name}.d"))
 }
 
-/// The uid a process runs as, and whether its root is mounted read-only.
-fn process_identity(pid_file: &Path) -> (u32, bool) {
-    let pid =
-        std::fs::read_to_string(pid_file).unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
-    let pid = pid.trim();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|u| u.parse().ok())
-        .expect("uid");
-    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
-    // Fields: id parent major:minor root mount-point options ...
-    let root_ro = mounts
-        .lines()
-        .rfind(|l| l.split_whitespace().nth(4) == Some("/"))
-        .and_then(|l| l.split_whitespace().nth(5))
-        .is_some_and(|o| o.split(',').any(|x| x == "ro"));
-    (uid, root_ro)
-}
-
 #[tokio::test]
 async fn a_model_runs_from_the_engine_and_sidecar_images() {
     let w = the_world();
@@ -303,7 +281,7 @@ async fn a_model_runs_from_the_engine_and_sidecar_images() {
 
     // A completion through the sidecar's image to the simulator's.
     let body = json!({"model": "chat", "prompt": "hello", "max_tokens": 4}).to_string();
-    let answer = post(&format!("{ip}:8080"), "/v1/completions", &body).await;
+    let answer = post_json(&format!("{ip}:8080"), "/v1/completions", &body).await;
     let logs = || {
         ["engine", "strata-sidecar"]
             .map(|c| {
@@ -342,27 +320,6 @@ async fn a_model_runs_from_the_engine_and_sidecar_images() {
         dir.join("gpu/load").is_file(),
         "the engine publishes its load"
     );
-}
-
-/// POSTs JSON over plain HTTP/1.1 (loopback) and returns the whole answer.
-async fn post(addr: &str, path: &str, body: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    assert!(addr.starts_with("127."), "loopback only: {addr}");
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(15), exchange)
-        .await
-        .expect("answered in time")
-        .expect("a completion through the sidecar")
 }
 
 fn raw_pod(name: &str, profile: &str, container: Value) -> Pod {
