@@ -110,6 +110,26 @@ pub fn hold(input: &Input, why: &str) -> Decision {
     }
 }
 
+/// The "decision" of an evaluation for a Model that Strata does not scale
+/// (mode Manual or External): the current count, unchanged. Such a Model's
+/// signals are still read every interval so that `status.sla` (the TTFT
+/// column of `kubectl get models`) shows what its users get; nothing is
+/// decided, recorded as a decision, or published as an Event.
+pub fn observe_only(input: &Input, mode: &AutoscalingMode) -> Decision {
+    let who = match mode {
+        AutoscalingMode::External => "HPA or KEDA (mode External) scale",
+        AutoscalingMode::Manual => "spec.replicas (mode Manual) sets",
+        AutoscalingMode::Sla => "the SLA autoscaler sets",
+    };
+    Decision {
+        desired: input.current,
+        reason: Reason::Hold,
+        signal: "none".into(),
+        message: format!("signals observed, not acted on: {who} the replicas"),
+        signals: Vec::new(),
+    }
+}
+
 fn fmt_secs(v: f64) -> String {
     if v < 1.0 {
         format!("{:.0}ms", v * 1000.0)
@@ -215,6 +235,58 @@ mod tests {
         assert_eq!(desired_replicas(&m.spec), 3);
         m.spec.replicas = Some(60);
         assert_eq!(desired_replicas(&m.spec), 6, "clamped to maxReplicas");
+    }
+
+    #[test]
+    fn a_model_not_autoscaled_is_observed_and_keeps_its_count() {
+        let mut m = sample();
+        m.spec.autoscaling.mode = AutoscalingMode::Manual;
+        let (policy, targets, ..) = policy_and_targets(&m);
+        // Far over target: an SLA Model would scale up; this one does not.
+        let input = Input {
+            now: 0.0,
+            current: 2,
+            ready: 2,
+            signals: crate::autoscale::Signals {
+                ttft: Some(2.0),
+                rps: Some(5.0),
+                ..Default::default()
+            },
+            targets,
+            policy,
+        };
+        for (mode, words) in [
+            (AutoscalingMode::Manual, "spec.replicas"),
+            (AutoscalingMode::External, "HPA or KEDA"),
+        ] {
+            let d = observe_only(&input, &mode);
+            assert_eq!((d.desired, d.reason), (2, Reason::Hold), "{mode:?}");
+            assert!(d.message.contains(words), "{}", d.message);
+        }
+        // Its observed signals reach status.sla as in SLA mode.
+        let e = Evaluation {
+            decision: observe_only(&input, &AutoscalingMode::Manual),
+            observed: collect::Observed {
+                ttft: Some(0.8123),
+                rps: Some(5.0),
+                ..Default::default()
+            },
+            at: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            from: 2,
+            arrivals: Some(5.0),
+            capacity: Some(3.0),
+            error: None,
+        };
+        let s = sla_status(&m, &e);
+        let ttft = s.time_to_first_token.expect("TTFT in status");
+        assert_eq!(ttft.observed.as_deref(), Some("812ms"));
+        assert_eq!(ttft.target.as_deref(), Some("500ms"));
+        assert_eq!(ttft.ratio, Some(1.62));
+        assert_eq!(
+            s.replica_capacity,
+            Some(3.0),
+            "the learned capacity is kept"
+        );
     }
 
     #[test]

@@ -413,7 +413,8 @@ pub struct Autoscaling {
     #[serde(default)]
     pub mode: AutoscalingMode,
 
-    /// How often the autoscaler evaluates, e.g. "15s".
+    /// How often the autoscaler evaluates, e.g. "15s"; in every mode, how
+    /// often status.sla is refreshed.
     #[serde(default = "default_interval")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = duration_format("15s"))]
@@ -575,7 +576,9 @@ pub struct ModelStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["pod".into()]))]
     pub placement: Vec<ReplicaPlacement>,
 
-    /// Observed SLA signals against their targets.
+    /// Observed SLA signals against their targets, refreshed every
+    /// autoscaling.interval in every autoscaling mode (Manual and External
+    /// Models are observed too; only SLA mode acts on them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sla: Option<SlaStatus>,
 

@@ -10,6 +10,7 @@
 //!   exit, and stopped, paused, killed or restarted on request through a
 //!   control socket (`strata-cluster ctl`, `harness::World::fault`).
 //! - [`audit`]: the kube-apiserver's audit log of writes.
+//! - [`load`]: the demo's load generator (`strata-load`).
 //! - [`harness`]: what tests use: one shared cluster per test binary, a
 //!   namespace per test, helpers for waiting and for kubectl and helm.
 
@@ -23,6 +24,7 @@ pub mod error;
 pub mod fake_nvml;
 pub mod harness;
 pub mod http;
+pub mod load;
 pub mod oci;
 pub mod pki;
 pub mod pod_images;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -68,8 +68,8 @@ pub struct Planned {
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Event recorders (one Event per distinct note; see [`reconcile::Recorders`]).
+    pub events: reconcile::Recorders,
     /// Metrics.
     pub metrics: Metrics,
     /// Settings.
@@ -417,7 +417,7 @@ pub async fn run(
     };
     // The autoscaler's scrapes (scale::evaluate has no Context) use the same.
     let _ = scale::CLIENT.set(sidecars.clone());
-    let recorder = Recorder::new(
+    let events = reconcile::Recorders::new(
         client.clone(),
         Reporter {
             controller: labels::MANAGER.into(),
@@ -426,7 +426,7 @@ pub async fn run(
     );
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder,
+        events,
         metrics,
         config,
         nodes: caches.nodes,

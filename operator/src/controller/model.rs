@@ -187,20 +187,55 @@ async fn desire(ctx: &Context, model: &Model, seen: &Seen) -> Desire {
     let desire = if model.spec.autoscaling.mode == AutoscalingMode::Sla {
         autoscale(ctx, model, seen, &scaler_key, spec_desired).await
     } else {
-        // Not autoscaled: forget the autoscaler's memory, so that coming back
-        // to SLA mode starts from the status, not from an old decision.
-        ctx.scalers.lock().await.remove(&scaler_key);
-        Desire {
-            replicas: spec_desired,
-            evaluation: None,
-            last_decision: None,
-        }
+        observe(ctx, model, seen, &scaler_key, spec_desired).await
     };
     ctx.metrics
         .desired_replicas
         .with_label_values(&[&seen.ns, &seen.name])
         .set(i64::from(desire.replicas));
     desire
+}
+
+/// The pods that serve: ready and not being deleted.
+fn ready_pods(seen: &Seen) -> Vec<&Pod> {
+    seen.own
+        .iter()
+        .filter(|p| view::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// Manual and External modes: the replicas come from the spec, and the
+/// signals are observed all the same (every autoscaling interval), so that
+/// status.sla and the TTFT column show what the Model's users get in every
+/// mode. What the autoscaler decided or learned in this process is
+/// forgotten, so that coming back to SLA mode starts from the status, not
+/// from an old decision.
+async fn observe(
+    ctx: &Context,
+    model: &Model,
+    seen: &Seen,
+    scaler_key: &str,
+    spec_desired: i32,
+) -> Desire {
+    let ready_pods = ready_pods(seen);
+    let mut scaler = ctx
+        .scalers
+        .lock()
+        .await
+        .remove(scaler_key)
+        .unwrap_or_default();
+    scaler.forget_decisions();
+    super::scale::evaluate(&mut scaler, model, &ready_pods, spec_desired).await;
+    let evaluation = scaler.last.clone();
+    ctx.scalers
+        .lock()
+        .await
+        .insert(scaler_key.to_string(), scaler);
+    Desire {
+        replicas: spec_desired,
+        evaluation,
+        last_decision: None,
+    }
 }
 
 async fn autoscale(
@@ -214,11 +249,7 @@ async fn autoscale(
         model.spec.min_replicas.max(0),
         model.spec.max_replicas.max(model.spec.min_replicas),
     );
-    let ready_pods: Vec<&Pod> = seen
-        .own
-        .iter()
-        .filter(|p| view::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
-        .collect();
+    let ready_pods = ready_pods(seen);
     // Take this Model's scaler out so that scraping does not hold the lock.
     let mut scaler = ctx
         .scalers
@@ -840,19 +871,23 @@ fn status(
     (status, pace)
 }
 
-/// When to look again: 5 s while converging, 30 s while blocked, else at
-/// the resync interval; an SLA Model at least every autoscaling interval.
+/// When to look again.
 fn next_look(ctx: &Context, model: &Model, pace: Pace) -> Duration {
-    let mut after = match pace {
+    let (_, _, interval, _, _) = sla::policy_and_targets(model);
+    look_after(pace, ctx.config.resync, interval)
+}
+
+/// When to look again (pure): 5 s while converging, 30 s while blocked,
+/// else at the resync interval; and at least every autoscaling interval in
+/// every mode (the SLA autoscaler decides then; in Manual and External
+/// modes status.sla is observed then).
+fn look_after(pace: Pace, resync: Duration, interval: f64) -> Duration {
+    let after = match pace {
         Pace::Busy => Duration::from_secs(5),
-        Pace::Waiting => Duration::from_secs(30).min(ctx.config.resync),
-        Pace::Settled => ctx.config.resync,
+        Pace::Waiting => Duration::from_secs(30).min(resync),
+        Pace::Settled => resync,
     };
-    if model.spec.autoscaling.mode == AutoscalingMode::Sla {
-        let (_, _, interval, _, _) = sla::policy_and_targets(model);
-        after = after.min(Duration::from_secs_f64(interval.max(1.0)));
-    }
-    after
+    after.min(Duration::from_secs_f64(interval.max(1.0)))
 }
 
 /// Ensures the Secret of the Model's replicas (every Model has one; the
@@ -951,6 +986,25 @@ async fn ensure_secret(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_mode_is_looked_at_every_autoscaling_interval() {
+        let resync = Duration::from_secs(300);
+        for (pace, interval, want) in [
+            (Pace::Settled, 15.0, 15),
+            (Pace::Settled, 600.0, 300),
+            (Pace::Waiting, 15.0, 15),
+            (Pace::Waiting, 60.0, 30),
+            (Pace::Busy, 15.0, 5),
+            (Pace::Busy, 0.0, 1),
+        ] {
+            assert_eq!(
+                look_after(pace, resync, interval),
+                Duration::from_secs(want),
+                "{pace:?} with interval {interval}"
+            );
+        }
+    }
 
     #[test]
     fn every_deletion_says_why_and_failures_warn() {

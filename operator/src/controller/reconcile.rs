@@ -3,14 +3,16 @@
 //! policy with its backoff ([`error_policy`]), the status write
 //! ([`apply_status`]) and Event publishing ([`publish`]).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -153,6 +155,87 @@ pub async fn write_status<K: Reconciled>(
         })
 }
 
+/// How long kube-runtime's Recorder keeps an Event to count repeats into
+/// it (its own cache TTL).
+const EVENT_CACHE_TTL: Duration = Duration::from_secs(6 * 60);
+
+/// Values by an Event's (reason, note), each forgotten `ttl` after its last
+/// use. Pure (the caller passes the time).
+#[derive(Debug)]
+pub struct ByNote<T> {
+    ttl: Duration,
+    entries: HashMap<u64, (T, Instant)>,
+}
+
+impl<T: Clone> ByNote<T> {
+    /// Empty, forgetting entries `ttl` after their last use.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// The value for (reason, note), made now if there is none; forgets the
+    /// entries unused for `ttl` first.
+    pub fn get(&mut self, reason: &str, note: &str, now: Instant, make: impl FnOnce() -> T) -> T {
+        let ttl = self.ttl;
+        self.entries
+            .retain(|_, (_, used)| now.saturating_duration_since(*used) < ttl);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (reason, note).hash(&mut h);
+        let entry = self
+            .entries
+            .entry(h.finish())
+            .or_insert_with(|| (make(), now));
+        entry.1 = now;
+        entry.0.clone()
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The controllers' Event recorders. kube-runtime's `Recorder` counts an
+/// object's Events of the same type, reason and action into one Event (a
+/// series), keeping the first note: a second scale-up (`2 -> 3` after
+/// `1 -> 2`) or a second replica placed would only raise the first one's
+/// count. As client-go does, an Event here aggregates only with Events of
+/// the same note (a failure repeated every reconcile stays one Event with
+/// a count); another note is an Event of its own, so the trail of
+/// decisions and placements reads as it happened.
+pub struct Recorders {
+    client: Client,
+    reporter: Reporter,
+    by_note: std::sync::Mutex<ByNote<Recorder>>,
+}
+
+impl Recorders {
+    /// Recorders for `client` reporting as `reporter`.
+    pub fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            client,
+            reporter,
+            by_note: std::sync::Mutex::new(ByNote::new(EVENT_CACHE_TTL)),
+        }
+    }
+
+    fn for_note(&self, reason: &str, note: &str) -> Recorder {
+        let make = || Recorder::new(self.client.clone(), self.reporter.clone());
+        match self.by_note.lock() {
+            Ok(mut m) => m.get(reason, note, Instant::now(), make),
+            Err(_) => make(),
+        }
+    }
+}
+
 /// Publishes an Event on `obj`; a failure to publish is logged, never fatal.
 pub async fn publish<K: Reconciled>(
     ctx: &Context,
@@ -169,7 +252,51 @@ pub async fn publish<K: Reconciled>(
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+    let note = ev.note.as_deref().unwrap_or_default();
+    let recorder = ctx.events.for_note(reason, note);
+    if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
         tracing::debug!(name = %obj.name_any(), "publishing event {reason}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_aggregate_by_note_and_are_forgotten_after_the_ttl() {
+        let mut by = ByNote::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let mut made = 0;
+        let mut get = |by: &mut ByNote<u32>, reason: &str, note: &str, at: Duration| {
+            by.get(reason, note, t0 + at, || {
+                made += 1;
+                made
+            })
+        };
+        let up1 = get(&mut by, "ScaledUp", "1 -> 2", Duration::ZERO);
+        assert_eq!(
+            get(&mut by, "ScaledUp", "1 -> 2", Duration::from_secs(30)),
+            up1,
+            "same note: same recorder"
+        );
+        let up2 = get(&mut by, "ScaledUp", "2 -> 3", Duration::from_secs(31));
+        assert_ne!(up2, up1, "another note: an Event of its own");
+        assert_ne!(
+            get(&mut by, "ScaledDown", "1 -> 2", Duration::from_secs(32)),
+            up1,
+            "another reason"
+        );
+        assert_eq!(by.len(), 3);
+        // Used at 30 s, so kept until 90 s; the others go after 91 and 92 s.
+        assert_eq!(
+            get(&mut by, "ScaledUp", "1 -> 2", Duration::from_secs(89)),
+            up1
+        );
+        assert_eq!(by.len(), 3);
+        let again = get(&mut by, "ScaledUp", "2 -> 3", Duration::from_secs(200));
+        assert_ne!(again, up2, "forgotten after the TTL: a new Event");
+        assert_eq!(by.len(), 1);
+        assert!(!by.is_empty());
     }
 }

@@ -1,7 +1,9 @@
 //! The SLA autoscaler's shell: scrape the ready replicas' sidecars (in
 //! parallel, with timeouts, on pod IPs) and keep windows of snapshots, or
 //! ask Prometheus (spec.autoscaling.metrics, [`super::prometheus`]); decide
-//! (pure: strata_core::autoscale), and report the decision.
+//! (pure: strata_core::autoscale), and report the decision. Models in mode
+//! Manual or External are observed the same way (their `status.sla`), but
+//! nothing is decided for them.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, OnceLock};
@@ -12,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use strata_core::autoscale::{self, Input, Signals};
 use strata_core::collect::{self, PodSeries};
-use strata_core::sla::{Evaluation, hold, policy_and_targets};
-use strata_crds::model::{MetricsSourceType, Model, ScaleDecision};
+use strata_core::sla::{Evaluation, hold, observe_only, policy_and_targets};
+use strata_crds::model::{AutoscalingMode, MetricsSourceType, Model, ScaleDecision};
 
 use crate::sidecar_client::{SidecarClient, Target};
 
@@ -34,6 +36,16 @@ pub struct ModelScaler {
 }
 
 impl ModelScaler {
+    /// Forgets what the autoscaler decided and learned in this process (a
+    /// Model that left SLA mode), keeping the metric windows: coming back
+    /// to SLA mode starts from the status, not from an old decision, and
+    /// with the signals already observed.
+    pub fn forget_decisions(&mut self) {
+        self.state = autoscale::State::default();
+        self.desired = None;
+        self.last_decision = None;
+    }
+
     /// The activator asked for a replica (annotation value `at`, RFC 3339):
     /// evaluate at once, with a request seen now. Acts once per value, and
     /// only on a request younger than `max_age` seconds (an old annotation
@@ -112,7 +124,9 @@ async fn from_prometheus(
 }
 
 /// Runs an evaluation if the interval has passed; returns the desired
-/// replicas (the current value between evaluations).
+/// replicas (the current value between evaluations). A Model in mode
+/// Manual or External is observed only: its signals are read and kept for
+/// status, and the desired count stays `current`.
 pub async fn evaluate(
     scaler: &mut ModelScaler,
     model: &Model,
@@ -190,7 +204,9 @@ pub async fn evaluate(
         targets,
         policy,
     };
+    let mode = &model.spec.autoscaling.mode;
     let decision = match &error {
+        _ if *mode != AutoscalingMode::Sla => observe_only(&input, mode),
         Some(e) => hold(&input, e),
         None => autoscale::decide(&input, &mut scaler.state),
     };
@@ -210,6 +226,22 @@ pub async fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaving_sla_mode_forgets_decisions_but_keeps_the_windows() {
+        let mut s = ModelScaler {
+            desired: Some(4),
+            last_eval: Some(Instant::now()),
+            ..ModelScaler::default()
+        };
+        s.state.capacity = Some(3.0);
+        s.state.since = Some(1.0);
+        s.series.insert("pod-a".into(), PodSeries::default());
+        s.forget_decisions();
+        assert_eq!(s.state, autoscale::State::default());
+        assert_eq!((s.desired, s.last_decision.is_none()), (None, true));
+        assert!(s.series.contains_key("pod-a") && s.last_eval.is_some());
+    }
 
     #[test]
     fn a_wake_request_acts_once_and_only_while_fresh() {
