@@ -49,8 +49,8 @@ use strata_crds::model::ModelStatus;
 use strata_crds::{Adapter, GPUPool, Model};
 use strata_e2e::fake_nvml;
 use strata_e2e::harness::{
-    World, repo_path, repo_yaml, service_account_kubeconfig, sim_replica_processes, test_namespace,
-    wait_for, workspace_binary, world,
+    World, free_port, prometheus_bin, repo_path, repo_yaml, service_account_kubeconfig,
+    sim_replica_processes, test_namespace, wait_for, workspace_binary, world,
 };
 use strata_e2e::process::Component;
 use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
@@ -989,26 +989,6 @@ async fn label_values(base: &str, selector: &str, label: &str) -> Result<Vec<Str
     Ok(values)
 }
 
-fn prometheus_bin() -> PathBuf {
-    let bin = std::env::var_os("STRATA_PROMETHEUS_BIN").map(PathBuf::from).expect(
-        "STRATA_PROMETHEUS_BIN is not set: run `export STRATA_PROMETHEUS_BIN=\"$(e2e/tools/prometheus.sh | tail -n 1)\"` \
-         (scripts/test does this)",
-    );
-    assert!(
-        bin.is_file(),
-        "STRATA_PROMETHEUS_BIN={} does not exist",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 // ---------------------------------------------------------------------------
 // The local world
 // ---------------------------------------------------------------------------
@@ -1376,31 +1356,10 @@ async fn install_chart_with_dashboard(w: &World, client: &kube::Client) -> Value
         "kubectl apply: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let chart = repo_path("charts/strata");
-    let out = w.helm(&[
-        "upgrade",
-        "--install",
-        "strata",
-        &chart.to_string_lossy(),
-        "--namespace",
-        "strata-system",
-        "--create-namespace",
-        "--set",
-        "replicaCount=0",
-        "--set",
+    w.install_chart(&[
         "grafanaDashboard.enabled=true",
-        "--set",
         "grafanaDashboard.namespace=monitoring",
-        "--wait",
-        "--timeout",
-        "2m",
     ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     let cm = Api::<ConfigMap>::namespaced(client.clone(), "monitoring")
         .get("strata-dashboard")
         .await
