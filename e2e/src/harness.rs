@@ -401,12 +401,19 @@ impl World {
     /// containers here, so tests run `strata-operator` as local processes
     /// with this release's ServiceAccount (see `service_account_kubeconfig`).
     pub fn install_chart_for_local_operator(&self) {
+        self.install_chart(&[]);
+    }
+
+    /// [`Self::install_chart_for_local_operator`] with more values
+    /// (`KEY=VALUE`, as `helm --set` takes them).
+    pub fn install_chart(&self, values: &[&str]) {
         let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/strata");
-        let out = self.helm(&[
+        let chart = chart.to_string_lossy();
+        let mut args = vec![
             "upgrade",
             "--install",
             "strata",
-            &chart.to_string_lossy(),
+            &chart,
             "--namespace",
             "strata-system",
             "--create-namespace",
@@ -415,7 +422,11 @@ impl World {
             "--wait",
             "--timeout",
             "2m",
-        ]);
+        ];
+        for v in values {
+            args.extend(["--set", v]);
+        }
+        let out = self.helm(&args);
         assert!(
             out.status.success(),
             "helm install: {}{}",
@@ -526,6 +537,31 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(a) => a.port(),
+        Err(e) => panic!("no free port on 127.0.0.1: {e}"),
+    }
+}
+
+/// The Prometheus binary the tests run (`STRATA_PROMETHEUS_BIN`, which
+/// scripts/test sets from e2e/tools/prometheus.sh); panics without it.
+pub fn prometheus_bin() -> PathBuf {
+    let Some(bin) = std::env::var_os("STRATA_PROMETHEUS_BIN").map(PathBuf::from) else {
+        panic!(
+            "STRATA_PROMETHEUS_BIN is not set: run `export STRATA_PROMETHEUS_BIN=\"$(e2e/tools/prometheus.sh | tail -n 1)\"` \
+             (scripts/test does this)"
+        );
+    };
+    assert!(
+        bin.is_file(),
+        "STRATA_PROMETHEUS_BIN={} does not exist; run e2e/tools/prometheus.sh",
+        bin.display()
+    );
+    bin
 }
 
 static NS_COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -22,7 +22,8 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, repo_yaml, service_account_kubeconfig, test_namespace, wait_for, workspace_binary, world,
+    World, free_port, repo_yaml, service_account_kubeconfig, test_namespace, wait_for,
+    workspace_binary, world,
 };
 use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
 use strata_e2e::wait::poll_until;
@@ -93,13 +94,6 @@ impl Drop for Operators {
             let _ = c.start_kill();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
 }
 
 fn start_operator(kubeconfig: &PathBuf, identity: &str, log: &PathBuf) -> (Child, u16) {

@@ -5,7 +5,6 @@
 //! reads agrees with the sidecars' own histograms and with what the clients
 //! saw, counts only the Model's pods, and failures are typed errors.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use strata_core::collect::{self, PodSeries};
 use strata_core::promql;
+use strata_e2e::harness::{free_port, prometheus_bin};
 use strata_e2e::process::Component;
 use strata_e2e::sim::{self, SimConfig, Simulator};
 use strata_e2e::wait;
@@ -124,27 +124,6 @@ async fn stream_chat(addr: std::net::SocketAddr) -> Duration {
     }
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     ttft.expect("a token arrived")
-}
-
-/// A free port on 127.0.0.1 (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn prometheus_bin() -> PathBuf {
-    let bin = std::env::var_os("STRATA_PROMETHEUS_BIN").map(PathBuf::from).expect(
-        "STRATA_PROMETHEUS_BIN is not set: run `export STRATA_PROMETHEUS_BIN=\"$(e2e/tools/prometheus.sh | tail -n 1)\"` \
-         (scripts/test does this)",
-    );
-    assert!(
-        bin.is_file(),
-        "STRATA_PROMETHEUS_BIN={} does not exist; run e2e/tools/prometheus.sh",
-        bin.display()
-    );
-    bin
 }
 
 struct Prometheus {

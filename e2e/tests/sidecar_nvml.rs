@@ -6,15 +6,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use strata_e2e::fake_nvml::{self, FakeGpuConfig};
-use strata_e2e::harness::workspace_binary;
+use strata_e2e::harness::{free_port, workspace_binary};
 use tokio::process::Command;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
 
 fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Provides a real Prometheus server for the tests of the autoscaler's
-# Prometheus metrics source (e2e/tests/prometheus_source.rs): Debian
+# Prometheus metrics source (e2e/tests/prometheus_source.rs) and of the
+# Grafana dashboard's queries (e2e/tests/gitops.rs): Debian
 # bookworm's package, pinned below, unpacked (not installed) into the cache.
 # A second run reuses it. A cold cache needs apt-get, dpkg-deb and the Debian
 # bookworm archive in the apt sources (apt checks the package against its

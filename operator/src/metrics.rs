@@ -5,6 +5,10 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
+/// The `signal` label values of the SLA gauges, as in `status.sla` and
+/// `status.lastScaleDecision.signal`.
+pub const SLA_SIGNALS: [&str; 3] = ["timeToFirstToken", "interTokenLatency", "endToEndLatency"];
+
 /// The operator's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -32,6 +36,14 @@ pub struct Metrics {
     pub autoscaler_decisions: IntCounterVec,
     /// Replicas the autoscaler wants, by Model.
     pub desired_replicas: IntGaugeVec,
+    /// Replicas of a Model that exist (not being deleted).
+    pub model_replicas: IntGaugeVec,
+    /// Of those, ready.
+    pub model_ready_replicas: IntGaugeVec,
+    /// A Model's SLA latency targets, seconds, by signal.
+    pub sla_target: GaugeVec,
+    /// The latency the autoscaler last read at the SLA percentile, seconds, by signal.
+    pub sla_observed: GaugeVec,
     /// GPU energy of a Model's replicas, joules (counted by this process).
     pub model_energy: CounterVec,
     /// GPU power of a Model's replicas now, watts.
@@ -66,10 +78,50 @@ impl Metrics {
         let l = [namespace, model];
         let _ = self.unplaceable.remove_label_values(&l);
         let _ = self.desired_replicas.remove_label_values(&l);
+        let _ = self.model_replicas.remove_label_values(&l);
+        let _ = self.model_ready_replicas.remove_label_values(&l);
+        for signal in SLA_SIGNALS {
+            let l = [namespace, model, signal];
+            let _ = self.sla_target.remove_label_values(&l);
+            let _ = self.sla_observed.remove_label_values(&l);
+        }
         let _ = self.model_energy.remove_label_values(&l);
         let _ = self.model_power.remove_label_values(&l);
         let _ = self.model_utilization.remove_label_values(&l);
         let _ = self.model_tokens.remove_label_values(&l);
+    }
+
+    /// A Model's replica counts and SLA latencies from one reconcile:
+    /// `targets` and `observed` are (ttft, itl, e2e) in seconds, in the
+    /// order of [`SLA_SIGNALS`]; a signal without a value has no series
+    /// (a gap in a graph, not a zero).
+    pub fn record_model(
+        &self,
+        namespace: &str,
+        model: &str,
+        replicas: i32,
+        ready: i32,
+        targets: [Option<f64>; 3],
+        observed: [Option<f64>; 3],
+    ) {
+        let l = [namespace, model];
+        self.model_replicas
+            .with_label_values(&l)
+            .set(i64::from(replicas));
+        self.model_ready_replicas
+            .with_label_values(&l)
+            .set(i64::from(ready));
+        for (gauge, values) in [(&self.sla_target, targets), (&self.sla_observed, observed)] {
+            for (signal, value) in SLA_SIGNALS.iter().zip(values) {
+                let l = [namespace, model, signal];
+                match value {
+                    Some(v) if v.is_finite() => gauge.with_label_values(&l).set(v),
+                    _ => {
+                        let _ = gauge.remove_label_values(&l);
+                    }
+                }
+            }
+        }
     }
 
     /// Removes a deleted Adapter's series.
@@ -163,8 +215,40 @@ impl Metrics {
             ),
             &["namespace", "model"],
         )?;
+        let model_replicas = IntGaugeVec::new(
+            Opts::new(
+                "strata_model_replicas",
+                "Replicas of a Model that exist (not being deleted).",
+            ),
+            &["namespace", "model"],
+        )?;
+        let model_ready_replicas = IntGaugeVec::new(
+            Opts::new(
+                "strata_model_ready_replicas",
+                "Replicas of a Model that are ready to serve.",
+            ),
+            &["namespace", "model"],
+        )?;
+        let sla_target = GaugeVec::new(
+            Opts::new(
+                "strata_model_sla_target_seconds",
+                "A Model's SLA latency target (spec.sla), by signal.",
+            ),
+            &["namespace", "model", "signal"],
+        )?;
+        let sla_observed = GaugeVec::new(
+            Opts::new(
+                "strata_model_sla_observed_seconds",
+                "Latency at the SLA percentile over the autoscaling window, as the autoscaler last read it, by signal.",
+            ),
+            &["namespace", "model", "signal"],
+        )?;
         registry.register(Box::new(autoscaler_decisions.clone()))?;
         registry.register(Box::new(desired_replicas.clone()))?;
+        registry.register(Box::new(model_replicas.clone()))?;
+        registry.register(Box::new(model_ready_replicas.clone()))?;
+        registry.register(Box::new(sla_target.clone()))?;
+        registry.register(Box::new(sla_observed.clone()))?;
         let model_labels = &["namespace", "model"];
         let model_energy = CounterVec::new(
             Opts::new(
@@ -277,6 +361,10 @@ impl Metrics {
             leader,
             autoscaler_decisions,
             desired_replicas,
+            model_replicas,
+            model_ready_replicas,
+            sla_target,
+            sla_observed,
             model_energy,
             model_power,
             model_utilization,
@@ -332,5 +420,43 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("strata_"), "{line}");
         }
+    }
+
+    #[test]
+    fn a_models_sla_series_follow_its_values_and_go_with_it() {
+        let m = Metrics::new().expect("metrics");
+        m.record_model(
+            "ns",
+            "m",
+            3,
+            2,
+            [Some(0.5), None, None],
+            [Some(0.25), Some(0.02), None],
+        );
+        let text = m.render();
+        for line in [
+            "strata_model_replicas{model=\"m\",namespace=\"ns\"} 3",
+            "strata_model_ready_replicas{model=\"m\",namespace=\"ns\"} 2",
+            "strata_model_sla_target_seconds{model=\"m\",namespace=\"ns\",signal=\"timeToFirstToken\"} 0.5",
+            "strata_model_sla_observed_seconds{model=\"m\",namespace=\"ns\",signal=\"timeToFirstToken\"} 0.25",
+            "strata_model_sla_observed_seconds{model=\"m\",namespace=\"ns\",signal=\"interTokenLatency\"} 0.02",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("endToEndLatency"), "no value, no series");
+        // A signal that goes unknown loses its series.
+        m.record_model(
+            "ns",
+            "m",
+            3,
+            3,
+            [Some(0.5), None, None],
+            [None, Some(0.02), None],
+        );
+        let text = m.render();
+        assert!(!text.contains("strata_model_sla_observed_seconds{model=\"m\",namespace=\"ns\",signal=\"timeToFirstToken\"}"));
+        m.forget_model("ns", "m");
+        let text = m.render();
+        assert!(!text.contains("model=\"m\""), "{text}");
     }
 }

@@ -81,10 +81,36 @@ async fn phases(model: &Model, ctx: &Context) -> Result<Action> {
         &created,
         service_conflict,
     );
+    record_metrics(ctx, model, &seen, &desire, &status);
     let written = reconcile::write_status(ctx, model, &status).await;
     applied?;
     written?;
     Ok(Action::requeue(next_look(ctx, model, pace)))
+}
+
+/// The Model's replica counts and SLA latencies (targets, and what the
+/// autoscaler last read) as metrics, for dashboards.
+fn record_metrics(
+    ctx: &Context,
+    model: &Model,
+    seen: &Seen,
+    desire: &Desire,
+    status: &ModelStatus,
+) {
+    let (_, targets, ..) = sla::policy_and_targets(model);
+    let observed = desire.evaluation.as_ref().map(|e| &e.observed);
+    ctx.metrics.record_model(
+        &seen.ns,
+        &seen.name,
+        status.replicas,
+        status.ready_replicas,
+        [targets.ttft, targets.itl, targets.e2e],
+        [
+            observed.and_then(|o| o.ttft),
+            observed.and_then(|o| o.itl),
+            observed.and_then(|o| o.e2e),
+        ],
+    );
 }
 
 /// What the reconcile read.

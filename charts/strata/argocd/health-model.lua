@@ -1,0 +1,85 @@
+-- Argo CD health of a Strata Model (strata.ai/v1alpha1), from the
+-- conditions the operator writes (docs/gitops.md):
+--   Progressing  no status yet, or status.observedGeneration behind
+--                metadata.generation; Ready False (replicas starting);
+--                Progressing True other than RolloutComplete (rolling out,
+--                scaling)
+--   Degraded     ReconcileError True; Degraded True (Unplaceable,
+--                SecretNotFound, ServiceConflict, ReplicaFailures);
+--                Progressing False (ProgressDeadlineExceeded)
+--   Healthy      Ready True (all replicas ready, or scaled to zero by
+--                request) and the rollout complete
+-- Argo CD runs it with gopher-lua (Lua 5.1) and only the base, table and
+-- package libraries: no string or math functions here.
+local hs = {}
+
+local function find(conditions, kind)
+  if conditions == nil then
+    return nil
+  end
+  for _, c in ipairs(conditions) do
+    if c.type == kind then
+      return c
+    end
+  end
+  return nil
+end
+
+local function describe(c)
+  local text = tostring(c.reason or c.type)
+  if c.message ~= nil and c.message ~= "" then
+    text = text .. ": " .. tostring(c.message)
+  end
+  return text
+end
+
+local status = obj.status
+if status == nil or status.conditions == nil then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the Strata operator to report status"
+  return hs
+end
+local generation = obj.metadata.generation
+if generation ~= nil and (status.observedGeneration == nil or status.observedGeneration < generation) then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the Strata operator to observe generation " .. tostring(generation)
+  return hs
+end
+
+local reconcileError = find(status.conditions, "ReconcileError")
+if reconcileError ~= nil and reconcileError.status == "True" then
+  hs.status = "Degraded"
+  hs.message = describe(reconcileError)
+  return hs
+end
+local degraded = find(status.conditions, "Degraded")
+if degraded ~= nil and degraded.status == "True" then
+  hs.status = "Degraded"
+  hs.message = describe(degraded)
+  return hs
+end
+local progressing = find(status.conditions, "Progressing")
+if progressing ~= nil and progressing.status == "False" then
+  hs.status = "Degraded"
+  hs.message = describe(progressing)
+  return hs
+end
+
+local ready = find(status.conditions, "Ready")
+if ready == nil or ready.status ~= "True" then
+  hs.status = "Progressing"
+  if ready ~= nil then
+    hs.message = describe(ready)
+  else
+    hs.message = "Waiting for the Ready condition"
+  end
+  return hs
+end
+if progressing ~= nil and progressing.reason ~= "RolloutComplete" then
+  hs.status = "Progressing"
+  hs.message = describe(progressing)
+  return hs
+end
+hs.status = "Healthy"
+hs.message = describe(ready)
+return hs
