@@ -1035,8 +1035,10 @@ fn the_world() -> &'static World {
                     ]),
                 ),
                 restart: false,
+                ..Profile::default()
             },
         )]),
+        ..RunnerConfig::default()
     })
 }
 
