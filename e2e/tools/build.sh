@@ -20,7 +20,8 @@ mkdir -p "$bin_dir"
 log() { printf '[strata-tools] %s\n' "$*" >&2; }
 
 # The key covers the pinned modules and this script (its -ldflags).
-sum_key() { sha256sum "$here/$1/go.mod" "$here/$1/go.sum" "$here/build.sh" | sha256sum | cut -c1-12; }
+# Contents only (not paths), so that every checkout on a machine shares the cache.
+sum_key() { cat "$here/$1/go.mod" "$here/$1/go.sum" "$here/build.sh" | sha256sum | cut -c1-12; }
 
 # build <component> <version> <binaries...> -- <go build args...>
 build() {
