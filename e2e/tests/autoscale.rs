@@ -282,8 +282,11 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
         .last_scale_decision
         .expect("a decision is recorded");
     assert!(d.to_replicas > d.from_replicas, "{d:?}");
+    // A scale-up, possibly limited by the rate or clamped at maxReplicas
+    // (Bounds: a slow machine can put TTFT far enough over target that the
+    // autoscaler asks for more than 5).
     assert!(
-        matches!(d.reason.as_str(), "ScaleUp" | "RateLimited"),
+        matches!(d.reason.as_str(), "ScaleUp" | "RateLimited" | "Bounds"),
         "{d:?}"
     );
     assert!(
