@@ -8,7 +8,9 @@
 //!
 //! It also takes the command line the operator gives a vLLM engine container
 //! (`--model <repo> --host <ip> --port <port> --served-model-name <name>
-//! --tensor-parallel-size N --enable-lora --max-loras N ...`), so that its
+//! --tensor-parallel-size N --enable-lora --max-loras N ...`, and the
+//! samples' `--max-model-len`, `--gpu-memory-utilization`,
+//! `--enable-prefix-caching`, all ignored), so that its
 //! image (`localhost/strata-engine-sim`) can stand in for vLLM's in a Model;
 //! a repeated flag takes its last value (test knobs appended by the world).
 
@@ -51,6 +53,14 @@ struct Cli {
     enable_lora: bool,
     #[arg(long)]
     max_lora_rank: Option<u32>,
+    /// vLLM's memory and cache flags (the samples' engine args), accepted
+    /// and ignored: the simulation has no KV cache to size.
+    #[arg(long)]
+    max_model_len: Option<u32>,
+    #[arg(long)]
+    gpu_memory_utilization: Option<f64>,
+    #[arg(long)]
+    enable_prefix_caching: bool,
     /// Most sequences running at once; the others queue, first in first out.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -120,6 +130,9 @@ async fn main() -> ExitCode {
         revision = ?cli.revision,
         lora = cli.enable_lora,
         max_lora_rank = ?cli.max_lora_rank,
+        max_model_len = ?cli.max_model_len,
+        gpu_memory_utilization = ?cli.gpu_memory_utilization,
+        prefix_caching = cli.enable_prefix_caching,
         "vLLM flags accepted"
     );
     let config = SimConfig {
