@@ -724,3 +724,51 @@ pub async fn post_json(addr: &str, path: &str, body: &str) -> String {
         .expect("answered in time")
         .expect("a completion through the sidecar")
 }
+
+/// The test-only engine simulator's image, at this workspace's version.
+pub fn engine_sim_image() -> String {
+    format!("localhost/strata-engine-sim:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A Manual Model `name` from `samples/model-llama.yaml` (no adapters, no
+/// credentials), its engine the simulator's image, on the `h100` pool,
+/// with `min`..`max` replicas: a Model whose replicas run from images.
+pub fn sim_image_model(name: &str, min: i32, max: i32) -> Result<strata_crds::Model> {
+    let mut m = repo_yaml("samples/model-llama.yaml")?;
+    m["metadata"] = serde_json::json!({ "name": name });
+    let edits = serde_json::json!({
+        "source": {"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"},
+        "engine": {"type": "vLLM", "image": engine_sim_image()},
+        "pools": [{"name": "h100"}],
+        "minReplicas": min,
+        "maxReplicas": max,
+        "autoscaling": {"mode": "Manual"},
+    });
+    if let (Some(spec), Some(edits)) = (m["spec"].as_object_mut(), edits.as_object()) {
+        spec.remove("adapters");
+        spec.extend(edits.clone());
+    }
+    serde_json::from_value(m).map_err(|e| crate::error::Error::Serialize {
+        what: format!("Model {name}"),
+        reason: e.to_string(),
+    })
+}
+
+/// What the node adds to the simulator's container in image mode: the
+/// simulated GPU's directory (`${POD_DIR}/gpu` at `/run/strata-sim`, read
+/// by the fake NVML library) and `--load-file` in it, then `knobs`.
+pub fn sim_engine_injection(knobs: &[&str]) -> crate::pod_images::Injection {
+    crate::pod_images::Injection {
+        args: ["--load-file", "/run/strata-sim/load"]
+            .iter()
+            .chain(knobs)
+            .map(|a| a.to_string())
+            .collect(),
+        mounts: vec![crate::pod_images::HostMount {
+            host: "${POD_DIR}/gpu".into(),
+            path: "/run/strata-sim".into(),
+            read_only: false,
+        }],
+        ..crate::pod_images::Injection::default()
+    }
+}

@@ -78,8 +78,6 @@ pub struct Prepared {
     pub name: String,
     /// Its init spec, written to disk.
     pub spec_file: PathBuf,
-    /// The image's manifest digest.
-    pub image_id: String,
 }
 
 /// The node's view of what it needs to start a pod's containers.
@@ -125,6 +123,37 @@ impl ImageMode<'_> {
             .get_opt(name)
             .await
             .map_err(|e| waiting("ContainerCreating", format!("configmap {name:?}: {e}")))
+    }
+
+    /// A Secret's keys; None when it is missing and `optional`, else an
+    /// error with `reason` (as the kubelet reports a missing source).
+    async fn secret_keys(
+        &self,
+        ns: &str,
+        name: &str,
+        optional: Option<bool>,
+        reason: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, Waiting> {
+        match self.secret(ns, name).await? {
+            Some(s) => Ok(Some(Self::secret_data(&s))),
+            None if optional == Some(true) => Ok(None),
+            None => Err(waiting(reason, format!("secret \"{name}\" not found"))),
+        }
+    }
+
+    /// A ConfigMap's keys, as [`Self::secret_keys`].
+    async fn config_map_keys(
+        &self,
+        ns: &str,
+        name: &str,
+        optional: Option<bool>,
+        reason: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, Waiting> {
+        match self.config_map(ns, name).await? {
+            Some(c) => Ok(Some(Self::config_map_data(&c))),
+            None if optional == Some(true) => Ok(None),
+            None => Err(waiting(reason, format!("configmap \"{name}\" not found"))),
+        }
     }
 
     /// Writes a key/value set into `dir` (all keys, or `items` as paths).
@@ -205,37 +234,29 @@ impl ImageMode<'_> {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777));
         } else if let Some(s) = &v.secret {
             let name = s.secret_name.clone().unwrap_or_default();
-            match self.secret(ns, &name).await? {
-                Some(sec) => Self::write_keys(
+            if let Some(data) = self
+                .secret_keys(ns, &name, s.optional, "ContainerCreating")
+                .await?
+            {
+                Self::write_keys(
                     dir,
-                    &Self::secret_data(&sec),
+                    &data,
                     items(&s.items).as_deref(),
                     &format!("secret {name:?}"),
-                )?,
-                None if s.optional == Some(true) => {}
-                None => {
-                    return Err(waiting(
-                        "ContainerCreating",
-                        format!("secret \"{name}\" not found"),
-                    ));
-                }
+                )?;
             }
         } else if let Some(c) = &v.config_map {
             let name = c.name.clone();
-            match self.config_map(ns, &name).await? {
-                Some(cm) => Self::write_keys(
+            if let Some(data) = self
+                .config_map_keys(ns, &name, c.optional, "ContainerCreating")
+                .await?
+            {
+                Self::write_keys(
                     dir,
-                    &Self::config_map_data(&cm),
+                    &data,
                     items(&c.items).as_deref(),
                     &format!("configmap {name:?}"),
-                )?,
-                None if c.optional == Some(true) => {}
-                None => {
-                    return Err(waiting(
-                        "ContainerCreating",
-                        format!("configmap \"{name}\" not found"),
-                    ));
-                }
+                )?;
             }
         } else if let Some(p) = &v.projected {
             for source in p.sources.iter().flatten() {
@@ -245,39 +266,29 @@ impl ImageMode<'_> {
                         .await?;
                     write_file(&dir.join(rel(&t.path)?), token.as_bytes())?;
                 }
-                if let Some(c) = &source.config_map {
-                    match self.config_map(ns, &c.name).await? {
-                        Some(cm) => Self::write_keys(
-                            dir,
-                            &Self::config_map_data(&cm),
-                            items(&c.items).as_deref(),
-                            &format!("configmap {:?}", c.name),
-                        )?,
-                        None if c.optional == Some(true) => {}
-                        None => {
-                            return Err(waiting(
-                                "ContainerCreating",
-                                format!("configmap \"{}\" not found", c.name),
-                            ));
-                        }
-                    }
+                if let Some(c) = &source.config_map
+                    && let Some(data) = self
+                        .config_map_keys(ns, &c.name, c.optional, "ContainerCreating")
+                        .await?
+                {
+                    Self::write_keys(
+                        dir,
+                        &data,
+                        items(&c.items).as_deref(),
+                        &format!("configmap {:?}", c.name),
+                    )?;
                 }
-                if let Some(s) = &source.secret {
-                    match self.secret(ns, &s.name).await? {
-                        Some(sec) => Self::write_keys(
-                            dir,
-                            &Self::secret_data(&sec),
-                            items(&s.items).as_deref(),
-                            &format!("secret {:?}", s.name),
-                        )?,
-                        None if s.optional == Some(true) => {}
-                        None => {
-                            return Err(waiting(
-                                "ContainerCreating",
-                                format!("secret \"{}\" not found", s.name),
-                            ));
-                        }
-                    }
+                if let Some(s) = &source.secret
+                    && let Some(data) = self
+                        .secret_keys(ns, &s.name, s.optional, "ContainerCreating")
+                        .await?
+                {
+                    Self::write_keys(
+                        dir,
+                        &data,
+                        items(&s.items).as_deref(),
+                        &format!("secret {:?}", s.name),
+                    )?;
                 }
                 if let Some(d) = &source.downward_api {
                     for item in d.items.iter().flatten() {
@@ -380,39 +391,24 @@ impl ImageMode<'_> {
         }
         for from in c.env_from.iter().flatten() {
             let prefix = from.prefix.clone().unwrap_or_default();
+            let mut sources = Vec::new();
             if let Some(r) = &from.secret_ref {
-                match self.secret(ns, &r.name).await? {
-                    Some(s) => env.extend(Self::secret_data(&s).into_iter().map(|(k, v)| {
-                        (
-                            format!("{prefix}{k}"),
-                            String::from_utf8_lossy(&v).into_owned(),
-                        )
-                    })),
-                    None if r.optional == Some(true) => {}
-                    None => {
-                        return Err(waiting(
-                            "CreateContainerConfigError",
-                            format!("secret \"{}\" not found", r.name),
-                        ));
-                    }
-                }
+                sources.extend(
+                    self.secret_keys(ns, &r.name, r.optional, "CreateContainerConfigError")
+                        .await?,
+                );
             }
             if let Some(r) = &from.config_map_ref {
-                match self.config_map(ns, &r.name).await? {
-                    Some(cm) => env.extend(Self::config_map_data(&cm).into_iter().map(|(k, v)| {
-                        (
-                            format!("{prefix}{k}"),
-                            String::from_utf8_lossy(&v).into_owned(),
-                        )
-                    })),
-                    None if r.optional == Some(true) => {}
-                    None => {
-                        return Err(waiting(
-                            "CreateContainerConfigError",
-                            format!("configmap \"{}\" not found", r.name),
-                        ));
-                    }
-                }
+                sources.extend(
+                    self.config_map_keys(ns, &r.name, r.optional, "CreateContainerConfigError")
+                        .await?,
+                );
+            }
+            for (k, v) in sources.into_iter().flatten() {
+                env.push((
+                    format!("{prefix}{k}"),
+                    String::from_utf8_lossy(&v).into_owned(),
+                ));
             }
         }
         for e in c.env.iter().flatten() {
@@ -650,7 +646,6 @@ impl ImageMode<'_> {
             out.push(Prepared {
                 name: c.name.clone(),
                 spec_file,
-                image_id: unpacked.digest,
             });
         }
         Ok(out)

@@ -24,9 +24,8 @@ use serde_json::{Value, json};
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
     World, post_json, process_identity, repo_path, repo_yaml, service_account_kubeconfig,
-    test_namespace, wait_for, workspace_binary, world,
+    sim_engine_injection, sim_image_model, test_namespace, wait_for, workspace_binary, world,
 };
-use strata_e2e::pod_images::{HostMount, Injection};
 use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
 use tokio::process::Command;
 
@@ -38,7 +37,7 @@ const ONCE: &str = "images-once";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn engine_image() -> String {
-    format!("localhost/strata-engine-sim:{VERSION}")
+    strata_e2e::harness::engine_sim_image()
 }
 
 fn sidecar_image() -> String {
@@ -151,24 +150,7 @@ fn the_world() -> &'static World {
         // pod's, and the simulator's speed.
         let inject = BTreeMap::from([(
             "engine".to_string(),
-            Injection {
-                args: [
-                    "--load-file",
-                    "/run/strata-sim/load",
-                    "--itl-ms",
-                    "5",
-                    "--max-tokens-default",
-                    "8",
-                ]
-                .map(String::from)
-                .to_vec(),
-                mounts: vec![HostMount {
-                    host: "${POD_DIR}/gpu".into(),
-                    path: "/run/strata-sim".into(),
-                    read_only: false,
-                }],
-                ..Injection::default()
-            },
+            sim_engine_injection(&["--itl-ms", "5", "--max-tokens-default", "8"]),
         )]);
         RunnerConfig {
             profiles: BTreeMap::from([
@@ -237,23 +219,7 @@ async fn a_model_runs_from_the_engine_and_sidecar_images() {
         .await;
     let ns = test_namespace(&client, "images").await.expect("namespace");
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
-    let mut m = repo_yaml("samples/model-llama.yaml").expect("sample");
-    m["metadata"] = json!({"name": "chat"});
-    let spec = m["spec"].as_object_mut().expect("spec");
-    spec.remove("adapters");
-    spec.insert(
-        "source".into(),
-        json!({"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
-    );
-    spec.insert(
-        "engine".into(),
-        json!({"type": "vLLM", "image": engine_image()}),
-    );
-    spec.insert("pools".into(), json!([{"name": "h100"}]));
-    spec.insert("minReplicas".into(), json!(1));
-    spec.insert("maxReplicas".into(), json!(1));
-    spec.insert("autoscaling".into(), json!({"mode": "Manual"}));
-    let model: Model = serde_json::from_value(m).expect("model");
+    let model = sim_image_model("chat", 1, 1).expect("model");
     models
         .create(&PostParams::default(), &model)
         .await

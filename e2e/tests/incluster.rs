@@ -20,9 +20,9 @@ use serde_json::json;
 use strata_core::view::pod_ready;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, post_json, process_identity, repo_path, repo_yaml, test_namespace, wait_for, world,
+    World, post_json, process_identity, repo_path, repo_yaml, sim_engine_injection,
+    sim_image_model, test_namespace, wait_for, world,
 };
-use strata_e2e::pod_images::{HostMount, Injection};
 use strata_e2e::runner::{Profile, RunnerConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -49,17 +49,7 @@ fn the_world() -> &'static World {
                     restart: true,
                     inject: BTreeMap::from([(
                         "engine".to_string(),
-                        Injection {
-                            args: ["--load-file", "/run/strata-sim/load", "--itl-ms", "5"]
-                                .map(String::from)
-                                .to_vec(),
-                            mounts: vec![HostMount {
-                                host: "${POD_DIR}/gpu".into(),
-                                path: "/run/strata-sim".into(),
-                                read_only: false,
-                            }],
-                            ..Injection::default()
-                        },
+                        sim_engine_injection(&["--itl-ms", "5"]),
                     )]),
                     ..Profile::default()
                 },
@@ -184,23 +174,7 @@ async fn the_chart_runs_the_operator_from_its_image_with_leader_election() {
         .await
         .expect("namespace");
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
-    let mut m = repo_yaml("samples/model-llama.yaml").expect("sample");
-    m["metadata"] = json!({"name": "chat"});
-    let spec = m["spec"].as_object_mut().expect("spec");
-    spec.remove("adapters");
-    spec.insert(
-        "source".into(),
-        json!({"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
-    );
-    spec.insert(
-        "engine".into(),
-        json!({"type": "vLLM", "image": format!("localhost/strata-engine-sim:{VERSION}")}),
-    );
-    spec.insert("pools".into(), json!([{"name": "h100"}]));
-    spec.insert("minReplicas".into(), json!(1));
-    spec.insert("maxReplicas".into(), json!(2));
-    spec.insert("autoscaling".into(), json!({"mode": "Manual"}));
-    let model: Model = serde_json::from_value(m).expect("model");
+    let model = sim_image_model("chat", 1, 2).expect("model");
     models
         .create(&PostParams::default(), &model)
         .await
