@@ -6,7 +6,10 @@
 //!
 //! Rules, per replica and GPU:
 //! - a counter seen before: the difference; a counter that went backwards
-//!   (a driver reload) counts its new value, the energy since the reset;
+//!   (a driver reload) counts its new value, the energy since the reset,
+//!   or, when the meter's own reset-safe total (the node agent's, sampled
+//!   far more often) moved more since the last round, that: the energy
+//!   before the reload is not lost;
 //! - a replica seen for the first time: the energy its sidecar measured
 //!   since it started (so a new replica's start-up is not lost); then the
 //!   counter is the baseline;
@@ -103,22 +106,39 @@ pub fn account(
         let mut joules = 0.0;
         for (uuid, g) in &r.gpus {
             let Some(now) = g.counter.or(g.since_start).filter(|v| v.is_finite()) else {
-                // Keep an unreadable GPU's baseline for the next round.
+                // Keep an unreadable GPU's baselines for the next round.
                 if let Some(b) = before.and_then(|b| b.gpu_joules.get(uuid)) {
                     counters.gpu_joules.insert(uuid.clone(), *b);
                 }
+                if let Some(b) = before.and_then(|b| b.gpu_metered_joules.get(uuid)) {
+                    counters.gpu_metered_joules.insert(uuid.clone(), *b);
+                }
                 continue;
             };
-            let (d, reset) = delta(
+            let metered_now = g.since_start.filter(|v| v.is_finite());
+            let metered_before = before.and_then(|b| b.gpu_metered_joules.get(uuid)).copied();
+            let (mut d, reset) = delta(
                 now,
                 before.and_then(|b| b.gpu_joules.get(uuid)).copied(),
                 g.since_start,
             );
             if reset {
                 inc.resets += 1;
+                // The counter restarted (a driver reload): the meter, which
+                // samples far more often and survived it, says what was
+                // used since the last round, including before the reload.
+                if let (Some(m), Some(mb)) = (metered_now, metered_before)
+                    && g.counter.is_some()
+                    && m >= mb
+                {
+                    d = d.max(m - mb);
+                }
             }
             joules += d;
             counters.gpu_joules.insert(uuid.clone(), now);
+            if let Some(m) = metered_now.filter(|_| g.counter.is_some()) {
+                counters.gpu_metered_joules.insert(uuid.clone(), m);
+            }
             if let Some(p) = g.power.filter(|p| p.is_finite()) {
                 watts += p;
                 any_watts = true;
@@ -178,8 +198,30 @@ pub fn account(
     (inc, next)
 }
 
+/// A replica's GPUs from a node-level source (a node agent, dcgm-exporter):
+/// what the source read for its pod; where it read nothing for the pod (its
+/// node's agent did not answer, the query failed), its GPUs of the last
+/// round as unreadable, so that their baselines are kept and the next
+/// reading covers both intervals (nothing lost, nothing counted twice).
+pub fn gpus_from(
+    read: Option<&BTreeMap<String, GpuReading>>,
+    before: Option<&ReplicaEnergyCounters>,
+) -> BTreeMap<String, GpuReading> {
+    match read {
+        Some(gpus) => gpus.clone(),
+        None => before
+            .map(|b| {
+                b.gpu_joules
+                    .keys()
+                    .map(|uuid| (uuid.clone(), GpuReading::default()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 /// The value of label `name` in a Prometheus label set (`a="x",b="y"`).
-fn label(labels: &str, name: &str) -> Option<String> {
+pub(crate) fn label(labels: &str, name: &str) -> Option<String> {
     let mut rest = labels;
     while !rest.is_empty() {
         let (key, after) = rest.split_once("=\"")?;
@@ -263,6 +305,71 @@ pub fn parse(text: &str, pod: &str, pool: &str) -> ReplicaReading {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_driver_reload_is_bridged_by_the_meters_own_total() {
+        let alive = BTreeSet::from(["r1".to_string()]);
+        let reading = |counter: f64, metered: f64| ReplicaReading {
+            pod: "r1".into(),
+            gpus: BTreeMap::from([(
+                "GPU-a".to_string(),
+                GpuReading {
+                    counter: Some(counter),
+                    since_start: Some(metered),
+                    ..GpuReading::default()
+                },
+            )]),
+            ..ReplicaReading::default()
+        };
+        let (_, c) = account(&[], &[reading(10_000.0, 50.0)], &alive);
+        assert_eq!(c[0].gpu_metered_joules["GPU-a"], 50.0);
+        // 300 J used before the reload, 200 J after: the counter shows only
+        // the 200, the meter all 500.
+        let (inc, c) = account(&c, &[reading(200.0, 550.0)], &alive);
+        assert_eq!((inc.joules, inc.resets), (500.0, 1));
+        // Afterwards the counter again.
+        let (inc, _) = account(&c, &[reading(260.0, 610.0)], &alive);
+        assert_eq!((inc.joules, inc.resets), (60.0, 0));
+        // A meter that restarted too (its total went back): only the
+        // counter's value since the reload is known.
+        let (inc, _) = account(&c, &[reading(10.0, 5.0)], &alive);
+        assert_eq!((inc.joules, inc.resets), (10.0, 1));
+    }
+
+    #[test]
+    fn a_replica_the_node_source_missed_keeps_its_baselines() {
+        let before = ReplicaEnergyCounters {
+            pod: "r1".into(),
+            gpu_joules: BTreeMap::from([("GPU-a".into(), 1000.0)]),
+            ..ReplicaEnergyCounters::default()
+        };
+        // Round 1: the agent did not answer; round 2: it did.
+        let missed = ReplicaReading {
+            pod: "r1".into(),
+            gpus: gpus_from(None, Some(&before)),
+            ..ReplicaReading::default()
+        };
+        let alive = BTreeSet::from(["r1".to_string()]);
+        let (inc, counters) = account(std::slice::from_ref(&before), &[missed], &alive);
+        assert_eq!(inc.joules, 0.0);
+        assert_eq!(counters[0].gpu_joules["GPU-a"], 1000.0, "baseline kept");
+        let read = BTreeMap::from([(
+            "GPU-a".to_string(),
+            GpuReading {
+                counter: Some(1500.0),
+                since_start: Some(9999.0),
+                ..GpuReading::default()
+            },
+        )]);
+        let answered = ReplicaReading {
+            pod: "r1".into(),
+            gpus: gpus_from(Some(&read), Some(&counters[0])),
+            ..ReplicaReading::default()
+        };
+        let (inc, _) = account(&counters, &[answered], &alive);
+        assert_eq!(inc.joules, 500.0, "both intervals, once");
+        assert!(gpus_from(None, None).is_empty());
+    }
 
     #[test]
     fn parses_a_sidecar_exposition() {
@@ -374,7 +481,9 @@ strata_pod_gpu_energy_joules_total 12
         .1;
         let (inc, base) = account(
             &base,
-            &[reading("a", &[("GPU-1", 120.0, 900.0)], &[])],
+            // (The meter's own total did not move: it cannot bridge the
+            // reload; see a_driver_reload_is_bridged_by_the_meters_own_total.)
+            &[reading("a", &[("GPU-1", 120.0, 0.0)], &[])],
             &alive(&["a"]),
         );
         assert_eq!(inc.joules, 120.0);

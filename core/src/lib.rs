@@ -9,7 +9,10 @@
 //! - [`autoscale`]: the SLA autoscaler's decision from observed signals;
 //!   [`sla`]: its inputs from a Model's spec and its outputs as status.
 //! - [`collect`] and [`promql`]: metric math on scraped text or PromQL answers.
-//! - [`energy`]: the per-Model, per-Adapter energy ledger.
+//! - [`energy`]: the per-Model, per-Adapter energy ledger;
+//!   [`energy_counter`]: NVML energy counter readings as reset-safe joules.
+//! - [`telemetry`]: the GPU readings of pods from a node agent's page or
+//!   dcgm-exporter's metrics through Prometheus.
 //! - [`adapters`]: which replicas carry which LoRA adapter.
 //! - [`view`]: the plain views placement reads, built from Nodes and Pods.
 //! - [`status`]: a Model's status and conditions from what a reconcile saw
@@ -22,6 +25,7 @@ pub mod collect;
 pub mod conditions;
 pub mod duration;
 pub mod energy;
+pub mod energy_counter;
 pub mod engine;
 pub mod labels;
 pub mod placement;
@@ -30,5 +34,6 @@ pub mod promql;
 pub mod rollout;
 pub mod sla;
 pub mod status;
+pub mod telemetry;
 pub mod template;
 pub mod view;

@@ -271,8 +271,54 @@ pub fn adapters<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<ModelAdapter
         .collect()
 }
 
+/// Whether a Model waits for GPU capacity: its status says a replica could
+/// not be placed (Degraded, Unplaceable) or it has fewer replicas than it
+/// wants. Only such a Model can go on when capacity is freed in its pools;
+/// for the others a pool's status write changes nothing.
+pub fn waits_for_capacity(m: &strata_crds::Model) -> bool {
+    let Some(s) = m.status.as_ref() else {
+        // Never reconciled yet: its own watch event wakes it.
+        return false;
+    };
+    let unplaceable = s
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "Unplaceable");
+    let wanted = s.desired_replicas.or(m.spec.replicas).unwrap_or(0);
+    unplaceable || s.replicas < wanted
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_models_short_of_replicas_wait_for_capacity() {
+        use strata_crds::Model;
+        let model = |status: serde_json::Value| -> Model {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "strata.ai/v1alpha1", "kind": "Model",
+                "metadata": {"name": "m", "namespace": "ns"},
+                "spec": {"source": {"uri": "hf://a/b"}, "engine": {"type": "vLLM"},
+                         "pools": [{"name": "h100"}], "replicas": 2, "minReplicas": 1, "maxReplicas": 4},
+                "status": status,
+            }))
+            .expect("model")
+        };
+        let converged = model(serde_json::json!({"replicas": 2, "desiredReplicas": 2}));
+        assert!(!super::waits_for_capacity(&converged));
+        let short = model(serde_json::json!({"replicas": 1, "desiredReplicas": 2}));
+        assert!(super::waits_for_capacity(&short));
+        let unplaceable = model(serde_json::json!({"replicas": 2, "desiredReplicas": 2,
+            "conditions": [{"type": "Degraded", "status": "True", "reason": "Unplaceable",
+                            "message": "h100: no node has 2 free", "lastTransitionTime": "2026-12-03T00:00:00Z"}]}));
+        assert!(super::waits_for_capacity(&unplaceable));
+        let mut fresh = converged.clone();
+        fresh.status = None;
+        assert!(!super::waits_for_capacity(&fresh));
+        // Without a decision yet, spec.replicas is what it wants.
+        let manual = model(serde_json::json!({"replicas": 1}));
+        assert!(super::waits_for_capacity(&manual));
+    }
+
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;

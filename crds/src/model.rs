@@ -730,6 +730,11 @@ pub struct ReplicaEnergyCounters {
     /// NVML energy counter by GPU UUID, joules.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub gpu_joules: BTreeMap<String, f64>,
+    /// The meter's own reset-safe total by GPU UUID (the node agent's
+    /// energy while the pod held the GPU, or the sidecar's since it
+    /// started), joules: what bridges a driver reload of the NVML counter.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gpu_metered_joules: BTreeMap<String, f64>,
     /// Generated-token counter by adapter served name ("" for the base model).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tokens: BTreeMap<String, f64>,

@@ -31,6 +31,52 @@
  *                                     state file has some (a driver reload).
  *   STRATA_FAKE_NVML_FAIL_INIT=1      nvmlInit_v2 returns
  *                                     NVML_ERROR_DRIVER_NOT_LOADED (9).
+ *   STRATA_FAKE_NVML_GPU_DIR          the node's GPU "hardware" state, one
+ *                                     directory per device (per-device mode,
+ *                                     below). Wins over LOAD_FILE and
+ *                                     STATE_FILE.
+ *   NVIDIA_VISIBLE_DEVICES            which of the node's devices this
+ *                                     process sees, as the NVIDIA container
+ *                                     toolkit arranges it (below).
+ *
+ * Visibility. STRATA_FAKE_NVML_DEVICES is the node's (host's) list of GPUs.
+ * NVIDIA_VISIBLE_DEVICES narrows it the way the container toolkit does:
+ *
+ *   unset                  every device of STRATA_FAKE_NVML_DEVICES (a
+ *                          process on the host);
+ *   "all"                  every device;
+ *   "none", "void" or ""   no device (nvmlDeviceGetCount returns 0);
+ *   a comma list           only the listed devices, each a UUID or an index
+ *                          into STRATA_FAKE_NVML_DEVICES, renumbered 0..n-1
+ *                          in the listed order (a device listed twice is
+ *                          seen once). A UUID or index the node does not
+ *                          have makes init fail with NVML_ERROR_UNKNOWN and
+ *                          a message on stderr, as a misconfigured driver
+ *                          would.
+ *
+ * Per-device mode (STRATA_FAKE_NVML_GPU_DIR=<dir>). The state of each GPU
+ * lives in <dir>/<uuid>/, shared by every process of the node, so that the
+ * energy counter belongs to the device, not to the process, as with real
+ * hardware:
+ *
+ *   <dir>/<uuid>/load      one number, the device's utilization in [0,1],
+ *                          written by whoever computes on it (the engine
+ *                          simulator's --gpu-dir); re-read on every query;
+ *                          missing or garbage: 0.
+ *   <dir>/<uuid>/energy    one line "<energy_mj> <last_ns> <last_util>": the
+ *                          device's counter and its last sample. Missing or
+ *                          unreadable: the counter starts from 0 at the next
+ *                          sample.
+ *   <dir>/<uuid>/lock      every sample locks it (flock, exclusive), reads
+ *                          the energy file, integrates, and rewrites it
+ *                          (temporary file + rename), so that several
+ *                          processes (a node agent, its restart, a sidecar
+ *                          that opts in) see one monotonic counter.
+ *
+ * Directories are created as needed. STRATA_FAKE_NVML_RESET_ENERGY=1 in this
+ * mode resets the counter of each visible device to 0 at init (a driver
+ * reload). Where the directory cannot be written, the counter falls back to
+ * the process's own (from 0 at init).
  *
  * A configuration that cannot be parsed makes init fail with
  * NVML_ERROR_UNKNOWN (999) and a message on stderr.
@@ -63,11 +109,14 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -135,6 +184,7 @@ static unsigned int g_count;
 static char g_name[NAME_MAX_LEN];
 static char g_load_file[PATH_MAX_LEN];
 static char g_state_file[PATH_MAX_LEN];
+static char g_gpu_dir[PATH_MAX_LEN];
 static double g_idle_w;
 static double g_tdp_w;
 static unsigned long long g_mem_total_mib;
@@ -208,14 +258,13 @@ static int copy_env_string(const char *name, char *dst, size_t cap, const char *
     return 0;
 }
 
-static int parse_devices(void)
+/* Splits a comma-separated list (blanks around items and empty items
+ * ignored) into `out`, at most MAX_DEVICES items of fewer than UUID_MAX
+ * bytes; `what` names the variable in messages. Returns the count, or -1. */
+static int split_list(const char *v, const char *what, char out[MAX_DEVICES][UUID_MAX])
 {
-    const char *v = getenv("STRATA_FAKE_NVML_DEVICES");
-    const char *p;
-    g_count = 0;
-    if (v == NULL)
-        v = DEFAULT_UUID;
-    p = v;
+    const char *p = v;
+    int n = 0;
     while (*p != '\0') {
         const char *start, *end, *next;
         size_t len;
@@ -231,36 +280,101 @@ static int parse_devices(void)
         while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
             end--;
         len = (size_t)(end - start);
-        if (g_count == MAX_DEVICES) {
-            fprintf(stderr, "fake-nvml: STRATA_FAKE_NVML_DEVICES lists more than %d devices\n",
-                    MAX_DEVICES);
+        if (n == MAX_DEVICES) {
+            fprintf(stderr, "fake-nvml: %s lists more than %d devices\n", what, MAX_DEVICES);
             return -1;
         }
         if (len >= UUID_MAX) {
-            fprintf(stderr, "fake-nvml: device UUID \"%.*s\" is too long\n", (int)len, start);
+            fprintf(stderr, "fake-nvml: device \"%.*s\" in %s is too long\n", (int)len, start, what);
             return -1;
         }
-        memset(&g_devices[g_count], 0, sizeof(g_devices[g_count]));
-        g_devices[g_count].index = g_count;
-        memcpy(g_devices[g_count].uuid, start, len);
-        g_devices[g_count].uuid[len] = '\0';
-        g_count++;
+        memcpy(out[n], start, len);
+        out[n][len] = '\0';
+        n++;
         p = next;
+    }
+    return n;
+}
+
+/* The index of `item` (a UUID, or a decimal index) in the node's list, or -1. */
+static int find_host_device(const char *item, char host[MAX_DEVICES][UUID_MAX], int host_n)
+{
+    char *end;
+    long idx;
+    int i;
+    for (i = 0; i < host_n; i++)
+        if (strcmp(host[i], item) == 0)
+            return i;
+    if (item[0] >= '0' && item[0] <= '9') {
+        errno = 0;
+        idx = strtol(item, &end, 10);
+        if (errno == 0 && *end == '\0' && idx >= 0 && idx < host_n)
+            return (int)idx;
+    }
+    return -1;
+}
+
+static void add_device(const char *uuid)
+{
+    memset(&g_devices[g_count], 0, sizeof(g_devices[g_count]));
+    g_devices[g_count].index = g_count;
+    strcpy(g_devices[g_count].uuid, uuid);
+    g_count++;
+}
+
+/* The devices this process sees: the node's (STRATA_FAKE_NVML_DEVICES)
+ * narrowed by NVIDIA_VISIBLE_DEVICES (see the header comment). */
+static int parse_devices(void)
+{
+    static char host[MAX_DEVICES][UUID_MAX];
+    static char visible[MAX_DEVICES][UUID_MAX];
+    const char *v = getenv("STRATA_FAKE_NVML_DEVICES");
+    const char *vis = getenv("NVIDIA_VISIBLE_DEVICES");
+    int host_n, vis_n, i, j;
+
+    g_count = 0;
+    host_n = split_list(v == NULL ? DEFAULT_UUID : v, "STRATA_FAKE_NVML_DEVICES", host);
+    if (host_n < 0)
+        return -1;
+    if (vis == NULL || strcmp(vis, "all") == 0) {
+        for (i = 0; i < host_n; i++)
+            add_device(host[i]);
+        return 0;
+    }
+    if (vis[0] == '\0' || strcmp(vis, "none") == 0 || strcmp(vis, "void") == 0)
+        return 0;
+    vis_n = split_list(vis, "NVIDIA_VISIBLE_DEVICES", visible);
+    if (vis_n < 0)
+        return -1;
+    for (i = 0; i < vis_n; i++) {
+        int h = find_host_device(visible[i], host, host_n);
+        int seen = 0;
+        if (h < 0) {
+            fprintf(stderr, "fake-nvml: NVIDIA_VISIBLE_DEVICES names \"%s\", which is not a "
+                    "UUID or an index of this node's GPUs (STRATA_FAKE_NVML_DEVICES)\n", visible[i]);
+            g_count = 0;
+            return -1;
+        }
+        for (j = 0; j < (int)g_count; j++)
+            if (strcmp(g_devices[j].uuid, host[h]) == 0)
+                seen = 1;
+        if (!seen)
+            add_device(host[h]);
     }
     return 0;
 }
 
-/* The current utilization from the load file, in [0,1]; 0 on any problem. */
-static double read_util(void)
+/* The utilization in the load file `path`, in [0,1]; 0 on any problem. */
+static double read_util_at(const char *path)
 {
     char buf[64];
     FILE *f;
     size_t n;
     char *end;
     double d;
-    if (g_load_file[0] == '\0')
+    if (path[0] == '\0')
         return 0.0;
-    f = fopen(g_load_file, "r");
+    f = fopen(path, "r");
     if (f == NULL)
         return 0.0;
     n = fread(buf, 1, sizeof(buf) - 1, f);
@@ -278,6 +392,12 @@ static double read_util(void)
     if (d > 1.0)
         return 1.0;
     return d;
+}
+
+/* The process-wide load file's utilization (the mode without a GPU dir). */
+static double read_util(void)
+{
+    return read_util_at(g_load_file);
 }
 
 static double power_mw(double util)
@@ -338,13 +458,164 @@ static void read_state(void)
     fclose(f);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Per-device mode: the device's state in <gpu dir>/<uuid>/                  */
+/* ------------------------------------------------------------------------ */
+
+/* <gpu dir>/<uuid>/<file> into `out` (PATH_MAX_LEN bytes); -1 if too long. */
+static int device_path(const struct nvmlDevice_st *d, const char *file, char *out)
+{
+    int n = snprintf(out, PATH_MAX_LEN, "%s/%s/%s", g_gpu_dir, d->uuid, file);
+    return n < 0 || n >= PATH_MAX_LEN ? -1 : 0;
+}
+
+/* Opens and locks (exclusive) the device's lock file, creating the
+ * directories on the way. Returns the descriptor, or -1. */
+static int lock_device(const struct nvmlDevice_st *d)
+{
+    char path[PATH_MAX_LEN];
+    int fd;
+    if (device_path(d, "lock", path) != 0)
+        return -1;
+    fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0 && errno == ENOENT) {
+        char dir[PATH_MAX_LEN];
+        snprintf(dir, sizeof(dir), "%s", g_gpu_dir);
+        if (mkdir(dir, 0777) == 0)
+            chmod(dir, 0777);
+        if (device_path(d, "", dir) != 0)
+            return -1;
+        if (mkdir(dir, 0777) == 0)
+            chmod(dir, 0777);
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    }
+    if (fd < 0)
+        return -1;
+    /* The node's processes may run as different users: whoever creates the
+     * state leaves it writable to the others (the umask notwithstanding). */
+    fchmod(fd, 0666);
+    while (flock(fd, LOCK_EX) != 0) {
+        if (errno != EINTR) {
+            close(fd);
+            return -1;
+        }
+    }
+    return fd;
+}
+
+static void unlock_device(int fd)
+{
+    flock(fd, LOCK_UN);
+    close(fd);
+}
+
+/* Reads the device's energy file into `d`. Returns 0, or -1 when it is
+ * missing or unreadable (the caller starts the counter from 0). */
+static int read_energy_file(struct nvmlDevice_st *d)
+{
+    char path[PATH_MAX_LEN];
+    char line[256];
+    double energy, util;
+    long long last;
+    FILE *f;
+    int ok;
+    if (device_path(d, "energy", path) != 0)
+        return -1;
+    f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    ok = fgets(line, sizeof(line), f) != NULL
+        && sscanf(line, "%lf %lld %lf", &energy, &last, &util) == 3
+        && isfinite(energy) && energy >= 0 && isfinite(util);
+    fclose(f);
+    if (!ok)
+        return -1;
+    d->energy_mj = energy;
+    d->last_ns = last;
+    d->last_util = util < 0 ? 0 : (util > 1 ? 1 : util);
+    return 0;
+}
+
+/* Rewrites the device's energy file from `d` (temporary file + rename;
+ * the caller holds the device's lock). */
+static void write_energy_file(const struct nvmlDevice_st *d)
+{
+    char path[PATH_MAX_LEN];
+    char tmp[PATH_MAX_LEN + 32];
+    FILE *f;
+    if (device_path(d, "energy", path) != 0)
+        return;
+    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid());
+    f = fopen(tmp, "w");
+    if (f == NULL)
+        return;
+    fchmod(fileno(f), 0666);
+    fprintf(f, "%.6f %lld %.6f\n", d->energy_mj, d->last_ns, d->last_util);
+    if (fclose(f) != 0) {
+        unlink(tmp);
+        return;
+    }
+    if (rename(tmp, path) != 0)
+        unlink(tmp);
+}
+
+/* The device's utilization from its load file. */
+static double read_device_util(const struct nvmlDevice_st *d)
+{
+    char path[PATH_MAX_LEN];
+    if (device_path(d, "load", path) != 0)
+        return 0.0;
+    return read_util_at(path);
+}
+
+/* A sample in per-device mode: under the device's lock, continue the
+ * counter from the energy file (or from 0), integrate, write it back.
+ * Without a usable lock, the process's own counter in `d` goes on. */
+static double sample_device(struct nvmlDevice_st *d)
+{
+    double util = read_device_util(d);
+    long long now = now_ns();
+    int fd = lock_device(d);
+    if (fd >= 0 && read_energy_file(d) != 0) {
+        d->energy_mj = 0.0;
+        d->last_ns = now;
+        d->last_util = util;
+    }
+    if (now > d->last_ns)
+        d->energy_mj += power_mw(d->last_util) * (double)(now - d->last_ns) / 1e9;
+    d->last_ns = now;
+    d->last_util = util;
+    if (fd >= 0) {
+        write_energy_file(d);
+        unlock_device(fd);
+    }
+    return util;
+}
+
+/* A driver reload in per-device mode: the device's counter back to 0. */
+static void reset_device(struct nvmlDevice_st *d)
+{
+    int fd = lock_device(d);
+    d->energy_mj = 0.0;
+    d->last_ns = now_ns();
+    d->last_util = read_device_util(d);
+    if (fd >= 0) {
+        write_energy_file(d);
+        unlock_device(fd);
+    }
+}
+
 /* Takes a sample for `d`: integrates energy over the elapsed interval at
  * the previous sample's power (left Riemann sum), records the current
  * utilization and time, persists the state. Returns the current util. */
 static double sample(struct nvmlDevice_st *d)
 {
-    double util = read_util();
-    long long now = now_ns();
+    double util;
+    long long now;
+    if (g_gpu_dir[0] != '\0')
+        return sample_device(d);
+    util = read_util();
+    now = now_ns();
     if (now > d->last_ns)
         d->energy_mj += power_mw(d->last_util) * (double)(now - d->last_ns) / 1e9;
     d->last_ns = now;
@@ -419,6 +690,7 @@ static nvmlReturn_t init_locked(void)
         || copy_env_string("STRATA_FAKE_NVML_NAME", g_name, sizeof(g_name), DEFAULT_NAME) != 0
         || copy_env_string("STRATA_FAKE_NVML_LOAD_FILE", g_load_file, sizeof(g_load_file), "") != 0
         || copy_env_string("STRATA_FAKE_NVML_STATE_FILE", g_state_file, sizeof(g_state_file), "") != 0
+        || copy_env_string("STRATA_FAKE_NVML_GPU_DIR", g_gpu_dir, sizeof(g_gpu_dir), "") != 0
         || env_double("STRATA_FAKE_NVML_IDLE_WATTS", &g_idle_w) != 0
         || env_double("STRATA_FAKE_NVML_TDP_WATTS", &g_tdp_w) != 0
         || env_ull("STRATA_FAKE_NVML_MEMORY_TOTAL_MIB", &g_mem_total_mib) != 0) {
@@ -432,15 +704,33 @@ static nvmlReturn_t init_locked(void)
         return NVML_ERROR_UNKNOWN;
     }
 
+    if (g_gpu_dir[0] != '\0') {
+        for (i = 0; i < g_count; i++) {
+            if (strchr(g_devices[i].uuid, '/') != NULL || g_devices[i].uuid[0] == '.') {
+                fprintf(stderr, "fake-nvml: device UUID \"%s\" cannot name a directory of "
+                        "STRATA_FAKE_NVML_GPU_DIR\n", g_devices[i].uuid);
+                g_count = 0;
+                return NVML_ERROR_UNKNOWN;
+            }
+        }
+    }
+
     now = now_ns();
     for (i = 0; i < g_count; i++) {
         g_devices[i].energy_mj = 0.0;
         g_devices[i].last_ns = now;
-        g_devices[i].last_util = read_util();
+        g_devices[i].last_util = g_gpu_dir[0] != '\0' ? read_device_util(&g_devices[i]) : read_util();
     }
-    if (!env_flag("STRATA_FAKE_NVML_RESET_ENERGY"))
-        read_state();
-    write_state();
+    if (g_gpu_dir[0] != '\0') {
+        /* The counters live in the GPU dir; a reset is a driver reload. */
+        if (env_flag("STRATA_FAKE_NVML_RESET_ENERGY"))
+            for (i = 0; i < g_count; i++)
+                reset_device(&g_devices[i]);
+    } else {
+        if (!env_flag("STRATA_FAKE_NVML_RESET_ENERGY"))
+            read_state();
+        write_state();
+    }
     g_refcount = 1;
     return NVML_SUCCESS;
 }

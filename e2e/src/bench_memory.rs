@@ -577,8 +577,8 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
 
 /// A model pod's processes: the engine simulator on the engine container's
 /// port and served name, and the real sidecar with the arguments the
-/// operator gave its container (as `harness::sim_replica_processes`, with
-/// the binaries found next to this one).
+/// operator gave its container (the binaries found next to this one: the
+/// benchmark measures processes, not images).
 fn model_replica_profile() -> Result<Profile> {
     let args = [
         "--listen",

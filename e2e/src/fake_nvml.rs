@@ -19,6 +19,35 @@
 //! | `STRATA_FAKE_NVML_STATE_FILE` | where the energy counters persist across processes | none: counters start at 0 at init |
 //! | `STRATA_FAKE_NVML_RESET_ENERGY` | `1`: counters start at 0 even with a state file (a driver reload) | off |
 //! | `STRATA_FAKE_NVML_FAIL_INIT` | `1`: init fails with `DriverNotLoaded` | off |
+//! | `STRATA_FAKE_NVML_GPU_DIR` | the node's GPU state, one directory per device (per-device mode, below); wins over the load and state files | none |
+//! | `NVIDIA_VISIBLE_DEVICES` | which of the node's devices the process sees, as the NVIDIA container toolkit arranges it (below) | unset: all of them |
+//!
+//! **Visibility.** `STRATA_FAKE_NVML_DEVICES` is the node's list of GPUs;
+//! `NVIDIA_VISIBLE_DEVICES` narrows it the way the container toolkit does:
+//! unset (a process on the host) or `all`: every device; `none`, `void` or
+//! empty: no device (the count is 0); otherwise a comma list of UUIDs or
+//! indices into the node's list: only those, renumbered `0..n` in the listed
+//! order. A UUID or index the node does not have makes init fail with
+//! `Unknown` (and a line on stderr), as a misconfigured driver would.
+//!
+//! **Per-device mode** (`STRATA_FAKE_NVML_GPU_DIR=<dir>`): each device's
+//! state lives in `<dir>/<uuid>/`, shared by every process of the node, so
+//! that the energy counter is the device's, not the process's, as with real
+//! hardware:
+//!
+//! - `load`: the device's utilization in \[0,1\], written by whoever computes
+//!   on it (the engine simulator's `--gpu-dir`, [`write_device_load`]);
+//!   missing or garbage: 0;
+//! - `energy`: one line `<energy_mj> <last_ns> <last_util>`, the counter and
+//!   its last sample ([`read_device_energy`]); missing: the counter starts
+//!   from 0;
+//! - `lock`: every sample locks it (`flock`, exclusive), reads `energy`,
+//!   integrates, and rewrites it (temporary file + rename), so that several
+//!   processes (a node agent, its restart, a sidecar that opts in) see one
+//!   monotonic counter.
+//!
+//! `STRATA_FAKE_NVML_RESET_ENERGY=1` in this mode resets each visible
+//! device's counter to 0 at init (a driver reload).
 //!
 //! An unparsable configuration makes init fail with `Unknown` (and a line on
 //! stderr). With `util` the utilization from the load file:
@@ -59,6 +88,27 @@ pub const ENV_STATE_FILE: &str = "STRATA_FAKE_NVML_STATE_FILE";
 pub const ENV_RESET_ENERGY: &str = "STRATA_FAKE_NVML_RESET_ENERGY";
 /// `1` to make init fail with `DriverNotLoaded`.
 pub const ENV_FAIL_INIT: &str = "STRATA_FAKE_NVML_FAIL_INIT";
+/// The node's GPU state directory (per-device mode).
+pub const ENV_GPU_DIR: &str = "STRATA_FAKE_NVML_GPU_DIR";
+/// The devices a container sees (set by the NVIDIA device plugin, honoured
+/// by the container toolkit).
+pub const ENV_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
+
+/// Every variable the library reads, to clear from a child's environment
+/// before configuring it.
+pub const ALL_ENV: [&str; 11] = [
+    ENV_DEVICES,
+    ENV_NAME,
+    ENV_LOAD_FILE,
+    ENV_IDLE_WATTS,
+    ENV_TDP_WATTS,
+    ENV_MEMORY_TOTAL_MIB,
+    ENV_STATE_FILE,
+    ENV_RESET_ENERGY,
+    ENV_FAIL_INIT,
+    ENV_GPU_DIR,
+    ENV_VISIBLE_DEVICES,
+];
 
 /// The path of the built fake `libnvidia-ml.so.1`.
 pub fn lib_path() -> &'static Path {
@@ -88,6 +138,10 @@ pub struct FakeGpuConfig {
     pub reset_energy: bool,
     /// Make init fail with `DriverNotLoaded`.
     pub fail_init: bool,
+    /// The node's GPU state directory (per-device mode).
+    pub gpu_dir: Option<PathBuf>,
+    /// `NVIDIA_VISIBLE_DEVICES`; `None`: unset (the host's view).
+    pub visible_devices: Option<String>,
 }
 
 impl FakeGpuConfig {
@@ -154,6 +208,20 @@ impl FakeGpuConfig {
         self
     }
 
+    /// Per-device mode: each device's load and energy counter in
+    /// `<dir>/<uuid>/`, shared by every process that uses this directory.
+    pub fn gpu_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.gpu_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets `NVIDIA_VISIBLE_DEVICES` as the device plugin would: `all`,
+    /// `none`, `void`, empty, or a comma list of UUIDs or indices.
+    pub fn visible_devices(mut self, spec: impl Into<String>) -> Self {
+        self.visible_devices = Some(spec.into());
+        self
+    }
+
     /// The environment variables that configure the library this way, to
     /// set on the process that loads it.
     pub fn env(&self) -> Vec<(String, String)> {
@@ -186,8 +254,67 @@ impl FakeGpuConfig {
         if self.fail_init {
             put(ENV_FAIL_INIT, "1".to_owned());
         }
+        if let Some(dir) = &self.gpu_dir {
+            put(ENV_GPU_DIR, dir.display().to_string());
+        }
+        if let Some(spec) = &self.visible_devices {
+            put(ENV_VISIBLE_DEVICES, spec.clone());
+        }
         env
     }
+}
+
+/// One device's energy counter in per-device mode (`<dir>/<uuid>/energy`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceEnergy {
+    /// The counter, in millijoules (NVML reports it truncated to an integer).
+    pub energy_mj: f64,
+    /// When it was last sampled (CLOCK_REALTIME, nanoseconds).
+    pub last_ns: i64,
+    /// The utilization seen at that sample.
+    pub last_util: f64,
+}
+
+/// The library's clock (CLOCK_REALTIME), in nanoseconds.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl DeviceEnergy {
+    /// The counter at `now_ns` (CLOCK_REALTIME), in joules, as the library
+    /// integrates it: the saved counter plus the power of the saved load
+    /// (`idle_w` to `tdp_w`) since the saved sample.
+    pub fn joules_at(&self, now_ns: i64, idle_w: f64, tdp_w: f64) -> f64 {
+        let watts = idle_w + (tdp_w - idle_w) * self.last_util.clamp(0.0, 1.0);
+        self.energy_mj / 1000.0 + watts * (now_ns - self.last_ns).max(0) as f64 / 1e9
+    }
+}
+
+/// Writes a device's utilization in per-device mode
+/// (`<dir>/<uuid>/load`, creating the directory), atomically.
+pub fn write_device_load(dir: &Path, uuid: &str, util: f64) -> std::io::Result<()> {
+    let device = dir.join(uuid);
+    std::fs::create_dir_all(&device)?;
+    write_load(&device.join("load"), util)
+}
+
+/// Reads a device's energy counter in per-device mode; `None` when no
+/// process sampled it yet (or the file is not in the library's format).
+/// The library replaces the file atomically, so a read sees one sample.
+pub fn read_device_energy(dir: &Path, uuid: &str) -> Option<DeviceEnergy> {
+    let text = std::fs::read_to_string(dir.join(uuid).join("energy")).ok()?;
+    let mut fields = text.split_whitespace();
+    let energy_mj = fields.next()?.parse().ok()?;
+    let last_ns = fields.next()?.parse().ok()?;
+    let last_util = fields.next()?.parse().ok()?;
+    Some(DeviceEnergy {
+        energy_mj,
+        last_ns,
+        last_util,
+    })
 }
 
 /// Writes `util` to a load file atomically (`<path>.tmp`, then rename), in
@@ -216,6 +343,8 @@ mod tests {
             .state_file("/tmp/state")
             .reset_energy(true)
             .fail_init(true)
+            .gpu_dir("/tmp/gpus")
+            .visible_devices("GPU-b,0")
             .env();
         let expected: Vec<(String, String)> = [
             (ENV_DEVICES, "GPU-a,GPU-b"),
@@ -227,11 +356,35 @@ mod tests {
             (ENV_STATE_FILE, "/tmp/state"),
             (ENV_RESET_ENERGY, "1"),
             (ENV_FAIL_INIT, "1"),
+            (ENV_GPU_DIR, "/tmp/gpus"),
+            (ENV_VISIBLE_DEVICES, "GPU-b,0"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         assert_eq!(env, expected);
+    }
+
+    #[test]
+    fn device_state_files_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_device_energy(dir.path(), "GPU-a"), None);
+        write_device_load(dir.path(), "GPU-a", 0.25).expect("write load");
+        let load = std::fs::read_to_string(dir.path().join("GPU-a/load")).expect("load");
+        assert_eq!(load, "0.2500\n");
+        std::fs::write(
+            dir.path().join("GPU-a/energy"),
+            "1234.500000 1700000000000000000 0.250000\n",
+        )
+        .expect("write energy");
+        assert_eq!(
+            read_device_energy(dir.path(), "GPU-a"),
+            Some(DeviceEnergy {
+                energy_mj: 1234.5,
+                last_ns: 1_700_000_000_000_000_000,
+                last_util: 0.25
+            })
+        );
     }
 
     #[test]

@@ -397,11 +397,14 @@ impl World {
     }
 
     /// Installs charts/strata with Helm (CRDs, RBAC, the operator's
-    /// ServiceAccount) with the operator Deployment scaled to 0: nothing runs
-    /// containers here, so tests run `strata-operator` as local processes
-    /// with this release's ServiceAccount (see `service_account_kubeconfig`).
+    /// ServiceAccount) with the operator Deployment scaled to 0, for a test
+    /// that runs `strata-operator` as local processes with this release's
+    /// ServiceAccount (see `service_account_kubeconfig`) because it must
+    /// kill or stall one precisely (the fault suite); the others run the
+    /// chart's operator in-cluster ([`Self::install_operator`]).
     pub fn install_chart_for_local_operator(&self) {
-        self.install_chart(&[]);
+        // (No node agents: those operators read the sidecars' meters.)
+        self.install_chart(&["nodeAgent.enabled=false"]);
     }
 
     /// [`Self::install_chart_for_local_operator`] with more values
@@ -641,46 +644,6 @@ pub fn repo_yaml(relative: &str) -> Result<serde_json::Value> {
     })
 }
 
-/// The processes of a model replica in the local world: the engine
-/// simulator (`sim`) on the engine container's port and served name, writing
-/// its load for the fake NVML library to `${POD_DIR}/load` (then
-/// `engine_args`), and the real sidecar with the arguments the operator gave
-/// its container (then `sidecar_args`, with `sidecar_env`).
-pub fn sim_replica_processes(
-    sim: PathBuf,
-    engine_args: &[&str],
-    sidecar_args: Vec<String>,
-    sidecar_env: std::collections::BTreeMap<String, String>,
-) -> Vec<crate::runner::ProcessSpec> {
-    let mut args: Vec<String> = [
-        "--listen",
-        "${POD_IP}:${ARG:engine:--port}",
-        "--model",
-        "${ARG:engine:--served-model-name}",
-        "--load-file",
-        "${POD_DIR}/load",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(engine_args.iter().map(|a| a.to_string()));
-    vec![
-        crate::runner::ProcessSpec {
-            name: "engine".into(),
-            command: sim,
-            args,
-            ..crate::runner::ProcessSpec::default()
-        },
-        crate::runner::ProcessSpec {
-            name: "strata-sidecar".into(),
-            command: workspace_binary("strata-sidecar"),
-            container_args: Some("strata-sidecar".into()),
-            args: sidecar_args,
-            env: sidecar_env,
-            ..crate::runner::ProcessSpec::default()
-        },
-    ]
-}
-
 /// For tests: the uid a process runs as, and whether its root filesystem is
 /// mounted read-only (from /proc). Panics if it cannot be read.
 pub fn process_identity(pid_file: &Path) -> (u32, bool) {
@@ -769,6 +732,304 @@ pub fn sim_engine_injection(knobs: &[&str]) -> crate::pod_images::Injection {
             path: "/run/strata-sim".into(),
             read_only: false,
         }],
+        ..crate::pod_images::Injection::default()
+    }
+}
+
+/// The runner profile of the chart's operator pods: the pod's own
+/// containers from their images, restarted in place as a kubelet does.
+pub fn operator_profile() -> crate::runner::Profile {
+    crate::runner::Profile {
+        images: true,
+        restart: true,
+        ..crate::runner::Profile::default()
+    }
+}
+
+/// The runner profile of model pods from images: the engine container gets
+/// `engine` (e.g. [`sim_engine_injection`]), the sidecar's `sidecar` (e.g.
+/// [`sidecar_fake_nvml_injection`]); restarted in place as a kubelet does.
+pub fn model_image_profile(
+    engine: crate::pod_images::Injection,
+    sidecar: crate::pod_images::Injection,
+) -> crate::runner::Profile {
+    crate::runner::Profile {
+        images: true,
+        restart: true,
+        inject: BTreeMap::from([
+            ("engine".to_string(), engine),
+            (SIDECAR_CONTAINER.to_string(), sidecar),
+        ]),
+        ..crate::runner::Profile::default()
+    }
+}
+
+/// The name of the sidecar container in model pods.
+pub const SIDECAR_CONTAINER: &str = "strata-sidecar";
+
+/// Where the NVIDIA container toolkit mounts the driver's NVML library in a
+/// container (Debian's multiarch path, which the sidecar image searches).
+pub const NVML_IN_CONTAINER: &str = "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1";
+
+/// What a GPU node adds to the sidecar container in image mode: the fake
+/// NVML library where the toolkit would mount the real one, the pod's
+/// simulated GPUs (`${GPU_UUIDS}`), the simulated GPU's directory
+/// (`${POD_DIR}/gpu` at `/run/strata-sim`: the simulator's load, the
+/// library's energy state); then `args`.
+pub fn sidecar_fake_nvml_injection(args: &[&str]) -> crate::pod_images::Injection {
+    use crate::fake_nvml::{ENV_DEVICES, ENV_LOAD_FILE, ENV_STATE_FILE, lib_path};
+    let mut all = vec![
+        "--meter-gpus".to_string(),
+        format!("--nvml-lib={NVML_IN_CONTAINER}"),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    crate::pod_images::Injection {
+        args: all,
+        env: BTreeMap::from([
+            (ENV_DEVICES.to_string(), "${GPU_UUIDS}".to_string()),
+            (
+                ENV_LOAD_FILE.to_string(),
+                "/run/strata-sim/load".to_string(),
+            ),
+            (
+                ENV_STATE_FILE.to_string(),
+                "/run/strata-sim/nvml-state".to_string(),
+            ),
+        ]),
+        mounts: vec![
+            crate::pod_images::HostMount {
+                host: "${POD_DIR}/gpu".into(),
+                path: "/run/strata-sim".into(),
+                read_only: false,
+            },
+            crate::pod_images::HostMount {
+                host: lib_path().to_string_lossy().into_owned(),
+                path: NVML_IN_CONTAINER.into(),
+                read_only: true,
+            },
+        ],
+    }
+}
+
+/// The namespace the tests install the chart into.
+pub const OPERATOR_NAMESPACE: &str = "strata-system";
+
+/// The operator replica that holds the leader Lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// Its pod's name (the Lease's holder identity).
+    pub pod: String,
+    /// Its pod's IP (loopback in the local world).
+    pub ip: String,
+}
+
+impl Leader {
+    /// The leader's `/metrics` (the chart's `metrics.port`).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.addr(8080)
+    }
+
+    /// The leader's activator (the chart's `activator.port`).
+    pub fn activator_addr(&self) -> std::net::SocketAddr {
+        self.addr(8081)
+    }
+
+    fn addr(&self, port: u16) -> std::net::SocketAddr {
+        let ip = self
+            .ip
+            .parse()
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        std::net::SocketAddr::new(ip, port)
+    }
+}
+
+impl World {
+    /// Installs charts/strata as users do: the operator Deployment's replicas
+    /// (the chart's two, leader election) run from the operator image with
+    /// in-cluster configuration, their pods labelled for the runner profile
+    /// `operator_profile` ([`operator_profile`]), model pods for
+    /// `model_profile`, the node agents (the chart's DaemonSet on GPU
+    /// nodes) for [`NODE_AGENT`] (see [`chart_world`]); `values` are more
+    /// `helm --set` values. Returns the leader once a ready operator pod
+    /// holds the Lease.
+    pub async fn install_operator(
+        &self,
+        operator_profile: &str,
+        model_profile: &str,
+        values: &[&str],
+    ) -> Result<Leader> {
+        let chart = repo_path("charts/strata");
+        let chart = chart.to_string_lossy();
+        let run = crate::runner::RUN_LABEL.replace('.', "\\.");
+        let op = format!("podLabels.{run}={operator_profile}");
+        let model = format!("modelPodLabels.{run}={model_profile}");
+        let agent = format!("nodeAgent.podLabels.{run}={NODE_AGENT}");
+        let mut args = vec![
+            "upgrade",
+            "--install",
+            "strata",
+            &chart,
+            "--namespace",
+            OPERATOR_NAMESPACE,
+            "--create-namespace",
+            "--set",
+            &op,
+            "--set",
+            &model,
+            "--set",
+            &agent,
+            "--set",
+            "logFormat=text",
+            "--wait",
+            "--timeout",
+            "3m",
+        ];
+        for v in values {
+            args.extend(["--set", v]);
+        }
+        let out = self.helm(&args);
+        if !out.status.success() {
+            let pods = self.kubectl(&["get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide"]);
+            return Err(Error::Tools(format!(
+                "helm install: {}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&pods.stdout)
+            )));
+        }
+        operator_leader(&self.client().await, Duration::from_secs(90)).await
+    }
+}
+
+/// Waits until a ready operator pod holds the leader Lease
+/// (`strata-system/strata-operator`) and returns it.
+pub async fn operator_leader(client: &Client, timeout: Duration) -> Result<Leader> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Pod;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let found = std::sync::Arc::new(Mutex::new(None));
+    let slot = found.clone();
+    crate::wait::poll_until(
+        "a ready operator pod to hold the Lease strata-system/strata-operator",
+        timeout,
+        Duration::from_millis(300),
+        move || {
+            let (leases, pods, slot) = (leases.clone(), pods.clone(), slot.clone());
+            async move {
+                let holder = leases
+                    .get_opt("strata-operator")
+                    .await?
+                    .and_then(|l| l.spec?.holder_identity)
+                    .filter(|h| !h.is_empty());
+                let Some(holder) = holder else {
+                    return Ok(false);
+                };
+                let Some(pod) = pods.get_opt(&holder).await? else {
+                    return Ok(false);
+                };
+                let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+                match ip {
+                    Some(ip)
+                        if strata_core::view::pod_ready(&pod)
+                            && pod.metadata.deletion_timestamp.is_none() =>
+                    {
+                        if let Ok(mut s) = slot.lock() {
+                            *s = Some(Leader { pod: holder, ip });
+                        }
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                }
+            }
+        },
+    )
+    .await?;
+    let leader = found.lock().ok().and_then(|mut s| s.take());
+    leader.ok_or_else(|| Error::Control("the leader was found but not kept".into()))
+}
+
+/// The NVIDIA container toolkit of the simulated GPU nodes (for
+/// `RunnerConfig::nvidia_toolkit`): the fake NVML library into containers
+/// that ask for GPUs, over the node's per-device GPU state, with `env`
+/// (e.g. the fake GPUs' idle and full-load watts).
+pub fn gpu_node_toolkit(env: &[(&str, &str)]) -> crate::pod_images::Toolkit {
+    crate::pod_images::Toolkit {
+        nvml_lib: crate::fake_nvml::lib_path().to_path_buf(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// What the node adds to the simulator's container on a node with the
+/// toolkit ([`gpu_node_toolkit`]): its load published per GPU it sees
+/// (`--gpu-dir`, the toolkit's mount of the node's GPU state), then
+/// `knobs`. Nothing else: the devices come from the device plugin.
+pub fn sim_engine_gpu_injection(knobs: &[&str]) -> crate::pod_images::Injection {
+    crate::pod_images::Injection {
+        args: ["--gpu-dir", crate::pod_images::TOOLKIT_GPU_DIR]
+            .iter()
+            .chain(knobs)
+            .map(|a| a.to_string())
+            .collect(),
+        ..crate::pod_images::Injection::default()
+    }
+}
+
+/// The runner profile of the chart's node agents in the e2e worlds.
+pub const NODE_AGENT: &str = "node-agent";
+
+/// A world for the chart ([`World::install_operator`]): `profiles`, the
+/// operator's pods under `operator` and the node agents under
+/// [`NODE_AGENT`] from their images, and GPU nodes with the NVIDIA toolkit
+/// stand-in ([`gpu_node_toolkit`] with `toolkit_env`), which the node
+/// agents need to see the GPUs.
+pub fn chart_world(
+    operator: &str,
+    profiles: impl IntoIterator<Item = (String, crate::runner::Profile)>,
+    toolkit_env: &[(&str, &str)],
+) -> RunnerConfig {
+    let mut all: BTreeMap<String, crate::runner::Profile> = profiles.into_iter().collect();
+    all.insert(operator.to_string(), operator_profile());
+    all.insert(NODE_AGENT.to_string(), operator_profile());
+    RunnerConfig {
+        profiles: all,
+        nvidia_toolkit: Some(gpu_node_toolkit(toolkit_env)),
+        ..RunnerConfig::default()
+    }
+}
+
+/// Creates the GPUPool of a sample file (`samples/gpupool-h100.yaml`) if
+/// this world has none of that name yet (tests of one binary share it).
+pub async fn ensure_sample_pool(client: &Client, sample: &str) -> Result<()> {
+    let pool: strata_crds::GPUPool =
+        serde_json::from_value(repo_yaml(sample)?).map_err(|e| Error::Serialize {
+            what: sample.to_string(),
+            reason: e.to_string(),
+        })?;
+    match Api::<strata_crds::GPUPool>::all(client.clone())
+        .create(&PostParams::default(), &pool)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What the tests add to the sidecar container: it checks the engine's
+/// health every 0.2 s and reads its metrics every 0.5 s (defaults: 1 s and
+/// 2 s), for the tests' clock.
+pub fn sidecar_fast_injection() -> crate::pod_images::Injection {
+    crate::pod_images::Injection {
+        args: [
+            "--engine-health-interval=0.2",
+            "--engine-metrics-interval=0.5",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..crate::pod_images::Injection::default()
     }
 }

@@ -20,6 +20,7 @@ pub mod bench_memory;
 pub mod cluster;
 pub mod container;
 pub mod control;
+pub mod devices;
 pub mod error;
 pub mod fake_nvml;
 pub mod harness;

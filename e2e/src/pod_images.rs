@@ -91,6 +91,50 @@ pub struct ImageMode<'a> {
     pub api_server: Option<(String, u16)>,
     /// Injections by container name (`*`: every container).
     pub inject: &'a BTreeMap<String, Injection>,
+    /// The pod's node: its devices and what its toolkit adds.
+    pub gpu: GpuNode,
+}
+
+/// The NVIDIA container toolkit of a simulated GPU node: to a container
+/// whose `NVIDIA_VISIBLE_DEVICES` names devices or says `all` (set by the
+/// device plugin for containers that request GPUs, or by the pod itself, as
+/// monitoring agents do), it adds the driver's NVML library (here the fake
+/// `libnvidia-ml.so.1`, at [`crate::harness::NVML_IN_CONTAINER`]), and the
+/// node's GPUs (here the fake library's per-device state directory at
+/// [`TOOLKIT_GPU_DIR`], with every device of the node listed: the library
+/// shows only those `NVIDIA_VISIBLE_DEVICES` names). Containers without it
+/// get nothing, as on a node: no library, no devices.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Toolkit {
+    /// The fake NVML library on the host.
+    pub nvml_lib: PathBuf,
+    /// More of the fake library's settings (e.g. idle and full-load watts).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Where the toolkit mounts the node's GPU state in a container.
+pub const TOOLKIT_GPU_DIR: &str = "/run/nvidia-sim";
+
+/// What a pod's node has for its containers' GPUs.
+#[derive(Debug, Clone, Default)]
+pub struct GpuNode {
+    /// The devices allocated to the pod, by container.
+    pub allocation: BTreeMap<String, Vec<String>>,
+    /// Every device of the node.
+    pub devices: Vec<String>,
+    /// The node's directory (its simulated host filesystem, see
+    /// [`crate::devices`]).
+    pub dir: PathBuf,
+    /// The node's container toolkit, if it is a GPU node.
+    pub toolkit: Option<Toolkit>,
+}
+
+/// Whether an `NVIDIA_VISIBLE_DEVICES` value asks for devices (the
+/// toolkit's rule: unset, empty, `void` and `none` do not).
+pub fn wants_devices(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !matches!(v.trim(), "" | "void" | "none"))
 }
 
 fn write_file(path: &Path, data: &[u8]) -> Result<(), Waiting> {
@@ -310,12 +354,57 @@ impl ImageMode<'_> {
             return Err(waiting(
                 "ContainerCreating",
                 format!(
-                    "volume {:?}: only Secret, ConfigMap, emptyDir and projected volumes exist in the local world",
+                    "volume {:?}: only Secret, ConfigMap, emptyDir, projected and hostPath volumes exist in the local world",
                     v.name
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// A hostPath volume: the path in the node's simulated host filesystem
+    /// (its directory, see [`crate::devices`]), with the kubelet's type
+    /// checks (`Directory` must exist, `DirectoryOrCreate` is created;
+    /// sockets and files are checked likewise).
+    fn host_path(&self, name: &str, path: &str, kind: Option<&str>) -> Result<PathBuf, Waiting> {
+        let local = crate::container::under(&self.gpu.dir, path)
+            .map_err(|e| waiting("ContainerCreating", e.to_string()))?;
+        let failed = |what: &str| {
+            waiting(
+                "ContainerCreating",
+                format!(
+                    "MountVolume.SetUp failed for volume {name:?} : hostPath type check failed: {path} is not {what}"
+                ),
+            )
+        };
+        match kind.unwrap_or("") {
+            "DirectoryOrCreate" => {
+                std::fs::create_dir_all(&local).map_err(|e| {
+                    waiting("ContainerCreating", format!("{}: {e}", local.display()))
+                })?;
+            }
+            "Directory" if !local.is_dir() => return Err(failed("a directory")),
+            "Socket" => {
+                use std::os::unix::fs::FileTypeExt;
+                let is_socket = std::fs::metadata(&local)
+                    .map(|m| m.file_type().is_socket())
+                    .unwrap_or(false);
+                if !is_socket {
+                    return Err(failed("a socket file"));
+                }
+            }
+            "File" if !local.is_file() => return Err(failed("a file")),
+            "" | "Directory" | "File" => {}
+            other => {
+                return Err(waiting(
+                    "ContainerCreating",
+                    format!(
+                        "volume {name:?}: hostPath type {other} is not simulated by the local world"
+                    ),
+                ));
+            }
+        }
+        Ok(local)
     }
 
     /// A bound ServiceAccount token for the pod (TokenRequest), as the
@@ -374,7 +463,16 @@ impl ImageMode<'_> {
         c: &Container,
         image_env: &[String],
         injected: &BTreeMap<String, String>,
-    ) -> Result<Vec<String>, Waiting> {
+    ) -> Result<(Vec<String>, bool), Waiting> {
+        // The device plugin's Allocate answer for the container's GPUs,
+        // after the container's own environment (it wins, as on a node).
+        let device_env: Vec<(String, String)> = self
+            .gpu
+            .allocation
+            .get(&c.name)
+            .filter(|ids| !ids.is_empty())
+            .map(|ids| vec![("NVIDIA_VISIBLE_DEVICES".to_string(), ids.join(","))])
+            .unwrap_or_default();
         let ns = vars.namespace.as_str();
         let mut env: Vec<(String, String)> = image_env
             .iter()
@@ -471,6 +569,25 @@ impl ImageMode<'_> {
                 ));
             }
         }
+        env.extend(device_env);
+        // The toolkit, for a container that asks for devices.
+        let visible = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "NVIDIA_VISIBLE_DEVICES")
+            .map(|(_, v)| v.as_str());
+        let toolkit = self.gpu.toolkit.as_ref().filter(|_| wants_devices(visible));
+        if let Some(toolkit) = toolkit {
+            env.push((
+                crate::fake_nvml::ENV_DEVICES.to_string(),
+                self.gpu.devices.join(","),
+            ));
+            env.push((
+                crate::fake_nvml::ENV_GPU_DIR.to_string(),
+                TOOLKIT_GPU_DIR.to_string(),
+            ));
+            env.extend(toolkit.env.clone());
+        }
         env.extend(injected.iter().map(|(k, v)| (k.clone(), vars.expand(v))));
         // Later entries win; the order of first appearance is kept.
         let mut out: Vec<(String, String)> = Vec::new();
@@ -480,7 +597,10 @@ impl ImageMode<'_> {
                 None => out.push((k, v)),
             }
         }
-        Ok(out.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+        Ok((
+            out.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            toolkit.is_some(),
+        ))
     }
 
     /// Prepares every container of the pod: volumes under
@@ -504,6 +624,11 @@ impl ImageMode<'_> {
         let vol_root = pod_dir.join("volumes");
         let mut volumes: BTreeMap<String, (PathBuf, bool)> = BTreeMap::new();
         for v in spec.volumes.iter().flatten() {
+            if let Some(h) = &v.host_path {
+                let dir = self.host_path(&v.name, &h.path, h.type_.as_deref())?;
+                volumes.insert(v.name.clone(), (dir, false));
+                continue;
+            }
             let dir = vol_root.join(&v.name);
             self.volume(pod, vars, v, &dir).await?;
             // Secret, ConfigMap and projected volumes are always read-only.
@@ -558,7 +683,9 @@ impl ImageMode<'_> {
             for i in &injected {
                 inj_env.extend(i.env.clone());
             }
-            let env = self
+            // (`gets_gpus`: the toolkit gives the container NVML and the
+            // node's GPUs, decided with its environment.)
+            let (env, gets_gpus) = self
                 .env(
                     pod,
                     vars,
@@ -568,6 +695,23 @@ impl ImageMode<'_> {
                 )
                 .await?;
             let mut mounts = Vec::new();
+            if let Some(toolkit) = self.gpu.toolkit.as_ref().filter(|_| gets_gpus) {
+                let gpus = self.gpu.dir.join(crate::devices::GPU_DIR);
+                std::fs::create_dir_all(&gpus).map_err(|e| {
+                    waiting("ContainerCreating", format!("{}: {e}", gpus.display()))
+                })?;
+                let _ = std::fs::set_permissions(&gpus, std::fs::Permissions::from_mode(0o777));
+                mounts.push(BindMount {
+                    source: toolkit.nvml_lib.clone(),
+                    target: crate::harness::NVML_IN_CONTAINER.to_string(),
+                    read_only: true,
+                });
+                mounts.push(BindMount {
+                    source: gpus,
+                    target: TOOLKIT_GPU_DIR.to_string(),
+                    read_only: false,
+                });
+            }
             for m in c.volume_mounts.iter().flatten() {
                 let (dir, ro) = volumes.get(&m.name).ok_or_else(|| {
                     waiting(

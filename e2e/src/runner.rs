@@ -41,6 +41,12 @@ pub struct RunnerConfig {
     /// `target/images/oci` of the checkout, where `scripts/images` puts it).
     #[serde(default)]
     pub image_layout: Option<PathBuf>,
+    /// The NVIDIA container toolkit of the simulated GPU nodes, for image
+    /// mode: what it adds to a container whose `NVIDIA_VISIBLE_DEVICES`
+    /// names devices (see [`crate::pod_images::Toolkit`]). None: no
+    /// container gets NVML.
+    #[serde(default)]
+    pub nvidia_toolkit: Option<crate::pod_images::Toolkit>,
 }
 
 /// What runs for one pod.
@@ -123,6 +129,8 @@ pub struct PodVars {
     pub dir: String,
     /// GPUs the pod requests.
     pub gpus: u32,
+    /// The device IDs the node allocated to the pod (set by the runner).
+    pub gpu_ids: Vec<String>,
     /// The containers' args, by container name.
     pub container_args: BTreeMap<String, Vec<String>>,
 }
@@ -138,6 +146,7 @@ impl PodVars {
             uid: pod.metadata.uid.clone()?,
             node: pod.spec.as_ref()?.node_name.clone()?,
             dir: String::new(),
+            gpu_ids: Vec::new(),
             gpus: pod
                 .spec
                 .as_ref()?
@@ -158,8 +167,12 @@ impl PodVars {
         })
     }
 
-    /// Stable fake GPU UUIDs for the pod's GPUs.
+    /// The pod's GPU UUIDs: those the node allocated to it; before (or
+    /// without) an allocation, stable fake UUIDs derived from its uid.
     pub fn gpu_uuids(&self) -> Vec<String> {
+        if !self.gpu_ids.is_empty() {
+            return self.gpu_ids.clone();
+        }
         let compact: String = self.uid.chars().filter(|c| c.is_ascii_hexdigit()).collect();
         let stem = format!("{compact:0<32}");
         (0..self.gpus)
@@ -277,7 +290,7 @@ impl PodRunner {
     /// Starts watching pods with the admin kubeconfig.
     pub async fn start(kubeconfig: &Path, config: RunnerConfig, log_dir: &Path) -> Result<Self> {
         let client = crate::cluster::client_from(kubeconfig).await?;
-        let node = std::sync::Arc::new(NodeRuntime::new(kubeconfig, &config).await?);
+        let node = std::sync::Arc::new(NodeRuntime::new(kubeconfig, &config, log_dir).await?);
         let (stop, stopped) = oneshot::channel();
         let log_dir = log_dir.join("pods");
         let task = tokio::spawn(run(client, config, node, log_dir, stopped));
@@ -296,10 +309,12 @@ struct NodeRuntime {
     store: ImageStore,
     api_server: Option<(String, u16)>,
     init: Option<PathBuf>,
+    devices: std::sync::Arc<crate::devices::Devices>,
+    toolkit: Option<crate::pod_images::Toolkit>,
 }
 
 impl NodeRuntime {
-    async fn new(kubeconfig: &Path, config: &RunnerConfig) -> Result<Self> {
+    async fn new(kubeconfig: &Path, config: &RunnerConfig, log_dir: &Path) -> Result<Self> {
         let layout = config
             .image_layout
             .clone()
@@ -324,6 +339,8 @@ impl NodeRuntime {
             store: ImageStore::new(layout, cache),
             api_server,
             init: crate::pod_images::container_init_binary(),
+            devices: crate::devices::Devices::new(log_dir.join("nodes")),
+            toolkit: config.nvidia_toolkit.clone(),
         })
     }
 }
@@ -380,7 +397,14 @@ async fn run(
                             }
                         }
                         let (stop, stop_rx) = oneshot::channel();
-                        let task = tokio::spawn(run_pod(client.clone(), pod.clone(), profile, node.clone(), log_dir.clone(), stop_rx));
+                        let (n, pod_uid) = (node.clone(), uid.clone());
+                        let run = run_pod(client.clone(), pod.clone(), profile, node.clone(), log_dir.clone(), stop_rx);
+                        // The devices go back to the node when the pod's
+                        // containers are gone (stopped, failed or deleted).
+                        let task = tokio::spawn(async move {
+                            run.await;
+                            n.devices.release(&pod_uid);
+                        });
                         running.insert(uid, RunningPod { ip, stop, task });
                     }
                     Desired::Stop => {
@@ -401,10 +425,12 @@ async fn run(
 /// Prepares an image-mode pod's containers (retrying, as a kubelet does,
 /// while an image, Secret or ConfigMap is missing, and saying why in the
 /// containers' waiting state); None if told to stop first.
+#[allow(clippy::too_many_arguments)]
 async fn image_launches(
     client: &Client,
     pod: &Pod,
     vars: &PodVars,
+    allocation: &crate::devices::Allocation,
     profile: &Profile,
     node: &NodeRuntime,
     pod_dir: &Path,
@@ -415,6 +441,12 @@ async fn image_launches(
         store: &node.store,
         api_server: node.api_server.clone(),
         inject: &profile.inject,
+        gpu: crate::pod_images::GpuNode {
+            allocation: allocation.clone(),
+            devices: node.devices.node_devices(&vars.node),
+            dir: node.devices.node_dir(&vars.node),
+            toolkit: node.toolkit.clone(),
+        },
     };
     let mut said: Option<String> = None;
     let mut attempts: u32 = 0;
@@ -518,6 +550,32 @@ async fn run_pod(
     if !secrets_present(&client, &pod, &mut stop).await {
         return;
     }
+    // As the kubelet's device manager at admission: the node's devices for
+    // the containers that request them (the node's capacity read from its
+    // Node object; its PodResources API serves from here on).
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    match nodes.get_opt(&vars.node).await {
+        Ok(Some(n)) => node
+            .devices
+            .set_node(&vars.node, &crate::devices::node_capacity(&n)),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(node = %vars.node, "reading the node: {e}"),
+    }
+    let allocation = match node.devices.allocate(
+        &vars.node,
+        &vars.namespace,
+        &vars.name,
+        &vars.uid,
+        &crate::devices::pod_requests(&pod),
+    ) {
+        Ok(a) => a,
+        Err(message) => {
+            tracing::warn!(pod = %pod_name, "{message}");
+            mark_failed_with(&client, &pod, "UnexpectedAdmissionError", &message).await;
+            return;
+        }
+    };
+    vars.gpu_ids = allocation.values().flatten().cloned().collect();
     // Secret and emptyDir volumes, as the kubelet mounts them: a directory
     // under the pod's (a Secret's keys as files in it); the mount path in a
     // container's args points there.
@@ -617,7 +675,18 @@ async fn run_pod(
         });
     }
     if profile.images {
-        match image_launches(&client, &pod, &vars, &profile, &node, &pod_dir, &mut stop).await {
+        match image_launches(
+            &client,
+            &pod,
+            &vars,
+            &allocation,
+            &profile,
+            &node,
+            &pod_dir,
+            &mut stop,
+        )
+        .await
+        {
             Some(l) => launch = l,
             None => return,
         }
@@ -962,6 +1031,12 @@ async fn set_ready(client: &Client, pod: &Pod, ready: bool, restarts: &BTreeMap<
 }
 
 async fn mark_failed(client: &Client, pod: &Pod, message: &str) {
+    mark_failed_with(client, pod, "ProcessExited", message).await;
+}
+
+/// The pod Failed with `reason` (e.g. the kubelet's
+/// `UnexpectedAdmissionError` when its devices cannot be allocated).
+async fn mark_failed_with(client: &Client, pod: &Pod, reason: &str, message: &str) {
     let containers = pod
         .spec
         .as_ref()
@@ -983,11 +1058,11 @@ async fn mark_failed(client: &Client, pod: &Pod, message: &str) {
     let patch = serde_json::json!({
         "status": {
             "phase": "Failed",
-            "reason": "ProcessExited",
+            "reason": reason,
             "message": message,
             "conditions": [
-                {"type": "Ready", "status": "False", "reason": "ProcessExited", "message": message, "lastTransitionTime": now()},
-                {"type": "ContainersReady", "status": "False", "reason": "ProcessExited", "message": message, "lastTransitionTime": now()},
+                {"type": "Ready", "status": "False", "reason": reason, "message": message, "lastTransitionTime": now()},
+                {"type": "ContainersReady", "status": "False", "reason": reason, "message": message, "lastTransitionTime": now()},
             ],
             "containerStatuses": statuses,
         }

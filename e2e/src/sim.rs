@@ -21,7 +21,11 @@
 //!
 //! When a load file is configured, the simulated GPU utilization
 //! ([`utilization`]) is written there every 100 ms and whenever the number of
-//! running sequences changes, for the fake NVML library to report.
+//! running sequences changes, for the fake NVML library to report. With a
+//! GPU directory (the node's GPU state, the fake library's per-device mode),
+//! it is written to `<dir>/<uuid>/load` for each GPU the engine uses: the
+//! ones its `NVIDIA_VISIBLE_DEVICES` names ([`visible_gpus`]), as a real
+//! engine computes on the GPUs it sees.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -67,6 +71,11 @@ pub struct SimConfig {
     pub max_tokens_default: u32,
     /// Where to publish the simulated GPU utilization, if anywhere.
     pub load_file: Option<PathBuf>,
+    /// The node's GPU state directory: the utilization is also published
+    /// to `<gpu_dir>/<uuid>/load` for each of [`SimConfig::gpus`].
+    pub gpu_dir: Option<PathBuf>,
+    /// The UUIDs of the GPUs the engine computes on (see [`visible_gpus`]).
+    pub gpus: Vec<String>,
     /// Most LoRA adapters loaded at once.
     pub max_loras: usize,
 }
@@ -83,6 +92,8 @@ impl SimConfig {
             speed: 1.0,
             max_tokens_default: 64,
             load_file: None,
+            gpu_dir: None,
+            gpus: Vec::new(),
             max_loras: 4,
         }
     }
@@ -110,8 +121,79 @@ impl SimConfig {
         if self.max_tokens_default == 0 {
             return Err("max-tokens-default must be at least 1".into());
         }
+        if let Some(bad) = self.gpus.iter().find(|u| !is_device_name(u)) {
+            return Err(format!("{bad:?} cannot name a GPU's directory"));
+        }
         Ok(())
     }
+
+    /// Every file the utilization is published to: the load file, then
+    /// `<gpu_dir>/<uuid>/load` for each GPU.
+    pub fn load_paths(&self) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = self.load_file.iter().cloned().collect();
+        if let Some(dir) = &self.gpu_dir {
+            paths.extend(self.gpus.iter().map(|u| dir.join(u).join("load")));
+        }
+        paths
+    }
+}
+
+/// A device ID that can name a directory: not empty, no `/`, not `.`-led.
+fn is_device_name(id: &str) -> bool {
+    !id.is_empty() && !id.contains('/') && !id.starts_with('.')
+}
+
+/// The UUIDs of the GPUs an engine uses, from its `NVIDIA_VISIBLE_DEVICES`
+/// (`visible`) as the NVIDIA device plugin sets it, and the node's GPUs
+/// (`node`, comma-separated, as the fake NVML library's
+/// `STRATA_FAKE_NVML_DEVICES`), which resolve `all` and indices. Unset,
+/// empty, `none` or `void`: none (a container that requested no GPU).
+/// UUIDs (`GPU-...`, `MIG-...`) are taken as they are. Pure.
+pub fn visible_gpus(visible: Option<&str>, node: Option<&str>) -> Result<Vec<String>, String> {
+    let node: Vec<&str> = node
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let visible = visible.map(str::trim).unwrap_or("");
+    match visible {
+        "" | "none" | "void" => return Ok(Vec::new()),
+        "all" if node.is_empty() => {
+            return Err(
+                "NVIDIA_VISIBLE_DEVICES=all, but the node's GPUs are not known (STRATA_FAKE_NVML_DEVICES)"
+                    .into(),
+            );
+        }
+        "all" => return Ok(node.iter().map(|s| (*s).to_owned()).collect()),
+        _ => {}
+    }
+    let mut out: Vec<String> = Vec::new();
+    for item in visible.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let uuid = if item.starts_with("GPU-") || item.starts_with("MIG-") {
+            item.to_owned()
+        } else if let Ok(i) = item.parse::<usize>() {
+            match node.get(i) {
+                Some(u) => (*u).to_owned(),
+                None => {
+                    return Err(format!(
+                        "NVIDIA_VISIBLE_DEVICES names GPU {i}, but the node's GPUs (STRATA_FAKE_NVML_DEVICES) are {node:?}"
+                    ));
+                }
+            }
+        } else {
+            return Err(format!(
+                "NVIDIA_VISIBLE_DEVICES item {item:?} is neither a GPU UUID nor an index"
+            ));
+        };
+        if !is_device_name(&uuid) {
+            return Err(format!("{uuid:?} cannot name a GPU's directory"));
+        }
+        if !out.contains(&uuid) {
+            out.push(uuid);
+        }
+    }
+    Ok(out)
 }
 
 /// Milliseconds (possibly fractional, never negative) as a duration.
@@ -453,24 +535,32 @@ impl Simulator {
     /// number of running sequences changes, until the simulator is dropped
     /// or the task is aborted.
     pub fn publish_load(&self, path: PathBuf) -> tokio::task::JoinHandle<()> {
+        self.publish_loads(vec![path])
+    }
+
+    /// Like [`Simulator::publish_load`], to every one of `paths` (their
+    /// directories are created when missing).
+    pub fn publish_loads(&self, paths: Vec<PathBuf>) -> tokio::task::JoinHandle<()> {
         let mut rx = self.inner.running.subscribe();
         let max_batch = self.inner.config.max_batch;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last_error = None;
+            let mut last_error: Vec<Option<String>> = vec![None; paths.len()];
             loop {
                 let running = *rx.borrow_and_update();
                 let text = format!("{:.4}\n", utilization(running, max_batch));
-                match write_atomic(&path, text.as_bytes()).await {
-                    Ok(()) => last_error = None,
-                    Err(e) => {
-                        // Say it once, not every 100 ms.
-                        let msg = e.to_string();
-                        if last_error.as_ref() != Some(&msg) {
-                            tracing::warn!(path = %path.display(), "cannot write the load file: {msg}");
+                for (path, last_error) in paths.iter().zip(last_error.iter_mut()) {
+                    match write_load_file(path, text.as_bytes()).await {
+                        Ok(()) => *last_error = None,
+                        Err(e) => {
+                            // Say it once, not every 100 ms.
+                            let msg = e.to_string();
+                            if last_error.as_ref() != Some(&msg) {
+                                tracing::warn!(path = %path.display(), "cannot write the load file: {msg}");
+                            }
+                            *last_error = Some(msg);
                         }
-                        last_error = Some(msg);
                     }
                 }
                 tokio::select! {
@@ -490,6 +580,19 @@ impl Simulator {
     }
 }
 
+/// Writes a load file atomically, creating its directory when missing.
+async fn write_load_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    match write_atomic(path, data).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                tokio::fs::create_dir_all(dir).await?;
+            }
+            write_atomic(path, data).await
+        }
+        other => other,
+    }
+}
+
 /// Writes `<path>.tmp`, then renames it to `path`.
 async fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
@@ -501,7 +604,7 @@ async fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 
 /// Serves the simulator for `config` on `listener` until `shutdown`
 /// completes (then lets in-flight requests finish). Publishes the load file
-/// if the configuration names one.
+/// and the GPUs' loads if the configuration names them.
 pub async fn serve(
     listener: TcpListener,
     config: SimConfig,
@@ -519,7 +622,8 @@ pub async fn serve_simulator(
     sim: Simulator,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let publisher = sim.config().load_file.clone().map(|p| sim.publish_load(p));
+    let paths = sim.config().load_paths();
+    let publisher = (!paths.is_empty()).then(|| sim.publish_loads(paths));
     let result = axum::serve(listener, sim.router())
         .with_graceful_shutdown(shutdown)
         .await;
@@ -1364,5 +1468,59 @@ mod tests {
             serde_json::from_str(usage.trim_start_matches("data: ")).expect("usage json");
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(usage["usage"]["total_tokens"], 5);
+    }
+
+    #[test]
+    fn an_engine_uses_the_gpus_its_container_sees() {
+        let node = Some("GPU-a,GPU-b,GPU-c");
+        let ok = |v: Option<&str>, n: Option<&str>| visible_gpus(v, n).expect("valid");
+        for v in [None, Some(""), Some("none"), Some("void")] {
+            assert!(ok(v, node).is_empty(), "{v:?}: no GPU requested");
+        }
+        assert_eq!(ok(Some("all"), node), ["GPU-a", "GPU-b", "GPU-c"]);
+        assert_eq!(ok(Some("GPU-x, GPU-y"), None), ["GPU-x", "GPU-y"]);
+        assert_eq!(
+            ok(Some("2,GPU-a,0"), node),
+            ["GPU-c", "GPU-a"],
+            "deduplicated"
+        );
+        assert_eq!(ok(Some("MIG-1"), None), ["MIG-1"]);
+        for (v, n) in [
+            ("all", None),
+            ("3", node),
+            ("0", None),
+            ("gpu0", node),
+            ("GPU-a/../b", node),
+        ] {
+            assert!(visible_gpus(Some(v), n).is_err(), "{v} on {n:?}");
+        }
+    }
+
+    #[test]
+    fn the_load_goes_to_the_load_file_and_each_gpus_directory() {
+        let both = SimConfig {
+            load_file: Some("/run/load".into()),
+            gpu_dir: Some("/node/gpus".into()),
+            gpus: vec!["GPU-a".into(), "GPU-b".into()],
+            ..config()
+        };
+        assert!(both.validate().is_ok());
+        assert_eq!(
+            both.load_paths(),
+            [
+                PathBuf::from("/run/load"),
+                "/node/gpus/GPU-a/load".into(),
+                "/node/gpus/GPU-b/load".into()
+            ]
+        );
+        assert!(config_with_gpu("../x").validate().is_err());
+        assert!(config().load_paths().is_empty());
+    }
+
+    fn config_with_gpu(uuid: &str) -> SimConfig {
+        SimConfig {
+            gpus: vec![uuid.into()],
+            ..config()
+        }
     }
 }

@@ -1,18 +1,38 @@
-//! Live LoRA adapters and energy accounting in the local world: replicas
-//! run the real strata-sidecar (on the fake NVML library, one simulated GPU
-//! each) in front of the engine simulator. Two adapters on a two-replica
-//! Model are served through the sidecars; a third replica receives both; a
-//! deleted adapter is unloaded everywhere while the other is still served.
-//! Under load the fake NVML counters rise and the Model's joules equal the
-//! sum of the counters' deltas within 1 %, across a sidecar restart and an
-//! operator restart.
+//! Live LoRA adapters and energy accounting in the local world. Two
+//! adapters on a two-replica Model are served through the sidecars; a
+//! third replica receives both; a deleted adapter is unloaded everywhere
+//! while the other is still served. Under load the GPUs' energy counters
+//! rise and the Model's joules equal the sum of the counters' deltas within
+//! 1 %, across a sidecar restart, an engine restart, a change of operator
+//! leader, a node-agent restart and a driver reload (the counters reset).
+//!
+//! What runs where, as on a GPU node: the operator is installed with its
+//! chart and runs in-cluster (two replicas from its image, leader election;
+//! its "restart" deletes the leader's pod); the chart's `strata-node-agent`
+//! DaemonSet runs on each GPU node from its image and meters every GPU of
+//! the node (NVML: the fake library, which the toolkit stand-in mounts
+//! because the agent asks for `NVIDIA_VISIBLE_DEVICES=all`) attributed to
+//! pods through the node's kubelet PodResources API; the operator reads the
+//! agents (`--gpu-telemetry=node-agent`). Each replica runs from the engine
+//! simulator's image (which requests the GPU: the device plugin stand-in
+//! gives it one, and it publishes its load on it) and the product's sidecar
+//! image (which requests none and sees none; it gets short intervals and
+//! `HF_ENDPOINT` pointing at a fake Hugging Face hub that runs in this test
+//! binary on 127.0.0.1). The truth is the GPUs' own state on their node
+//! (`<logs>/nodes/<node>/gpus/<uuid>/energy`), for the GPUs the node's
+//! PodResources API says each replica holds. Container crashes are
+//! SIGKILLs of the containers' processes.
+//!
+//! Needs the images: `scripts/images --profile dev strata-operator
+//! strata-sidecar strata-node-agent strata-engine-sim` (scripts/test builds
+//! them first).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -28,12 +48,14 @@ use strata_core::view::pod_ready;
 use strata_crds::{Adapter, GPUPool, Model};
 use strata_e2e::fake_nvml;
 use strata_e2e::harness::{
-    World, repo_yaml, service_account_kubeconfig, sim_replica_processes, test_namespace, wait_for,
-    workspace_binary, world,
+    OPERATOR_NAMESPACE, World, chart_world, engine_sim_image, ensure_sample_pool,
+    model_image_profile, operator_leader, repo_yaml, sidecar_fast_injection,
+    sim_engine_gpu_injection, test_namespace, wait_for, world,
 };
-use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
-use tokio::process::Command;
 
+/// The runner profile of the operator's pods (the chart's `podLabels`).
+const OPERATOR: &str = "adapters-operator";
+/// The runner profile of the model pods (the chart's `modelPodLabels`).
 const PROFILE: &str = "replica-with-gpu";
 const IDLE_W: f64 = 70.0;
 const TDP_W: f64 = 700.0;
@@ -87,57 +109,46 @@ fn fake_hub() -> SocketAddr {
     })
 }
 
+/// The operator's pods and the node agents from their images; replicas
+/// from the simulator's image (its knobs after the operator's arguments,
+/// which they override; its load published on the GPU it holds) and the
+/// sidecar's (short intervals, the fake hub; no GPU: it requests none);
+/// GPU nodes with the NVIDIA toolkit stand-in (the fake NVML library at
+/// the test's idle and peak power, into the engine's container and the
+/// node agent's); containers restart in place, as a kubelet restarts them.
 fn the_world() -> &'static World {
     let hub = fake_hub();
-    let sim = PathBuf::from(env!("CARGO_BIN_EXE_strata-engine-sim"));
-    world(env!("CARGO_BIN_EXE_strata-cluster"), move || RunnerConfig {
-        profiles: BTreeMap::from([(
-            PROFILE.to_string(),
-            Profile {
-                processes: sim_replica_processes(
-                    sim,
-                    &[
-                        "--max-batch",
-                        "4",
-                        "--itl-ms",
-                        "10",
-                        "--max-tokens-default",
-                        "32",
-                        // Fewer than the Model's adapters.maxPerReplica
-                        // (4): a third adapter is refused by the engine.
-                        "--max-loras",
-                        "2",
-                    ],
-                    vec![
-                        "--engine-health-interval=0.2".into(),
-                        "--engine-metrics-interval=0.5".into(),
-                        format!("--nvml-lib={}", fake_nvml::LIB),
-                        "--nvml-interval=0.2".into(),
-                    ],
-                    BTreeMap::from([
-                        ("STRATA_FAKE_NVML_DEVICES".into(), "${GPU_UUIDS}".into()),
-                        (
-                            "STRATA_FAKE_NVML_LOAD_FILE".into(),
-                            "${POD_DIR}/load".into(),
-                        ),
-                        (
-                            "STRATA_FAKE_NVML_STATE_FILE".into(),
-                            "${POD_DIR}/nvml-state".into(),
-                        ),
-                        ("STRATA_FAKE_NVML_IDLE_WATTS".into(), IDLE_W.to_string()),
-                        ("STRATA_FAKE_NVML_TDP_WATTS".into(), TDP_W.to_string()),
-                        ("HF_ENDPOINT".into(), format!("http://{hub}")),
-                    ]),
-                ),
-                restart: true,
-                ..Profile::default()
-            },
-        )]),
-        ..RunnerConfig::default()
+    world(env!("CARGO_BIN_EXE_strata-cluster"), move || {
+        let engine = sim_engine_gpu_injection(&[
+            "--max-batch",
+            "4",
+            "--itl-ms",
+            "10",
+            "--max-tokens-default",
+            "32",
+            // Fewer than the Model's adapters.maxPerReplica (4, which the
+            // operator passes as --max-loras): a third adapter is refused
+            // by the engine.
+            "--max-loras",
+            "2",
+        ]);
+        let mut sidecar = sidecar_fast_injection();
+        sidecar
+            .env
+            .insert("HF_ENDPOINT".to_string(), format!("http://{hub}"));
+        let (idle, tdp) = (IDLE_W.to_string(), TDP_W.to_string());
+        chart_world(
+            OPERATOR,
+            [(PROFILE.to_string(), model_image_profile(engine, sidecar))],
+            &[
+                (fake_nvml::ENV_IDLE_WATTS, idle.as_str()),
+                (fake_nvml::ENV_TDP_WATTS, tdp.as_str()),
+            ],
+        )
     })
 }
 
-/// The pid of a pod's process (the runner's pid file), if it runs.
+/// The pid of a pod's container (the runner's pid file), if it runs.
 fn process_pid(w: &World, ns: &str, pod: &str, process: &str) -> Option<i32> {
     std::fs::read_to_string(pod_dir(w, ns, pod).join(format!("{process}.pid")))
         .ok()
@@ -155,37 +166,84 @@ fn kill_process(w: &World, ns: &str, pod: &str, process: &str) -> i32 {
     pid
 }
 
-/// The pod's directory the runner keeps (fake NVML state, pid files).
+/// The pod's directory the runner keeps (pid files, volumes).
 fn pod_dir(w: &World, ns: &str, pod: &str) -> PathBuf {
     w.info.log_dir.join("pods").join(format!("{ns}_{pod}.d"))
 }
 
-/// A GPU's energy counter at `now_ns`, in joules, from the fake NVML state
-/// file: the saved counter plus the power of the saved load since the
-/// saved sample (the fake integrates exactly so between samples).
-fn counters_at(dir: &Path, now_ns: u128) -> BTreeMap<String, f64> {
-    let text = std::fs::read_to_string(dir.join("nvml-state")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (uuid, mj, last_ns, util) = (
-                f.first()?,
-                f.get(1)?.parse::<f64>().ok()?,
-                f.get(2)?.parse::<u128>().ok()?,
-                f.get(3)?.parse::<f64>().ok()?,
-            );
-            let watts = IDLE_W + (TDP_W - IDLE_W) * util.clamp(0.0, 1.0);
-            let since = now_ns.saturating_sub(last_ns) as f64 / 1e9;
-            Some((uuid.to_string(), mj / 1000.0 + watts * since))
-        })
+/// The GPUs a pod holds, as its node's kubelet says (PodResources `List`
+/// on the node's socket): each GPU's state directory on the node (the fake
+/// NVML library's per-device load and energy: the "hardware").
+async fn pod_gpus(w: &World, client: &kube::Client, ns: &str, pod: &str) -> Vec<PathBuf> {
+    let node = Api::<Pod>::namespaced(client.clone(), ns)
+        .get(pod)
+        .await
+        .expect("pod")
+        .spec
+        .and_then(|s| s.node_name)
+        .expect("bound");
+    let node_dir = w.info.log_dir.join("nodes").join(&node);
+    let mut api = strata_podresources::Client::connect(
+        &node_dir.join(strata_e2e::devices::SOCKET),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the node's PodResources socket");
+    let list = api.list().await.expect("List");
+    strata_podresources::device_holders(&list, strata_podresources::is_nvidia_gpu)
+        .into_iter()
+        .filter(|(_, h)| h.namespace == ns && h.pod == pod)
+        .map(|(uuid, _)| node_dir.join(strata_e2e::devices::GPU_DIR).join(uuid))
         .collect()
 }
 
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+/// The GPU's UUID (its directory's name).
+fn uuid_of(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A GPU's energy counter at `now_ns`, in joules, from its state: the
+/// saved counter plus the power of the saved load since the saved sample
+/// (the fake integrates exactly so between samples).
+fn counter_at(gpu: &Path, now_ns: i64) -> Option<f64> {
+    let dir = gpu.parent()?;
+    fake_nvml::read_device_energy(dir, &uuid_of(gpu)).map(|e| e.joules_at(now_ns, IDLE_W, TDP_W))
+}
+
+/// The counters of `gpus` at `now_ns`, by UUID.
+fn counters_at(gpus: &[PathBuf], now_ns: i64) -> BTreeMap<String, f64> {
+    gpus.iter()
+        .filter_map(|g| Some((uuid_of(g), counter_at(g, now_ns)?)))
+        .collect()
+}
+
+/// A driver reload on the GPUs' node: their energy counters start again
+/// from 0 (the fake library's state rewritten under its lock, as the
+/// hardware's counter would be). Returns the counters just before.
+fn reset_counters(gpus: &[PathBuf]) -> BTreeMap<String, f64> {
+    use std::os::fd::AsRawFd;
+    let mut before = BTreeMap::new();
+    for g in gpus {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(g.join("lock"))
+            .expect("the GPU's lock");
+        #[allow(deprecated)]
+        nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive).expect("flock");
+        let t = fake_nvml::now_ns();
+        let util = std::fs::read_to_string(g.join("energy"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2).map(str::to_string))
+            .unwrap_or_else(|| "0".into());
+        before.insert(uuid_of(g), counter_at(g, t).unwrap_or(0.0));
+        std::fs::write(g.join("energy"), format!("0 {t} {util}\n")).expect("reset");
+        drop(lock);
+    }
+    before
 }
 
 async fn chat(ip: &str, model: &str) -> (u16, String) {
@@ -301,8 +359,7 @@ fn start_load(pods: Api<Pod>, stop: Arc<AtomicBool>) {
 /// a poll (50 ms) and a sidecar sample (200 ms) apart.
 async fn energy_reading(
     models: &Api<Model>,
-    w: &World,
-    ns: &str,
+    gpus: &[PathBuf],
     pods: &[String],
 ) -> (f64, BTreeMap<String, f64>) {
     let energy = |m: Model| m.status.and_then(|s| s.energy).unwrap_or_default();
@@ -316,12 +373,10 @@ async fn energy_reading(
                 .any(|c| &c.pod == p && !c.gpu_joules.is_empty())
         });
         if covers && e.counters != before.counters {
-            let t = now_ns();
-            let mut counters = BTreeMap::new();
-            for p in pods {
-                counters.extend(counters_at(&pod_dir(w, ns, p), t));
-            }
-            return (e.energy_joules.unwrap_or(0.0), counters);
+            return (
+                e.energy_joules.unwrap_or(0.0),
+                counters_at(gpus, fake_nvml::now_ns()),
+            );
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -333,11 +388,11 @@ async fn energy_reading(
 
 /// Waits until the replicas' simulated GPUs are idle (the engines' load
 /// files read 0), so that a reading is not taken in the middle of a request.
-async fn gpus_idle(w: &World, ns: &str, pods: &[String]) {
+async fn gpus_idle(gpus: &[PathBuf]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let idle = pods.iter().all(|p| {
-            std::fs::read_to_string(pod_dir(w, ns, p).join("load"))
+        let idle = gpus.iter().all(|g| {
+            std::fs::read_to_string(g.join("load"))
                 .ok()
                 .and_then(|t| t.trim().parse::<f64>().ok())
                 .is_some_and(|u| u == 0.0)
@@ -354,40 +409,20 @@ async fn gpus_idle(w: &World, ns: &str, pods: &[String]) {
 async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     let w = the_world();
     let client = w.client().await;
-    w.install_chart_for_local_operator();
-    let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
+    // The operator in-cluster from its chart, its energy read every 2 s.
+    let leader = w
+        .install_operator(
+            OPERATOR,
+            PROFILE,
+            &["energyIntervalSeconds=2", "nodeAgent.intervalSeconds=0.2"],
+        )
         .await
-        .expect("kubeconfig");
-    let start_operator = |n: u32| {
-        let log = std::fs::File::create(w.info.log_dir.join(format!("operator-adapters-{n}.log")))
-            .expect("log");
-        Command::new(workspace_binary("strata-operator"))
-            .args([
-                "--metrics-addr=127.0.0.1:0".to_string(),
-                "--activator-addr=".to_string(),
-                "--leader-elect=false".to_string(),
-                format!("--pod-label={RUN_LABEL}={PROFILE}"),
-                "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),
-                "--energy-interval-seconds=2".to_string(),
-            ])
-            .env("KUBECONFIG", &kubeconfig)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("operator")
-    };
-    let mut operator = start_operator(1);
+        .unwrap_or_else(|e| panic!("the operator in-cluster: {e}"));
 
     let pools: Api<GPUPool> = Api::all(client.clone());
-    let pool: GPUPool =
-        serde_json::from_value(repo_yaml("samples/gpupool-h100.yaml").expect("sample"))
-            .expect("pool");
-    match pools.create(&PostParams::default(), &pool).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => panic!("pool: {e}"),
-    }
+    ensure_sample_pool(&client, "samples/gpupool-h100.yaml")
+        .await
+        .expect("pool");
     let ns = test_namespace(&client, "lora").await.expect("namespace");
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
     let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
@@ -400,7 +435,10 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         "source".into(),
         json!({"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
     );
-    spec.insert("engine".into(), json!({"type": "vLLM"}));
+    spec.insert(
+        "engine".into(),
+        json!({"type": "vLLM", "image": engine_sim_image()}),
+    );
     spec.insert("pools".into(), json!([{"name": "h100"}]));
     spec.insert("replicas".into(), json!(2));
     spec.insert("minReplicas".into(), json!(1));
@@ -571,8 +609,13 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         .iter()
         .map(|p| p.name_any())
         .collect();
-    gpus_idle(w, &ns, &names).await;
-    let (j0, c0) = energy_reading(&models, w, &ns, &names).await;
+    let mut gpus = Vec::new();
+    for n in &names {
+        gpus.extend(pod_gpus(w, &client, &ns, n).await);
+    }
+    assert_eq!(gpus.len(), 3, "one GPU per replica: {gpus:?}");
+    gpus_idle(&gpus).await;
+    let (j0, c0) = energy_reading(&models, &gpus, &names).await;
     assert_eq!(c0.len(), 3, "one simulated GPU per replica: {c0:?}");
     let stop = Arc::new(AtomicBool::new(false));
     start_load(pods.clone(), stop.clone());
@@ -676,18 +719,91 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
         }),
         "a Reloaded Event on the Adapter names the replica"
     );
-    // The operator restarts too: the new one continues from status.
-    operator.kill().await.expect("stop the operator");
-    tokio::time::sleep(Duration::from_secs(3)).await; // load runs while no operator reads it
-    operator = start_operator(2);
-    tokio::time::sleep(Duration::from_secs(8)).await; // more load after the restarts
+    // The operator restarts too: the leader's pod is deleted; the standby
+    // (or the Deployment's new pod) takes the Lease over and continues from
+    // status. Load runs while no operator reads it.
+    let operator_pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    operator_pods
+        .delete(&leader.pod, &DeleteParams::default())
+        .await
+        .expect("delete the leader's pod");
+    let deleted = std::time::Instant::now();
+    let successor = operator_leader(&client, Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("a new leader after {} went: {e}", leader.pod));
+    assert_ne!(successor.pod, leader.pod, "the Lease moved to another pod");
+    eprintln!(
+        "operator: {} took the Lease over from {} {:.1} s after its pod was deleted",
+        successor.pod,
+        leader.pod,
+        deleted.elapsed().as_secs_f64()
+    );
+    // The node agent of the replicas' node restarts (its DaemonSet pod
+    // deleted and recreated): the GPUs' counters go on in the hardware, the
+    // agent's own totals start again; nothing is lost or counted twice.
+    let agents: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let node = pods
+        .get(&names[0])
+        .await
+        .expect("pod")
+        .spec
+        .and_then(|s| s.node_name)
+        .expect("bound");
+    let on_node = |list: Vec<Pod>| {
+        list.into_iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect::<Vec<_>>()
+    };
+    let agent_list = |agents: Api<Pod>| async move {
+        agents
+            .list(&ListParams::default().labels("app.kubernetes.io/name=strata-node-agent"))
+            .await
+            .expect("agents")
+            .items
+    };
+    let old_agent = on_node(agent_list(agents.clone()).await)
+        .first()
+        .map(|p| p.name_any())
+        .expect("a node agent on the replicas' node");
+    agents
+        .delete(&old_agent, &DeleteParams::default())
+        .await
+        .expect("delete the node agent's pod");
+    let agent_back = std::time::Instant::now();
+    loop {
+        let now = on_node(agent_list(agents.clone()).await);
+        if now
+            .iter()
+            .any(|p| p.name_any() != old_agent && pod_ready(p))
+        {
+            break;
+        }
+        assert!(
+            agent_back.elapsed() < Duration::from_secs(60),
+            "the DaemonSet's new agent on {node} is ready within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "node agent: {old_agent} replaced and ready in {:.1} s",
+        agent_back.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await; // load runs on the new agent
+    // A driver reload: the node's energy counters start again from 0.
+    let before_reset = reset_counters(&gpus);
+    tokio::time::sleep(Duration::from_secs(4)).await; // more load after the restarts
     stop.store(true, Ordering::Relaxed);
-    gpus_idle(w, &ns, &names).await;
-    let (j1, c1) = energy_reading(&models, w, &ns, &names).await;
+    gpus_idle(&gpus).await;
+    let (j1, c1) = energy_reading(&models, &gpus, &names).await;
     let counted = j1 - j0;
+    // What the GPUs used: up to the reset, then since it.
     let truth: f64 = c1
         .iter()
-        .map(|(uuid, v)| v - c0.get(uuid).copied().unwrap_or(*v))
+        .map(|(uuid, v)| {
+            let start = c0.get(uuid).copied().unwrap_or(0.0);
+            before_reset.get(uuid).copied().unwrap_or(start) - start + v
+        })
         .sum();
     // The GPUs worked: more than idle power for the whole time.
     assert!(truth > 3.0 * IDLE_W * 16.0, "the counters rose: {truth} J");
@@ -741,5 +857,4 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     )
     .await
     .expect("the pool's joules reach the Model's");
-    let _ = operator.start_kill();
 }

@@ -1,13 +1,13 @@
-//! SLA autoscaling in the local world: replicas run the real strata-sidecar
-//! in front of the engine simulator (started by the pod runner on each pod
-//! IP); a load generator drives time to first token over target, replicas
+//! SLA autoscaling in the local world: the operator runs in-cluster from
+//! its chart (two replicas from the operator image, leader election); each
+//! replica of the Model runs from images, the engine simulator's and the
+//! real strata-sidecar's (pod runner in image mode, on the pod's IP); a load generator drives time to first token over target, replicas
 //! are added and the SLA recovers; the load stops and the Model scales down
 //! after its stabilization window; the status shows the trail of decisions.
 //! Then, allowed to, it scales to zero after its idle window, and a request
 //! sent to the operator's activator waits for a replica and is answered.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,23 +26,25 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, repo_yaml, service_account_kubeconfig, sim_replica_processes, test_namespace, wait_for,
-    workspace_binary, world,
+    World, chart_world, model_image_profile, operator_leader, repo_yaml, sidecar_fast_injection,
+    sim_engine_gpu_injection, sim_image_model, test_namespace, wait_for, world,
 };
-use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
-use tokio::process::Command;
 
 const PROFILE: &str = "model-replica";
+const OPERATOR: &str = "operator";
 
 fn the_world() -> &'static World {
-    let sim = PathBuf::from(env!("CARGO_BIN_EXE_strata-engine-sim"));
-    world(env!("CARGO_BIN_EXE_strata-cluster"), move || RunnerConfig {
-        profiles: BTreeMap::from([(
-            PROFILE.to_string(),
-            Profile {
-                processes: sim_replica_processes(
-                    sim,
-                    &[
+    world(env!("CARGO_BIN_EXE_strata-cluster"), || {
+        chart_world(
+            OPERATOR,
+            [(
+                PROFILE.to_string(),
+                // The simulator's batch and latency knobs; the sidecar reads
+                // the engine more often than its defaults, for the test's
+                // clock. (The sidecar sees no GPU, as on a node; the chart's
+                // node agents meter them.)
+                model_image_profile(
+                    sim_engine_gpu_injection(&[
                         "--max-batch",
                         "2",
                         "--itl-ms",
@@ -51,21 +53,12 @@ fn the_world() -> &'static World {
                         "0.5",
                         "--max-tokens-default",
                         "16",
-                    ],
-                    [
-                        "--engine-health-interval=0.2",
-                        "--engine-metrics-interval=0.5",
-                        "--nvml-lib=/nonexistent",
-                    ]
-                    .map(String::from)
-                    .to_vec(),
-                    BTreeMap::new(),
+                    ]),
+                    sidecar_fast_injection(),
                 ),
-                restart: false,
-                ..Profile::default()
-            },
-        )]),
-        ..RunnerConfig::default()
+            )],
+            &[],
+        )
     })
 }
 
@@ -186,33 +179,13 @@ fn status_of(m: &Model) -> strata_crds::ModelStatus {
 async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
     let w = the_world();
     let client = w.client().await;
-    w.install_chart_for_local_operator();
-    let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
+    // The operator as users run it: the chart's two replicas from the
+    // operator image, in-cluster; the leader serves the activator.
+    let leader = w
+        .install_operator(OPERATOR, PROFILE, &[])
         .await
-        .expect("kubeconfig");
-    let activator_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let log = std::fs::File::create(w.info.log_dir.join("operator.log")).expect("log");
-    let mut operator = Command::new(workspace_binary("strata-operator"))
-        .args([
-            format!("--metrics-addr=127.0.0.1:{metrics_port}"),
-            format!("--activator-addr=127.0.0.1:{activator_port}"),
-            "--leader-elect=false".to_string(),
-            format!("--pod-label={RUN_LABEL}={PROFILE}"),
-            "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("operator");
+        .expect("the chart's operator runs");
+    let activator = leader.activator_addr();
 
     let pools: Api<GPUPool> = Api::all(client.clone());
     let pool: GPUPool =
@@ -225,17 +198,9 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
 
     let ns = test_namespace(&client, "sla").await.expect("namespace");
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
-    let mut m = repo_yaml("samples/model-llama.yaml").expect("sample");
-    m["metadata"] = json!({"name": "chat"});
+    // The engine from the simulator's image.
+    let mut m = serde_json::to_value(sim_image_model("chat", 1, 5).expect("model")).expect("json");
     let spec = m["spec"].as_object_mut().expect("spec");
-    spec.remove("adapters");
-    spec.insert(
-        "source".into(),
-        json!({"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
-    );
-    spec.insert("engine".into(), json!({"type": "vLLM"}));
-    spec.insert("pools".into(), json!([{"name": "h100"}]));
-    spec.insert("minReplicas".into(), json!(1));
     spec.insert("maxReplicas".into(), json!(5));
     spec.insert(
         "sla".into(),
@@ -400,9 +365,8 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
     // annotation): this one does not yet.
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let chat_url =
-        format!("http://127.0.0.1:{activator_port}/models/{ns}/chat/v1/chat/completions");
-    let models_url = format!("http://127.0.0.1:{activator_port}/models/{ns}/chat/v1/models");
+    let chat_url = format!("http://{activator}/models/{ns}/chat/v1/chat/completions");
+    let models_url = format!("http://{activator}/models/{ns}/chat/v1/models");
     let resp = http
         .request(
             http::Request::get(&models_url)
@@ -512,9 +476,7 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
         for method in ["GET", "POST"] {
             let req = http::Request::builder()
                 .method(method)
-                .uri(format!(
-                    "http://127.0.0.1:{activator_port}/models/{ns}/chat{path}"
-                ))
+                .uri(format!("http://{activator}/models/{ns}/chat{path}"))
                 .body(Full::new(Bytes::from(
                     json!({"lora_name": "evil", "lora_path": "/attacker"}).to_string(),
                 )))
@@ -529,13 +491,15 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
     // The decision from zero (later ones may have added replicas for the
     // queue the 500 requests made, and Events of one reason are aggregated).
     let d = s.last_scale_decision.expect("decision");
-    let metrics = strata_e2e::http::get(
-        format!("127.0.0.1:{metrics_port}").parse().expect("addr"),
-        "/metrics",
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("operator metrics");
+    // The decision was the leader's: read its metrics (a failover in between
+    // would show in the Lease).
+    let now_leader = operator_leader(&client, Duration::from_secs(30))
+        .await
+        .expect("a leader");
+    assert_eq!(now_leader, leader, "no failover during the test");
+    let metrics = strata_e2e::http::get(leader.metrics_addr(), "/metrics", Duration::from_secs(5))
+        .await
+        .expect("operator metrics");
     let from_zero = metrics
         .body
         .lines()
@@ -544,6 +508,5 @@ async fn the_sla_autoscaler_scales_up_under_load_and_down_after_it() {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(from_zero >= 1.0, "a ScaleFromZero decision (last: {d:?})");
-    let _ = operator.start_kill();
     let _ = models.get("chat").await.map(|m| m.name_any());
 }

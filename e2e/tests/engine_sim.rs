@@ -1,5 +1,6 @@
 //! The engine simulator over real sockets on loopback: the vLLM API shapes,
-//! LoRA adapters, metrics, FIFO queueing and the load file.
+//! LoRA adapters, metrics, FIFO queueing, the load file and the GPUs' loads
+//! in the node's GPU directory.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -802,4 +803,87 @@ async fn the_load_file_follows_the_running_batch() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn each_gpu_the_engine_uses_gets_its_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gpus = dir.path().join("gpus");
+    let load = |uuid: &str| gpus.join(uuid).join("load");
+    let s = start(SimConfig {
+        max_batch: 4,
+        itl_ms: 2.0,
+        gpu_dir: Some(gpus.clone()),
+        gpus: vec!["GPU-a".into(), "GPU-b".into()],
+        ..fast("llama")
+    })
+    .await;
+    eventually("idle loads in both GPUs' directories", || {
+        let (a, b) = (load("GPU-a"), load("GPU-b"));
+        async move { read_load(&a).await == Some(0.0) && read_load(&b).await == Some(0.0) }
+    })
+    .await;
+
+    let mut ex = Exchange::open(
+        s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat("llama", "hi", 5000, true)),
+    )
+    .await;
+    ex.next_event().await.expect("role chunk");
+    eventually("both GPUs half busy", || {
+        let (a, b) = (load("GPU-a"), load("GPU-b"));
+        async move { read_load(&a).await == Some(0.5) && read_load(&b).await == Some(0.5) }
+    })
+    .await;
+    drop(ex);
+    let mut entries: Vec<String> = std::fs::read_dir(&gpus)
+        .expect("the GPU dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["GPU-a", "GPU-b"], "no other GPU is touched");
+}
+
+/// The binary takes its GPUs from NVIDIA_VISIBLE_DEVICES, as a container
+/// that requested them gets them from the device plugin.
+#[tokio::test]
+async fn the_binary_publishes_to_the_gpus_of_nvidia_visible_devices() {
+    let bin = strata_e2e::harness::workspace_binary("strata-engine-sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gpus = dir.path().join("gpus");
+    let listen = format!("127.0.0.1:{}", strata_e2e::harness::free_port());
+    let command = |visible: &str| {
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args(["--listen", &listen, "--model", "m", "--gpu-dir"])
+            .arg(&gpus)
+            .env("NVIDIA_VISIBLE_DEVICES", visible)
+            .env("STRATA_FAKE_NVML_DEVICES", "GPU-z,GPU-b,GPU-c")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    };
+
+    // A GPU the node does not have: the engine refuses to start.
+    let out = tokio::time::timeout(TIMEOUT, command("GPU-a,7").output())
+        .await
+        .expect("exits")
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("GPU 7"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut child = command("GPU-a,1").spawn().expect("spawn");
+    eventually("idle loads for GPU-a and GPU-b", || {
+        let (a, b) = (gpus.join("GPU-a/load"), gpus.join("GPU-b/load"));
+        async move { read_load(&a).await == Some(0.0) && read_load(&b).await == Some(0.0) }
+    })
+    .await;
+    assert!(!gpus.join("GPU-z").exists() && !gpus.join("GPU-c").exists());
+    child.kill().await.expect("kill");
 }

@@ -27,18 +27,6 @@ const SLEEP_MS: &str = "STRATA_FAKE_NVML_TEST_SLEEP_MS";
 /// The prefix of the child's result line.
 const RESULT: &str = "FAKE_NVML_RESULT ";
 
-const ALL_ENV: [&str; 9] = [
-    fake_nvml::ENV_DEVICES,
-    fake_nvml::ENV_NAME,
-    fake_nvml::ENV_LOAD_FILE,
-    fake_nvml::ENV_IDLE_WATTS,
-    fake_nvml::ENV_TDP_WATTS,
-    fake_nvml::ENV_MEMORY_TOTAL_MIB,
-    fake_nvml::ENV_STATE_FILE,
-    fake_nvml::ENV_RESET_ENERGY,
-    fake_nvml::ENV_FAIL_INIT,
-];
-
 const UUID_A: &str = "GPU-11111111-2222-3333-4444-555555555555";
 const UUID_B: &str = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 const MIB: f64 = 1024.0 * 1024.0;
@@ -59,6 +47,8 @@ fn child() {
         "energy_rates" => energy_rates(),
         "energy_once" => energy_once(),
         "init_error" => init_error(),
+        "device_readings" => device_readings(),
+        "energy_loop" => energy_loop(),
         other => panic!("unknown scenario {other}"),
     };
     // On its own line: libtest prints "test child ... " before it.
@@ -217,6 +207,60 @@ fn energy_once() -> Value {
     json!({ "first": first, "last": last })
 }
 
+/// Every device's UUID, index and load-dependent readings.
+fn device_readings() -> Value {
+    let nvml = init();
+    let count = nvml.device_count().expect("device count");
+    let devices: Vec<Value> = (0..count)
+        .map(|i| {
+            let d = nvml.device_by_index(i).expect("device by index");
+            json!({
+                "uuid": d.uuid().expect("uuid"),
+                "index": d.index().expect("index"),
+                "power_mw": d.power_usage().expect("power"),
+                "gpu_pct": d.utilization_rates().expect("utilization").gpu,
+                "temp_c": d.temperature(TemperatureSensor::Gpu).expect("temperature"),
+            })
+        })
+        .collect();
+    json!({ "count": count, "devices": devices })
+}
+
+/// Reads every device's energy counter in a loop for `SLEEP_MS`; reports
+/// each device's first and last reading and whether each went only up.
+fn energy_loop() -> Value {
+    let ms: u64 = std::env::var(SLEEP_MS)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let nvml = init();
+    let count = nvml.device_count().expect("device count");
+    let devices: Vec<_> = (0..count)
+        .map(|i| nvml.device_by_index(i).expect("device"))
+        .collect();
+    let read = || -> Vec<u64> {
+        devices
+            .iter()
+            .map(|d| d.total_energy_consumption().expect("energy"))
+            .collect()
+    };
+    let first = read();
+    let mut last = first.clone();
+    let mut monotonic = true;
+    let started = Instant::now();
+    loop {
+        let now = read();
+        monotonic &= now.iter().zip(&last).all(|(n, l)| n >= l);
+        last = now;
+        if started.elapsed() >= Duration::from_millis(ms) {
+            break;
+        }
+        // Pacing the samples of an integrator, not waiting for readiness.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    json!({ "first": first, "last": last, "monotonic": monotonic })
+}
+
 fn init_error() -> Value {
     match Nvml::builder().lib_path(OsStr::new(fake_nvml::LIB)).init() {
         Ok(_) => json!({ "error": null }),
@@ -234,6 +278,13 @@ fn init_error() -> Value {
 /// Runs `scenario` in a child process with the library configured by
 /// `config` (and nothing else from this process's fake NVML environment).
 fn run_child(scenario: &str, config: &FakeGpuConfig, extra: &[(&str, &str)]) -> Value {
+    let out = child_command(scenario, config, extra)
+        .output()
+        .expect("run the child");
+    child_result(scenario, &out)
+}
+
+fn child_command(scenario: &str, config: &FakeGpuConfig, extra: &[(&str, &str)]) -> Command {
     let exe = std::env::current_exe().expect("current exe");
     let mut cmd = Command::new(exe);
     cmd.args([
@@ -243,14 +294,18 @@ fn run_child(scenario: &str, config: &FakeGpuConfig, extra: &[(&str, &str)]) -> 
         "--nocapture",
         "--test-threads=1",
     ]);
-    for k in ALL_ENV {
+    for k in fake_nvml::ALL_ENV {
         cmd.env_remove(k);
     }
     cmd.envs(config.env()).env(SCENARIO, scenario);
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run the child");
+    cmd
+}
+
+/// The JSON line of a finished child.
+fn child_result(scenario: &str, out: &std::process::Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -483,4 +538,192 @@ fn missing_library_is_a_libloading_error() {
         panic!("init must fail without a library");
     };
     assert!(matches!(err, NvmlError::LibloadingError(_)), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------
+// What a container sees (NVIDIA_VISIBLE_DEVICES) and per-device mode
+// ---------------------------------------------------------------------------
+
+const UUID_C: &str = "GPU-cccccccc-0000-1111-2222-333333333333";
+
+fn uuids(r: &Value) -> Vec<String> {
+    r["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["uuid"].as_str().expect("uuid").to_owned())
+        .collect()
+}
+
+#[test]
+fn visible_devices_narrow_the_nodes_gpus_like_the_container_toolkit() {
+    let node = FakeGpuConfig::new().devices([UUID_A, UUID_B, UUID_C]);
+
+    // The host's view, and `all`.
+    for config in [node.clone(), node.clone().visible_devices("all")] {
+        let r = run_child("probe", &config, &[]);
+        assert_eq!(r["count"], 3, "{config:?}");
+        assert_eq!(uuids(&r), [UUID_A, UUID_B, UUID_C]);
+    }
+
+    // A container that requested no GPU.
+    for spec in ["none", "void", ""] {
+        let r = run_child("probe", &node.clone().visible_devices(spec), &[]);
+        assert_eq!(r["count"], 0, "NVIDIA_VISIBLE_DEVICES={spec:?}");
+    }
+
+    // UUIDs and indices, renumbered in the listed order; a repeat is seen once.
+    let r = run_child(
+        "probe",
+        &node
+            .clone()
+            .visible_devices(format!("{UUID_C}, 0,{UUID_C}")),
+        &[],
+    );
+    assert_eq!(r["count"], 2);
+    assert_eq!(uuids(&r), [UUID_C, UUID_A]);
+    for (i, d) in r["devices"].as_array().expect("devices").iter().enumerate() {
+        assert_eq!(d["index"], i, "renumbered from 0");
+        assert_eq!(d["index_by_uuid"], i);
+    }
+    // A device of the node that the container may not see is not found.
+    let r = run_child("probe", &node.clone().visible_devices(UUID_B), &[]);
+    assert_eq!(uuids(&r), [UUID_B]);
+    assert_eq!(r["out_of_range_index"], "InvalidArg");
+
+    // A device the node does not have: the driver refuses to start.
+    for spec in ["3", "GPU-ffffffff-ffff-ffff-ffff-ffffffffffff", "1,x"] {
+        let out = child_command("init_error", &node.clone().visible_devices(spec), &[])
+            .output()
+            .expect("run the child");
+        let r = child_result("init_error", &out);
+        assert_eq!(r["error"], "Unknown", "NVIDIA_VISIBLE_DEVICES={spec:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("NVIDIA_VISIBLE_DEVICES names"),
+            "a message says why: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn each_device_follows_its_own_load_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gpus = dir.path().join("gpus");
+    fake_nvml::write_device_load(&gpus, UUID_A, 1.0).expect("load A");
+    fake_nvml::write_device_load(&gpus, UUID_B, 0.25).expect("load B");
+    // UUID_C has no load file: idle. A process-wide load file is ignored.
+    let busy = dir.path().join("load");
+    fake_nvml::write_load(&busy, 1.0).expect("load file");
+    let config = FakeGpuConfig::new()
+        .devices([UUID_A, UUID_B, UUID_C])
+        .gpu_dir(&gpus)
+        .load_file(&busy)
+        .idle_watts(100.0)
+        .tdp_watts(500.0);
+
+    let r = run_child("device_readings", &config, &[]);
+    assert_eq!(r["count"], 3);
+    let expected = [(UUID_A, 1.0), (UUID_B, 0.25), (UUID_C, 0.0)];
+    for (d, (uuid, util)) in r["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .zip(expected)
+    {
+        assert_eq!(d["uuid"], uuid);
+        assert_eq!(f(&d["power_mw"]), 1000.0 * (100.0 + 400.0 * util), "{uuid}");
+        assert_eq!(f(&d["gpu_pct"]), (100.0 * util).round(), "{uuid}");
+        assert_eq!(f(&d["temp_c"]), (30.0 + 50.0 * util).round(), "{uuid}");
+        // The sample created the device's state.
+        let e = fake_nvml::read_device_energy(&gpus, uuid).expect("energy file");
+        assert_eq!(e.last_util, util, "{uuid}");
+    }
+
+    // A container sees its own devices' loads, renumbered.
+    let r = run_child(
+        "device_readings",
+        &config.clone().visible_devices(UUID_B),
+        &[],
+    );
+    assert_eq!(r["count"], 1);
+    assert_eq!(r["devices"][0]["uuid"], UUID_B);
+    assert_eq!(r["devices"][0]["index"], 0);
+    assert_eq!(f(&r["devices"][0]["power_mw"]), 200_000.0);
+}
+
+#[test]
+fn processes_share_one_monotonic_counter_per_device() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gpus = dir.path().join("gpus");
+    fake_nvml::write_device_load(&gpus, UUID_A, 1.0).expect("load A");
+    fake_nvml::write_device_load(&gpus, UUID_B, 0.0).expect("load B");
+    let node = FakeGpuConfig::new()
+        .devices([UUID_A, UUID_B])
+        .gpu_dir(&gpus);
+
+    // The first process starts both counters from 0.
+    let a = run_child("energy_loop", &node, &[(SLEEP_MS, "200")]);
+    assert_eq!(a["monotonic"], true);
+    let a_last = f(&a["last"][0]);
+    assert!(f(&a["first"][0]) < 35_000.0, "from ~0: {}", a["first"]);
+    assert!(a_last >= 0.85 * 700.0 * 200.0, "200 ms at 700 W: {a_last}");
+    let start = fake_nvml::read_device_energy(&gpus, UUID_A).expect("A's counter");
+
+    // Two processes at once, one seeing both devices and one (a container)
+    // seeing only A: each sees A's counter go only up, and A's counter
+    // integrates 700 W over wall-clock time exactly (no sample of one
+    // process lost to the other's).
+    let both = child_command("energy_loop", &node, &[(SLEEP_MS, "400")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let only_a = child_command(
+        "energy_loop",
+        &node.clone().visible_devices(UUID_A),
+        &[(SLEEP_MS, "400")],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    let both = child_result("energy_loop", &both.wait_with_output().expect("wait"));
+    let only_a = child_result("energy_loop", &only_a.wait_with_output().expect("wait"));
+    for r in [&both, &only_a] {
+        assert_eq!(r["monotonic"], true, "{r}");
+        assert!(
+            f(&r["first"][0]) >= a_last,
+            "the counter continues across processes: {a_last} -> {}",
+            r["first"][0]
+        );
+    }
+    let end = fake_nvml::read_device_energy(&gpus, UUID_A).expect("A's counter");
+    let seconds = (end.last_ns - start.last_ns) as f64 / 1e9;
+    assert!(seconds >= 0.4, "the two processes ran: {seconds} s");
+    assert_close(
+        "A's counter over the concurrent run",
+        end.energy_mj - start.energy_mj,
+        700_000.0 * seconds,
+        0.001,
+    );
+    // B, at idle, was seen by one process only and integrates 70 W.
+    assert!(f(&both["last"][1]) >= f(&a["last"][1]));
+
+    // A driver reload: the counters restart from ~0 (and the state with
+    // them); the next process continues from there.
+    fake_nvml::write_device_load(&gpus, UUID_A, 0.0).expect("idle A");
+    let reset = run_child(
+        "energy_loop",
+        &node.clone().reset_energy(true),
+        &[(SLEEP_MS, "0")],
+    );
+    let reset_first = f(&reset["first"][0]);
+    assert!(reset_first < 35_000.0, "reset to ~0: {reset_first}");
+    let after = run_child("energy_loop", &node, &[(SLEEP_MS, "0")]);
+    let after_first = f(&after["first"][0]);
+    assert!(
+        after_first >= f(&reset["last"][0]) && after_first < f(&both["last"][0]),
+        "after the reset the counter continues from the reset value: {after_first}"
+    );
 }

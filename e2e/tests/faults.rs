@@ -1,9 +1,19 @@
 //! The fault suite (issue [8] item 8): faults injected into the running
-//! local world while strata-operator (the real binary, as a local process
-//! with the chart's RBAC) serves Models whose replicas run the real sidecar
-//! in front of the engine simulator, under load. Each case asserts that
-//! nothing is lost and that the world converges, and prints what it
-//! measured: recovery seconds, client requests failed, duplicate pods.
+//! local world while strata-operator serves Models whose replicas run from
+//! images (the real sidecar in front of the engine simulator, the fake NVML
+//! library mounted as a GPU node's toolkit would), under load. Each case
+//! asserts that nothing is lost and that the world converges, and prints
+//! what it measured: recovery seconds, client requests failed, duplicate
+//! pods.
+//!
+//! The operator runs here as local processes of the real binary with the
+//! chart's RBAC (a ServiceAccount token), not from the chart's Deployment:
+//! the cases SIGKILL and SIGSTOP one chosen operator at a chosen moment,
+//! run two of them under different ServiceAccounts to tell their writes
+//! apart in the audit log, and count on its process id staying the same
+//! through an API outage; a Deployment would restart or replace it behind
+//! the case's back. e2e/tests/incluster.rs and operator.rs cover the
+//! operator as the chart runs it.
 //!
 //! The faults share one world and must not overlap: every case holds the
 //! suite's lock, heals the world first (a case that failed half-way may
@@ -38,10 +48,11 @@ use strata_e2e::audit;
 use strata_e2e::control::{Action, Component};
 use strata_e2e::fake_nvml;
 use strata_e2e::harness::{
-    World, repo_yaml, service_account_kubeconfig, sim_replica_processes, test_namespace, wait_for,
-    workspace_binary, world,
+    World, engine_sim_image, model_image_profile, repo_yaml, service_account_kubeconfig,
+    sidecar_fake_nvml_injection, sim_engine_injection, test_namespace, wait_for, workspace_binary,
+    world,
 };
-use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
+use strata_e2e::runner::{RUN_LABEL, RunnerConfig};
 use strata_e2e::supervisor::State;
 use strata_e2e::wait::poll_until;
 use tokio::process::{Child, Command};
@@ -66,47 +77,37 @@ const SA_B: &str = "strata-operator-b";
 static SUITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn the_world() -> &'static World {
-    let sim = PathBuf::from(env!("CARGO_BIN_EXE_strata-engine-sim"));
-    world(env!("CARGO_BIN_EXE_strata-cluster"), move || RunnerConfig {
-        profiles: BTreeMap::from([(
-            PROFILE.to_string(),
-            Profile {
-                processes: sim_replica_processes(
-                    sim,
-                    &[
+    world(env!("CARGO_BIN_EXE_strata-cluster"), || {
+        // Model pods from their images, with what a GPU node adds: the
+        // simulator's knobs, the sidecar's fake NVML library (its GPUs'
+        // idle and full power) and faster reads for the faults' clock.
+        let mut sidecar = sidecar_fake_nvml_injection(&[
+            "--engine-health-interval=0.2",
+            "--engine-metrics-interval=0.5",
+            "--nvml-interval=0.2",
+        ]);
+        sidecar.env.extend([
+            (fake_nvml::ENV_IDLE_WATTS.to_string(), IDLE_W.to_string()),
+            (fake_nvml::ENV_TDP_WATTS.to_string(), TDP_W.to_string()),
+        ]);
+        RunnerConfig {
+            profiles: BTreeMap::from([(
+                PROFILE.to_string(),
+                // Containers restart in place (restartPolicy Always).
+                model_image_profile(
+                    sim_engine_injection(&[
                         "--max-batch",
                         "4",
                         "--itl-ms",
                         "10",
                         "--max-tokens-default",
                         "16",
-                    ],
-                    vec![
-                        "--engine-health-interval=0.2".into(),
-                        "--engine-metrics-interval=0.5".into(),
-                        format!("--nvml-lib={}", fake_nvml::LIB),
-                        "--nvml-interval=0.2".into(),
-                    ],
-                    BTreeMap::from([
-                        ("STRATA_FAKE_NVML_DEVICES".into(), "${GPU_UUIDS}".into()),
-                        (
-                            "STRATA_FAKE_NVML_LOAD_FILE".into(),
-                            "${POD_DIR}/load".into(),
-                        ),
-                        (
-                            "STRATA_FAKE_NVML_STATE_FILE".into(),
-                            "${POD_DIR}/nvml-state".into(),
-                        ),
-                        ("STRATA_FAKE_NVML_IDLE_WATTS".into(), IDLE_W.to_string()),
-                        ("STRATA_FAKE_NVML_TDP_WATTS".into(), TDP_W.to_string()),
                     ]),
+                    sidecar,
                 ),
-                // Containers restart in place (restartPolicy Always).
-                restart: true,
-                ..Profile::default()
-            },
-        )]),
-        ..RunnerConfig::default()
+            )]),
+            ..RunnerConfig::default()
+        }
     })
 }
 
@@ -301,10 +302,13 @@ impl Fixture {
             "--activator-addr=".into(),
             format!("--identity={identity}"),
             format!("--pod-label={RUN_LABEL}={PROFILE}"),
-            "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".into(),
             "--unschedulable-grace-seconds=5".into(),
             "--resync-seconds=10".into(),
             "--energy-interval-seconds=2".into(),
+            // The replicas' sidecars meter their GPUs here (opt-in,
+            // --meter-gpus): the fault cases measure the operator, not the
+            // node agent (adapters_energy.rs covers that path).
+            "--gpu-telemetry=sidecar".into(),
         ];
         match lease {
             Some(lease) => args.extend([
@@ -497,7 +501,10 @@ fn model(name: &str, replicas: i32) -> Model {
         "source".into(),
         json!({"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
     );
-    spec.insert("engine".into(), json!({"type": "vLLM"}));
+    spec.insert(
+        "engine".into(),
+        json!({"type": "vLLM", "image": engine_sim_image()}),
+    );
     spec.insert("pools".into(), json!([{"name": "h100"}]));
     spec.insert("replicas".into(), json!(replicas));
     spec.insert("minReplicas".into(), json!(1));
@@ -1184,7 +1191,8 @@ fn counters_now(dir: &Path) -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let text = std::fs::read_to_string(dir.join("nvml-state")).unwrap_or_default();
+    // The simulated GPU's directory (the sidecar's /run/strata-sim).
+    let text = std::fs::read_to_string(dir.join("gpu").join("nvml-state")).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();

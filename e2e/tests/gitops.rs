@@ -19,6 +19,19 @@
 //!   scraping the model pods' sidecars (found through the API server with a
 //!   ServiceAccount of its own and labelled as a PodMonitor labels them) and
 //!   the operator while the Model serves load, returns data.
+//!
+//! What runs where: the operator is installed with its chart (Helm) and runs
+//! in-cluster, the Deployment's two replicas from the `strata-operator`
+//! image (pod runner in image mode, leader election through the Lease);
+//! Prometheus scrapes the leader's pod at its IP (loopback) on the chart's
+//! metrics port. The Models' replicas run from the engine simulator's and
+//! the sidecar's images, with what a GPU node adds (the runner profile's
+//! injections): the simulator's knobs and load file, the fake NVML library
+//! in the sidecar. Prometheus, the Argo CD checks (Lua in this process) and
+//! the load run in the test binary.
+//!
+//! Needs the images: `scripts/images --profile dev strata-operator
+//! strata-sidecar strata-engine-sim` (scripts/test builds them first).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,13 +60,12 @@ use strata_core::view::pod_ready;
 use strata_crds::adapter::AdapterStatus;
 use strata_crds::model::ModelStatus;
 use strata_crds::{Adapter, GPUPool, Model};
-use strata_e2e::fake_nvml;
 use strata_e2e::harness::{
-    World, free_port, prometheus_bin, repo_path, repo_yaml, service_account_kubeconfig,
-    sim_replica_processes, test_namespace, wait_for, workspace_binary, world,
+    Leader, World, chart_world, engine_sim_image, free_port, model_image_profile, prometheus_bin,
+    repo_path, repo_yaml, service_account_kubeconfig, sidecar_fast_injection,
+    sim_engine_gpu_injection, test_namespace, wait_for, world,
 };
 use strata_e2e::process::Component;
-use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
 
 // ---------------------------------------------------------------------------
 // The health checks, as Argo CD runs them
@@ -993,20 +1005,26 @@ async fn label_values(base: &str, selector: &str, label: &str) -> Result<Vec<Str
 // The local world
 // ---------------------------------------------------------------------------
 
+/// The runner profile of the operator's pods (the chart's `podLabels`).
+const OPERATOR: &str = "gitops-operator";
+/// The runner profile of the model pods (the chart's `modelPodLabels`).
 const PROFILE: &str = "gitops-replica";
 
-/// Replicas: the engine simulator (one sequence at a time, one LoRA slot:
-/// a second adapter is refused) and the real sidecar metering a simulated
-/// GPU through the fake NVML library.
+/// The operator's pods from their image; replicas from the engine
+/// simulator's image (one sequence at a time, one LoRA slot: a second
+/// adapter is refused; the node's injection, after the operator's
+/// arguments, wins; it publishes its load on the GPU the device plugin gave
+/// it) and the sidecar's, at short intervals; the chart's node agents on
+/// the GPU nodes (the toolkit stand-in gives them the fake NVML library)
+/// meter the GPUs.
 fn the_world() -> &'static World {
-    let sim = PathBuf::from(env!("CARGO_BIN_EXE_strata-engine-sim"));
-    world(env!("CARGO_BIN_EXE_strata-cluster"), move || RunnerConfig {
-        profiles: BTreeMap::from([(
-            PROFILE.to_string(),
-            Profile {
-                processes: sim_replica_processes(
-                    sim,
-                    &[
+    world(env!("CARGO_BIN_EXE_strata-cluster"), || {
+        chart_world(
+            OPERATOR,
+            [(
+                PROFILE.to_string(),
+                model_image_profile(
+                    sim_engine_gpu_injection(&[
                         "--max-batch",
                         "1",
                         "--itl-ms",
@@ -1015,30 +1033,12 @@ fn the_world() -> &'static World {
                         "16",
                         "--max-loras",
                         "1",
-                    ],
-                    vec![
-                        "--engine-health-interval=0.2".into(),
-                        "--engine-metrics-interval=0.5".into(),
-                        format!("--nvml-lib={}", fake_nvml::LIB),
-                        "--nvml-interval=0.2".into(),
-                    ],
-                    BTreeMap::from([
-                        ("STRATA_FAKE_NVML_DEVICES".into(), "${GPU_UUIDS}".into()),
-                        (
-                            "STRATA_FAKE_NVML_LOAD_FILE".into(),
-                            "${POD_DIR}/load".into(),
-                        ),
-                        (
-                            "STRATA_FAKE_NVML_STATE_FILE".into(),
-                            "${POD_DIR}/nvml-state".into(),
-                        ),
                     ]),
+                    sidecar_fast_injection(),
                 ),
-                restart: false,
-                ..Profile::default()
-            },
-        )]),
-        ..RunnerConfig::default()
+            )],
+            &[],
+        )
     })
 }
 
@@ -1068,11 +1068,15 @@ subjects:
   - {kind: ServiceAccount, name: prometheus, namespace: monitoring}
 ";
 
-/// The scrape configuration: the operator's metrics endpoint with its own
+/// The scrape configuration: the operator leader's metrics endpoint (its
+/// pod's IP and the chart's metrics port) labelled with its pod, its own
 /// namespace and model labels kept (the chart's ServiceMonitor sets
-/// honorLabels), and the model pods' admin ports from `targets` (file
-/// discovery, fed by [`discover_model_pods`]).
-fn prometheus_config(operator: &str, targets: &std::path::Path) -> String {
+/// honorLabels), the model pods' admin ports from `targets` (file
+/// discovery, fed by [`discover_model_pods`]), and the node agents'
+/// metrics ports with their own labels kept (honor_labels: a GPU's
+/// `namespace` and `pod` are those of the pod that holds it, as with
+/// dcgm-exporter).
+fn prometheus_config(operator: &Leader, targets: &std::path::Path) -> String {
     format!(
         "global:
   scrape_interval: 1s
@@ -1081,18 +1085,29 @@ scrape_configs:
   - job_name: strata-operator
     honor_labels: true
     static_configs:
-      - targets: [\"{operator}\"]
-        labels: {{namespace: strata-system, pod: strata-operator-e2e}}
+      - targets: [\"{}\"]
+        labels: {{namespace: strata-system, pod: {}}}
   - job_name: strata-model-pods
     scheme: https
     tls_config: {{insecure_skip_verify: true}}
     file_sd_configs:
       - files: [{}]
         refresh_interval: 1s
+  - job_name: strata-node-agents
+    honor_labels: true
+    file_sd_configs:
+      - files: [{}]
+        refresh_interval: 1s
 ",
-        targets.display()
+        operator.metrics_addr(),
+        operator.pod,
+        targets.display(),
+        targets.with_file_name(AGENT_TARGETS).display()
     )
 }
+
+/// The node agents' targets, next to the model pods'.
+const AGENT_TARGETS: &str = "node-agents.json";
 
 /// What `kubernetes_sd_configs` (role pod) with the relabeling of
 /// docs/gitops.md gives Prometheus, done here because Debian's Prometheus
@@ -1104,7 +1119,38 @@ scrape_configs:
 async fn discover_model_pods(client: kube::Client, file: PathBuf) {
     let pods: Api<Pod> = Api::all(client);
     let mut last = String::new();
+    let agents_file = file.with_file_name(AGENT_TARGETS);
+    let mut last_agents = String::new();
     loop {
+        let agents = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=strata-node-agent"))
+            .await;
+        if let Ok(list) = agents {
+            let targets: Vec<String> = list
+                .items
+                .iter()
+                .filter_map(|p| {
+                    let ip = p.status.as_ref()?.pod_ip.clone()?;
+                    let port = p.spec.iter().flat_map(|s| &s.containers).find_map(|c| {
+                        c.ports
+                            .iter()
+                            .flatten()
+                            .find(|port| port.name.as_deref() == Some("metrics"))
+                            .map(|port| port.container_port)
+                    })?;
+                    Some(format!("{ip}:{port}"))
+                })
+                .collect();
+            let text = json!([{ "targets": targets }]).to_string();
+            if text != last_agents {
+                let tmp = agents_file.with_extension("tmp");
+                if std::fs::write(&tmp, &text).is_ok()
+                    && std::fs::rename(&tmp, &agents_file).is_ok()
+                {
+                    last_agents = text;
+                }
+            }
+        }
         let list = pods
             .list(&ListParams::default().labels("app.kubernetes.io/managed-by=strata-operator"))
             .await;
@@ -1139,7 +1185,7 @@ async fn discover_model_pods(client: kube::Client, file: PathBuf) {
 }
 
 /// A Model for the local world from the Llama sample: public weights (no
-/// Secret), the simulator's engine, the H100 pool.
+/// Secret), the simulator's engine image, the H100 pool.
 fn model(name: &str, spec: Value) -> Model {
     let mut m = repo_yaml("samples/model-llama.yaml").expect("sample");
     m["metadata"] = json!({ "name": name });
@@ -1148,7 +1194,10 @@ fn model(name: &str, spec: Value) -> Model {
         "source".into(),
         json!({"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
     );
-    s.insert("engine".into(), json!({"type": "vLLM"}));
+    s.insert(
+        "engine".into(),
+        json!({"type": "vLLM", "image": engine_sim_image()}),
+    );
     s.insert("pools".into(), json!([{"name": "h100"}]));
     for (k, v) in spec.as_object().expect("spec").clone() {
         s.insert(k, v);
@@ -1349,19 +1398,28 @@ fn check_history(history: &[Value]) {
 
 /// Prometheus' ServiceAccount, then the chart with its dashboard ConfigMap
 /// in `monitoring`, as a cluster with Grafana's dashboard sidecar would
-/// install it; the dashboard as the ConfigMap carries it (checked to be
-/// the file's, with the sidecar's label).
-async fn install_chart_with_dashboard(w: &World, client: &kube::Client) -> Value {
+/// install it, and the operator in-cluster (its energy read every 2 s);
+/// the dashboard as the ConfigMap carries it (checked to be the file's,
+/// with the sidecar's label) and the operator's leader.
+async fn install_chart_with_dashboard(w: &World, client: &kube::Client) -> (Value, Leader) {
     let out = w.kubectl_stdin(&["apply", "-f", "-"], MONITORING);
     assert!(
         out.status.success(),
         "kubectl apply: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    w.install_chart(&[
-        "grafanaDashboard.enabled=true",
-        "grafanaDashboard.namespace=monitoring",
-    ]);
+    let leader = w
+        .install_operator(
+            OPERATOR,
+            PROFILE,
+            &[
+                "grafanaDashboard.enabled=true",
+                "grafanaDashboard.namespace=monitoring",
+                "energyIntervalSeconds=2",
+            ],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the operator in-cluster: {e}"));
     let cm = Api::<ConfigMap>::namespaced(client.clone(), "monitoring")
         .get("strata-dashboard")
         .await
@@ -1386,33 +1444,7 @@ async fn install_chart_with_dashboard(w: &World, client: &kube::Client) -> Value
         dashboard, file,
         "the ConfigMap carries the dashboard as it is"
     );
-    dashboard
-}
-
-/// strata-operator as a local process with the chart's ServiceAccount,
-/// its energy read every 2 s; the process and its metrics port.
-async fn start_operator(w: &World) -> (tokio::process::Child, u16) {
-    let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
-        .await
-        .expect("kubeconfig");
-    let metrics_port = free_port();
-    let log = std::fs::File::create(w.info.log_dir.join("operator-gitops.log")).expect("log");
-    let child = tokio::process::Command::new(workspace_binary("strata-operator"))
-        .args([
-            format!("--metrics-addr=127.0.0.1:{metrics_port}"),
-            "--activator-addr=".to_string(),
-            "--leader-elect=false".to_string(),
-            format!("--pod-label={RUN_LABEL}={PROFILE}"),
-            "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e".to_string(),
-            "--energy-interval-seconds=2".to_string(),
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("operator");
-    (child, metrics_port)
+    (dashboard, leader)
 }
 
 /// A running Prometheus and the discovery that feeds it.
@@ -1430,10 +1462,10 @@ impl Prometheus {
     }
 }
 
-/// Prometheus scraping the operator's metrics port and the model pods
-/// found with Prometheus' own ServiceAccount, its files and log in the
+/// Prometheus scraping the operator leader's metrics port and the model
+/// pods found with Prometheus' own ServiceAccount, its files and log in the
 /// world's directory.
-async fn start_prometheus(w: &World, bin: &std::path::Path, metrics_port: u16) -> Prometheus {
+async fn start_prometheus(w: &World, bin: &std::path::Path, operator: &Leader) -> Prometheus {
     let kubeconfig = service_account_kubeconfig(w, "monitoring", "prometheus")
         .await
         .expect("Prometheus' kubeconfig");
@@ -1442,11 +1474,8 @@ async fn start_prometheus(w: &World, bin: &std::path::Path, metrics_port: u16) -
     let config_file = dir.join("prometheus.yml");
     let targets_file = dir.join("model-pods.json");
     std::fs::write(&targets_file, "[]").expect("targets");
-    std::fs::write(
-        &config_file,
-        prometheus_config(&format!("127.0.0.1:{metrics_port}"), &targets_file),
-    )
-    .expect("config");
+    std::fs::write(targets_file.with_file_name(AGENT_TARGETS), "[]").expect("targets");
+    std::fs::write(&config_file, prometheus_config(operator, &targets_file)).expect("config");
     let discovery = tokio::spawn(discover_model_pods(
         strata_e2e::cluster::client_from(&kubeconfig)
             .await
@@ -1480,11 +1509,9 @@ async fn argo_cd_health_of_real_objects_and_every_dashboard_panel_has_data() {
     let w = the_world();
     let client = w.client().await;
 
-    let dashboard = install_chart_with_dashboard(w, &client).await;
+    let (dashboard, leader) = install_chart_with_dashboard(w, &client).await;
 
-    let (mut operator, metrics_port) = start_operator(w).await;
-
-    let mut prometheus = start_prometheus(w, &prometheus_bin, metrics_port).await;
+    let mut prometheus = start_prometheus(w, &prometheus_bin, &leader).await;
     let prom_url = prometheus.url.clone();
 
     // Pools: the H100 sample, and one no node matches.
@@ -1579,13 +1606,13 @@ async fn argo_cd_health_of_real_objects_and_every_dashboard_panel_has_data() {
 
     adapters_loaded_and_refused(&client, &ns).await;
 
-    // Prometheus scrapes the operator and the replica.
+    // Prometheus scrapes the operator, the replica and the node agents.
     let ready = Instant::now() + Duration::from_secs(60);
     loop {
         prometheus.process.check_running().expect("Prometheus runs");
         let up = instant(&prom_url, "sum by (job) (up == 1)").await;
         if let Ok(v) = &up
-            && v.len() == 2
+            && v.len() == 3
         {
             break;
         }
@@ -1665,6 +1692,5 @@ async fn argo_cd_health_of_real_objects_and_every_dashboard_panel_has_data() {
     history.push(rolled_out);
     check_history(&history);
 
-    let _ = operator.start_kill();
     prometheus.stop().await;
 }

@@ -23,17 +23,18 @@ use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, post_json, process_identity, repo_path, repo_yaml, service_account_kubeconfig,
-    sim_engine_injection, sim_image_model, test_namespace, wait_for, workspace_binary, world,
+    NODE_AGENT, World, gpu_node_toolkit, operator_profile, post_json, process_identity, repo_path,
+    repo_yaml, sim_engine_gpu_injection, sim_image_model, test_namespace, wait_for, world,
 };
 use strata_e2e::runner::{Profile, RUN_LABEL, RunnerConfig};
-use tokio::process::Command;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 /// Containers restart in place (a Model's replicas).
 const PROFILE: &str = "images";
 /// A container that exits fails its pod (to read how it failed).
 const ONCE: &str = "images-once";
+/// The chart's operator pods.
+const OPERATOR: &str = "operator";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn engine_image() -> String {
@@ -145,15 +146,17 @@ fn test_layout() -> PathBuf {
 
 fn the_world() -> &'static World {
     world(env!("CARGO_BIN_EXE_strata-cluster"), || {
-        // The node's additions to the engine container: the simulated GPU's
-        // load file (read by the fake NVML library), in a directory of the
-        // pod's, and the simulator's speed.
+        // The node's additions to the engine container: the simulator's
+        // load published per GPU it sees (through the toolkit's mount of the
+        // node's GPU state) and its speed.
         let inject = BTreeMap::from([(
             "engine".to_string(),
-            sim_engine_injection(&["--itl-ms", "5", "--max-tokens-default", "8"]),
+            sim_engine_gpu_injection(&["--itl-ms", "5", "--max-tokens-default", "8"]),
         )]);
         RunnerConfig {
             profiles: BTreeMap::from([
+                (OPERATOR.to_string(), operator_profile()),
+                (NODE_AGENT.to_string(), operator_profile()),
                 (
                     PROFILE.to_string(),
                     Profile {
@@ -173,6 +176,8 @@ fn the_world() -> &'static World {
                 ),
             ]),
             image_layout: Some(test_layout()),
+            // GPU nodes with the NVIDIA container toolkit (the fake NVML).
+            nvidia_toolkit: Some(gpu_node_toolkit(&[])),
         }
     })
 }
@@ -185,31 +190,10 @@ fn pod_dir(w: &World, ns: &str, name: &str) -> PathBuf {
 async fn a_model_runs_from_the_engine_and_sidecar_images() {
     let w = the_world();
     let client = w.client().await;
-    w.install_chart_for_local_operator();
-    let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
+    // The operator from its image too, as the chart runs it.
+    w.install_operator(OPERATOR, PROFILE, &[])
         .await
-        .expect("kubeconfig");
-    let port = |_: ()| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port")
-    };
-    let log = std::fs::File::create(w.info.log_dir.join("operator-images.log")).expect("log");
-    let _operator = Command::new(workspace_binary("strata-operator"))
-        .args([
-            format!("--metrics-addr=127.0.0.1:{}", port(())),
-            format!("--activator-addr=127.0.0.1:{}", port(())),
-            "--leader-elect=false".to_string(),
-            format!("--pod-label={RUN_LABEL}={PROFILE}"),
-            format!("--sidecar-image={}", sidecar_image()),
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("operator");
+        .expect("the chart's operator runs");
 
     let pool: GPUPool =
         serde_json::from_value(repo_yaml("samples/gpupool-h100.yaml").expect("sample"))
@@ -238,6 +222,13 @@ async fn a_model_runs_from_the_engine_and_sidecar_images() {
         panic!("the Model's replica from its images is not ready: {e}\n{statuses:#?}");
     }
     let pod = list.items.first().expect("a pod");
+    // The chart's operator puts the sidecar image of its own version in.
+    let images: Vec<Option<String>> = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.iter().map(|c| c.image.clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(images, [Some(engine_image()), Some(sidecar_image())]);
     let name = pod.metadata.name.clone().expect("name");
     let ip = pod
         .status
@@ -280,12 +271,68 @@ async fn a_model_runs_from_the_engine_and_sidecar_images() {
     );
     assert_eq!(sidecar_uid, 65532, "the sidecar image's user");
     assert!(sidecar_ro, "the sidecar's root filesystem is read-only");
-    // The simulated GPU's load file, written by the engine through the
-    // node's mount.
+    // As the device plugin does: the engine container, which requests the
+    // GPU, is told which of the node's GPUs it holds; the sidecar, which
+    // requests none, is told nothing.
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("bound");
+    let visible = |pid_file: &str| {
+        let pid = std::fs::read_to_string(dir.join(pid_file)).expect("pid");
+        let environ =
+            std::fs::read(format!("/proc/{}/environ", pid.trim())).expect("the process's env");
+        environ
+            .split(|b| *b == 0)
+            .filter_map(|e| std::str::from_utf8(e).ok())
+            .find_map(|e| e.strip_prefix("NVIDIA_VISIBLE_DEVICES="))
+            .map(str::to_string)
+    };
+    let node_gpus: Vec<String> = (0..8)
+        .map(|i| strata_e2e::devices::device_id(&node, "nvidia.com/gpu", i))
+        .collect();
+    let engine_gpus = visible("engine.pid").expect("NVIDIA_VISIBLE_DEVICES in the engine");
     assert!(
-        dir.join("gpu/load").is_file(),
-        "the engine publishes its load"
+        engine_gpus.split(',').count() == 1 && node_gpus.contains(&engine_gpus),
+        "one of {node}'s GPUs: {engine_gpus}"
     );
+    assert_eq!(visible("strata-sidecar.pid"), None);
+    // The toolkit: the driver's NVML library and the node's GPUs in the
+    // engine's container (which asked for a GPU), not in the sidecar's; the
+    // simulator publishes its load on the GPU it sees, in the node's GPU
+    // state.
+    let in_root = |pid_file: &str, path: &str| {
+        let pid = std::fs::read_to_string(dir.join(pid_file)).expect("pid");
+        std::path::Path::new(&format!("/proc/{}/root", pid.trim()))
+            .join(path.trim_start_matches('/'))
+            .exists()
+    };
+    let lib = strata_e2e::harness::NVML_IN_CONTAINER;
+    assert!(in_root("engine.pid", lib), "NVML in the engine's container");
+    assert!(
+        !in_root("strata-sidecar.pid", lib),
+        "no NVML in the sidecar's"
+    );
+    let load = w
+        .info
+        .log_dir
+        .join("nodes")
+        .join(&node)
+        .join("gpus")
+        .join(&engine_gpus)
+        .join("load");
+    strata_e2e::wait::poll_until(
+        "the engine's load on its GPU",
+        TIMEOUT,
+        Duration::from_millis(200),
+        || {
+            let load = load.clone();
+            async move { Ok(load.is_file()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", load.display()));
 }
 
 fn raw_pod(name: &str, profile: &str, container: Value) -> Pod {

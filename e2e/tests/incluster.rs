@@ -9,7 +9,6 @@
 //! Needs the images: `scripts/images --profile dev strata-operator
 //! strata-sidecar strata-engine-sim` (scripts/test builds them first).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -20,10 +19,10 @@ use serde_json::json;
 use strata_core::view::pod_ready;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, post_json, process_identity, repo_path, repo_yaml, sim_engine_injection,
-    sim_image_model, test_namespace, wait_for, world,
+    NODE_AGENT, World, chart_world, model_image_profile, post_json, process_identity, repo_path,
+    repo_yaml, sim_engine_gpu_injection, sim_image_model, test_namespace, wait_for, world,
 };
-use strata_e2e::runner::{Profile, RunnerConfig};
+use strata_e2e::pod_images::Injection;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const OPERATOR: &str = "operator";
@@ -32,30 +31,18 @@ const NS: &str = "strata-system";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn the_world() -> &'static World {
-    world(env!("CARGO_BIN_EXE_strata-cluster"), || RunnerConfig {
-        profiles: BTreeMap::from([
-            (
-                OPERATOR.to_string(),
-                Profile {
-                    images: true,
-                    restart: true,
-                    ..Profile::default()
-                },
-            ),
-            (
+    world(env!("CARGO_BIN_EXE_strata-cluster"), || {
+        chart_world(
+            OPERATOR,
+            [(
                 MODEL.to_string(),
-                Profile {
-                    images: true,
-                    restart: true,
-                    inject: BTreeMap::from([(
-                        "engine".to_string(),
-                        sim_engine_injection(&["--itl-ms", "5"]),
-                    )]),
-                    ..Profile::default()
-                },
-            ),
-        ]),
-        ..RunnerConfig::default()
+                model_image_profile(
+                    sim_engine_gpu_injection(&["--itl-ms", "5"]),
+                    Injection::default(),
+                ),
+            )],
+            &[],
+        )
     })
 }
 
@@ -92,6 +79,8 @@ async fn the_chart_runs_the_operator_from_its_image_with_leader_election() {
         &format!("podLabels.e2e\\.strata\\.ai/run={OPERATOR}"),
         "--set",
         &format!("modelPodLabels.e2e\\.strata\\.ai/run={MODEL}"),
+        "--set",
+        &format!("nodeAgent.podLabels.e2e\\.strata\\.ai/run={NODE_AGENT}"),
         "--set",
         "leaderElection.leaseDurationSeconds=10",
         "--set",

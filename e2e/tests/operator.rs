@@ -1,14 +1,12 @@
-//! The operator in the local world: strata-operator runs as local processes
-//! with the credentials of the chart's ServiceAccount (RBAC enforced by the
-//! real API server); model pods get stand-in processes on their pod IPs from
-//! the pod runner (the real sidecar arrives with issue [4]).
+//! The operator in the local world as users run it: the chart installs it,
+//! its two replicas run in-cluster from the operator image (pod runner in
+//! image mode, the chart's RBAC enforced by the real API server, leader
+//! election); the Models' replicas run from images too (the engine
+//! simulator's and the product's sidecar) on their pod IPs.
 //!
 //! One scenario, in order, because its steps share the GPUs of one world.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use strata_core::view::pod_ready;
@@ -22,106 +20,52 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::harness::{
-    World, free_port, repo_yaml, service_account_kubeconfig, test_namespace, wait_for,
-    workspace_binary, world,
+    World, chart_world, engine_sim_image, model_image_profile, operator_leader, post_json,
+    repo_yaml, sim_engine_gpu_injection, test_namespace, wait_for, world,
 };
-use strata_e2e::runner::{ProcessSpec, Profile, RUN_LABEL, RunnerConfig};
+use strata_e2e::pod_images::Injection;
+use strata_e2e::runner::Profile;
 use strata_e2e::wait::poll_until;
-use tokio::process::{Child, Command};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const PROFILE: &str = "model-replica";
+const OPERATOR: &str = "operator";
 
 fn the_world() -> &'static World {
-    let http = PathBuf::from(env!("CARGO_BIN_EXE_strata-e2e-http"));
-    world(env!("CARGO_BIN_EXE_strata-cluster"), move || {
-        let process = |name: &str, port: u16| ProcessSpec {
-            name: name.into(),
-            command: http.clone(),
-            args: vec![
-                "--listen".into(),
-                format!("${{POD_IP}}:{port}"),
-                "--name".into(),
-                "${POD_NAMESPACE}/${POD_NAME}".into(),
-            ],
-            ..ProcessSpec::default()
-        };
-        // The admin port (9090) is the real sidecar, serving TLS with the
-        // certificate the operator put in the Model's Secret (the runner
-        // writes a Secret volume's files under ${POD_DIR}/volumes/<volume>),
-        // so that the pod's HTTPS probes pass; its "engine" is the stand-in.
-        let secret = "${POD_DIR}/volumes/sidecar-secret";
-        let admin = ProcessSpec {
-            name: "strata-sidecar".into(),
-            command: workspace_binary("strata-sidecar"),
-            args: vec![
-                "--listen=${POD_IP}:18080".into(),
-                "--admin-listen=${POD_IP}:9090".into(),
-                "--engine-url=http://${POD_IP}:8080".into(),
-                "--engine=custom".into(),
-                "--engine-health-path=/healthz".into(),
-                "--served-model=stand-in".into(),
-                "--gpus=none".into(),
-                format!("--admin-tls-cert-file={secret}/tls.crt"),
-                format!("--admin-tls-key-file={secret}/tls.key"),
-            ],
-            ..ProcessSpec::default()
-        };
-        RunnerConfig {
-            profiles: BTreeMap::from([(
+    world(env!("CARGO_BIN_EXE_strata-cluster"), || {
+        chart_world(
+            OPERATOR,
+            [(
                 PROFILE.to_string(),
-                // A stand-in for the sidecar's API port (8080), the sidecar
-                // itself on the admin port (9090).
+                // Model pods from their images: the simulator's engine and
+                // the product's sidecar. A container that exits fails its
+                // pod here (`restart: false`, as with `restartPolicy:
+                // Never`), so that replacing a crashed replica is the
+                // operator's work, which this scenario checks.
                 Profile {
-                    processes: vec![process("http", 8080), admin],
                     restart: false,
-                    ..Profile::default()
+                    ..model_image_profile(
+                        sim_engine_gpu_injection(&["--itl-ms", "5"]),
+                        Injection::default(),
+                    )
                 },
-            )]),
-            ..RunnerConfig::default()
-        }
+            )],
+            &[],
+        )
     })
 }
 
-/// Operator processes, killed when the scenario ends (also on panic).
-struct Operators {
-    children: Vec<(String, Child, u16)>,
-}
-
-impl Drop for Operators {
-    fn drop(&mut self) {
-        for (_, c, _) in &mut self.children {
-            let _ = c.start_kill();
-        }
+/// A Manual Model from `samples/model-llama.yaml` (its two pools, per-pool
+/// args, credentials Secret), its engine the simulator's image.
+fn sample_model(name: &str) -> serde_json::Value {
+    let mut m = repo_yaml("samples/model-llama.yaml").expect("sample");
+    m["metadata"] = json!({ "name": name });
+    m["spec"]["autoscaling"] = json!({"mode": "Manual"});
+    m["spec"]["engine"]["image"] = json!(engine_sim_image());
+    if let Some(spec) = m["spec"].as_object_mut() {
+        spec.remove("adapters");
     }
-}
-
-fn start_operator(kubeconfig: &PathBuf, identity: &str, log: &PathBuf) -> (Child, u16) {
-    let port = free_port();
-    let out = std::fs::File::create(log).expect("log");
-    let err = out.try_clone().expect("log");
-    let child = Command::new(workspace_binary("strata-operator"))
-        .args([
-            &format!("--metrics-addr=127.0.0.1:{port}"),
-            "--activator-addr=",
-            "--lease-namespace=strata-system",
-            "--lease-name=strata-operator",
-            "--lease-duration-seconds=6",
-            &format!("--identity={identity}"),
-            &format!("--pod-label={RUN_LABEL}={PROFILE}"),
-            "--sidecar-image=ghcr.io/strata-ai/strata-sidecar:e2e",
-            "--unschedulable-grace-seconds=5",
-            "--resync-seconds=10",
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,strata_operator=debug")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start strata-operator");
-    (child, port)
+    m
 }
 
 async fn model_status(api: &Api<Model>, name: &str) -> strata_crds::ModelStatus {
@@ -174,19 +118,24 @@ async fn model_pods(client: &Client, ns: &str, model: &str) -> Vec<Pod> {
 async fn the_operator_places_rolls_heals_and_cleans_up() {
     let w = the_world();
     let client = w.client().await;
-    w.install_chart_for_local_operator();
-
-    let kubeconfig = service_account_kubeconfig(w, "strata-system", "strata-operator")
+    // The operator as users run it: the chart's two replicas from the
+    // operator image, in-cluster, with leader election (a short lease for
+    // the failover below; faster placement retries and resyncs for the
+    // scenario's clock).
+    let leader = w
+        .install_operator(
+            OPERATOR,
+            PROFILE,
+            &[
+                "leaderElection.leaseDurationSeconds=6",
+                "unschedulableGraceSeconds=5",
+                "extraArgs={--resync-seconds=10}",
+                "extraEnv[0].name=RUST_LOG",
+                "extraEnv[0].value=info\\,strata_operator=debug",
+            ],
+        )
         .await
-        .expect("SA kubeconfig");
-    let log_dir = w.info.log_dir.clone();
-    let mut ops = Operators {
-        children: Vec::new(),
-    };
-    for id in ["operator-a", "operator-b"] {
-        let (child, port) = start_operator(&kubeconfig, id, &log_dir.join(format!("{id}.log")));
-        ops.children.push((id.to_string(), child, port));
-    }
+        .expect("the chart's operator runs");
 
     // Pools.
     let pools: Api<GPUPool> = Api::all(client.clone());
@@ -223,9 +172,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         .await
         .expect("secret");
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
-    let mut llama = repo_yaml("samples/model-llama.yaml").expect("sample");
-    llama["metadata"] = json!({"name": "llama"});
-    llama["spec"]["autoscaling"] = json!({"mode": "Manual"});
+    let mut llama = sample_model("llama");
     llama["spec"]["replicas"] = json!(2);
     let llama: Model = serde_json::from_value(llama).expect("model");
     models
@@ -271,11 +218,9 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
             .as_ref()
             .and_then(|s| s.pod_ip.clone())
             .expect("ip");
-        let addr: SocketAddr = format!("{ip}:8080").parse().expect("addr");
-        let r = strata_e2e::http::get(addr, "/", Duration::from_secs(5))
-            .await
-            .expect("pod answers");
-        assert_eq!(r.status, 200);
+        let body = json!({"model": "llama", "prompt": "hi", "max_tokens": 4}).to_string();
+        let answer = post_json(&format!("{ip}:8080"), "/v1/completions", &body).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 
     // The Service selects exactly the ready replicas.
@@ -423,9 +368,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     );
 
     // Fallback with per-pool args: one replica at most on H100, the rest on L4.
-    let mut fb = repo_yaml("samples/model-llama.yaml").expect("sample");
-    fb["metadata"] = json!({"name": "fallback"});
-    fb["spec"]["autoscaling"] = json!({"mode": "Manual"});
+    let mut fb = sample_model("fallback");
     fb["spec"]["replicas"] = json!(2);
     fb["spec"]["pools"][0]["maxReplicas"] = json!(1);
     models
@@ -461,9 +404,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     );
 
     // Unplaceable: 16 GPUs per replica fit no node; the condition says what is missing.
-    let mut big = repo_yaml("samples/model-llama.yaml").expect("sample");
-    big["metadata"] = json!({"name": "big"});
-    big["spec"]["autoscaling"] = json!({"mode": "Manual"});
+    let mut big = sample_model("big");
     big["spec"]["gpusPerReplica"] = json!(16);
     big["spec"]["pools"] = json!([{"name": "h100"}, {"name": "a100-missing"}]);
     models
@@ -502,13 +443,27 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         .get(&victim.pod)
         .await
         .expect("pod");
-    let ip = pod.status.and_then(|s| s.pod_ip).expect("ip");
-    let _ = strata_e2e::http::get(
-        format!("{ip}:8080").parse().expect("addr"),
-        "/exit?code=1",
-        Duration::from_secs(5),
+    assert!(
+        pod.status.and_then(|s| s.pod_ip).is_some(),
+        "a running replica"
+    );
+    // The engine process dies (SIGKILL, as the OOM killer would).
+    let pid_file = w
+        .info
+        .log_dir
+        .join("pods")
+        .join(format!("{ns}_{}.d", victim.pod))
+        .join("engine.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .expect("a pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
     )
-    .await;
+    .expect("kill the engine");
     let victim_name = victim.pod.clone();
     wait_model(
         &models,
@@ -571,27 +526,16 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         }
     }
 
-    // Metrics on the leader.
+    // Metrics on the leader (still the first one: no failover so far).
     let leases: Api<Lease> = Api::namespaced(client.clone(), "strata-system");
-    let holder = leases
-        .get("strata-operator")
+    assert_eq!(
+        operator_leader(&client, TIMEOUT).await.expect("leader"),
+        leader
+    );
+    let metrics_addr = leader.metrics_addr();
+    let metrics = strata_e2e::http::get(metrics_addr, "/metrics", Duration::from_secs(5))
         .await
-        .expect("lease")
-        .spec
-        .and_then(|s| s.holder_identity)
-        .expect("holder");
-    let (_, _, port) = ops
-        .children
-        .iter()
-        .find(|(id, _, _)| *id == holder)
-        .expect("the leader is one of ours");
-    let metrics = strata_e2e::http::get(
-        format!("127.0.0.1:{port}").parse().expect("addr"),
-        "/metrics",
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("metrics");
+        .expect("metrics");
     assert!(
         metrics
             .body
@@ -601,7 +545,6 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     );
     assert!(metrics.body.contains("strata_leader 1"));
     // The backlog gauge is sampled every 5 s: wait for it to read 0.
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     poll_until(
         "the reconcile backlog to drain",
         TIMEOUT,
@@ -627,25 +570,36 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
             .contains("strata_replica_placements_total{pool=\"l4\"}")
     );
 
-    // Leader failover: stop the leader gracefully; the standby takes over and reconciles.
-    let idx = ops
-        .children
-        .iter()
-        .position(|(id, _, _)| *id == holder)
-        .expect("leader");
-    let (_, mut leader, _) = ops.children.remove(idx);
-    if let Some(pid) = leader.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let status = tokio::time::timeout(Duration::from_secs(20), leader.wait())
+    // Leader failover: the leader's pod is deleted; its container gets
+    // SIGTERM, and a graceful shutdown gives the Lease up (holder cleared)
+    // instead of leaving it to expire; the standby takes over and reconciles.
+    let released = Arc::new(Mutex::new(false));
+    let seen = released.clone();
+    let lease_watch = tokio::spawn({
+        let leases = leases.clone();
+        async move {
+            let stream = watcher(
+                leases,
+                watcher::Config::default().fields("metadata.name=strata-operator"),
+            )
+            .applied_objects()
+            .default_backoff();
+            tokio::pin!(stream);
+            while let Some(Ok(lease)) = stream.next().await {
+                let holder = lease.spec.and_then(|s| s.holder_identity);
+                if holder.is_none_or(|h| h.is_empty())
+                    && let Ok(mut r) = seen.lock()
+                {
+                    *r = true;
+                }
+            }
+        }
+    });
+    Api::<Pod>::namespaced(client.clone(), "strata-system")
+        .delete(&leader.pod, &DeleteParams::default())
         .await
-        .expect("leader exits")
-        .expect("status");
-    assert!(status.success(), "graceful shutdown exits 0: {status}");
-    let standby = ops.children[0].0.clone();
+        .expect("delete the leader's pod");
+    let old = leader.pod.clone();
     wait_for(
         leases.clone(),
         "strata-operator",
@@ -653,11 +607,16 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         move |l: Option<&Lease>| {
             l.and_then(|l| l.spec.as_ref())
                 .and_then(|s| s.holder_identity.as_deref())
-                == Some(standby.as_str())
+                .is_some_and(|h| !h.is_empty() && h != old)
         },
     )
     .await
-    .expect("the standby holds the lease");
+    .expect("another replica holds the lease");
+    lease_watch.abort();
+    assert!(
+        *released.lock().expect("lock"),
+        "the old leader released the Lease on SIGTERM"
+    );
     let out = w.kubectl(&["scale", "-n", &ns, "model/llama", "--replicas=1"]);
     assert!(out.status.success());
     wait_model(&models, "llama", "the new leader scales down", |m| {
@@ -712,9 +671,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         .await
         .expect("secret");
     let blocked_models: Api<Model> = Api::namespaced(client.clone(), &quota_ns);
-    let mut blocked = repo_yaml("samples/model-llama.yaml").expect("sample");
-    blocked["metadata"] = json!({"name": "blocked"});
-    blocked["spec"]["autoscaling"] = json!({"mode": "Manual"});
+    let mut blocked = sample_model("blocked");
     blocked["spec"]["replicas"] = json!(1);
     let blocked: Model = serde_json::from_value(blocked).expect("model");
     blocked_models
@@ -762,9 +719,7 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     // SecretNotFound, and no replica is even tried (a pod would never start
     // and would hold its GPUs); once the Secret exists, the Model goes on
     // (here into the quota).
-    let mut needs = repo_yaml("samples/model-llama.yaml").expect("sample");
-    needs["metadata"] = json!({"name": "needs-secret"});
-    needs["spec"]["autoscaling"] = json!({"mode": "Manual"});
+    let mut needs = sample_model("needs-secret");
     needs["spec"]["replicas"] = json!(1);
     needs["spec"]["source"]["credentialsSecretRef"] = json!({"name": "other-token"});
     let needs: Model = serde_json::from_value(needs).expect("model");

@@ -62,6 +62,7 @@ async fn the_sidecar_meters_the_pods_gpus_through_nvml() {
             format!("--admin-listen=127.0.0.1:{admin}"),
             "--engine-url=http://127.0.0.1:9".to_string(),
             "--served-model=m".to_string(),
+            "--meter-gpus".into(),
             format!("--nvml-lib={}", fake_nvml::LIB),
             "--nvml-interval=0.1".to_string(),
             // The pod's GPUs: two of the node's three, one by UUID, one by index.

@@ -51,7 +51,12 @@ struct Cli {
     /// The Hugging Face hub.
     #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
     hf_endpoint: String,
-    /// Path of libnvidia-ml.so.1 (default: the system's).
+    /// Meter the GPUs this container sees through NVML (opt-in: a sidecar
+    /// requests no GPU, so on a real node it sees none; the node agent or
+    /// dcgm-exporter meters the pod's GPUs instead, see docs/energy.md).
+    #[arg(long, env = "STRATA_METER_GPUS")]
+    meter_gpus: bool,
+    /// Path of libnvidia-ml.so.1 (default: the system's), with --meter-gpus.
     #[arg(long, env = "STRATA_NVML_LIB")]
     nvml_lib: Option<String>,
     /// GPUs to meter: UUIDs or indices, `all` or `none` (default: NVIDIA_VISIBLE_DEVICES).
@@ -130,12 +135,19 @@ async fn main() -> ExitCode {
     };
     let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.05, 3600.0));
     let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-    let _sampler = strata_sidecar::nvml::start(
-        cli.nvml_lib.as_deref(),
-        cli.gpus.clone(),
-        secs(cli.nvml_interval),
-        metrics.clone(),
-    );
+    let _sampler = if cli.meter_gpus {
+        strata_sidecar::nvml::start(
+            cli.nvml_lib.as_deref(),
+            cli.gpus.clone(),
+            secs(cli.nvml_interval),
+            metrics.clone(),
+        )
+    } else {
+        tracing::info!(
+            "GPU metering off (the node agent or dcgm-exporter meters the pod's GPUs; --meter-gpus to meter the GPUs this container sees)"
+        );
+        None
+    };
     let app = Arc::new(App::new(
         Config {
             engine_url: cli.engine_url.trim_end_matches('/').to_string(),

@@ -3,7 +3,6 @@
 //! counter (with resets handled). With no driver or no library it logs one
 //! line, reports `strata_gpu_visible 0`, and the proxy keeps working.
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +12,9 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 
 use crate::metrics::Metrics;
+
+/// The reset-safe accumulator, shared with the node agent (strata-core).
+pub use strata_core::energy_counter::{EnergyAccumulator, EnergyDelta};
 
 /// Which devices a `NVIDIA_VISIBLE_DEVICES`-style value selects, from the
 /// (index, UUID) pairs NVML lists. Unset, empty or `all`: every device;
@@ -41,47 +43,6 @@ pub fn select(devices: &[(u32, String)], spec: Option<&str>) -> Vec<u32> {
         }
     }
     out
-}
-
-/// Turns readings of a monotonic millijoule counter into joule increments,
-/// surviving resets (the counter restarts from zero on a driver reload).
-#[derive(Debug, Default, Clone)]
-pub struct EnergyAccumulator {
-    last_mj: BTreeMap<String, u64>,
-}
-
-/// One reading's contribution.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EnergyDelta {
-    /// Joules used since the previous reading.
-    pub joules: f64,
-    /// The counter went backwards (a reset).
-    pub reset: bool,
-}
-
-impl EnergyAccumulator {
-    /// The increment for a new reading of `uuid`'s counter. The first
-    /// reading is the baseline (0 J): energy used before the sidecar ran is
-    /// not this pod's.
-    pub fn update(&mut self, uuid: &str, counter_mj: u64) -> EnergyDelta {
-        let delta = match self.last_mj.get(uuid) {
-            None => EnergyDelta {
-                joules: 0.0,
-                reset: false,
-            },
-            Some(prev) if counter_mj >= *prev => EnergyDelta {
-                joules: (counter_mj - prev) as f64 / 1000.0,
-                reset: false,
-            },
-            // Reset: what the counter shows now was used since the reset.
-            Some(_) => EnergyDelta {
-                joules: counter_mj as f64 / 1000.0,
-                reset: true,
-            },
-        };
-        self.last_mj.insert(uuid.to_string(), counter_mj);
-        delta
-    }
 }
 
 /// The running sampler.
@@ -236,17 +197,5 @@ mod tests {
             Vec::<u32>::new(),
             "unknown devices are skipped"
         );
-    }
-
-    #[test]
-    fn energy_survives_counter_resets_without_double_counting() {
-        let mut acc = EnergyAccumulator::default();
-        assert_eq!(acc.update("g", 5_000_000).joules, 0.0, "baseline");
-        assert_eq!(acc.update("g", 5_001_500).joules, 1.5);
-        let r = acc.update("g", 400);
-        assert!(r.reset);
-        assert_eq!(r.joules, 0.4);
-        assert_eq!(acc.update("g", 1_400).joules, 1.0);
-        assert_eq!(acc.update("other", 9).joules, 0.0, "per device");
     }
 }

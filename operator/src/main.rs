@@ -24,6 +24,8 @@ use tokio::signal::unix::{SignalKind, signal};
 #[derive(Parser, Debug)]
 #[command(
     version,
+    // A flag given again wins (the chart's `extraArgs` come after its own).
+    args_override_self = true,
     about = "Strata: places foundation models on NVIDIA GPU pools and keeps them inside their SLAs"
 )]
 struct Cli {
@@ -85,6 +87,19 @@ struct Cli {
     /// Seconds between readings of the replicas' GPU energy counters.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     energy_interval_seconds: u64,
+    /// Where the GPUs' energy, power and utilization are read: `node-agent`
+    /// (strata-node-agent on each GPU node), `dcgm` (dcgm-exporter through
+    /// Prometheus) or `sidecar` (each replica's sidecar; it sees GPUs only
+    /// where the node lets it).
+    #[arg(long, value_enum, default_value = "node-agent")]
+    gpu_telemetry: strata_operator::controller::telemetry::Source,
+    /// The node agents' metrics port (their pods are found by label in the
+    /// operator's namespace).
+    #[arg(long, default_value_t = 9402)]
+    node_agent_port: u16,
+    /// The Prometheus that scrapes dcgm-exporter, for `--gpu-telemetry=dcgm`.
+    #[arg(long)]
+    dcgm_prometheus_url: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -258,6 +273,12 @@ async fn main() -> ExitCode {
         resync: Duration::from_secs(cli.resync_seconds),
         energy_interval: Duration::from_secs(cli.energy_interval_seconds),
         ca,
+        telemetry: strata_operator::controller::TelemetryConfig {
+            source: cli.gpu_telemetry,
+            agent_namespace: cli.lease_namespace.clone(),
+            agent_port: cli.node_agent_port,
+            dcgm_url: cli.dcgm_prometheus_url.clone(),
+        },
     };
 
     let elector = cli.leader_elect.then(|| {
@@ -312,4 +333,23 @@ async fn main() -> ExitCode {
     }
     server.abort();
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_given_again_wins_and_labels_accumulate() {
+        let cli = Cli::try_parse_from([
+            "strata-operator",
+            "--resync-seconds=300",
+            "--pod-label=a=1",
+            "--resync-seconds=10",
+            "--pod-label=b=2",
+        ])
+        .expect("parses");
+        assert_eq!(cli.resync_seconds, 10);
+        assert_eq!(cli.pod_labels.len(), 2);
+    }
 }

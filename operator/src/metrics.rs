@@ -60,6 +60,8 @@ pub struct Metrics {
     pub adapter_energy: CounterVec,
     /// GPU energy counters that went backwards (driver reloads).
     pub energy_counter_resets: IntCounterVec,
+    /// GPU telemetry reads that failed, by source (`node-agent`, `dcgm`).
+    pub telemetry_errors: IntCounterVec,
     /// Adapter loads and unloads through the sidecars, by operation and result.
     pub adapter_operations: IntCounterVec,
     /// Times the activator asked for a replica of a Model at zero.
@@ -306,6 +308,14 @@ impl Metrics {
             ),
             model_labels,
         )?;
+        let telemetry_errors = IntCounterVec::new(
+            Opts::new(
+                "strata_telemetry_errors_total",
+                "GPU telemetry reads that failed (a node agent that did not answer, a Prometheus query), by source.",
+            ),
+            &["source"],
+        )?;
+        registry.register(Box::new(telemetry_errors.clone()))?;
         let adapter_operations = IntCounterVec::new(
             Opts::new(
                 "strata_adapter_operations_total",
@@ -373,6 +383,7 @@ impl Metrics {
             pool_power,
             adapter_energy,
             energy_counter_resets,
+            telemetry_errors,
             adapter_operations,
             activator_wakes,
             activator_requests,

@@ -22,3 +22,26 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 app.kubernetes.io/name: strata-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{- define "strata.nodeAgentLabels" -}}
+app.kubernetes.io/name: strata-node-agent
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "strata.nodeAgentSelectorLabels" -}}
+app.kubernetes.io/name: strata-node-agent
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "strata.gpuTelemetry" -}}
+{{- if .Values.gpuTelemetry.source -}}
+{{- .Values.gpuTelemetry.source -}}
+{{- else if .Values.nodeAgent.enabled -}}
+node-agent
+{{- else -}}
+sidecar
+{{- end -}}
+{{- end -}}

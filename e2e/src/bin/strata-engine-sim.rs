@@ -13,6 +13,10 @@
 //! `--enable-prefix-caching`, all ignored), so that its
 //! image (`localhost/strata-engine-sim`) can stand in for vLLM's in a Model;
 //! a repeated flag takes its last value (test knobs appended by the world).
+//!
+//! `--gpu-dir DIR` publishes its load to `DIR/<uuid>/load` for each GPU its
+//! container sees (`NVIDIA_VISIBLE_DEVICES`), for the fake NVML library's
+//! per-device mode.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -83,6 +87,12 @@ struct Cli {
     /// File to publish the simulated GPU utilization to (for the fake NVML library).
     #[arg(long)]
     load_file: Option<PathBuf>,
+    /// The node's GPU state directory (the fake NVML library's per-device
+    /// mode): the utilization is published to `DIR/<uuid>/load` for each
+    /// GPU of NVIDIA_VISIBLE_DEVICES (UUIDs; `all` and indices resolve
+    /// against STRATA_FAKE_NVML_DEVICES).
+    #[arg(long, value_name = "DIR")]
+    gpu_dir: Option<PathBuf>,
     /// Most LoRA adapters loaded at once.
     #[arg(long, default_value_t = 4)]
     max_loras: usize,
@@ -135,6 +145,25 @@ async fn main() -> ExitCode {
         prefix_caching = cli.enable_prefix_caching,
         "vLLM flags accepted"
     );
+    let gpus = if cli.gpu_dir.is_some() {
+        let visible = std::env::var("NVIDIA_VISIBLE_DEVICES").ok();
+        let node = std::env::var("STRATA_FAKE_NVML_DEVICES").ok();
+        match sim::visible_gpus(visible.as_deref(), node.as_deref()) {
+            Ok(g) if g.is_empty() => {
+                tracing::warn!(
+                    "--gpu-dir is set but NVIDIA_VISIBLE_DEVICES names no GPU: no GPU load is published"
+                );
+                g
+            }
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let config = SimConfig {
         model: cli.served_model_name.clone().unwrap_or(cli.model),
         max_batch: cli.max_batch,
@@ -144,6 +173,8 @@ async fn main() -> ExitCode {
         speed: cli.speed,
         max_tokens_default: cli.max_tokens_default,
         load_file: cli.load_file,
+        gpu_dir: cli.gpu_dir,
+        gpus,
         max_loras: cli.max_loras,
     };
     if let Err(e) = config.validate() {
@@ -162,6 +193,7 @@ async fn main() -> ExitCode {
         model = %config.model,
         max_batch = config.max_batch,
         speed = config.speed,
+        gpus = ?config.gpus,
         "engine simulator serving"
     );
     match sim::serve(listener, config, shutdown_signal()).await {

@@ -41,6 +41,39 @@ fn running(p: &Pod) -> bool {
         && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
 }
 
+/// The running replicas' readings: tokens and requests from each sidecar
+/// (in parallel, with its timeout), GPUs from the node-level source when
+/// there is one (`gpus`; a replica it missed keeps its baselines).
+async fn replica_readings(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    mine: &[&Pod],
+    gpus: Option<&strata_core::telemetry::ByPod>,
+    previous: &EnergyStatus,
+) -> Vec<ReplicaReading> {
+    futures::future::join_all(mine.iter().filter(|p| running(p)).map(|p| async {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+        let text = super::scale::scrape(&ctx.sidecars, &ip, ns, name).await?;
+        let pool = p.labels().get(labels::POOL).cloned().unwrap_or_default();
+        let mut r = energy::parse(&text, &p.name_any(), &pool);
+        if let Some(by_pod) = gpus {
+            r.gpus = energy::gpus_from(
+                by_pod.get(&strata_core::telemetry::PodKey {
+                    namespace: ns.to_string(),
+                    pod: p.name_any(),
+                }),
+                previous.counters.iter().find(|c| c.pod == r.pod),
+            );
+        }
+        Some(r)
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 /// Runs one round over every Model.
 pub async fn round(
     ctx: &Arc<Context>,
@@ -49,6 +82,15 @@ pub async fn round(
     ledger: &mut Ledger,
 ) {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    // The GPUs, from where a node shows them (None: the sidecars' pages).
+    let (gpus, errors) = super::telemetry::read(&ctx.telemetry).await;
+    for e in &errors {
+        tracing::warn!("GPU telemetry: {e}");
+        ctx.metrics
+            .telemetry_errors
+            .with_label_values(&[ctx.telemetry.source.as_str()])
+            .inc();
+    }
     let pods = ctx.pods.state();
     let mut pool_joules: BTreeMap<String, f64> = BTreeMap::new();
     let mut pool_watts: BTreeMap<String, f64> = BTreeMap::new();
@@ -81,17 +123,6 @@ pub async fn round(
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .map(|p| p.name_any())
             .collect();
-        let readings: Vec<ReplicaReading> =
-            futures::future::join_all(mine.iter().filter(|p| running(p)).map(|p| async {
-                let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
-                let text = super::scale::scrape(&ctx.sidecars, &ip, &ns, &name).await?;
-                let pool = p.labels().get(labels::POOL).cloned().unwrap_or_default();
-                Some(energy::parse(&text, &p.name_any(), &pool))
-            }))
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
         let previous = ledger.models.get(&uid).cloned().unwrap_or_else(|| {
             model
                 .status
@@ -99,6 +130,7 @@ pub async fn round(
                 .and_then(|s| s.energy.clone())
                 .unwrap_or_default()
         });
+        let readings = replica_readings(ctx, &ns, &name, &mine, gpus.as_ref(), &previous).await;
         if readings.is_empty() && previous.counters.is_empty() && mine.is_empty() {
             continue;
         }

@@ -10,6 +10,7 @@ pub mod prometheus;
 pub mod reconcile;
 pub mod report;
 pub mod scale;
+pub mod telemetry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,6 +47,21 @@ pub struct Config {
     /// The CA that signs the sidecars' admin port certificates (and the
     /// only one the operator trusts when it calls them).
     pub ca: Arc<crate::pki::Ca>,
+    /// Where GPU readings come from.
+    pub telemetry: TelemetryConfig,
+}
+
+/// Where the energy accountant reads GPUs.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// The source.
+    pub source: telemetry::Source,
+    /// The node agents' namespace (the operator's).
+    pub agent_namespace: String,
+    /// The node agents' metrics port.
+    pub agent_port: u16,
+    /// The Prometheus that scrapes dcgm-exporter.
+    pub dcgm_url: Option<String>,
 }
 
 /// A replica pod created but not yet seen in the pod cache: placement must
@@ -99,6 +115,8 @@ pub struct Context {
     pub adapter_failures: Mutex<HashMap<(String, String), adapter::Failures>>,
     /// The client of the sidecars' admin ports (TLS, trusting `config.ca`).
     pub sidecars: crate::sidecar_client::SidecarClient,
+    /// Where GPU readings come from, with the node agents' pods.
+    pub telemetry: telemetry::Telemetry,
 }
 
 /// A digest of what matters about a node for placement: readiness,
@@ -244,6 +262,8 @@ fn model_controller(
     let models_for_pools = controller.store();
     let node_digests: std::sync::Mutex<HashMap<String, u64>> =
         std::sync::Mutex::new(HashMap::new());
+    let pool_generations: std::sync::Mutex<HashMap<String, i64>> =
+        std::sync::Mutex::new(HashMap::new());
     let stream = controller
         .owns(Api::<Pod>::all(client.clone()), owned_pods())
         .watches(
@@ -270,11 +290,22 @@ fn model_controller(
             Api::<GPUPool>::all(client),
             watcher::Config::default(),
             move |pool: GPUPool| {
+                // A pool's spec (a new generation) can change every one of
+                // its Models' placement; its status (written with every
+                // allocation and every energy reading) can only matter to
+                // the Models that wait for capacity there.
                 let name = pool.name_any();
+                let generation = pool.metadata.generation.unwrap_or(0);
+                let spec_changed = pool.metadata.deletion_timestamp.is_some()
+                    || match pool_generations.lock() {
+                        Ok(mut g) => g.insert(name.clone(), generation) != Some(generation),
+                        Err(_) => true,
+                    };
                 models_for_pools
                     .state()
                     .iter()
                     .filter(|m| m.spec.pools.iter().any(|p| p.name == name))
+                    .filter(|m| spec_changed || strata_core::status::waits_for_capacity(m))
                     .map(|m| ObjectRef::from_obj(m.as_ref()))
                     .collect::<Vec<_>>()
             },
@@ -424,6 +455,21 @@ pub async fn run(
             instance: Some(identity),
         },
     );
+    // The node agents' pods, when they are the GPU source.
+    let agents = (config.telemetry.source == telemetry::Source::NodeAgent).then(|| {
+        crate::watch::spawn_store(
+            Api::<Pod>::namespaced(client.clone(), &config.telemetry.agent_namespace),
+            watcher::Config::default().labels(telemetry::AGENT_SELECTOR),
+            crate::watch::drop_managed_fields,
+            || {},
+        )
+    });
+    let telemetry = telemetry::Telemetry {
+        source: config.telemetry.source,
+        agents,
+        agent_port: config.telemetry.agent_port,
+        dcgm_url: config.telemetry.dcgm_url.clone(),
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         events,
@@ -440,6 +486,7 @@ pub async fn run(
         adapter_failures: Mutex::new(HashMap::new()),
         failures: std::sync::Mutex::new(HashMap::new()),
         sidecars,
+        telemetry,
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -129,11 +129,13 @@ pub fn query_uri(base: &str, promql: &str) -> Result<http::Uri, Error> {
         .map_err(|e| bad(&format!("{e}")))
 }
 
-async fn get<C>(
+async fn fetch_with<C>(
     client: &Client<C, Empty<Bytes>>,
     name: &'static str,
     uri: http::Uri,
-) -> Result<Option<f64>, Error>
+    max_body: usize,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), Error>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
@@ -143,7 +145,7 @@ where
             message: error_chain(&e),
         })?;
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_BODY)
+        let body = Limited::new(resp.into_body(), max_body)
             .collect()
             .await
             .map_err(|e| Error::Unreachable {
@@ -153,12 +155,35 @@ where
             .to_bytes();
         Ok::<_, Error>((status, body))
     };
-    let (status, body) = tokio::time::timeout(QUERY_TIMEOUT, fetch)
+    tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| Error::Timeout {
             signal: name,
-            timeout: QUERY_TIMEOUT,
-        })??;
+            timeout,
+        })?
+}
+
+/// GETs `uri` (https verified against the system's CAs, http in the clear),
+/// reading at most `max_body` bytes within `timeout`: the status and body.
+/// `name` says what was asked, in errors.
+pub async fn fetch(
+    uri: http::Uri,
+    name: &'static str,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), Error> {
+    if uri.scheme_str() == Some("https") {
+        match &*HTTPS {
+            Ok(client) => fetch_with(client, name, uri, max_body, timeout).await,
+            Err(e) => Err(Error::Tls(e.clone())),
+        }
+    } else {
+        fetch_with(&HTTP, name, uri, max_body, timeout).await
+    }
+}
+
+async fn get(name: &'static str, uri: http::Uri) -> Result<Option<f64>, Error> {
+    let (status, body) = fetch(uri, name, MAX_BODY, QUERY_TIMEOUT).await?;
     // Prometheus answers API errors (400 bad_data, 422 execution, 503
     // timeout) with a JSON body that says why; prefer it.
     match promql::parse_value(&body) {
@@ -190,14 +215,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// errors): None for an empty result.
 pub async fn query(url: &str, name: &'static str, promql: &str) -> Result<Option<f64>, Error> {
     let uri = query_uri(url, promql)?;
-    if url.starts_with("https://") {
-        match &*HTTPS {
-            Ok(client) => get(client, name, uri).await,
-            Err(e) => Err(Error::Tls(e.clone())),
-        }
-    } else {
-        get(&HTTP, name, uri).await
-    }
+    get(name, uri).await
 }
 
 /// Asks the Prometheus at `url` about the replicas `pods` in `namespace`:
