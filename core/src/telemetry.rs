@@ -37,6 +37,8 @@ pub mod agent {
     pub const POWER: &str = "strata_gpu_power_watts";
     /// Utilization, 0 to 1.
     pub const UTILIZATION: &str = "strata_gpu_utilization_ratio";
+    /// The enforced power limit, watts.
+    pub const POWER_LIMIT: &str = "strata_gpu_power_limit_watts";
 }
 
 /// Reads a node agent's exposition: for each GPU a pod holds, its counter,
@@ -82,6 +84,26 @@ pub fn parse_node_agent(text: &str) -> ByPod {
         }
     }
     out
+}
+
+/// Every GPU's enforced power limit on a node agent's page, held or not
+/// (by `Hostname` and `UUID`); lines without both or a finite value are
+/// skipped.
+pub fn parse_power_limits(text: &str) -> Vec<crate::powercap::GpuLimit> {
+    text.lines()
+        .filter(|l| l.starts_with(agent::POWER_LIMIT))
+        .filter_map(|line| {
+            let (name, labels, value) = crate::collect::labels_and_value(line)?;
+            if name != agent::POWER_LIMIT || !value.is_finite() {
+                return None;
+            }
+            Some(crate::powercap::GpuLimit {
+                node: label(labels, "Hostname").filter(|s| !s.is_empty())?,
+                uuid: label(labels, "UUID").filter(|s| !s.is_empty())?,
+                watts: value,
+            })
+        })
+        .collect()
 }
 
 /// dcgm-exporter's fields the accountant reads, with what each becomes.

@@ -104,3 +104,18 @@ pub struct ObjectRef {
     /// Name of the object.
     pub name: String,
 }
+
+/// What GPUs cost, from the pools' `costPerGpuHour` (in the currency the
+/// pools' prices are in).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CostStatus {
+    /// The GPUs held now, priced per hour.
+    pub per_hour: f64,
+    /// That cost per million generated tokens at the last interval's token
+    /// rate; absent while nothing is generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_million_tokens: Option<f64>,
+    /// GPUs priced (those without a price on their pool are left out).
+    pub gpus: i32,
+}

@@ -101,9 +101,12 @@ pub struct GPUPoolSpec {
     #[x_kube(validation = Rule::new("self.matches('^[0-9]{1,6}([.][0-9]{1,4})?$')").message("costPerGpuHour must be a decimal number such as 2.49"))]
     pub cost_per_gpu_hour: Option<String>,
 
-    /// The power limit, in watts, that this pool's GPUs run under (set by the
-    /// cluster's administrators with nvidia-smi or the GPU operator; Strata
-    /// does not change device settings). Used to bound power estimates.
+    /// The power limit, in watts, that this pool's GPUs run under. Applied
+    /// through NVML by Strata's node agent on each of the pool's nodes (when
+    /// the chart enables `nodeAgent.powerCaps`), within each GPU's allowed
+    /// range; where a node is in several pools the lowest cap wins. Without
+    /// it the GPUs of the pool's nodes run at their default limit. Reported
+    /// in `status.powerCap`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 50 && self <= 2000").message("powerCapWatts must be between 50 and 2000"))]
     pub power_cap_watts: Option<i32>,
@@ -154,6 +157,31 @@ pub struct GPUPoolStatus {
     /// Energy used by Strata's replicas in the pool since it was created, in joules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_joules: Option<f64>,
+
+    /// How `spec.powerCapWatts` is applied, as the node agents report the
+    /// GPUs' enforced power limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_cap: Option<PowerCapStatus>,
+
+    /// What the GPUs held by Strata's replicas in the pool cost, from
+    /// `spec.costPerGpuHour`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::common::CostStatus>,
+}
+
+/// A pool's power cap as its GPUs report it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerCapStatus {
+    /// The cap asked for, in watts (`spec.powerCapWatts`).
+    pub target_watts: i32,
+    /// GPUs of the pool's nodes whose power limit a node agent reports.
+    pub gpus: i32,
+    /// Of those, the GPUs whose enforced limit is at or under the cap.
+    pub gpus_at_cap: i32,
+    /// What stands, in words (which GPUs are over the cap and why to look).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One node of a pool.

@@ -590,6 +590,11 @@ pub struct ModelStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy: Option<EnergyStatus>,
 
+    /// What the Model's GPUs cost, from its pools' `costPerGpuHour`
+    /// (absent when no pool it runs on has a price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::common::CostStatus>,
+
     /// Adapters loaded on the Model's replicas.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]

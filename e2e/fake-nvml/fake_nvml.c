@@ -22,8 +22,10 @@
  *                                     query. Unset, missing, unreadable or
  *                                     garbage: utilization 0.
  *   STRATA_FAKE_NVML_IDLE_WATTS       idle power in W (default 70).
- *   STRATA_FAKE_NVML_TDP_WATTS        power at full load in W, and the enforced
- *                                     power limit (default 700).
+ *   STRATA_FAKE_NVML_TDP_WATTS        power at full load in W, and the default
+ *                                     and maximum power limit (default 700).
+ *   STRATA_FAKE_NVML_MIN_LIMIT_WATTS  the lowest power limit that can be set
+ *                                     (default 100).
  *   STRATA_FAKE_NVML_MEMORY_TOTAL_MIB memory total in MiB (default 81559).
  *   STRATA_FAKE_NVML_STATE_FILE       where to persist the energy counters, so
  *                                     that a restarted process continues them.
@@ -67,6 +69,10 @@
  *                          device's counter and its last sample. Missing or
  *                          unreadable: the counter starts from 0 at the next
  *                          sample.
+ *   <dir>/<uuid>/power_limit  one number, the power management limit in mW
+ *                          that nvmlDeviceSetPowerManagementLimit set (as
+ *                          the driver keeps it until reboot); missing or
+ *                          garbage: the default (the TDP).
  *   <dir>/<uuid>/lock      every sample locks it (flock, exclusive), reads
  *                          the energy file, integrates, and rewrites it
  *                          (temporary file + rename), so that several
@@ -83,7 +89,9 @@
  *
  * The model, with util the utilization read from the load file:
  *
- *   power (mW)        = 1000 * (idle + (tdp - idle) * util)
+ *   power (mW)        = min(1000 * (idle + (tdp - idle) * util), limit)
+ *                       where limit is the device's power management limit
+ *                       (the TDP unless set), as a capped GPU throttles
  *   memory used       = total * (0.1 + 0.8 * util)   (weights + KV cache)
  *   temperature (C)   = 30 + 50 * util
  *   utilization (%)   = gpu: round(100 * util), memory: round(60 * util)
@@ -103,6 +111,15 @@
  * (so the time the process was down is integrated at the saved util, as a
  * real driver that kept running would); other devices start at 0. Without a
  * state file, counters start at 0 at init.
+ *
+ * Power limits. nvmlDeviceSetPowerManagementLimit needs root, as the real
+ * library does (NVML_ERROR_NO_PERMISSION otherwise), and a limit within
+ * [min limit, TDP] (NVML_ERROR_INVALID_ARGUMENT otherwise); the limit holds
+ * from the moment it is set (the interval before it is integrated at the
+ * old limit). In per-device mode it lives in <dir>/<uuid>/power_limit and
+ * so outlives the process, as a driver keeps it; otherwise it is the
+ * process's own. Throughput is not slowed by a cap (the simulator does not
+ * model it): only the drawn power is.
  *
  * All entry points take one process-wide mutex.
  */
@@ -128,6 +145,7 @@ typedef int nvmlReturn_t;
 #define NVML_ERROR_UNINITIALIZED 1
 #define NVML_ERROR_INVALID_ARGUMENT 2
 #define NVML_ERROR_NOT_SUPPORTED 3
+#define NVML_ERROR_NO_PERMISSION 4
 #define NVML_ERROR_NOT_FOUND 6
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
 #define NVML_ERROR_DRIVER_NOT_LOADED 9
@@ -174,6 +192,7 @@ struct nvmlDevice_st {
     double energy_mj;        /* integrated energy, fractional mJ kept */
     long long last_ns;       /* CLOCK_REALTIME of the previous sample */
     double last_util;        /* utilization seen at the previous sample */
+    double limit_mw;         /* power limit, outside per-device mode */
 };
 typedef struct nvmlDevice_st *nvmlDevice_t;
 
@@ -187,6 +206,7 @@ static char g_state_file[PATH_MAX_LEN];
 static char g_gpu_dir[PATH_MAX_LEN];
 static double g_idle_w;
 static double g_tdp_w;
+static double g_min_limit_w;
 static unsigned long long g_mem_total_mib;
 
 /* ------------------------------------------------------------------------ */
@@ -400,9 +420,14 @@ static double read_util(void)
     return read_util_at(g_load_file);
 }
 
-static double power_mw(double util)
+static double device_limit_mw(const struct nvmlDevice_st *d);
+
+/* The power drawn at `util`, capped by the device's power limit. */
+static double power_mw(const struct nvmlDevice_st *d, double util)
 {
-    return 1000.0 * (g_idle_w + (g_tdp_w - g_idle_w) * util);
+    double p = 1000.0 * (g_idle_w + (g_tdp_w - g_idle_w) * util);
+    double limit = device_limit_mw(d);
+    return p > limit ? limit : p;
 }
 
 static void write_state(void)
@@ -559,6 +584,62 @@ static void write_energy_file(const struct nvmlDevice_st *d)
         unlink(tmp);
 }
 
+/* The device's power limit in mW: its power_limit file in per-device
+ * mode, else the process's own; the TDP when unset or unreadable. */
+static double device_limit_mw(const struct nvmlDevice_st *d)
+{
+    char path[PATH_MAX_LEN];
+    char line[64];
+    double v;
+    FILE *f;
+    int ok;
+    if (g_gpu_dir[0] == '\0')
+        return d->limit_mw > 0 ? d->limit_mw : g_tdp_w * 1000.0;
+    if (device_path(d, "power_limit", path) != 0)
+        return g_tdp_w * 1000.0;
+    f = fopen(path, "r");
+    if (f == NULL)
+        return g_tdp_w * 1000.0;
+    ok = fgets(line, sizeof(line), f) != NULL && sscanf(line, "%lf", &v) == 1
+        && isfinite(v) && v > 0;
+    fclose(f);
+    return ok ? v : g_tdp_w * 1000.0;
+}
+
+/* Sets the device's power limit (the caller checked it). Returns 0, or -1
+ * when the per-device file cannot be written. */
+static int set_device_limit(struct nvmlDevice_st *d, unsigned int limit_mw)
+{
+    char path[PATH_MAX_LEN];
+    char tmp[PATH_MAX_LEN + 32];
+    FILE *f;
+    int fd;
+    if (g_gpu_dir[0] == '\0') {
+        d->limit_mw = (double)limit_mw;
+        return 0;
+    }
+    if (device_path(d, "power_limit", path) != 0)
+        return -1;
+    fd = lock_device(d);
+    if (fd < 0)
+        return -1;
+    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid());
+    f = fopen(tmp, "w");
+    if (f == NULL) {
+        unlock_device(fd);
+        return -1;
+    }
+    fchmod(fileno(f), 0666);
+    fprintf(f, "%u\n", limit_mw);
+    if (fclose(f) != 0 || rename(tmp, path) != 0) {
+        unlink(tmp);
+        unlock_device(fd);
+        return -1;
+    }
+    unlock_device(fd);
+    return 0;
+}
+
 /* The device's utilization from its load file. */
 static double read_device_util(const struct nvmlDevice_st *d)
 {
@@ -582,7 +663,7 @@ static double sample_device(struct nvmlDevice_st *d)
         d->last_util = util;
     }
     if (now > d->last_ns)
-        d->energy_mj += power_mw(d->last_util) * (double)(now - d->last_ns) / 1e9;
+        d->energy_mj += power_mw(d, d->last_util) * (double)(now - d->last_ns) / 1e9;
     d->last_ns = now;
     d->last_util = util;
     if (fd >= 0) {
@@ -617,7 +698,7 @@ static double sample(struct nvmlDevice_st *d)
     util = read_util();
     now = now_ns();
     if (now > d->last_ns)
-        d->energy_mj += power_mw(d->last_util) * (double)(now - d->last_ns) / 1e9;
+        d->energy_mj += power_mw(d, d->last_util) * (double)(now - d->last_ns) / 1e9;
     d->last_ns = now;
     d->last_util = util;
     write_state();
@@ -685,6 +766,7 @@ static nvmlReturn_t init_locked(void)
 
     g_idle_w = 70.0;
     g_tdp_w = 700.0;
+    g_min_limit_w = 100.0;
     g_mem_total_mib = 81559;
     if (parse_devices() != 0
         || copy_env_string("STRATA_FAKE_NVML_NAME", g_name, sizeof(g_name), DEFAULT_NAME) != 0
@@ -693,6 +775,7 @@ static nvmlReturn_t init_locked(void)
         || copy_env_string("STRATA_FAKE_NVML_GPU_DIR", g_gpu_dir, sizeof(g_gpu_dir), "") != 0
         || env_double("STRATA_FAKE_NVML_IDLE_WATTS", &g_idle_w) != 0
         || env_double("STRATA_FAKE_NVML_TDP_WATTS", &g_tdp_w) != 0
+        || env_double("STRATA_FAKE_NVML_MIN_LIMIT_WATTS", &g_min_limit_w) != 0
         || env_ull("STRATA_FAKE_NVML_MEMORY_TOTAL_MIB", &g_mem_total_mib) != 0) {
         g_count = 0;
         return NVML_ERROR_UNKNOWN;
@@ -719,6 +802,7 @@ static nvmlReturn_t init_locked(void)
     for (i = 0; i < g_count; i++) {
         g_devices[i].energy_mj = 0.0;
         g_devices[i].last_ns = now;
+        g_devices[i].limit_mw = g_tdp_w * 1000.0;
         g_devices[i].last_util = g_gpu_dir[0] != '\0' ? read_device_util(&g_devices[i]) : read_util();
     }
     if (g_gpu_dir[0] != '\0') {
@@ -960,7 +1044,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *p
         UNLOCK();
         return NVML_ERROR_INVALID_ARGUMENT;
     }
-    *power = (unsigned int)llround(power_mw(sample(device)));
+    *power = (unsigned int)llround(power_mw(device, sample(device)));
     UNLOCK();
     return NVML_SUCCESS;
 }
@@ -973,7 +1057,66 @@ EXPORT nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigne
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     sample(device);
+    *limit = (unsigned int)llround(device_limit_mw(device));
+    UNLOCK();
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementLimit(nvmlDevice_t device, unsigned int *limit)
+{
+    ENTER_DEVICE(device);
+    if (limit == NULL) {
+        UNLOCK();
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    *limit = (unsigned int)llround(device_limit_mw(device));
+    UNLOCK();
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementDefaultLimit(nvmlDevice_t device, unsigned int *limit)
+{
+    ENTER_DEVICE(device);
+    if (limit == NULL) {
+        UNLOCK();
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
     *limit = (unsigned int)llround(g_tdp_w * 1000.0);
+    UNLOCK();
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementLimitConstraints(nvmlDevice_t device,
+    unsigned int *min_limit, unsigned int *max_limit)
+{
+    ENTER_DEVICE(device);
+    if (min_limit == NULL || max_limit == NULL) {
+        UNLOCK();
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    *min_limit = (unsigned int)llround(g_min_limit_w * 1000.0);
+    *max_limit = (unsigned int)llround(g_tdp_w * 1000.0);
+    UNLOCK();
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsigned int limit)
+{
+    ENTER_DEVICE(device);
+    if (geteuid() != 0) {
+        UNLOCK();
+        return NVML_ERROR_NO_PERMISSION;
+    }
+    if ((double)limit < g_min_limit_w * 1000.0 - 0.5 || (double)limit > g_tdp_w * 1000.0 + 0.5) {
+        UNLOCK();
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    /* What was drawn until now, at the old limit. */
+    sample(device);
+    if (set_device_limit(device, limit) != 0) {
+        UNLOCK();
+        return NVML_ERROR_UNKNOWN;
+    }
     UNLOCK();
     return NVML_SUCCESS;
 }

@@ -317,6 +317,16 @@ pub fn read_device_energy(dir: &Path, uuid: &str) -> Option<DeviceEnergy> {
     })
 }
 
+/// A device's power limit in per-device mode (`<dir>/<uuid>/power_limit`),
+/// in mW; `None` when none was set (the device runs at its default).
+pub fn read_device_power_limit(dir: &Path, uuid: &str) -> Option<f64> {
+    std::fs::read_to_string(dir.join(uuid).join("power_limit"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Writes `util` to a load file atomically (`<path>.tmp`, then rename), in
 /// the format the engine simulator uses.
 pub fn write_load(path: &Path, util: f64) -> std::io::Result<()> {

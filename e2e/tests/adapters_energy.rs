@@ -857,4 +857,168 @@ async fn adapters_follow_replicas_and_energy_matches_the_gpu_counters() {
     )
     .await
     .expect("the pool's joules reach the Model's");
+
+    power_caps_and_cost(w, &pools, &models, &pods, &gpus).await;
+}
+
+/// A GPU's average draw between two readings of its state (the fake's
+/// counter and sample time), watts.
+fn draw_watts(a: &fake_nvml::DeviceEnergy, b: &fake_nvml::DeviceEnergy) -> f64 {
+    (b.energy_mj - a.energy_mj) / 1000.0 / ((b.last_ns - a.last_ns) as f64 / 1e9)
+}
+
+/// GPUPool `powerCapWatts` and `costPerGpuHour`: the node agents set the
+/// cap on every GPU of the pool's nodes (and on no other), the GPUs under
+/// load draw no more than it, the pool's status says so; the Model's and
+/// the pool's cost follow the GPUs held; removing the cap gives the GPUs
+/// their default limit back.
+async fn power_caps_and_cost(
+    w: &World,
+    pools: &Api<GPUPool>,
+    models: &Api<Model>,
+    pods: &Api<Pod>,
+    gpus: &[PathBuf],
+) {
+    const CAP_W: i32 = 150;
+    pools
+        .patch(
+            "h100",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"powerCapWatts": CAP_W, "costPerGpuHour": "2.50"}})),
+        )
+        .await
+        .expect("cap and price the pool");
+    wait_for(
+        pools.clone(),
+        "h100",
+        Duration::from_secs(60),
+        |p: Option<&GPUPool>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.power_cap.as_ref())
+                .is_some_and(|c| c.target_watts == CAP_W && c.gpus > 0 && c.gpus_at_cap == c.gpus)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the pool's status shows every GPU at the cap: {e}"));
+    let status = pools
+        .get("h100")
+        .await
+        .expect("pool")
+        .status
+        .expect("status");
+    let cap = status.power_cap.expect("powerCap");
+    eprintln!("power cap: {cap:?}");
+    // The hardware: every GPU of the pool's nodes runs at 150 W, the GPUs
+    // of nodes in no pool keep their default (no limit was ever set).
+    let pool_nodes: Vec<String> = status.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(w.info.log_dir.join("nodes")).expect("nodes") {
+        let node_dir = entry.expect("node").path();
+        let node = node_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let gpu_dir = node_dir.join(strata_e2e::devices::GPU_DIR);
+        let Ok(devices) = std::fs::read_dir(&gpu_dir) else {
+            continue;
+        };
+        for d in devices.flatten() {
+            let uuid = d.file_name().to_string_lossy().into_owned();
+            let limit = fake_nvml::read_device_power_limit(&gpu_dir, &uuid);
+            if pool_nodes.contains(&node) {
+                assert_eq!(limit, Some(f64::from(CAP_W) * 1000.0), "{node}/{uuid}");
+                seen += 1;
+            } else {
+                assert_eq!(limit, None, "{node}/{uuid} is in no pool: left alone");
+            }
+        }
+    }
+    assert_eq!(seen, cap.gpus, "the status counts the pool's GPUs");
+
+    // Under load the replicas' GPUs draw at most the cap (they would draw
+    // up to 700 W), and more than idle (the load ran).
+    let stop = Arc::new(AtomicBool::new(false));
+    start_load(pods.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await; // the streams start
+    let read = |g: &PathBuf| {
+        fake_nvml::read_device_energy(g.parent().expect("dir"), &uuid_of(g)).expect("energy")
+    };
+    let before: Vec<_> = gpus.iter().map(read).collect();
+    tokio::time::sleep(Duration::from_secs(4)).await; // a measured window under load
+    let after: Vec<_> = gpus.iter().map(read).collect();
+    // Cost while tokens flow: 3 GPUs at 2.50 per hour.
+    wait_for(
+        models.clone(),
+        "chat",
+        Duration::from_secs(30),
+        |m: Option<&Model>| {
+            m.and_then(|m| m.status.as_ref())
+                .and_then(|s| s.cost.as_ref())
+                .is_some_and(|c| c.per_million_tokens.is_some_and(|t| t > 0.0))
+        },
+    )
+    .await
+    .expect("the Model's cost per million tokens while it generates");
+    let priced = models.get("chat").await.expect("model");
+    stop.store(true, Ordering::Relaxed);
+    for (g, (a, b)) in gpus.iter().zip(before.iter().zip(&after)) {
+        let watts = draw_watts(a, b);
+        eprintln!("power cap: {} drew {watts:.1} W under load", uuid_of(g));
+        assert!(
+            watts <= f64::from(CAP_W) + 1.0 && watts > 100.0,
+            "{}: {watts:.1} W under a {CAP_W} W cap",
+            uuid_of(g)
+        );
+    }
+    let cost = priced.status.and_then(|s| s.cost).expect("cost");
+    assert_eq!((cost.per_hour, cost.gpus), (7.5, 3), "{cost:?}");
+    let pool_cost = wait_for(
+        pools.clone(),
+        "h100",
+        Duration::from_secs(30),
+        |p: Option<&GPUPool>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.cost.as_ref())
+                .is_some_and(|c| c.per_hour == 7.5 && c.gpus == 3)
+        },
+    )
+    .await;
+    assert!(pool_cost.is_ok(), "the pool's cost: {pool_cost:?}");
+
+    // The cap removed: the GPUs get their default limit back, the status
+    // drops it.
+    pools
+        .patch(
+            "h100",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"powerCapWatts": null}})),
+        )
+        .await
+        .expect("uncap the pool");
+    wait_for(
+        pools.clone(),
+        "h100",
+        Duration::from_secs(60),
+        |p: Option<&GPUPool>| {
+            p.and_then(|p| p.status.as_ref())
+                .is_some_and(|s| s.power_cap.is_none())
+        },
+    )
+    .await
+    .expect("the pool's status drops the cap");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for g in gpus {
+        loop {
+            let limit = fake_nvml::read_device_power_limit(g.parent().expect("dir"), &uuid_of(g));
+            if limit == Some(700_000.0) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: the default limit back within 30 s, is {limit:?}",
+                uuid_of(g)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

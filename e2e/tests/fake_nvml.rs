@@ -49,6 +49,8 @@ fn child() {
         "init_error" => init_error(),
         "device_readings" => device_readings(),
         "energy_loop" => energy_loop(),
+        "power_limits" => power_limits(),
+        "agent_limits" => agent_limits(),
         other => panic!("unknown scenario {other}"),
     };
     // On its own line: libtest prints "test child ... " before it.
@@ -133,6 +135,71 @@ fn probe() -> Value {
         "out_of_range_index": out_of_range,
         "snapshots": snapshots,
     })
+}
+
+/// Every device's power limits and power; with `LOADS` set to a limit in
+/// mW, first sets device 0's limit to it (and reports the outcome).
+fn power_limits() -> Value {
+    let nvml = init();
+    let set = std::env::var(LOADS).ok().map(|mw| {
+        let mw: u32 = mw.parse().expect("a limit in mW");
+        let mut d = nvml.device_by_index(0).expect("device 0");
+        match d.set_power_management_limit(mw) {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("{e:?}"),
+        }
+    });
+    let devices: Vec<Value> = (0..nvml.device_count().expect("count"))
+        .map(|i| {
+            let d = nvml.device_by_index(i).expect("device");
+            let c = d.power_management_limit_constraints().expect("constraints");
+            json!({
+                "uuid": d.uuid().expect("uuid"),
+                "limit_mw": d.power_management_limit().expect("limit"),
+                "default_mw": d.power_management_limit_default().expect("default"),
+                "enforced_mw": d.enforced_power_limit().expect("enforced"),
+                "min_mw": c.min_limit,
+                "max_mw": c.max_limit,
+                "power_mw": d.power_usage().expect("power"),
+            })
+        })
+        .collect();
+    json!({"set": set, "devices": devices})
+}
+
+/// The node agent's NVML step for each of `LOADS` (a comma list of
+/// `unmanaged`, `default` or a cap in watts): the changes it made, the
+/// errors, and every device's limit after it.
+fn agent_limits() -> Value {
+    use strata_core::powercap::Desired;
+    let nvml = init();
+    let steps = std::env::var(LOADS).unwrap_or_default();
+    let results: Vec<Value> = steps
+        .split(',')
+        .map(|step| {
+            let desired = match step {
+                "unmanaged" => Desired::Unmanaged,
+                "default" => Desired::Default,
+                w => Desired::Cap(w.parse().expect("watts")),
+            };
+            let (changes, errors) = strata_node_agent::nvml::apply_limits(&nvml, desired);
+            let limits: Vec<u32> = (0..nvml.device_count().expect("count"))
+                .map(|i| {
+                    nvml.device_by_index(i)
+                        .expect("device")
+                        .power_management_limit()
+                        .expect("limit")
+                })
+                .collect();
+            json!({
+                "step": step,
+                "changed": changes.len(),
+                "errors": errors.iter().map(|(u, e)| format!("{u}: {e}")).collect::<Vec<_>>(),
+                "limits_mw": limits,
+            })
+        })
+        .collect();
+    json!({"steps": results})
 }
 
 /// Reads the energy counter twice, `ms` apart; returns (delta mJ, dt s).
@@ -725,5 +792,103 @@ fn processes_share_one_monotonic_counter_per_device() {
     assert!(
         after_first >= f(&reset["last"][0]) && after_first < f(&both["last"][0]),
         "after the reset the counter continues from the reset value: {after_first}"
+    );
+}
+
+#[test]
+fn a_power_limit_caps_the_draw_and_outlives_the_process_that_set_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gpus = dir.path().join("gpus");
+    fake_nvml::write_device_load(&gpus, UUID_A, 1.0).expect("load A");
+    fake_nvml::write_device_load(&gpus, UUID_B, 1.0).expect("load B");
+    let config = FakeGpuConfig::new()
+        .devices([UUID_A, UUID_B])
+        .gpu_dir(&gpus)
+        .idle_watts(100.0)
+        .tdp_watts(500.0);
+
+    // Defaults: the TDP is the limit, the default and the maximum.
+    let r = run_child("power_limits", &config, &[]);
+    for d in r["devices"].as_array().expect("devices") {
+        assert_eq!(f(&d["limit_mw"]), 500_000.0, "{d}");
+        assert_eq!(f(&d["default_mw"]), 500_000.0, "{d}");
+        assert_eq!(f(&d["enforced_mw"]), 500_000.0, "{d}");
+        assert_eq!(f(&d["min_mw"]), 100_000.0, "{d}");
+        assert_eq!(f(&d["max_mw"]), 500_000.0, "{d}");
+        assert_eq!(f(&d["power_mw"]), 500_000.0, "{d}");
+    }
+
+    // Outside the constraints: refused, nothing changes.
+    let r = run_child("power_limits", &config, &[(LOADS, "600000")]);
+    assert_eq!(r["set"], "InvalidArg", "{r}");
+    assert_eq!(f(&r["devices"][0]["limit_mw"]), 500_000.0);
+
+    // Device A capped at 300 W: its draw at full load is 300 W, B's is not.
+    let r = run_child("power_limits", &config, &[(LOADS, "300000")]);
+    assert_eq!(r["set"], "ok", "{r}");
+    assert_eq!(f(&r["devices"][0]["limit_mw"]), 300_000.0);
+    assert_eq!(f(&r["devices"][0]["enforced_mw"]), 300_000.0);
+    assert_eq!(f(&r["devices"][0]["default_mw"]), 500_000.0);
+    assert_eq!(f(&r["devices"][0]["power_mw"]), 300_000.0);
+    assert_eq!(f(&r["devices"][1]["power_mw"]), 500_000.0);
+
+    // The driver keeps it: another process (and a container that sees only
+    // A, renumbered) reads the cap, and a light load is under it.
+    let r = run_child("power_limits", &config.clone().visible_devices(UUID_A), &[]);
+    assert_eq!(r["devices"][0]["uuid"], UUID_A);
+    assert_eq!(f(&r["devices"][0]["limit_mw"]), 300_000.0);
+    fake_nvml::write_device_load(&gpus, UUID_A, 0.25).expect("load A");
+    let r = run_child("power_limits", &config, &[]);
+    assert_eq!(f(&r["devices"][0]["power_mw"]), 200_000.0);
+    assert_eq!(
+        fake_nvml::read_device_power_limit(&gpus, UUID_A),
+        Some(300_000.0)
+    );
+    assert_eq!(fake_nvml::read_device_power_limit(&gpus, UUID_B), None);
+}
+
+#[test]
+fn the_node_agent_brings_every_gpu_to_the_pools_cap_and_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = FakeGpuConfig::new()
+        .devices([UUID_A, UUID_B])
+        .gpu_dir(dir.path().join("gpus"))
+        .idle_watts(100.0)
+        .tdp_watts(500.0);
+    let r = run_child(
+        "agent_limits",
+        &config,
+        &[(LOADS, "unmanaged,300,300,50,default,unmanaged")],
+    );
+    let steps = r["steps"].as_array().expect("steps");
+    let got: Vec<(u64, Vec<u64>)> = steps
+        .iter()
+        .map(|s| {
+            assert_eq!(s["errors"].as_array().map(Vec::len), Some(0), "{s}");
+            (
+                s["changed"].as_u64().expect("changed"),
+                s["limits_mw"]
+                    .as_array()
+                    .expect("limits")
+                    .iter()
+                    .map(|v| v.as_u64().expect("mW"))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            // Not in a pool: untouched.
+            (0, vec![500_000, 500_000]),
+            // A cap: both GPUs set; again: nothing to write.
+            (2, vec![300_000, 300_000]),
+            (0, vec![300_000, 300_000]),
+            // Below what the GPU allows: its minimum.
+            (2, vec![100_000, 100_000]),
+            // No cap any more: the default.
+            (2, vec![500_000, 500_000]),
+            (0, vec![500_000, 500_000]),
+        ]
     );
 }

@@ -21,9 +21,11 @@ use axum::extract::State as AxumState;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use strata_core::powercap::Desired;
 use strata_net::server::ServerLimits;
 use strata_podresources::{Client, Holder, device_holders, is_nvidia_gpu};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::error::Error;
 use crate::ledger::{DeviceReading, HoldersByGpu, Ledger, holders_by_gpu};
@@ -43,6 +45,8 @@ pub struct Config {
     pub interval: Duration,
     /// How long a container's energy series outlives its last sighting.
     pub pod_retention: Duration,
+    /// Apply the GPUPools' power caps (watching the API server).
+    pub apply_power_caps: bool,
 }
 
 impl Config {
@@ -70,6 +74,10 @@ pub struct State {
     nvml_answered: bool,
     podresources_answered: bool,
     last_interval: Instant,
+    /// The power limit asked for at the last interval.
+    power_target: Desired,
+    /// The last power-limit error of each GPU (logged once per change).
+    limit_errors: BTreeMap<String, String>,
 }
 
 impl State {
@@ -84,6 +92,8 @@ impl State {
             nvml_answered: false,
             podresources_answered: false,
             last_interval: now,
+            power_target: Desired::Unmanaged,
+            limit_errors: BTreeMap::new(),
         }
     }
 
@@ -92,6 +102,7 @@ impl State {
     pub fn apply(
         &mut self,
         now: Instant,
+        power_target: Desired,
         nvml: Result<NvmlSample, Error>,
         holders: Result<BTreeMap<String, Holder>, Error>,
     ) {
@@ -128,6 +139,19 @@ impl State {
                 for e in &sample.field_errors {
                     tracing::debug!("NVML: {e}");
                 }
+                for c in &sample.limit_changes {
+                    tracing::info!(uuid = %c.uuid, from_watts = f64::from(c.from_mw) / 1000.0, to_watts = f64::from(c.to_mw) / 1000.0, "power limit set");
+                }
+                self.health.power_limit_changes += sample.limit_changes.len() as u64;
+                self.health.power_limit_errors += sample.limit_errors.len() as u64;
+                let errors: BTreeMap<String, String> =
+                    sample.limit_errors.iter().cloned().collect();
+                for (uuid, e) in &errors {
+                    if self.limit_errors.get(uuid) != Some(e) {
+                        tracing::warn!(uuid = %uuid, "{e} (retried every interval)");
+                    }
+                }
+                self.limit_errors = errors;
                 self.health.nvml_errors += sample.field_errors.len() as u64;
                 for r in self.ledger.record(now, &sample.devices, holders) {
                     tracing::warn!(uuid = %r.uuid, joules = r.joules, "the GPU's NVML energy counter went backwards (driver reload); counting from its new value");
@@ -152,6 +176,7 @@ impl State {
         }
         self.health.samples += 1;
         self.last_interval = now;
+        self.power_target = power_target;
     }
 
     /// The Prometheus page.
@@ -164,6 +189,7 @@ impl State {
             holders: &self.holders,
             ledger: &self.ledger,
             health: &self.health,
+            power_cap_watts: self.power_target.cap_watts(),
         })?)
     }
 
@@ -262,7 +288,7 @@ async fn readyz(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
 }
 
 /// The sampling loop: never returns.
-async fn sample_forever(shared: Arc<Shared>, nvml: NvmlSource) {
+async fn sample_forever(shared: Arc<Shared>, nvml: NvmlSource, target: watch::Receiver<Desired>) {
     let config = shared.config.clone();
     let timeout = config.call_timeout();
     let mut podresources = PodResources {
@@ -274,8 +300,11 @@ async fn sample_forever(shared: Arc<Shared>, nvml: NvmlSource) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (sample, holders) = tokio::join!(nvml.sample(timeout), podresources.holders());
-        shared.state().apply(Instant::now(), sample, holders);
+        let desired = *target.borrow();
+        let (sample, holders) = tokio::join!(nvml.sample(timeout, desired), podresources.holders());
+        shared
+            .state()
+            .apply(Instant::now(), desired, sample, holders);
     }
 }
 
@@ -291,7 +320,19 @@ pub async fn run(
         state: Mutex::new(State::new(config.pod_retention, Instant::now())),
         config,
     });
-    let sampler = tokio::spawn(sample_forever(shared.clone(), nvml));
+    let (target_tx, target) = watch::channel(Desired::Unmanaged);
+    let caps = if shared.config.apply_power_caps {
+        let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+        Some(tokio::spawn(crate::caps::run(
+            client,
+            shared.config.node_name.clone(),
+            target_tx,
+        )))
+    } else {
+        drop(target_tx);
+        None
+    };
+    let sampler = tokio::spawn(sample_forever(shared.clone(), nvml, target));
     let limits = ServerLimits {
         max_connections: 64,
         header_read_timeout: Duration::from_secs(10),
@@ -301,6 +342,9 @@ pub async fn run(
     };
     let served = strata_net::server::serve(listener, router(shared), limits, None, shutdown).await;
     sampler.abort();
+    if let Some(c) = caps {
+        c.abort();
+    }
     served.map_err(Error::Serve)
 }
 
@@ -327,7 +371,7 @@ mod tests {
                 energy_mj: Some(mj),
                 ..DeviceReading::default()
             }],
-            field_errors: Vec::new(),
+            ..NvmlSample::default()
         })
     }
 
@@ -372,20 +416,20 @@ mod tests {
         assert!(s.readiness().is_err());
 
         // NVML missing: not ready, the page says so, the errors count.
-        s.apply(t, Err(Error::NvmlBusy), held());
+        s.apply(t, Desired::Unmanaged, Err(Error::NvmlBusy), held());
         assert_eq!(s.readiness(), Err("NVML has not answered yet".to_owned()));
         assert!(!s.health.nvml_up && s.health.podresources_up);
         assert_eq!(s.health.nvml_errors, 1);
 
         // NVML back: baseline, then energy attributed.
-        s.apply(t, sample(1_000_000), held());
+        s.apply(t, Desired::Unmanaged, sample(1_000_000), held());
         assert!(s.readiness().is_ok());
-        s.apply(t, sample(1_010_000), held());
+        s.apply(t, Desired::Unmanaged, sample(1_010_000), held());
         assert_eq!(pod_joules(&s), 10.0);
 
         // PodResources down: the interval's energy is nobody's, the
         // GPU's series lose their pod labels; still ready.
-        s.apply(t, sample(1_015_000), down());
+        s.apply(t, Desired::Unmanaged, sample(1_015_000), down());
         assert_eq!(pod_joules(&s), 10.0);
         assert_eq!(s.ledger.unattributed_joules(), 5.0);
         assert!(s.holders.is_empty());
@@ -396,7 +440,7 @@ mod tests {
         assert!(page.contains(r#"pod=""} 300"#), "{page}");
 
         // Back: attributed again.
-        s.apply(t, sample(1_020_000), held());
+        s.apply(t, Desired::Unmanaged, sample(1_020_000), held());
         assert_eq!(pod_joules(&s), 15.0);
         assert_eq!(s.health.samples, 5);
     }
@@ -409,6 +453,7 @@ mod tests {
             node_name: String::new(),
             interval: Duration::from_secs_f64(secs),
             pod_retention: Duration::from_secs(600),
+            apply_power_caps: false,
         };
         assert_eq!(c(0.2).call_timeout(), Duration::from_secs(1));
         assert_eq!(c(5.0).call_timeout(), Duration::from_secs(5));

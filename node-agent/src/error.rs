@@ -55,6 +55,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// No API server client for power caps (in-cluster configuration).
+    #[error("connecting to the API server for power caps: {0}")]
+    Kube(#[source] kube::Error),
     /// Serving HTTP failed.
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),
@@ -70,7 +73,11 @@ impl Error {
             | Self::NvmlBusy
             | Self::NvmlThreadGone => crate::metrics::SOURCE_NVML,
             Self::PodResources(_) => crate::metrics::SOURCE_PODRESOURCES,
-            Self::Thread(_) | Self::Metrics(_) | Self::Listen { .. } | Self::Serve(_) => "agent",
+            Self::Thread(_)
+            | Self::Metrics(_)
+            | Self::Listen { .. }
+            | Self::Serve(_)
+            | Self::Kube(_) => "agent",
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct DeviceReading {
     pub temperature_celsius: Option<f64>,
     /// NVML's total-energy counter, millijoules since the driver loaded.
     pub energy_mj: Option<u64>,
+    /// The enforced power limit, watts.
+    pub power_limit_watts: Option<f64>,
 }
 
 /// A container that holds GPUs.

@@ -10,11 +10,13 @@
 //! - [`metrics`]: the exposition, pure (names, labels, rendering).
 //! - [`nvml`]: NVML on a thread of its own, bounded in time.
 //! - [`agent`]: the loop, its state, and the HTTP endpoints.
+//! - [`caps`]: the GPUPools' power cap for this node, from the API server.
 //! - [`error`]: one error enum.
 //!
 //! See docs/node-agent.md for what it needs from a node.
 
 pub mod agent;
+pub mod caps;
 pub mod error;
 pub mod ledger;
 pub mod metrics;

@@ -38,6 +38,10 @@ struct Cli {
     /// Seconds a container's energy series stays after it last held a GPU.
     #[arg(long, default_value_t = 600.0)]
     pod_retention_seconds: f64,
+    /// Apply the GPUPools' `powerCapWatts` to this node's GPUs through NVML
+    /// (watches its Node and the GPUPools; needs root on the node).
+    #[arg(long, env = "STRATA_APPLY_POWER_CAPS")]
+    apply_power_caps: bool,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -115,6 +119,7 @@ async fn main() -> ExitCode {
         node_name,
         interval,
         pod_retention,
+        apply_power_caps: cli.apply_power_caps,
     };
     let listener = match agent::listen(cli.listen).await {
         Ok(l) => l,
@@ -129,6 +134,7 @@ async fn main() -> ExitCode {
         nvml = %config.nvml_lib,
         pod_resources = %config.pod_resources_socket.display(),
         interval = ?config.interval,
+        power_caps = config.apply_power_caps,
         "node agent serving"
     );
     match agent::run(config, listener, shutdown_signal()).await {

@@ -15,6 +15,10 @@
 //! | `strata_gpu_energy_joules_total` | counter | device |
 //! | `strata_gpu_energy_counter_joules` | gauge | device |
 //! | `strata_gpu_energy_counter_resets_total` | counter | device |
+//! | `strata_gpu_power_limit_watts` | gauge | device |
+//! | `strata_node_agent_power_cap_watts` | gauge | `Hostname` |
+//! | `strata_node_agent_power_limit_changes_total` | counter | |
+//! | `strata_node_agent_power_limit_errors_total` | counter | |
 //! | `strata_pod_gpu_energy_joules_total` | counter | pod |
 //! | `strata_node_gpu_unattributed_energy_joules_total` | counter | `Hostname` |
 //! | `strata_node_agent_up` | gauge | `source` |
@@ -50,6 +54,14 @@ pub const ENERGY: &str = "strata_gpu_energy_joules_total";
 pub const ENERGY_COUNTER: &str = "strata_gpu_energy_counter_joules";
 /// Resets of NVML's energy counter seen (driver reloads).
 pub const ENERGY_RESETS: &str = "strata_gpu_energy_counter_resets_total";
+/// The GPU's enforced power limit, watts.
+pub const POWER_LIMIT: &str = "strata_gpu_power_limit_watts";
+/// The cap the node's GPUPools ask for, watts (absent without one).
+pub const POWER_CAP: &str = "strata_node_agent_power_cap_watts";
+/// Power limits the agent changed.
+pub const POWER_LIMIT_CHANGES: &str = "strata_node_agent_power_limit_changes_total";
+/// Power limits the agent could not read or set.
+pub const POWER_LIMIT_ERRORS: &str = "strata_node_agent_power_limit_errors_total";
 /// Energy used on a GPU while a container held it, joules.
 pub const POD_ENERGY: &str = "strata_pod_gpu_energy_joules_total";
 /// Energy of the node's GPUs that no container held, joules.
@@ -96,6 +108,10 @@ pub struct Health {
     pub podresources_errors: u64,
     /// Intervals completed.
     pub samples: u64,
+    /// Power limits changed.
+    pub power_limit_changes: u64,
+    /// Power limits that could not be read or set.
+    pub power_limit_errors: u64,
 }
 
 /// What one scrape shows.
@@ -115,6 +131,8 @@ pub struct Snapshot<'a> {
     pub ledger: &'a Ledger,
     /// The sources' health.
     pub health: &'a Health,
+    /// The cap the node's pools ask for, watts.
+    pub power_cap_watts: Option<u32>,
 }
 
 /// The label values of a GPU's series, in [`DEVICE_LABELS`] order: the
@@ -236,6 +254,28 @@ pub fn render(s: &Snapshot<'_>) -> prometheus::Result<String> {
         &["source"],
     )?;
     r.register(Box::new(errors.clone()))?;
+    let power_limit = gauge(
+        &r,
+        POWER_LIMIT,
+        "The GPU's enforced power limit (NVML), watts.",
+        dl,
+    )?;
+    let power_cap = gauge(
+        &r,
+        POWER_CAP,
+        "The power cap the node's GPUPools ask for (the lowest), watts; absent without one.",
+        &["Hostname"],
+    )?;
+    let limit_changes = prometheus::IntCounter::new(
+        POWER_LIMIT_CHANGES,
+        "GPU power limits the agent set (GPUPool powerCapWatts).",
+    )?;
+    r.register(Box::new(limit_changes.clone()))?;
+    let limit_errors = prometheus::IntCounter::new(
+        POWER_LIMIT_ERRORS,
+        "GPU power limits the agent could not set (each GPU, each interval).",
+    )?;
+    r.register(Box::new(limit_errors.clone()))?;
     let gpus = prometheus::IntGauge::new(GPUS, "GPUs NVML shows on this node.")?;
     r.register(Box::new(gpus.clone()))?;
     let samples = prometheus::IntCounter::new(SAMPLES, "Intervals completed.")?;
@@ -255,6 +295,7 @@ pub fn render(s: &Snapshot<'_>) -> prometheus::Result<String> {
         set(&mem_total, &labels, d.memory_total_bytes.map(|b| b as f64));
         set(&power, &labels, d.power_watts);
         set(&temperature, &labels, d.temperature_celsius);
+        set(&power_limit, &labels, d.power_limit_watts);
         set(
             &energy_counter,
             &labels,
@@ -289,6 +330,9 @@ pub fn render(s: &Snapshot<'_>) -> prometheus::Result<String> {
     errors
         .with_label_values(&[SOURCE_PODRESOURCES])
         .inc_by(s.health.podresources_errors);
+    set(&power_cap, &[s.hostname], s.power_cap_watts.map(f64::from));
+    limit_changes.inc_by(s.health.power_limit_changes);
+    limit_errors.inc_by(s.health.power_limit_errors);
     gpus.set(i64::try_from(s.devices.len()).unwrap_or(i64::MAX));
     samples.inc_by(s.health.samples);
     info.with_label_values(&[s.version, s.driver_version.unwrap_or(""), s.hostname])
@@ -322,6 +366,7 @@ mod tests {
             power_watts: Some(350.0),
             temperature_celsius: Some(55.0),
             energy_mj: Some(mj),
+            power_limit_watts: Some(700.0),
         }
     }
 
@@ -369,6 +414,8 @@ mod tests {
             nvml_errors: 0,
             podresources_errors: 3,
             samples: 2,
+            power_limit_changes: 8,
+            power_limit_errors: 1,
         };
         let text = render(&Snapshot {
             hostname: "node-1",
@@ -378,6 +425,7 @@ mod tests {
             holders: &holders,
             ledger: &ledger,
             health: &health,
+            power_cap_watts: Some(350),
         })
         .expect("render");
         // The encoder sorts labels by name.
@@ -392,6 +440,10 @@ mod tests {
             format!("strata_gpu_energy_joules_total{held} 2.5"),
             format!("strata_gpu_energy_counter_joules{held} 3.5"),
             format!("strata_gpu_energy_counter_resets_total{held} 0"),
+            format!("strata_gpu_power_limit_watts{held} 700"),
+            r#"strata_node_agent_power_cap_watts{Hostname="node-1"} 350"#.to_owned(),
+            "strata_node_agent_power_limit_changes_total 8".to_owned(),
+            "strata_node_agent_power_limit_errors_total 1".to_owned(),
             format!("strata_gpu_energy_joules_total{free} 1"),
             r#"strata_pod_gpu_energy_joules_total{Hostname="node-1",UUID="GPU-a",container="engine",namespace="team-a",pod="chat-0"} 2.5"#.to_owned(),
             r#"strata_node_gpu_unattributed_energy_joules_total{Hostname="node-1"} 1"#.to_owned(),
@@ -419,6 +471,17 @@ mod tests {
         assert_eq!(gpu.counter, Some(3.5));
         assert_eq!(gpu.power, Some(350.0));
         assert_eq!(by_pod.len(), 1, "unheld GPUs are nobody's");
+        // And every GPU's limit, held or not.
+        let limits = strata_core::telemetry::parse_power_limits(&text);
+        assert_eq!(limits.len(), 2);
+        assert_eq!(
+            (
+                limits[0].node.as_str(),
+                limits[0].uuid.as_str(),
+                limits[0].watts
+            ),
+            ("node-1", "GPU-a", 700.0)
+        );
     }
 
     #[test]
@@ -437,8 +500,10 @@ mod tests {
             holders: &HoldersByGpu::new(),
             ledger: &ledger,
             health: &health,
+            power_cap_watts: None,
         })
         .expect("render");
+        assert!(!text.contains("strata_node_agent_power_cap_watts{"));
         assert!(
             text.contains("strata_node_agent_up{source=\"nvml\"} 0"),
             "{text}"

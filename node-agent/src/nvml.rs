@@ -14,6 +14,7 @@ use std::time::Duration;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::error::NvmlError;
+use strata_core::powercap::{self, Desired};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
@@ -28,9 +29,24 @@ pub struct NvmlSample {
     pub devices: Vec<DeviceReading>,
     /// Fields that failed (other than "not supported"), as messages.
     pub field_errors: Vec<String>,
+    /// Power limits changed at this sample.
+    pub limit_changes: Vec<LimitChange>,
+    /// Power limits that could not be read or set, by GPU UUID.
+    pub limit_errors: Vec<(String, String)>,
 }
 
-type Reply = oneshot::Sender<Result<NvmlSample, Error>>;
+/// A GPU's power limit, changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitChange {
+    /// The GPU.
+    pub uuid: String,
+    /// The limit before, mW.
+    pub from_mw: u32,
+    /// The limit now, mW.
+    pub to_mw: u32,
+}
+
+type Reply = (Desired, oneshot::Sender<Result<NvmlSample, Error>>);
 
 /// The NVML thread's handle; the thread ends when this is dropped.
 #[derive(Debug)]
@@ -48,21 +64,24 @@ impl NvmlSource {
             .name("nvml".into())
             .spawn(move || {
                 let mut nvml: Option<Nvml> = None;
-                while let Some(reply) = rx.blocking_recv() {
-                    let _ = reply.send(sample(&lib, &mut nvml));
+                while let Some((desired, reply)) = rx.blocking_recv() {
+                    let _ = reply.send(sample(&lib, &mut nvml, desired));
                 }
             })
             .map_err(Error::Thread)?;
         Ok(Self { requests })
     }
 
-    /// One sample of every GPU, within `timeout`.
-    pub async fn sample(&self, timeout: Duration) -> Result<NvmlSample, Error> {
+    /// One sample of every GPU, within `timeout`, after bringing their
+    /// power limits to `desired`.
+    pub async fn sample(&self, timeout: Duration, desired: Desired) -> Result<NvmlSample, Error> {
         let (reply, answer) = oneshot::channel();
-        self.requests.try_send(reply).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::NvmlBusy,
-            mpsc::error::TrySendError::Closed(_) => Error::NvmlThreadGone,
-        })?;
+        self.requests
+            .try_send((desired, reply))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Error::NvmlBusy,
+                mpsc::error::TrySendError::Closed(_) => Error::NvmlThreadGone,
+            })?;
         match tokio::time::timeout(timeout, answer).await {
             Err(_) => Err(Error::NvmlTimeout(timeout)),
             Ok(Err(_)) => Err(Error::NvmlThreadGone),
@@ -71,9 +90,10 @@ impl NvmlSource {
     }
 }
 
-/// Initialises the library if needed, then reads every device; drops the
-/// handle when the devices cannot be listed.
-fn sample(lib: &str, nvml: &mut Option<Nvml>) -> Result<NvmlSample, Error> {
+/// Initialises the library if needed, brings the power limits to
+/// `desired`, then reads every device; drops the handle when the devices
+/// cannot be listed.
+fn sample(lib: &str, nvml: &mut Option<Nvml>, desired: Desired) -> Result<NvmlSample, Error> {
     let handle = match nvml.take() {
         Some(n) => n,
         None => Nvml::builder()
@@ -84,7 +104,11 @@ fn sample(lib: &str, nvml: &mut Option<Nvml>) -> Result<NvmlSample, Error> {
                 source,
             })?,
     };
-    let result = read_devices(&handle);
+    let changes = apply_limits(&handle, desired);
+    let mut result = read_devices(&handle);
+    if let Ok(sample) = &mut result {
+        (sample.limit_changes, sample.limit_errors) = changes;
+    }
     if result.is_ok() {
         *nvml = Some(handle);
     }
@@ -141,6 +165,8 @@ pub fn read_devices(nvml: &Nvml) -> Result<NvmlSample, Error> {
         )
         .map(f64::from);
         let energy_mj = field(dev.total_energy_consumption(), "energy", index, errors);
+        let power_limit_watts = field(dev.enforced_power_limit(), "power limit", index, errors)
+            .map(|mw| f64::from(mw) / 1000.0);
         out.devices.push(DeviceReading {
             index,
             uuid,
@@ -151,9 +177,61 @@ pub fn read_devices(nvml: &Nvml) -> Result<NvmlSample, Error> {
             power_watts,
             temperature_celsius,
             energy_mj,
+            power_limit_watts,
         });
     }
     Ok(out)
+}
+
+/// Brings every GPU's power management limit to what `desired` asks
+/// (nothing for [`Desired::Unmanaged`]), within the GPU's constraints;
+/// a GPU already there is not written. Returns the changes and, by UUID,
+/// what failed (setting needs root on the node; the caller reports it).
+pub fn apply_limits(nvml: &Nvml, desired: Desired) -> (Vec<LimitChange>, Vec<(String, String)>) {
+    let mut changes = Vec::new();
+    let mut errors = Vec::new();
+    if desired == Desired::Unmanaged {
+        return (changes, errors);
+    }
+    let Ok(count) = nvml.device_count() else {
+        return (changes, errors);
+    };
+    for index in 0..count {
+        let Ok(mut dev) = nvml.device_by_index(index) else {
+            continue;
+        };
+        let Ok(uuid) = dev.uuid() else { continue };
+        let step = (|| -> Result<Option<LimitChange>, NvmlError> {
+            let default = dev.power_management_limit_default()?;
+            let c = dev.power_management_limit_constraints()?;
+            let current = dev.power_management_limit()?;
+            let Some(target) = powercap::target_mw(desired, default, c.min_limit, c.max_limit)
+            else {
+                return Ok(None);
+            };
+            if current == target {
+                return Ok(None);
+            }
+            dev.set_power_management_limit(target)?;
+            Ok(Some(LimitChange {
+                uuid: uuid.clone(),
+                from_mw: current,
+                to_mw: target,
+            }))
+        })();
+        match step {
+            Ok(Some(change)) => changes.push(change),
+            Ok(None) => {}
+            Err(NvmlError::NoPermission) => errors.push((
+                uuid,
+                "NVML refused to set the power limit (no permission: the agent must run as root \
+                 on the node)"
+                    .to_owned(),
+            )),
+            Err(e) => errors.push((uuid, format!("power limit: {e}"))),
+        }
+    }
+    (changes, errors)
 }
 
 #[cfg(test)]
@@ -165,7 +243,7 @@ mod tests {
         let source = NvmlSource::start("/nonexistent/libnvidia-ml.so.1".into()).expect("thread");
         for _ in 0..2 {
             let err = source
-                .sample(Duration::from_secs(10))
+                .sample(Duration::from_secs(10), Desired::Unmanaged)
                 .await
                 .expect_err("no library");
             assert!(matches!(err, Error::NvmlInit { .. }), "{err}");

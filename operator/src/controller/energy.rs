@@ -16,8 +16,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use serde_json::json;
+use strata_core::cost;
+use strata_core::powercap::{self, GpuLimit};
+use strata_crds::gpupool::PowerCapStatus;
 use strata_crds::model::EnergyStatus;
-use strata_crds::{Adapter, Model};
+use strata_crds::{Adapter, GPUPool, Model};
 
 use super::Context;
 use super::reconcile::apply_status;
@@ -33,6 +36,8 @@ pub struct Ledger {
     pools: HashMap<String, f64>,
     /// Last written (joules, tokens, requests), by Adapter UID.
     adapters: HashMap<String, (f64, i64, i64)>,
+    /// When the last round ran (token rates for cost per million tokens).
+    last_round: Option<std::time::Instant>,
 }
 
 fn running(p: &Pod) -> bool {
@@ -82,9 +87,16 @@ pub async fn round(
     ledger: &mut Ledger,
 ) {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let started = std::time::Instant::now();
+    let elapsed = ledger
+        .last_round
+        .replace(started)
+        .map(|t| started.duration_since(t).as_secs_f64())
+        .filter(|s| *s > 0.0);
     // The GPUs, from where a node shows them (None: the sidecars' pages).
-    let (gpus, errors) = super::telemetry::read(&ctx.telemetry).await;
-    for e in &errors {
+    let readings = super::telemetry::read(&ctx.telemetry).await;
+    let gpus = readings.by_pod;
+    for e in &readings.errors {
         tracing::warn!("GPU telemetry: {e}");
         ctx.metrics
             .telemetry_errors
@@ -94,6 +106,15 @@ pub async fn round(
     let pods = ctx.pods.state();
     let mut pool_joules: BTreeMap<String, f64> = BTreeMap::new();
     let mut pool_watts: BTreeMap<String, f64> = BTreeMap::new();
+    let prices: BTreeMap<String, f64> = ctx
+        .pools
+        .state()
+        .iter()
+        .filter_map(|p| Some((p.name_any(), cost::price_per_gpu_hour(p)?)))
+        .collect();
+    // Per pool: the replicas' footprints and token rates (by GPU share).
+    let mut pool_footprints: BTreeMap<String, Vec<cost::Footprint>> = BTreeMap::new();
+    let mut pool_tokens: BTreeMap<String, f64> = BTreeMap::new();
     let all_models = models.state();
     let live: BTreeSet<String> = all_models.iter().filter_map(|m| m.uid()).collect();
     ledger.models.retain(|uid, _| live.contains(uid));
@@ -147,6 +168,28 @@ pub async fn round(
             observed_at: Some(now.clone()),
             counters,
         };
+        // Cost: the GPUs its running replicas hold, at their pools' prices.
+        let footprints: Vec<cost::Footprint> = mine
+            .iter()
+            .filter(|p| running(p))
+            .map(|p| cost::Footprint {
+                pool: p.labels().get(labels::POOL).cloned().unwrap_or_default(),
+                gpus: strata_core::view::pod_gpu_requests(p).values().sum(),
+            })
+            .collect();
+        let tokens_per_second = elapsed.map(|s| inc.tokens / s);
+        let model_cost = cost::cost(&footprints, &prices, tokens_per_second);
+        let total_gpus: i64 = footprints.iter().map(|f| f.gpus).sum();
+        for f in &footprints {
+            if let (Some(t), true) = (tokens_per_second, total_gpus > 0) {
+                *pool_tokens.entry(f.pool.clone()).or_default() +=
+                    t * f.gpus as f64 / total_gpus as f64;
+            }
+            pool_footprints
+                .entry(f.pool.clone())
+                .or_default()
+                .push(f.clone());
+        }
         let m = &ctx.metrics;
         let l = [ns.as_str(), name.as_str()];
         m.model_energy.with_label_values(&l).inc_by(inc.joules);
@@ -172,7 +215,7 @@ pub async fn round(
             &ctx.client,
             model.as_ref(),
             labels::ENERGY_FIELD_MANAGER,
-            json!({"energy": status}),
+            json!({"energy": status, "cost": model_cost}),
         )
         .await;
         ledger.models.insert(uid.clone(), status);
@@ -241,17 +284,62 @@ pub async fn round(
             .pool_power
             .with_label_values(&[name.as_str()])
             .set(watts);
+        let pool_cost = cost::cost(
+            pool_footprints.get(&name).map_or(&[][..], Vec::as_slice),
+            &prices,
+            elapsed.map(|_| pool_tokens.get(&name).copied().unwrap_or(0.0)),
+        );
+        let power_cap = power_cap_status(pool, readings.limits.as_deref(), ctx.telemetry.source);
         if let Err(e) = apply_status(
             &ctx.client,
             pool.as_ref(),
             labels::ENERGY_FIELD_MANAGER,
-            json!({"powerWatts": (watts * 10.0).round() / 10.0, "energyJoules": joules}),
+            json!({
+                "powerWatts": (watts * 10.0).round() / 10.0,
+                "energyJoules": joules,
+                "cost": pool_cost,
+                "powerCap": power_cap,
+            }),
         )
         .await
         {
             tracing::warn!(pool = %name, "writing energy status: {e}");
         }
     }
+}
+
+/// How a pool's `powerCapWatts` stands, from the GPUs' limits the agents
+/// report (None without a cap).
+fn power_cap_status(
+    pool: &GPUPool,
+    limits: Option<&[GpuLimit]>,
+    source: super::telemetry::Source,
+) -> Option<PowerCapStatus> {
+    let target = pool.spec.power_cap_watts?;
+    let nodes: Vec<String> = pool
+        .status
+        .as_ref()
+        .map(|s| s.nodes.iter().map(|n| n.name.clone()).collect())
+        .unwrap_or_default();
+    let Some(limits) = limits else {
+        return Some(PowerCapStatus {
+            target_watts: target,
+            gpus: 0,
+            gpus_at_cap: 0,
+            message: Some(format!(
+                "the GPU telemetry source ({}) does not report power limits; the node agent \
+                 applies and reports caps",
+                source.as_str()
+            )),
+        });
+    };
+    let summary = powercap::summarise(f64::from(target), &nodes, limits);
+    Some(PowerCapStatus {
+        target_watts: target,
+        gpus: summary.gpus,
+        gpus_at_cap: summary.gpus_at_cap,
+        message: Some(powercap::message(f64::from(target), &summary)),
+    })
 }
 
 /// Runs rounds every `ctx.config.energy_interval` until `stop` fires.

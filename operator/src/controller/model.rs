@@ -888,9 +888,11 @@ fn status(
                 .as_ref()
                 .and_then(|s| s.last_scale_decision.clone())
         }),
-        // status.energy belongs to the energy accountant (its own field
-        // manager): left out here, so neither overwrites the other.
+        // status.energy and status.cost belong to the energy accountant
+        // (its own field manager): left out here, so neither overwrites the
+        // other.
         energy: None,
+        cost: None,
         adapters: status::adapters(seen.own.iter()),
         placement,
     };

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::Store;
+use strata_core::powercap::GpuLimit;
 use strata_core::telemetry::{self, ByPod};
 
 use super::prometheus;
@@ -93,25 +94,47 @@ pub enum Error {
     NoUrl,
 }
 
-/// One round's readings: None for the sidecar source (the sidecars' pages
-/// carry them); otherwise every pod's GPUs that could be read, and the
-/// errors of what could not (a pod missing from the map keeps its
-/// baselines for the next round).
-pub async fn read(t: &Telemetry) -> (Option<ByPod>, Vec<Error>) {
+/// One round's readings.
+#[derive(Debug, Default)]
+pub struct Readings {
+    /// None for the sidecar source (the sidecars' pages carry them);
+    /// otherwise every pod's GPUs that could be read (a pod missing from
+    /// the map keeps its baselines for the next round).
+    pub by_pod: Option<ByPod>,
+    /// Every GPU's enforced power limit, where the source reports it (the
+    /// node agents); None where it does not.
+    pub limits: Option<Vec<GpuLimit>>,
+    /// What could not be read.
+    pub errors: Vec<Error>,
+}
+
+/// One round's readings from the configured source.
+pub async fn read(t: &Telemetry) -> Readings {
     match t.source {
-        Source::Sidecar => (None, Vec::new()),
+        Source::Sidecar => Readings::default(),
         Source::NodeAgent => {
-            let (by_pod, errors) = read_agents(t).await;
-            (Some(by_pod), errors)
+            let (by_pod, limits, errors) = read_agents(t).await;
+            Readings {
+                by_pod: Some(by_pod),
+                limits: Some(limits),
+                errors,
+            }
         }
         Source::Dcgm => match read_dcgm(t).await {
-            Ok(by_pod) => (Some(by_pod), Vec::new()),
-            Err(e) => (Some(ByPod::new()), vec![e]),
+            Ok(by_pod) => Readings {
+                by_pod: Some(by_pod),
+                ..Readings::default()
+            },
+            Err(e) => Readings {
+                by_pod: Some(ByPod::new()),
+                limits: None,
+                errors: vec![e],
+            },
         },
     }
 }
 
-async fn read_agents(t: &Telemetry) -> (ByPod, Vec<Error>) {
+async fn read_agents(t: &Telemetry) -> (ByPod, Vec<GpuLimit>, Vec<Error>) {
     let agents: Vec<(String, String, String)> = t
         .agents
         .as_ref()
@@ -128,7 +151,7 @@ async fn read_agents(t: &Telemetry) -> (ByPod, Vec<Error>) {
         .collect();
     let port = t.agent_port;
     use futures::StreamExt;
-    let pages: Vec<Result<ByPod, Error>> =
+    let pages: Vec<Result<(ByPod, Vec<GpuLimit>), Error>> =
         futures::stream::iter(agents.into_iter().map(|(pod, node, ip)| async move {
             let host = if ip.contains(':') {
                 format!("[{ip}]")
@@ -149,7 +172,11 @@ async fn read_agents(t: &Telemetry) -> (ByPod, Vec<Error>) {
             if !status.is_success() {
                 return Err(fail(format!("HTTP {status}")));
             }
-            Ok(telemetry::parse_node_agent(&String::from_utf8_lossy(&body)))
+            let text = String::from_utf8_lossy(&body);
+            Ok((
+                telemetry::parse_node_agent(&text),
+                telemetry::parse_power_limits(&text),
+            ))
         }))
         // At most this many agents at once, however many GPU nodes there are
         // (a round of 1,000 nodes takes 1,000 / 32 timeouts at worst).
@@ -157,14 +184,18 @@ async fn read_agents(t: &Telemetry) -> (ByPod, Vec<Error>) {
         .collect()
         .await;
     let mut out = ByPod::new();
+    let mut limits = Vec::new();
     let mut errors = Vec::new();
     for page in pages {
         match page {
-            Ok(by_pod) => out.extend(by_pod),
+            Ok((by_pod, l)) => {
+                out.extend(by_pod);
+                limits.extend(l);
+            }
             Err(e) => errors.push(e),
         }
     }
-    (out, errors)
+    (out, limits, errors)
 }
 
 async fn read_dcgm(t: &Telemetry) -> Result<ByPod, Error> {
