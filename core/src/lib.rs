@@ -28,6 +28,7 @@ pub mod duration;
 pub mod energy;
 pub mod energy_counter;
 pub mod engine;
+pub mod expect;
 pub mod labels;
 pub mod placement;
 pub mod podgpus;

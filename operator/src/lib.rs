@@ -16,6 +16,7 @@ pub mod fence;
 pub mod leader;
 pub mod metrics;
 pub mod pki;
+pub mod ratelimit;
 pub mod server;
 pub mod sidecar_client;
 pub mod watch;

@@ -18,6 +18,7 @@ use strata_operator::controller::{self, Config};
 use strata_operator::fence::{Fence, FenceLayer};
 use strata_operator::leader::{Elector, LeaseConfig};
 use strata_operator::metrics::Metrics;
+use strata_operator::ratelimit::{RateLimit, RateLimitLayer};
 use strata_operator::server::{self, Health};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -84,6 +85,13 @@ struct Cli {
     /// Largest request body the activator forwards, bytes.
     #[arg(long, default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
     activator_max_request_bytes: u64,
+    /// Requests per second the operator may send to the API server on
+    /// average (the Lease's renewals excluded), like client-go's QPS.
+    #[arg(long, env = "STRATA_KUBE_API_QPS", default_value_t = 100.0, value_parser = qps)]
+    kube_api_qps: f64,
+    /// Requests that may go at once before the QPS applies (client-go's burst).
+    #[arg(long, env = "STRATA_KUBE_API_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    kube_api_burst: u32,
     /// Seconds between readings of the replicas' GPU energy counters.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     energy_interval_seconds: u64,
@@ -133,13 +141,23 @@ async fn check_crds(client: &Client) -> Result<(), String> {
     Ok(())
 }
 
-/// The fenced client (everything but the Lease) and the elector's.
-async fn clients(fence: &Fence) -> Result<(Client, Client), kube::Error> {
+/// `--kube-api-qps`: 0.1 to 100,000.
+fn qps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=100_000.0).contains(&v) => Ok(v),
+        _ => Err(format!("must be a number between 0.1 and 100000, got {s}")),
+    }
+}
+
+/// The fenced, rate-limited client (everything but the Lease) and the
+/// elector's.
+async fn clients(fence: &Fence, limit: &RateLimit) -> Result<(Client, Client), kube::Error> {
     let config = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)?;
     let fenced = kube::client::ClientBuilder::try_from(config.clone())?
         .with_layer(&FenceLayer(fence.clone()))
+        .with_layer(&RateLimitLayer(limit.clone()))
         .build();
     Ok((fenced, Client::try_from(config)?))
 }
@@ -173,7 +191,18 @@ async fn main() -> ExitCode {
     } else {
         Fence::open()
     };
-    let (client, lease_client) = match clients(&fence).await {
+    // Every request but the Lease's waits for a token bucket (client-go's
+    // QPS and burst), so that no burst of work can starve the API server.
+    let limit = match RateLimit::new(cli.kube_api_qps, cli.kube_api_burst)
+        .and_then(|l| l.register(&metrics.registry).map(|()| l))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (client, lease_client) = match clients(&fence, &limit).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("no Kubernetes client configuration: {e}");

@@ -18,6 +18,12 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     /// Reconcile duration by controller.
     pub reconcile_duration: HistogramVec,
+    /// Status writes by controller and result (`written`, or `unchanged`:
+    /// the cache already showed it, nothing sent).
+    pub status_writes: IntCounterVec,
+    /// Child objects (Services, Secrets) by kind and result (`applied`,
+    /// `unchanged`: not sent).
+    pub child_applies: IntCounterVec,
     /// Reconcile errors by controller and category.
     pub errors: IntCounterVec,
     /// Reconciles running now, by controller.
@@ -143,6 +149,20 @@ impl Metrics {
             ),
             &["controller", "result"],
         )?;
+        let status_writes = IntCounterVec::new(
+            Opts::new(
+                "strata_status_writes_total",
+                "Status writes by controller and result (written; unchanged: the cache already showed it, nothing sent).",
+            ),
+            &["controller", "result"],
+        )?;
+        let child_applies = IntCounterVec::new(
+            Opts::new(
+                "strata_child_applies_total",
+                "Services and Secrets of Models by kind and result (applied; unchanged: not sent).",
+            ),
+            &["kind", "result"],
+        )?;
         let reconcile_duration = HistogramVec::new(
             HistogramOpts::new("strata_reconcile_duration_seconds", "Reconcile duration.").buckets(
                 vec![
@@ -195,6 +215,8 @@ impl Metrics {
             "1 while this instance holds the leader Lease.",
         )?;
         registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(status_writes.clone()))?;
+        registry.register(Box::new(child_applies.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -361,6 +383,8 @@ impl Metrics {
         Ok(Self {
             registry,
             reconciles,
+            status_writes,
+            child_applies,
             reconcile_duration,
             errors,
             in_flight,

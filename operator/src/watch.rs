@@ -104,6 +104,62 @@ where
     reader
 }
 
+/// A cache whose changes several controllers are woken by: one watch, one
+/// store, and a stream per subscriber, each event delivered after the
+/// store has it.
+pub struct Shared<K: kube::Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    /// The store.
+    pub store: Store<K>,
+    /// One stream per consumer, taken once each (a consumer must keep
+    /// reading its stream: a full buffer holds the watch back).
+    pub subscribers: Vec<reflector::ReflectHandle<K>>,
+}
+
+/// How many events a slow subscriber of a [`Shared`] cache may lag behind.
+const SHARED_BUFFER: usize = 4096;
+
+/// Spawns a shared watch ([`Shared`]) with `subscribers` streams.
+pub fn spawn_shared_store<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    trim: fn(&mut K),
+    subscribers: usize,
+) -> Shared<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store_shared(SHARED_BUFFER);
+    let subscribers = (0..subscribers)
+        .filter_map(|_| writer.subscribe())
+        .collect();
+    let stream = watcher(api, config)
+        .backoff(backoff())
+        .modify(trim)
+        .reflect_shared(writer);
+    tokio::spawn(async move {
+        tokio::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::warn!("watch: {e}");
+            }
+        }
+    });
+    Shared {
+        store: reader,
+        subscribers,
+    }
+}
+
 /// Drops managed fields (never read, often the largest part of an object).
 pub fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;

@@ -38,6 +38,71 @@ pub struct Ledger {
     adapters: HashMap<String, (f64, i64, i64)>,
     /// When the last round ran (token rates for cost per million tokens).
     last_round: Option<std::time::Instant>,
+    /// What was last written to each Model's status (energy and cost), and
+    /// when, by UID.
+    written: HashMap<String, (serde_json::Value, std::time::Instant)>,
+    /// What was last written to each pool's status, by name.
+    pools_written: HashMap<String, serde_json::Value>,
+}
+
+/// How often a Model's energy status is written while only its totals
+/// grow: every reading for short intervals, at most every minute (or every
+/// interval, when that is longer) otherwise. A new or gone replica, a first
+/// reading, a change of cost are written at once. Totals and baselines are
+/// always written together, so a new leader continues from the last
+/// written pair and nothing is lost between writes. Pure.
+pub fn status_every(interval: std::time::Duration) -> std::time::Duration {
+    (interval * 4)
+        .min(std::time::Duration::from_secs(60))
+        .max(interval)
+}
+
+/// Whether a Model's energy status must be written now: it differs from
+/// the last written (observedAt aside) and either its replicas, its cost or
+/// anything but the running totals changed, or [`status_every`] has passed
+/// since the last write. Pure.
+pub fn energy_write_due(
+    last: Option<&(serde_json::Value, std::time::Instant)>,
+    next: &serde_json::Value,
+    now: std::time::Instant,
+    every: std::time::Duration,
+) -> bool {
+    let Some((before, at)) = last else {
+        return true;
+    };
+    let strip = |v: &serde_json::Value, totals: bool| {
+        let mut v = v.clone();
+        if let Some(e) = v.get_mut("energy").and_then(|e| e.as_object_mut()) {
+            e.remove("observedAt");
+            if totals {
+                for k in [
+                    "energyJoules",
+                    "generatedTokens",
+                    "joulesPer1kTokens",
+                    "powerWatts",
+                    "gpuUtilization",
+                ] {
+                    e.remove(k);
+                }
+                // The replicas counted, not their baselines.
+                if let Some(c) = e.get_mut("counters").and_then(|c| c.as_array_mut()) {
+                    for r in c.iter_mut() {
+                        if let Some(o) = r.as_object_mut() {
+                            o.retain(|k, _| k == "pod");
+                        }
+                    }
+                }
+            }
+        }
+        if totals && let Some(c) = v.get_mut("cost").and_then(|c| c.as_object_mut()) {
+            c.remove("perMillionTokens");
+        }
+        v
+    };
+    if strip(before, false) == strip(next, false) {
+        return false;
+    }
+    strip(before, true) != strip(next, true) || now.saturating_duration_since(*at) >= every
 }
 
 fn running(p: &Pod) -> bool {
@@ -118,10 +183,14 @@ pub async fn round(
     let all_models = models.state();
     let live: BTreeSet<String> = all_models.iter().filter_map(|m| m.uid()).collect();
     ledger.models.retain(|uid, _| live.contains(uid));
+    ledger.written.retain(|uid, _| live.contains(uid));
     let live_adapters: BTreeSet<String> = adapters.state().iter().filter_map(|a| a.uid()).collect();
     ledger.adapters.retain(|uid, _| live_adapters.contains(uid));
     let live_pools: BTreeSet<String> = ctx.pools.state().iter().map(|p| p.name_any()).collect();
     ledger.pools.retain(|name, _| live_pools.contains(name));
+    ledger
+        .pools_written
+        .retain(|name, _| live_pools.contains(name));
     for model in all_models.iter() {
         let (Some(ns), Some(uid)) = (model.namespace(), model.uid()) else {
             continue;
@@ -211,16 +280,30 @@ pub async fn round(
         for (pool, w) in &inc.pool_watts {
             *pool_watts.entry(pool.clone()).or_default() += w;
         }
-        let written = apply_status(
-            &ctx.client,
-            model.as_ref(),
-            labels::ENERGY_FIELD_MANAGER,
-            json!({"energy": status, "cost": model_cost}),
-        )
-        .await;
+        let next = json!({"energy": status, "cost": model_cost});
+        let due = energy_write_due(
+            ledger.written.get(&uid),
+            &next,
+            started,
+            status_every(ctx.config.energy_interval),
+        );
         ledger.models.insert(uid.clone(), status);
-        if let Err(e) = written {
-            tracing::warn!(namespace = %ns, model = %name, "writing energy status: {e}");
+        if due {
+            match apply_status(
+                &ctx.client,
+                model.as_ref(),
+                labels::ENERGY_FIELD_MANAGER,
+                &next,
+            )
+            .await
+            {
+                Ok(()) => {
+                    ledger.written.insert(uid.clone(), (next, started));
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, model = %name, "writing energy status: {e}");
+                }
+            }
         }
 
         // Adapters: their share by generated tokens.
@@ -290,20 +373,27 @@ pub async fn round(
             elapsed.map(|_| pool_tokens.get(&name).copied().unwrap_or(0.0)),
         );
         let power_cap = power_cap_status(pool, readings.limits.as_deref(), ctx.telemetry.source);
-        if let Err(e) = apply_status(
+        let next = json!({
+            "powerWatts": (watts * 10.0).round() / 10.0,
+            "energyJoules": joules,
+            "cost": pool_cost,
+            "powerCap": power_cap,
+        });
+        if ledger.pools_written.get(&name) == Some(&next) {
+            continue;
+        }
+        match apply_status(
             &ctx.client,
             pool.as_ref(),
             labels::ENERGY_FIELD_MANAGER,
-            json!({
-                "powerWatts": (watts * 10.0).round() / 10.0,
-                "energyJoules": joules,
-                "cost": pool_cost,
-                "powerCap": power_cap,
-            }),
+            &next,
         )
         .await
         {
-            tracing::warn!(pool = %name, "writing energy status: {e}");
+            Ok(()) => {
+                ledger.pools_written.insert(name.clone(), next);
+            }
+            Err(e) => tracing::warn!(pool = %name, "writing energy status: {e}"),
         }
     }
 }
@@ -358,5 +448,60 @@ pub async fn run(
             _ = stop.wait_for(|v| *v) => return,
         }
         round(&ctx, &models, &adapters, &mut ledger).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn status(joules: f64, pods: &[&str], at: &str) -> serde_json::Value {
+        json!({
+            "energy": {
+                "energyJoules": joules,
+                "powerWatts": joules / 10.0,
+                "observedAt": at,
+                "counters": pods.iter().map(|p| json!({"pod": p, "gpuJoules": {"GPU-a": joules}})).collect::<Vec<_>>(),
+            },
+            "cost": {"perHour": 2.5, "gpus": 1, "perMillionTokens": joules},
+        })
+    }
+
+    #[test]
+    fn growing_totals_are_written_at_the_status_cadence_new_replicas_at_once() {
+        let t0 = Instant::now();
+        let every = status_every(Duration::from_secs(15));
+        assert_eq!(every, Duration::from_secs(60));
+        assert_eq!(status_every(Duration::from_secs(2)), Duration::from_secs(8));
+        assert_eq!(
+            status_every(Duration::from_secs(600)),
+            Duration::from_secs(600)
+        );
+        let last = (status(100.0, &["a"], "t0"), t0);
+        // Nothing new but the time: never.
+        assert!(!energy_write_due(
+            Some(&last),
+            &status(100.0, &["a"], "t1"),
+            t0 + every * 2,
+            every
+        ));
+        // Totals grew: at the cadence.
+        let grown = status(150.0, &["a"], "t1");
+        assert!(!energy_write_due(
+            Some(&last),
+            &grown,
+            t0 + every / 2,
+            every
+        ));
+        assert!(energy_write_due(Some(&last), &grown, t0 + every, every));
+        // A new replica, or no write yet: at once.
+        assert!(energy_write_due(
+            Some(&last),
+            &status(150.0, &["a", "b"], "t1"),
+            t0,
+            every
+        ));
+        assert!(energy_write_due(None, &grown, t0, every));
     }
 }

@@ -67,6 +67,9 @@ pub async fn run(
             .collect();
 
         let mut dropped = prune(&mut *ctx.scalers.lock().await, |k| live_scalers.contains(k));
+        if let Ok(mut memos) = ctx.memos.lock() {
+            dropped += prune(&mut memos, |k| live_scalers.contains(k));
+        }
         dropped += prune(&mut *ctx.avoid.lock().await, |k| live_models.contains(k));
         dropped += prune(&mut *ctx.adapter_locks.lock().await, |k| {
             live_models.contains(k)

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
@@ -94,6 +94,11 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// Strata's pods (its replicas), whole.
     pub pods: Store<Pod>,
+    /// Strata's Services (of Models and Adapters).
+    pub services: Store<Service>,
+    /// What the Model controller did to each Model's children (see
+    /// [`model::Memo`]), by `namespace/name#uid`.
+    pub memos: std::sync::Mutex<HashMap<String, model::Memo>>,
     /// Every pod of the cluster as GPU accounting sees it (other workloads
     /// hold GPUs too): identity, node and GPUs only.
     pub gpu_pods: Store<PodGpus>,
@@ -167,7 +172,8 @@ impl Drop for AbortOnDrop {
 /// The caches every controller reads.
 struct Caches {
     nodes: Store<Node>,
-    pods: Store<Pod>,
+    pods: crate::watch::Shared<Pod>,
+    services: crate::watch::Shared<Service>,
     gpu_pods: Store<PodGpus>,
     pools: Store<GPUPool>,
 }
@@ -180,13 +186,25 @@ async fn caches(client: &Client) -> Option<Caches> {
         crate::watch::drop_managed_fields,
         || {},
     );
-    // Strata's own pods, whole; every pod of the cluster only as GPU
-    // accounting reads it (deserialized lean: see strata_core::podgpus).
-    let pods = crate::watch::spawn_store(
+    // Strata's own pods, whole, in one shared watch: the cache reconciles
+    // read, and the stream that wakes the Model, Adapter and GPUPool
+    // controllers (each event after the cache has it, so a reconcile never
+    // reads a cache older than what woke it); every pod of the cluster only
+    // as GPU accounting reads it (deserialized lean: see
+    // strata_core::podgpus).
+    let pods = crate::watch::spawn_shared_store(
         Api::<Pod>::all(client.clone()),
         owned_pods(),
         crate::watch::drop_managed_fields,
-        || {},
+        3,
+    );
+    // Strata's Services: a Model's is applied only when it differs, and
+    // its deletion or change wakes the Model.
+    let services = crate::watch::spawn_shared_store(
+        Api::<Service>::all(client.clone()),
+        owned_pods(),
+        crate::watch::drop_managed_fields,
+        1,
     );
     let gpu_pods = crate::watch::spawn_store(
         Api::<PodGpus>::all(client.clone()),
@@ -206,7 +224,8 @@ async fn caches(client: &Client) -> Option<Caches> {
             Box::pin(nodes.wait_until_ready())
                 as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
         ),
-        ("pods", Box::pin(pods.wait_until_ready())),
+        ("pods", Box::pin(pods.store.wait_until_ready())),
+        ("services", Box::pin(services.store.wait_until_ready())),
         ("all pods", Box::pin(gpu_pods.wait_until_ready())),
         ("gpupools", Box::pin(pools.wait_until_ready())),
     ] {
@@ -218,6 +237,7 @@ async fn caches(client: &Client) -> Option<Caches> {
     Some(Caches {
         nodes,
         pods,
+        services,
         gpu_pods,
         pools,
     })
@@ -249,12 +269,47 @@ where
         .await;
 }
 
+/// What about a Model can change a reconcile's outcome: its spec (the
+/// generation), its annotations (the activator's wake request), labels,
+/// finalizers and deletion. Its status (written by the controller itself,
+/// the energy accountant and the error reporter) cannot: a status write
+/// wakes nobody. Pure.
+pub fn model_trigger_hash(model: &Model) -> Option<u64> {
+    let m = &model.metadata;
+    let key = serde_json::json!([
+        m.uid,
+        m.generation,
+        m.annotations,
+        m.labels,
+        m.finalizers,
+        m.deletion_timestamp.is_some(),
+    ]);
+    Some(strata_core::template::fnv1a(key.to_string().as_bytes()))
+}
+
+/// The Model controller's own watch: its cache sees every change, its
+/// trigger only those [`model_trigger_hash`] tells apart.
+fn model_trigger(client: Client) -> Controller<Model> {
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::utils::PredicateConfig;
+    let (reader, writer) = kube::runtime::reflector::store();
+    let trigger = watcher(Api::<Model>::all(client), watcher::Config::default())
+        .backoff(crate::watch::backoff())
+        .modify(crate::watch::drop_managed_fields)
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(model_trigger_hash, PredicateConfig::default());
+    Controller::for_stream(trigger, reader)
+}
+
 /// The Model controller: woken by its Model, its pods, placement-relevant
 /// node changes (readiness, cordon, taints, labels, GPUs; not heartbeats)
 /// and changes of the GPUPools it lists.
 fn model_controller(
     ctx: Arc<Context>,
     controller: Controller<Model>,
+    pods: impl futures::Stream<Item = Arc<Pod>> + Send + 'static,
+    services: impl futures::Stream<Item = Arc<Service>> + Send + 'static,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> {
     let client = ctx.client.clone();
@@ -265,7 +320,8 @@ fn model_controller(
     let pool_generations: std::sync::Mutex<HashMap<String, i64>> =
         std::sync::Mutex::new(HashMap::new());
     let stream = controller
-        .owns(Api::<Pod>::all(client.clone()), owned_pods())
+        .owns_shared_stream(pods)
+        .owns_shared_stream(services)
         .watches(
             Api::<Node>::all(client.clone()),
             watcher::Config::default(),
@@ -321,24 +377,21 @@ fn model_controller(
 fn adapter_controller(
     ctx: Arc<Context>,
     controller: Controller<Adapter>,
+    pods: impl futures::Stream<Item = Arc<Pod>> + Send + 'static,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> {
     let adapters_for_pods = controller.store();
     let stream = controller
-        .watches(
-            Api::<Pod>::all(ctx.client.clone()),
-            owned_pods(),
-            move |pod: Pod| {
-                let model = pod.labels().get(labels::MODEL).cloned();
-                let ns = pod.namespace();
-                adapters_for_pods
-                    .state()
-                    .iter()
-                    .filter(|a| a.namespace() == ns && Some(&a.spec.model) == model.as_ref())
-                    .map(|a| ObjectRef::from_obj(a.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(pods, move |pod: Arc<Pod>| {
+            let model = pod.labels().get(labels::MODEL).cloned();
+            let ns = pod.namespace();
+            adapters_for_pods
+                .state()
+                .iter()
+                .filter(|a| a.namespace() == ns && Some(&a.spec.model) == model.as_ref())
+                .map(|a| ObjectRef::from_obj(a.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .trigger_backoff(crate::watch::trigger_backoff())
         .graceful_shutdown_on(stopped(stop))
         .run(adapter::reconcile, reconcile::error_policy, ctx);
@@ -349,6 +402,7 @@ fn adapter_controller(
 /// placed on it.
 fn pool_controller(
     ctx: Arc<Context>,
+    pods: impl futures::Stream<Item = Arc<Pod>> + Send + 'static,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> {
     let client = ctx.client.clone();
@@ -369,7 +423,7 @@ fn pool_controller(
                 .collect::<Vec<_>>()
         },
     )
-    .watches(Api::<Pod>::all(client), owned_pods(), move |pod: Pod| {
+    .watches_shared_stream(pods, move |pod: Arc<Pod>| {
         let pool = pod.labels().get(labels::POOL).cloned();
         for_pods
             .state()
@@ -476,7 +530,9 @@ pub async fn run(
         metrics,
         config,
         nodes: caches.nodes,
-        pods: caches.pods,
+        pods: caches.pods.store.clone(),
+        services: caches.services.store.clone(),
+        memos: std::sync::Mutex::new(HashMap::new()),
         gpu_pods: caches.gpu_pods,
         pools: caches.pools,
         placement: Mutex::new(HashMap::new()),
@@ -490,15 +546,23 @@ pub async fn run(
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let model_ctl = Controller::new(
-        Api::<Model>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    let model_ctl = model_trigger(client.clone());
     let adapter_ctl = Controller::new(Api::<Adapter>::all(client), watcher::Config::default());
     let (model_store, adapter_store) = (model_ctl.store(), adapter_ctl.store());
-    let models = model_controller(ctx.clone(), model_ctl, rx.clone());
-    let adapters = adapter_controller(ctx.clone(), adapter_ctl, rx.clone());
-    let gpupools = pool_controller(ctx.clone(), rx.clone());
+    let mut subscribers = caches.pods.subscribers.into_iter();
+    let (Some(for_models), Some(for_adapters), Some(for_pools)) =
+        (subscribers.next(), subscribers.next(), subscribers.next())
+    else {
+        tracing::error!("the pod cache cannot be shared");
+        return;
+    };
+    let Some(services) = caches.services.subscribers.into_iter().next() else {
+        tracing::error!("the Service cache cannot be shared");
+        return;
+    };
+    let models = model_controller(ctx.clone(), model_ctl, for_models, services, rx.clone());
+    let adapters = adapter_controller(ctx.clone(), adapter_ctl, for_adapters, rx.clone());
+    let gpupools = pool_controller(ctx.clone(), for_pools, rx.clone());
     // Stopped when this function returns or its future is dropped (the
     // leader lost its lease: main drops it).
     let _tasks = AbortOnDrop(vec![
@@ -561,4 +625,45 @@ pub(crate) async fn apply_owned_service(
         source,
     })?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_models_status_wakes_nothing_its_spec_and_wake_requests_do() {
+        let mut m: Model = serde_json::from_value(serde_json::json!({
+            "apiVersion": "strata.ai/v1alpha1",
+            "kind": "Model",
+            "metadata": {"name": "chat", "namespace": "ns", "uid": "u1", "generation": 1},
+            "spec": {"source": {"uri": "hf://m/x"}, "engine": {"type": "vLLM", "image": "vllm/vllm-openai:v0.11.0"}, "pools": [{"name": "h100"}], "minReplicas": 1, "maxReplicas": 2},
+        }))
+        .expect("model");
+        let h = |m: &Model| model_trigger_hash(m);
+        let base = h(&m);
+        m.status = Some(strata_crds::ModelStatus {
+            replicas: 3,
+            ..Default::default()
+        });
+        m.metadata.resource_version = Some("42".into());
+        m.metadata.managed_fields = None;
+        assert_eq!(h(&m), base, "status and resourceVersion");
+        m.metadata.annotations = Some(
+            [(
+                crate::activator::WAKE_ANNOTATION.to_string(),
+                "now".to_string(),
+            )]
+            .into(),
+        );
+        let woken = h(&m);
+        assert_ne!(woken, base, "the activator's wake request");
+        m.metadata.generation = Some(2);
+        assert_ne!(h(&m), woken, "a new spec");
+        let spec = h(&m);
+        m.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert_ne!(h(&m), spec, "deletion");
+    }
 }

@@ -2,7 +2,9 @@
 //! failure names the call that failed ([`crate::error`]):
 //!
 //! 1. [`dereference`]: the Model's Secret (made or renewed first: the
-//!    sidecars mount it), its pods (a fresh list), the node and pool caches;
+//!    sidecars mount it), its pods (the shared pod cache, with what this
+//!    process created or deleted and the cache does not show yet), the node
+//!    and pool caches;
 //! 2. [`desire`]: how many replicas, from the spec or the SLA autoscaler
 //!    ([`super::scale`]);
 //! 3. [`plan`] (pure: `strata_core::rollout`): the pool templates, what to
@@ -14,6 +16,11 @@
 //!
 //! [`reconcile`] runs them inside the shared wrapper (metrics, the error
 //! reporter); [`super::reconcile::error_policy`] backs off on failure.
+//!
+//! A reconcile that finds nothing to change sends nothing: pods come from
+//! the cache, the Secret and the Service are checked against what this
+//! process last wrote ([`Memo`]), and the status is written only when it
+//! differs from the cached one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -22,7 +29,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -72,6 +79,12 @@ async fn phases(model: &Model, ctx: &Context) -> Result<Action> {
         Ok::<(), Error>(())
     }
     .await;
+    // What the cache will show in a moment counts from now on.
+    with_memo(ctx, &memo_key(&seen.key, &seen.uid), |m| {
+        let now = Instant::now();
+        m.pods.deleted(deleted.pods.iter().cloned(), now);
+        m.pods.created(created.pods.iter().cloned(), now);
+    });
     let (status, pace) = status(
         model,
         &seen,
@@ -113,6 +126,34 @@ fn record_metrics(
     );
 }
 
+/// How long a check of a Model's Secrets or Service holds before it is
+/// made again (a Service changed by someone else is put back within this;
+/// its deletion wakes the Model at once through the cache of Services).
+pub const RECHECK: Duration = Duration::from_secs(600);
+
+/// What this process did to one Model's children, kept between reconciles
+/// (by `namespace/name#uid`; the janitor drops gone Models).
+#[derive(Debug, Default)]
+pub struct Memo {
+    /// Pods created or deleted here that the cache may not show yet.
+    pub pods: strata_core::expect::Expectations,
+    /// When the Model's own Secret (token, TLS) was last found complete.
+    secret_ok_at: Option<Instant>,
+    /// When the source's credentials Secret was last found.
+    credentials_ok_at: Option<Instant>,
+    /// The Service last applied (a digest of it) and when.
+    service: Option<(u64, Instant)>,
+}
+
+fn recent(at: Option<Instant>) -> bool {
+    at.is_some_and(|t| t.elapsed() < RECHECK)
+}
+
+/// The memo's key: a Model re-created under the same name starts afresh.
+fn memo_key(key: &str, uid: &str) -> String {
+    format!("{key}#{uid}")
+}
+
 /// What the reconcile read.
 struct Seen {
     ns: String,
@@ -121,8 +162,8 @@ struct Seen {
     /// namespace/name.
     key: String,
     now: Timestamp,
-    /// The Model's pods (a fresh list: the cache may lag behind this
-    /// process's own creations).
+    /// The Model's pods (the cache, with this process's own creations and
+    /// deletions that it does not show yet).
     own: Vec<Pod>,
     nodes: Vec<Arc<Node>>,
     node_names: HashSet<String>,
@@ -138,27 +179,30 @@ async fn dereference(ctx: &Context, model: &Model) -> Result<Seen> {
     let ns = model.namespace().ok_or(Error::MissingKey("namespace"))?;
     let name = model.name_any();
     let uid = model.uid().ok_or(Error::MissingKey("uid"))?;
-    ensure_secret(ctx, model, &ns, &uid).await?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let own: Vec<Pod> = pods
-        .list(&ListParams::default().labels(&format!("{}={name}", labels::MODEL)))
-        .await
-        .map_err(|source| Error::ListPods {
-            model: name.clone(),
-            source,
-        })?
-        .items
-        .into_iter()
-        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
+    let memo = memo_key(&format!("{ns}/{name}"), &uid);
+    ensure_secret(ctx, model, &ns, &uid, &memo).await?;
+    let cached: Vec<Pod> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str())
+                && p.labels().get(labels::MODEL) == Some(&name)
+                && p.owner_references().iter().any(|o| o.uid == uid)
+        })
+        .map(|p| p.as_ref().clone())
         .collect();
+    let now = Timestamp::now();
+    let own = with_memo(ctx, &memo, |m| {
+        m.pods.apply(cached, Instant::now(), &Time(now))
+    });
     let nodes = ctx.nodes.state();
     let node_names = nodes.iter().map(|n| n.name_any()).collect();
-    let now = Timestamp::now();
     let not_ready = nodes
         .iter()
         .filter_map(|n| Some((n.name_any(), view::node_not_ready_for(n, now.as_second())?)))
         .collect();
-    let missing_secret = missing_secret(ctx, model, &ns).await?;
+    let missing_secret = missing_secret(ctx, model, &ns, &memo).await?;
     Ok(Seen {
         missing_secret,
         key: format!("{ns}/{name}"),
@@ -177,10 +221,18 @@ async fn dereference(ctx: &Context, model: &Model) -> Result<Seen> {
 /// The source's credentials Secret, when the Model names one that does
 /// not exist: a replica would never start (the kubelet refuses a container
 /// whose envFrom Secret is missing) and would hold its GPUs meanwhile.
-async fn missing_secret(ctx: &Context, model: &Model, ns: &str) -> Result<Option<String>> {
+async fn missing_secret(
+    ctx: &Context,
+    model: &Model,
+    ns: &str,
+    memo: &str,
+) -> Result<Option<String>> {
     let Some(r) = &model.spec.source.credentials_secret_ref else {
         return Ok(None);
     };
+    if with_memo(ctx, memo, |m| recent(m.credentials_ok_at)) {
+        return Ok(None);
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let found = api
         .get_metadata_opt(&r.name)
@@ -190,9 +242,21 @@ async fn missing_secret(ctx: &Context, model: &Model, ns: &str) -> Result<Option
             name: r.name.clone(),
             source,
         })?;
+    if found.is_some() {
+        with_memo(ctx, memo, |m| m.credentials_ok_at = Some(Instant::now()));
+    }
     Ok(found
         .is_none()
         .then(|| format!("the Secret {} (spec.source.credentialsSecretRef)", r.name)))
+}
+
+/// Runs `f` on the Model's memo (made if missing).
+fn with_memo<T>(ctx: &Context, key: &str, f: impl FnOnce(&mut Memo) -> T) -> T {
+    let mut memos = ctx
+        .memos
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    f(memos.entry(key.to_string()).or_default())
 }
 
 /// How many replicas, and what the autoscaler saw.
@@ -800,7 +864,34 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
             ],
         },
     });
-    Ok(!super::apply_owned_service(&ctx.client, ns, name, &seen.uid, &svc).await?)
+    let digest = template::fnv1a(svc.to_string().as_bytes());
+    let memo = memo_key(&seen.key, &seen.uid);
+    let cached_ok = ctx.services.state().iter().any(|s| {
+        s.namespace().as_deref() == Some(ns)
+            && s.name_any() == name
+            && s.owner_references().iter().any(|o| o.uid == seen.uid)
+    });
+    if cached_ok
+        && with_memo(ctx, &memo, |m| {
+            m.service
+                .is_some_and(|(d, at)| d == digest && recent(Some(at)))
+        })
+    {
+        ctx.metrics
+            .child_applies
+            .with_label_values(&["Service", "unchanged"])
+            .inc();
+        return Ok(false);
+    }
+    let applied = super::apply_owned_service(&ctx.client, ns, name, &seen.uid, &svc).await?;
+    ctx.metrics
+        .child_applies
+        .with_label_values(&["Service", "applied"])
+        .inc();
+    if applied {
+        with_memo(ctx, &memo, |m| m.service = Some((digest, Instant::now())));
+    }
+    Ok(!applied)
 }
 
 /// Phase 5 (pure): the Model's status from what the reconcile saw and did,
@@ -926,7 +1017,34 @@ fn look_after(pace: Pace, resync: Duration, interval: f64) -> Duration {
 /// current CA's (`pki::needs_reissue`). The Adapter controller reads the
 /// token to call the sidecars. Sidecars pick up a new certificate without
 /// a restart (the mounted files are re-read when they change).
-async fn ensure_secret(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Result<()> {
+async fn ensure_secret(
+    ctx: &Context,
+    model: &Model,
+    ns: &str,
+    uid: &str,
+    memo: &str,
+) -> Result<()> {
+    if with_memo(ctx, memo, |m| recent(m.secret_ok_at)) {
+        ctx.metrics
+            .child_applies
+            .with_label_values(&["Secret", "unchanged"])
+            .inc();
+        return Ok(());
+    }
+    let settled = ensure_secret_now(ctx, model, ns, uid).await?;
+    ctx.metrics
+        .child_applies
+        .with_label_values(&["Secret", "checked"])
+        .inc();
+    if settled {
+        with_memo(ctx, memo, |m| m.secret_ok_at = Some(Instant::now()));
+    }
+    Ok(())
+}
+
+/// [`ensure_secret`]'s check and write, always; false when a concurrent
+/// write got in the way (looked at again next time).
+async fn ensure_secret_now(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Result<bool> {
     let name = template::adapter_token_secret(&model.name_any());
     let server_name = template::sidecar_server_name(ns, &model.name_any());
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -963,7 +1081,7 @@ async fn ensure_secret(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Res
             .is_some_and(|t| !t.0.is_empty());
         let reissue = crate::pki::needs_reissue(ca, data, &server_name, now);
         if has_token && !reissue {
-            return Ok(());
+            return Ok(true);
         }
         if !has_token {
             data.insert(template::ADAPTER_TOKEN_KEY.into(), new_token()?);
@@ -977,9 +1095,9 @@ async fn ensure_secret(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Res
         return match api.replace(&name, &PostParams::default(), &existing).await {
             Ok(_) => {
                 tracing::info!(model = %model.name_any(), namespace = %ns, secret = %name, "issued the sidecars' admin TLS certificate");
-                Ok(())
+                Ok(true)
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(write_err(e)),
         };
     }
@@ -1005,8 +1123,8 @@ async fn ensure_secret(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Res
         ..Secret::default()
     };
     match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(write_err(e)),
     }
 }

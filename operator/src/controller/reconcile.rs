@@ -32,38 +32,63 @@ pub trait Reconciled:
     const KIND: &'static str;
     /// The object's status conditions (none before its first status).
     fn conditions(&self) -> &[Condition];
+    /// The cached status as JSON (None before the first status).
+    fn status_json(&self) -> Option<serde_json::Value>;
+    /// Status fields that other writers own (the energy accountant): left
+    /// out when the controller's status is compared with the cached one.
+    const FOREIGN_STATUS_FIELDS: &'static [&'static str];
 }
 
 impl Reconciled for Model {
     const CONTROLLER: &'static str = "model";
     const KIND: &'static str = "Model";
+    const FOREIGN_STATUS_FIELDS: &'static [&'static str] = &["energy", "cost"];
     fn conditions(&self) -> &[Condition] {
         self.status
             .as_ref()
             .map(|s| s.conditions.as_slice())
             .unwrap_or_default()
+    }
+    fn status_json(&self) -> Option<serde_json::Value> {
+        self.status
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok())
     }
 }
 
 impl Reconciled for Adapter {
     const CONTROLLER: &'static str = "adapter";
     const KIND: &'static str = "Adapter";
+    const FOREIGN_STATUS_FIELDS: &'static [&'static str] =
+        &["energyJoules", "generatedTokens", "requests"];
     fn conditions(&self) -> &[Condition] {
         self.status
             .as_ref()
             .map(|s| s.conditions.as_slice())
             .unwrap_or_default()
     }
+    fn status_json(&self) -> Option<serde_json::Value> {
+        self.status
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok())
+    }
 }
 
 impl Reconciled for GPUPool {
     const CONTROLLER: &'static str = "gpupool";
     const KIND: &'static str = "GPUPool";
+    const FOREIGN_STATUS_FIELDS: &'static [&'static str] =
+        &["powerWatts", "energyJoules", "cost", "powerCap"];
     fn conditions(&self) -> &[Condition] {
         self.status
             .as_ref()
             .map(|s| s.conditions.as_slice())
             .unwrap_or_default()
+    }
+    fn status_json(&self) -> Option<serde_json::Value> {
+        self.status
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok())
     }
 }
 
@@ -139,13 +164,51 @@ pub async fn apply_status<K: Reconciled>(
     client.request::<K>(req).await.map(|_| ())
 }
 
+/// Whether `desired` (the controller's status) equals what `cached` shows,
+/// leaving out the fields other writers own. Pure.
+pub fn status_unchanged(
+    desired: &serde_json::Value,
+    cached: Option<&serde_json::Value>,
+    foreign: &[&str],
+) -> bool {
+    let strip = |v: &serde_json::Value| -> serde_json::Map<String, serde_json::Value> {
+        v.as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| !foreign.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    cached.is_some_and(|c| strip(c) == strip(desired))
+}
+
 /// [`apply_status`] with the controllers' field manager, as a reconcile
-/// error naming the object.
+/// error naming the object; nothing is sent when the cached object already
+/// shows this status (a reconcile that changes nothing writes nothing).
 pub async fn write_status<K: Reconciled>(
     ctx: &Context,
     obj: &K,
     status: impl Serialize,
 ) -> Result<()> {
+    if let Ok(desired) = serde_json::to_value(&status)
+        && status_unchanged(
+            &desired,
+            obj.status_json().as_ref(),
+            K::FOREIGN_STATUS_FIELDS,
+        )
+    {
+        ctx.metrics
+            .status_writes
+            .with_label_values(&[K::CONTROLLER, "unchanged"])
+            .inc();
+        return Ok(());
+    }
+    ctx.metrics
+        .status_writes
+        .with_label_values(&[K::CONTROLLER, "written"])
+        .inc();
     apply_status(&ctx.client, obj, strata_core::labels::FIELD_MANAGER, status)
         .await
         .map_err(|source| Error::WriteStatus {
@@ -261,6 +324,28 @@ pub async fn publish<K: Reconciled>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_status_the_cache_already_shows_is_not_written() {
+        let cached = json!({"replicas": 2, "conditions": [{"type": "Ready"}], "energy": {"energyJoules": 5.0}});
+        let foreign = ["energy", "cost"];
+        // The same, without the accountant's fields: unchanged.
+        let same = json!({"replicas": 2, "conditions": [{"type": "Ready"}]});
+        assert!(status_unchanged(&same, Some(&cached), &foreign));
+        // A changed field, a new field, a dropped field: written.
+        for desired in [
+            json!({"replicas": 3, "conditions": [{"type": "Ready"}]}),
+            json!({"replicas": 2, "conditions": [{"type": "Ready"}], "pools": "h100"}),
+            json!({"replicas": 2}),
+        ] {
+            assert!(
+                !status_unchanged(&desired, Some(&cached), &foreign),
+                "{desired}"
+            );
+        }
+        // No status yet: written.
+        assert!(!status_unchanged(&same, None, &foreign));
+    }
+
     use super::*;
 
     #[test]

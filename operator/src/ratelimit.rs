@@ -1,0 +1,269 @@
+//! Client-side rate limiting of the operator's API requests, as every
+//! Kubernetes controller has (client-go's `QPS`/`Burst`): a token bucket
+//! that `burst` requests may drain at once and that refills at `qps` per
+//! second. A request that finds it empty waits its turn (first come, first
+//! served: each reserves the next token), so a burst of work — a thousand
+//! Models applied at once, a re-list after an API-server restart — is
+//! spread out instead of starving the API server. The Lease has its own
+//! client, so renewals never wait behind the controllers' work.
+//!
+//! [`Bucket`] is pure (time is passed in); [`RateLimitLayer`] is the tower
+//! layer of the kube client, counting requests by verb and the time spent
+//! waiting.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use prometheus::{Counter, IntCounterVec, Opts};
+
+/// A token bucket: `burst` tokens, refilled at `qps` per second.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    qps: f64,
+    burst: f64,
+    /// Tokens now (negative: reserved by requests that wait).
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A full bucket at `now`. `qps` at least 0.1 and `burst` at least 1.
+    pub fn new(qps: f64, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            qps: qps.max(0.1),
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes a token for a request made at `now`: how long it must wait
+    /// before it goes (zero when a token is there).
+    pub fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.qps).min(self.burst);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.qps)
+        }
+    }
+}
+
+/// The layer's shared state: the bucket and its counters.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    bucket: Arc<Mutex<Bucket>>,
+    requests: IntCounterVec,
+    waited: Counter,
+}
+
+impl RateLimit {
+    /// A limiter at `qps` with `burst`, and its metrics
+    /// (`strata_kube_requests_total{verb}`,
+    /// `strata_kube_rate_limit_wait_seconds_total`), to register.
+    pub fn new(qps: f64, burst: u32) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            bucket: Arc::new(Mutex::new(Bucket::new(qps, burst, now()))),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "strata_kube_requests_total",
+                    "Requests the operator sent to the API server, by HTTP method (the Lease's excluded).",
+                ),
+                &["verb"],
+            )?,
+            waited: Counter::new(
+                "strata_kube_rate_limit_wait_seconds_total",
+                "Time requests waited for the client-side rate limiter (--kube-api-qps, --kube-api-burst).",
+            )?,
+        })
+    }
+
+    /// Registers the metrics.
+    pub fn register(&self, registry: &prometheus::Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.requests.clone()))?;
+        registry.register(Box::new(self.waited.clone()))
+    }
+
+    fn take(&self) -> Duration {
+        self.bucket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(now())
+    }
+}
+
+/// Now, on tokio's clock (which a test may pause and advance).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// The tower layer of the rate-limited client.
+#[derive(Debug, Clone)]
+pub struct RateLimitLayer(pub RateLimit);
+
+impl<S> tower::Layer<S> for RateLimitLayer {
+    type Service = RateLimited<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimited {
+            inner,
+            limit: self.0.clone(),
+            state: Gate::Closed,
+        }
+    }
+}
+
+/// Where a service stands with the bucket.
+#[derive(Debug)]
+enum Gate {
+    /// No token taken for the next call.
+    Closed,
+    /// A token taken; waiting until it may be used.
+    Waiting(Pin<Box<tokio::time::Sleep>>),
+    /// The next call may go.
+    Open,
+}
+
+/// A client service that is ready only when the bucket lets the next
+/// request go (the kube client's buffer calls it one request at a time, in
+/// order).
+#[derive(Debug)]
+pub struct RateLimited<S> {
+    inner: S,
+    limit: RateLimit,
+    state: Gate,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, B> tower::Service<http::Request<B>> for RateLimited<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            match &mut self.state {
+                Gate::Closed => {
+                    let wait = self.limit.take();
+                    if wait.is_zero() {
+                        self.state = Gate::Open;
+                    } else {
+                        self.limit.waited.inc_by(wait.as_secs_f64());
+                        self.state = Gate::Waiting(Box::pin(tokio::time::sleep(wait)));
+                    }
+                }
+                Gate::Waiting(sleep) => {
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.state = Gate::Open;
+                }
+                Gate::Open => return self.inner.poll_ready(cx).map_err(Into::into),
+            }
+        }
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        self.state = Gate::Closed;
+        self.limit
+            .requests
+            .with_label_values(&[req.method().as_str()])
+            .inc();
+        let fut = self.inner.call(req);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_goes_at_once_then_requests_are_spaced_at_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, 3, t0);
+        for _ in 0..3 {
+            assert_eq!(b.take(t0), Duration::ZERO);
+        }
+        // The 4th, 5th, 6th at the same instant wait 0.1, 0.2, 0.3 s.
+        for i in 1..=3 {
+            let w = b.take(t0).as_secs_f64();
+            assert!((w - 0.1 * f64::from(i)).abs() < 1e-9, "{i}: {w}");
+        }
+        // After a quiet second the bucket is full again, not more.
+        let t1 = t0 + Duration::from_secs(2);
+        for _ in 0..3 {
+            assert_eq!(b.take(t1), Duration::ZERO);
+        }
+        assert!(b.take(t1) > Duration::ZERO);
+    }
+
+    #[test]
+    fn a_thousand_requests_at_once_take_the_time_the_rate_says() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(50.0, 100, t0);
+        let last = (0..1000).map(|_| b.take(t0)).max().unwrap_or_default();
+        // 100 go at once, 900 at 50/s: the last after 18 s.
+        assert!((last.as_secs_f64() - 18.0).abs() < 1e-6, "{last:?}");
+    }
+
+    /// A service that answers every request at once.
+    struct Echo;
+    impl tower::Service<http::Request<()>> for Echo {
+        type Response = ();
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<(), BoxError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            std::future::ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_layer_holds_requests_beyond_the_burst() {
+        use tower::{Layer, Service, ServiceExt};
+        let limit = RateLimit::new(10.0, 2).expect("limit");
+        let mut svc = RateLimitLayer(limit.clone()).layer(Echo);
+        let start = tokio::time::Instant::now();
+        for _ in 0..5 {
+            svc.ready()
+                .await
+                .expect("ready")
+                .call(http::Request::new(()))
+                .await
+                .expect("answer");
+        }
+        // 2 at once, 3 more at 10/s (the paused clock advances exactly).
+        let took = start.elapsed().as_secs_f64();
+        assert!((took - 0.3).abs() < 0.01, "{took}");
+        assert_eq!(limit.requests.with_label_values(&["GET"]).get(), 5);
+        assert!(
+            (limit.waited.get() - 0.3).abs() < 0.01,
+            "{}",
+            limit.waited.get()
+        );
+    }
+
+    #[test]
+    fn nonsense_settings_are_bounded() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(0.0, 0, t0);
+        assert_eq!(b.take(t0), Duration::ZERO);
+        assert!((b.take(t0).as_secs_f64() - 10.0).abs() < 1e-9);
+    }
+}
