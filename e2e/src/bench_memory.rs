@@ -127,7 +127,7 @@ pub enum BenchError {
 /// Result with the benchmark's error.
 pub type Result<T, E = BenchError> = std::result::Result<T, E>;
 
-fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> BenchError {
+pub(crate) fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> BenchError {
     let what = what.into();
     move |source| BenchError::Kube { what, source }
 }
@@ -222,7 +222,7 @@ pub struct Layout {
 }
 
 /// SplitMix64: stable pseudo-random names and hashes.
-fn mix(x: u64) -> u64 {
+pub(crate) fn mix(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -975,7 +975,7 @@ impl Report {
     }
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
