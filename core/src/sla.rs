@@ -197,6 +197,41 @@ pub fn sla_status(model: &Model, e: &Evaluation) -> SlaStatus {
     }
 }
 
+/// How old `status.sla.observedAt` may grow while the values stay the same.
+pub const OBSERVED_AT_REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// An evaluation that found the same values as the cached status keeps the
+/// cached `observedAt` (so that the status, and a write, need not change
+/// every autoscaling interval at rest), unless it is older than `refresh`:
+/// `observedAt` is then when the values last changed, and at most
+/// `refresh` old while the autoscaler runs. Pure.
+pub fn unchanged_keeps_time(
+    next: SlaStatus,
+    cached: Option<&SlaStatus>,
+    refresh: std::time::Duration,
+) -> SlaStatus {
+    let Some(cached) = cached else { return next };
+    let (Some(now), Some(then)) = (next.observed_at.as_ref(), cached.observed_at.as_ref()) else {
+        return next;
+    };
+    let age = now.0.as_second().saturating_sub(then.0.as_second());
+    let same = SlaStatus {
+        observed_at: None,
+        ..cached.clone()
+    } == SlaStatus {
+        observed_at: None,
+        ..next.clone()
+    };
+    if same && age >= 0 && (age as u64) < refresh.as_secs() {
+        SlaStatus {
+            observed_at: cached.observed_at.clone(),
+            ..next
+        }
+    } else {
+        next
+    }
+}
+
 /// status.lastScaleDecision from an evaluation that changed the count.
 pub fn decision_status(e: &Evaluation) -> ScaleDecision {
     ScaleDecision {
@@ -221,6 +256,41 @@ mod tests {
         .expect("sample");
         serde_json::from_value(strata_crds::validation::yaml_to_json(&text).expect("yaml"))
             .expect("model")
+    }
+
+    #[test]
+    fn the_same_values_keep_their_time_for_a_while() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let at = |s: i64| {
+            Some(Time(
+                k8s_openapi::jiff::Timestamp::from_second(s).expect("time"),
+            ))
+        };
+        let status = |rps: f64, t: i64| SlaStatus {
+            requests_per_second: Some(rps),
+            observed_at: at(t),
+            ..SlaStatus::default()
+        };
+        let refresh = std::time::Duration::from_secs(300);
+        let cached = status(1.0, 1000);
+        // Same values 15 s later: the cached time stays (nothing to write).
+        assert_eq!(
+            unchanged_keeps_time(status(1.0, 1015), Some(&cached), refresh),
+            cached
+        );
+        // Changed values, or the time too old: the new one.
+        assert_eq!(
+            unchanged_keeps_time(status(2.0, 1015), Some(&cached), refresh),
+            status(2.0, 1015)
+        );
+        assert_eq!(
+            unchanged_keeps_time(status(1.0, 1300), Some(&cached), refresh),
+            status(1.0, 1300)
+        );
+        assert_eq!(
+            unchanged_keeps_time(status(1.0, 1015), None, refresh),
+            status(1.0, 1015)
+        );
     }
 
     #[test]

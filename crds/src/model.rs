@@ -674,7 +674,9 @@ pub struct SlaStatus {
     /// Prometheus source failed); the autoscaler then holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_error: Option<String>,
-    /// When these values were computed.
+    /// When these values were computed; while an evaluation finds the same
+    /// values it is left as it was (and the status is not written), for at
+    /// most 5 minutes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,
 }

@@ -848,7 +848,7 @@ impl World {
     /// (the chart's two, leader election) run from the operator image with
     /// in-cluster configuration, their pods labelled for the runner profile
     /// `operator_profile` ([`operator_profile`]), model pods for
-    /// `model_profile`, the node agents (the chart's DaemonSet on GPU
+    /// `model_profile` (empty: none, KWOK alone runs them), the node agents (the chart's DaemonSet on GPU
     /// nodes) for [`NODE_AGENT`] (see [`chart_world`]); `values` are more
     /// `helm --set` values. Returns the leader once a ready operator pod
     /// holds the Lease.
@@ -875,8 +875,6 @@ impl World {
             "--set",
             &op,
             "--set",
-            &model,
-            "--set",
             &agent,
             "--set",
             "logFormat=text",
@@ -884,6 +882,14 @@ impl World {
             "--timeout",
             "3m",
         ];
+        // No model profile: KWOK alone runs the model pods (no processes).
+        if !model_profile.is_empty() {
+            args.extend(["--set", &model]);
+        }
+        // No model profile: KWOK alone runs the model pods (no processes).
+        if !model_profile.is_empty() {
+            args.extend(["--set", &model]);
+        }
         for v in values {
             args.extend(["--set", v]);
         }

@@ -288,6 +288,10 @@ pub async fn round(
             status_every(ctx.config.energy_interval),
         );
         ledger.models.insert(uid.clone(), status);
+        ctx.metrics
+            .status_writes
+            .with_label_values(&["energy", if due { "written" } else { "unchanged" }])
+            .inc();
         if due {
             match apply_status(
                 &ctx.client,
@@ -380,8 +384,16 @@ pub async fn round(
             "powerCap": power_cap,
         });
         if ledger.pools_written.get(&name) == Some(&next) {
+            ctx.metrics
+                .status_writes
+                .with_label_values(&["energy-pool", "unchanged"])
+                .inc();
             continue;
         }
+        ctx.metrics
+            .status_writes
+            .with_label_values(&["energy-pool", "written"])
+            .inc();
         match apply_status(
             &ctx.client,
             pool.as_ref(),

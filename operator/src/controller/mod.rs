@@ -149,6 +149,7 @@ fn node_digest(node: &Node) -> u64 {
         .unwrap_or_default();
     let spec = node.spec.as_ref();
     let key = serde_json::json!([
+        node.metadata.deletion_timestamp.is_some(),
         ready,
         spec.and_then(|s| s.unschedulable),
         spec.and_then(|s| s.taints.clone()),
@@ -156,6 +157,37 @@ fn node_digest(node: &Node) -> u64 {
         gpus,
     ]);
     strata_core::template::fnv1a(key.to_string().as_bytes())
+}
+
+/// Every node as it changes, and every deleted node once more marked with a
+/// deletion time (nodes have no finalizers, so a watch's delete event is
+/// the first sign): [`node_digest`] tells both apart from heartbeats.
+fn node_changes(
+    client: Client,
+) -> impl futures::Stream<Item = Result<Node, watcher::Error>> + Send {
+    use kube::runtime::WatchStreamExt;
+    watcher(Api::<Node>::all(client), watcher::Config::default())
+        .backoff(crate::watch::backoff())
+        .map(|event| {
+            event.map(|e| match e {
+                watcher::Event::Delete(mut n) => {
+                    n.metadata.deletion_timestamp.get_or_insert_with(|| {
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                            k8s_openapi::jiff::Timestamp::now(),
+                        )
+                    });
+                    vec![n]
+                }
+                watcher::Event::Apply(n) | watcher::Event::InitApply(n) => vec![n],
+                watcher::Event::Init | watcher::Event::InitDone => Vec::new(),
+            })
+        })
+        .flat_map(|r| {
+            futures::stream::iter(match r {
+                Ok(nodes) => nodes.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+        })
 }
 
 /// Tasks aborted when dropped.
@@ -322,26 +354,22 @@ fn model_controller(
     let stream = controller
         .owns_shared_stream(pods)
         .owns_shared_stream(services)
-        .watches(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default(),
-            move |node: Node| {
-                let digest = node_digest(&node);
-                let changed = match node_digests.lock() {
-                    Ok(mut d) => d.insert(node.name_any(), digest) != Some(digest),
-                    Err(_) => true,
-                };
-                if changed {
-                    models_for_nodes
-                        .state()
-                        .iter()
-                        .map(|m| ObjectRef::from_obj(m.as_ref()))
-                        .collect()
-                } else {
-                    Vec::new()
-                }
-            },
-        )
+        .watches_stream(node_changes(client.clone()), move |node: Node| {
+            let digest = node_digest(&node);
+            let changed = match node_digests.lock() {
+                Ok(mut d) => d.insert(node.name_any(), digest) != Some(digest),
+                Err(_) => true,
+            };
+            if changed {
+                models_for_nodes
+                    .state()
+                    .iter()
+                    .map(|m| ObjectRef::from_obj(m.as_ref()))
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        })
         .watches(
             Api::<GPUPool>::all(client),
             watcher::Config::default(),
@@ -398,8 +426,11 @@ fn adapter_controller(
     drain("adapter", stream)
 }
 
-/// The GPUPool controller: woken by its pool, any node, and the replicas
-/// placed on it.
+/// How long a pool's triggers must be quiet before it is reconciled.
+const POOL_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// The GPUPool controller: woken by its pool, changes of nodes that matter
+/// to placement, and the replicas placed on it, debounced.
 fn pool_controller(
     ctx: Arc<Context>,
     pods: impl futures::Stream<Item = Arc<Pod>> + Send + 'static,
@@ -408,21 +439,32 @@ fn pool_controller(
     let client = ctx.client.clone();
     let for_nodes = ctx.pools.clone();
     let for_pods = ctx.pools.clone();
+    let node_digests: std::sync::Mutex<HashMap<String, u64>> =
+        std::sync::Mutex::new(HashMap::new());
     let stream = Controller::new(
         Api::<GPUPool>::all(client.clone()),
         watcher::Config::default(),
     )
-    .watches(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default(),
-        move |_node: Node| {
-            for_nodes
-                .state()
-                .iter()
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        },
-    )
+    // A burst of pod events (a rollout, a thousand Models applied at once)
+    // is one reconcile and at most one status write per pool, once the
+    // burst has been quiet for a second.
+    .with_config(kube::runtime::controller::Config::default().debounce(POOL_DEBOUNCE))
+    .watches_stream(node_changes(client.clone()), move |node: Node| {
+        // Heartbeats change nothing a pool reports.
+        let digest = node_digest(&node);
+        let changed = match node_digests.lock() {
+            Ok(mut d) => d.insert(node.name_any(), digest) != Some(digest),
+            Err(_) => true,
+        };
+        if !changed {
+            return Vec::new();
+        }
+        for_nodes
+            .state()
+            .iter()
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect::<Vec<_>>()
+    })
     .watches_shared_stream(pods, move |pod: Arc<Pod>| {
         let pool = pod.labels().get(labels::POOL).cloned();
         for_pods
@@ -630,6 +672,32 @@ pub(crate) async fn apply_owned_service(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeats_leave_the_node_digest_alone_and_deletion_changes_it() {
+        let mut n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"nvidia.com/gpu.product": "H100"}},
+            "status": {
+                "allocatable": {"nvidia.com/gpu": "8", "cpu": "64"},
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-12-03T10:00:00Z"}],
+            },
+        }))
+        .expect("node");
+        let base = node_digest(&n);
+        let beat: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"nvidia.com/gpu.product": "H100"}, "resourceVersion": "9"},
+            "status": {
+                "allocatable": {"nvidia.com/gpu": "8", "cpu": "63"},
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-12-03T10:00:40Z"}],
+            },
+        }))
+        .expect("node");
+        assert_eq!(node_digest(&beat), base, "a heartbeat");
+        n.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert_ne!(node_digest(&n), base, "deleted");
+    }
 
     #[test]
     fn a_models_status_wakes_nothing_its_spec_and_wake_requests_do() {

@@ -968,7 +968,11 @@ fn status(
         selector: Some(template::selector_string(&seen.name)),
         pools: (!pool_names.is_empty()).then(|| pool_names.join(",")),
         sla: match &desire.evaluation {
-            Some(e) => Some(sla::sla_status(model, e)),
+            Some(e) => Some(sla::unchanged_keeps_time(
+                sla::sla_status(model, e),
+                model.status.as_ref().and_then(|s| s.sla.as_ref()),
+                sla::OBSERVED_AT_REFRESH,
+            )),
             None => model.status.as_ref().and_then(|s| s.sla.clone()),
         },
         // The last change this process decided, else the one in status (the
