@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -478,13 +478,13 @@ struct RssSampler {
 }
 
 impl RssSampler {
-    fn start(pid: u32) -> Self {
+    fn start(pid: Arc<AtomicU32>) -> Self {
         let peak_kib = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s) = (peak_kib.clone(), stop.clone());
         let task = tokio::spawn(async move {
             while !s.load(Ordering::Relaxed) {
-                if let Ok(m) = proc_mem(pid) {
+                if let Ok(m) = proc_mem(pid.load(Ordering::Relaxed)) {
                     p.fetch_max(m.rss_kib, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -553,15 +553,107 @@ impl Options {
 }
 
 /// The operator as a local process, as in production: leader election on,
-/// default client rate limits.
+/// default client rate limits; restarted when it exits (as the kubelet
+/// restarts its container), its counters carried over.
 struct Operator {
     child: Child,
     pid: u32,
     addr: SocketAddr,
+    shared_pid: Arc<AtomicU32>,
+    exe: PathBuf,
+    kubeconfig: PathBuf,
+    log: PathBuf,
+    opts: Options,
+    /// Restarts so far.
+    restarts: u32,
+    /// The last /metrics of the running process and its CPU seconds.
+    last: Option<(String, f64)>,
+    /// The last /metrics and CPU seconds of processes that exited in the
+    /// current phase.
+    carried: Vec<(String, f64)>,
 }
 
 impl Operator {
     async fn start(exe: &Path, kubeconfig: &Path, log: &Path, opts: &Options) -> Result<Self> {
+        let (child, pid, addr) = Self::spawn(exe, kubeconfig, log, opts).await?;
+        Ok(Self {
+            child,
+            pid,
+            addr,
+            shared_pid: Arc::new(AtomicU32::new(pid)),
+            exe: exe.to_path_buf(),
+            kubeconfig: kubeconfig.to_path_buf(),
+            log: log.to_path_buf(),
+            opts: opts.clone(),
+            restarts: 0,
+            last: None,
+            carried: Vec::new(),
+        })
+    }
+
+    /// Restarts the operator if it exited (its last metrics are carried
+    /// into the phase's counts).
+    async fn ensure(&mut self) -> Result<()> {
+        if self.check().is_ok() {
+            return Ok(());
+        }
+        self.restarts += 1;
+        tracing::warn!(
+            restarts = self.restarts,
+            "strata-operator exited; restarting it"
+        );
+        if let Some(last) = self.last.take() {
+            self.carried.push(last);
+        }
+        let log = self
+            .log
+            .with_extension(format!("restart-{}.log", self.restarts));
+        let (child, pid, addr) = Self::spawn(&self.exe, &self.kubeconfig, &log, &self.opts).await?;
+        self.child = child;
+        self.pid = pid;
+        self.addr = addr;
+        self.shared_pid.store(pid, Ordering::Relaxed);
+        let deadline = Instant::now() + self.opts.timeout;
+        while self.metrics().await.is_err() {
+            self.check()?;
+            if Instant::now() >= deadline {
+                return Err(BenchError::Process {
+                    what: "strata-operator".into(),
+                    reason: "restarted but serves no /metrics".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Remembers the running process's counters (carried if it exits).
+    async fn observe(&mut self) {
+        if let (Ok(text), Ok(cpu)) = (self.metrics().await, cpu_seconds(self.pid)) {
+            self.last = Some((text, cpu));
+        }
+    }
+
+    /// The metrics text and CPU seconds since the phase began: those of the
+    /// processes that exited in it, then the running one's.
+    async fn phase_end(&mut self) -> Result<(String, f64)> {
+        self.ensure().await?;
+        let mut text = self.metrics().await?;
+        let mut cpu = cpu_seconds(self.pid)?;
+        for (t, c) in self.carried.drain(..) {
+            text.push('\n');
+            text.push_str(&t);
+            cpu += c;
+        }
+        Ok((text, cpu))
+    }
+
+    async fn spawn(
+        exe: &Path,
+        kubeconfig: &Path,
+        log: &Path,
+        opts: &Options,
+    ) -> Result<(Child, u32, SocketAddr)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -603,7 +695,7 @@ impl Operator {
             what: "strata-operator".into(),
             reason: "exited at once".into(),
         })?;
-        Ok(Self { child, pid, addr })
+        Ok((child, pid, addr))
     }
 
     fn check(&mut self) -> Result<()> {
@@ -714,6 +806,8 @@ pub struct Side {
     pub deleted_nodes: Vec<String>,
     /// Peak RSS at the end (VmHWM), MiB.
     pub hwm_mib: Option<f64>,
+    /// Times the operator exited and was restarted (e.g. a lost lease).
+    pub operator_restarts: u32,
     /// Over the idle window: status fields that changed, by field, in how
     /// many objects.
     pub idle_status_changes: BTreeMap<String, usize>,
@@ -883,6 +977,9 @@ impl Report {
         }));
         s.push_str(&row("CPU seconds (converge)", &|x| {
             opt(x.converge.cpu_seconds, f1)
+        }));
+        s.push_str(&row("operator restarts (exits, e.g. a lost lease)", &|x| {
+            x.operator_restarts.to_string()
         }));
         s.push_str(&row("churn: objects patched, nodes deleted", &|x| {
             format!("{}, {}", x.churned_objects, x.deleted_nodes.len())
@@ -1380,7 +1477,8 @@ impl Bench {
         let mut last_log = Instant::now();
         loop {
             if let Some(op) = op.as_deref_mut() {
-                op.check()?;
+                op.ensure().await?;
+                op.observe().await;
             }
             let ready = match kind {
                 Kind::Models => Api::<Model>::all(self.client.clone())
@@ -1575,7 +1673,7 @@ impl Bench {
         let log = self.cluster.info.log_dir.join("strata-operator-scale.log");
         let mut op =
             Operator::start(&self.operator_exe, &self.sa_kubeconfig, &log, &self.opts).await?;
-        let sampler = RssSampler::start(op.pid);
+        let sampler = RssSampler::start(op.shared_pid.clone());
         let result = self.strata_phases(&mut op, &sampler, &mut side).await;
         sampler.stop().await;
         if let Ok(m) = proc_mem(op.pid) {
@@ -1587,6 +1685,7 @@ impl Bench {
             Ok(()) => self.delete_models(&mut op).await,
             Err(e) => Err(e),
         };
+        side.operator_restarts = op.restarts;
         op.stop(Duration::from_secs(10)).await;
         cleanup?;
         Ok(side)
@@ -1619,7 +1718,7 @@ impl Bench {
         }
         let deadline = Instant::now() + self.opts.timeout;
         loop {
-            op.check()?;
+            op.ensure().await?;
             if let Ok(text) = op.metrics().await {
                 let pools_done = counter_sum(
                     &text,
@@ -1709,6 +1808,8 @@ impl Bench {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<(Instant, Instant, BTreeSet<String>, bool)>>,
     {
+        op.ensure().await?;
+        op.carried.clear();
         let m0 = op.metrics().await?;
         let a0 = self.apiserver_metrics().await?;
         let cpu0 = cpu_seconds(op.pid)?;
@@ -1719,9 +1820,8 @@ impl Bench {
         self.wait_ready(Kind::Models, updated, &gone, Some(&mut *op))
             .await?;
         let converged = Instant::now();
-        let m1 = op.metrics().await?;
+        let (m1, cpu1) = op.phase_end().await?;
         let a1 = self.apiserver_metrics().await?;
-        let cpu1 = cpu_seconds(op.pid)?;
         let t1 = Timestamp::now();
         let model = ["controller=\"model\""];
         let hist = buckets_delta(
@@ -1793,7 +1893,7 @@ impl Bench {
         }
         let deadline = Instant::now() + self.opts.timeout;
         loop {
-            op.check()?;
+            op.ensure().await?;
             let models = Api::<Model>::all(self.client.clone())
                 .list(&lp)
                 .await
@@ -1821,7 +1921,7 @@ impl Bench {
             ..Side::default()
         };
         let kcm = self.controller_manager_pid();
-        let sampler = kcm.map(RssSampler::start);
+        let sampler = kcm.map(|p| RssSampler::start(Arc::new(AtomicU32::new(p))));
         let result = self
             .deployment_phases(kcm, sampler.as_ref(), &mut side)
             .await;
