@@ -777,6 +777,8 @@ pub struct Phase {
     pub cpu_seconds: Option<f64>,
     /// Wall seconds of the phase (the idle window's length).
     pub wall_seconds: f64,
+    /// Times the operator exited and was restarted in the phase.
+    pub operator_restarts: u32,
 }
 
 impl Phase {
@@ -806,7 +808,8 @@ pub struct Side {
     pub deleted_nodes: Vec<String>,
     /// Peak RSS at the end (VmHWM), MiB.
     pub hwm_mib: Option<f64>,
-    /// Times the operator exited and was restarted (e.g. a lost lease).
+    /// Times the operator exited and was restarted (e.g. a lost lease),
+    /// in all phases.
     pub operator_restarts: u32,
     /// Over the idle window: status fields that changed, by field, in how
     /// many objects.
@@ -978,8 +981,11 @@ impl Report {
         s.push_str(&row("CPU seconds (converge)", &|x| {
             opt(x.converge.cpu_seconds, f1)
         }));
-        s.push_str(&row("operator restarts (exits, e.g. a lost lease)", &|x| {
-            x.operator_restarts.to_string()
+        s.push_str(&row("operator restarts (converge / churn / idle)", &|x| {
+            format!(
+                "{} / {} / {}",
+                x.converge.operator_restarts, x.churn.operator_restarts, x.idle.operator_restarts
+            )
         }));
         s.push_str(&row("churn: objects patched, nodes deleted", &|x| {
             format!("{}, {}", x.churned_objects, x.deleted_nodes.len())
@@ -1781,7 +1787,6 @@ impl Bench {
             .strata_phase(op, sampler, || async {
                 let start = Instant::now();
                 tracing::info!(minutes = self.opts.idle.as_secs() / 60, "idle window");
-                tokio::time::sleep(self.opts.idle).await;
                 Ok((start, start, BTreeSet::new(), true))
             })
             .await?;
@@ -1813,10 +1818,22 @@ impl Bench {
         let m0 = op.metrics().await?;
         let a0 = self.apiserver_metrics().await?;
         let cpu0 = cpu_seconds(op.pid)?;
+        op.last = Some((m0.clone(), cpu0));
         let t0 = Timestamp::now();
         let w0 = Instant::now();
         sampler.take_peak();
+        let restarts0 = op.restarts;
         let (first, last, gone, updated) = act().await?;
+        if first == last && gone.is_empty() {
+            // The idle window: the operator watched (restarted if it exits,
+            // its counters carried) until it ends.
+            while first.elapsed() < self.opts.idle {
+                op.ensure().await?;
+                op.observe().await;
+                let left = self.opts.idle.saturating_sub(first.elapsed());
+                tokio::time::sleep(left.min(Duration::from_secs(5))).await;
+            }
+        }
         self.wait_ready(Kind::Models, updated, &gone, Some(&mut *op))
             .await?;
         let converged = Instant::now();
@@ -1854,6 +1871,7 @@ impl Bench {
             ),
             rss_peak_mib: Some(sampler.take_peak() as f64 / 1024.0),
             cpu_seconds: Some(cpu1 - cpu0),
+            operator_restarts: op.restarts - restarts0,
             wall_seconds: w0.elapsed().as_secs_f64(),
         })
     }
@@ -2018,6 +2036,7 @@ impl Bench {
             reconcile_p99: None,
             status_writes: BTreeMap::new(),
             rss_peak_mib: sampler.map(|s| s.take_peak() as f64 / 1024.0),
+            operator_restarts: 0,
             cpu_seconds: match (cpu0, cpu1) {
                 (Some(a), Some(b)) => Some(b - a),
                 _ => None,
