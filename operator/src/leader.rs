@@ -111,7 +111,11 @@ impl Elector {
     /// Tries once to acquire or renew, within the call timeout. Ok(true):
     /// we are the leader now. A call cut short is an error (not leading).
     pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
-        let limit = self.config.call_timeout();
+        self.try_acquire_within(self.config.call_timeout()).await
+    }
+
+    /// [`Self::try_acquire`] within `limit`.
+    async fn try_acquire_within(&self, limit: Duration) -> Result<bool, kube::Error> {
         let started = std::time::Instant::now();
         let res = match tokio::time::timeout(limit, self.try_acquire_unbounded()).await {
             Ok(r) => r,
@@ -228,8 +232,13 @@ impl Elector {
                 tracing::error!("could not renew the lease within {deadline_after:?}");
                 return;
             }
-            // No call may outlive the deadline.
-            match tokio::time::timeout_at(deadline, self.try_acquire()).await {
+            // A renewal may take until the deadline: an API server slow
+            // under load answers in more than a call timeout, and cutting
+            // every call short would lose a lease it would have kept (the
+            // fence counts from the start of the call, so a slow success
+            // is as safe as a fast one). No call outlives the deadline.
+            let remaining = deadline.saturating_duration_since(started);
+            match tokio::time::timeout_at(deadline, self.try_acquire_within(remaining)).await {
                 Ok(Ok(true)) => last_ok = started,
                 Ok(Ok(false)) => {
                     self.fence.close();

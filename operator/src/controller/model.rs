@@ -18,9 +18,9 @@
 //! reporter); [`super::reconcile::error_policy`] backs off on failure.
 //!
 //! A reconcile that finds nothing to change sends nothing: pods come from
-//! the cache, the Secret and the Service are checked against what this
-//! process last wrote ([`Memo`]), and the status is written only when it
-//! differs from the cached one.
+//! the cache, the Service is compared with the cached one, the Secrets are
+//! checked at most every [`RECHECK`] ([`Memo`]), and the status is written
+//! only when it differs from the cached one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -126,9 +126,7 @@ fn record_metrics(
     );
 }
 
-/// How long a check of a Model's Secrets or Service holds before it is
-/// made again (a Service changed by someone else is put back within this;
-/// its deletion wakes the Model at once through the cache of Services).
+/// How long a check of a Model's Secrets holds before it is made again.
 pub const RECHECK: Duration = Duration::from_secs(600);
 
 /// What this process did to one Model's children, kept between reconciles
@@ -141,8 +139,6 @@ pub struct Memo {
     secret_ok_at: Option<Instant>,
     /// When the source's credentials Secret was last found.
     credentials_ok_at: Option<Instant>,
-    /// The Service last applied (a digest of it) and when.
-    service: Option<(u64, Instant)>,
 }
 
 fn recent(at: Option<Instant>) -> bool {
@@ -864,19 +860,12 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
             ],
         },
     });
-    let digest = template::fnv1a(svc.to_string().as_bytes());
-    let memo = memo_key(&seen.key, &seen.uid);
-    let cached_ok = ctx.services.state().iter().any(|s| {
+    let cached_matches = ctx.services.state().iter().any(|s| {
         s.namespace().as_deref() == Some(ns)
             && s.name_any() == name
-            && s.owner_references().iter().any(|o| o.uid == seen.uid)
+            && service_matches(s, &svc, &seen.uid)
     });
-    if cached_ok
-        && with_memo(ctx, &memo, |m| {
-            m.service
-                .is_some_and(|(d, at)| d == digest && recent(Some(at)))
-        })
-    {
+    if cached_matches {
         ctx.metrics
             .child_applies
             .with_label_values(&["Service", "unchanged"])
@@ -888,10 +877,41 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
         .child_applies
         .with_label_values(&["Service", "applied"])
         .inc();
-    if applied {
-        with_memo(ctx, &memo, |m| m.service = Some((digest, Instant::now())));
-    }
     Ok(!applied)
+}
+
+/// Whether a cached Service already is what `desired` (the applied JSON)
+/// asks: owned by `uid`, its labels, type, selector and ports. Pure.
+pub fn service_matches(
+    cached: &k8s_openapi::api::core::v1::Service,
+    desired: &serde_json::Value,
+    uid: &str,
+) -> bool {
+    let Ok(have) = serde_json::to_value(cached) else {
+        return false;
+    };
+    let owned = cached.owner_references().iter().any(|o| o.uid == uid);
+    let labels_in = desired["metadata"]["labels"]
+        .as_object()
+        .is_some_and(|want| {
+            want.iter()
+                .all(|(k, v)| have["metadata"]["labels"].get(k) == Some(v))
+        });
+    let ports = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["spec"]["ports"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| json!([p["name"], p["port"], p["targetPort"], p["protocol"]]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    owned
+        && labels_in
+        && have["spec"]["type"] == desired["spec"]["type"]
+        && have["spec"]["selector"] == desired["spec"]["selector"]
+        && ports(&have) == ports(desired)
 }
 
 /// Phase 5 (pure): the Model's status from what the reconcile saw and did,
@@ -1136,6 +1156,39 @@ async fn ensure_secret_now(ctx: &Context, model: &Model, ns: &str, uid: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_service_matches_only_when_owned_and_the_same() {
+        let desired = json!({
+            "metadata": {"name": "chat", "labels": {"strata.ai/model": "chat"}},
+            "spec": {"type": "ClusterIP", "selector": {"strata.ai/model": "chat"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        });
+        let cached = |uid: &str, port: i32, extra_label: bool| {
+            let mut labels = serde_json::Map::new();
+            labels.insert("strata.ai/model".into(), json!("chat"));
+            if extra_label {
+                labels.insert("team".into(), json!("a"));
+            }
+            serde_json::from_value::<k8s_openapi::api::core::v1::Service>(json!({
+                "metadata": {"name": "chat", "labels": labels,
+                    "ownerReferences": [{"apiVersion": "strata.ai/v1alpha1", "kind": "Model", "name": "chat", "uid": uid}]},
+                "spec": {"type": "ClusterIP", "selector": {"strata.ai/model": "chat"}, "clusterIP": "10.0.0.1",
+                         "ports": [{"name": "http", "port": port, "targetPort": 8080, "protocol": "TCP"}]},
+            }))
+            .expect("service")
+        };
+        // The API server's own fields (clusterIP) and other labels aside.
+        assert!(service_matches(&cached("u1", 80, true), &desired, "u1"));
+        assert!(
+            !service_matches(&cached("u2", 80, false), &desired, "u1"),
+            "another owner"
+        );
+        assert!(
+            !service_matches(&cached("u1", 81, false), &desired, "u1"),
+            "a changed port"
+        );
+    }
 
     #[test]
     fn every_mode_is_looked_at_every_autoscaling_interval() {
