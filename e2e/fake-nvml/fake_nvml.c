@@ -1056,7 +1056,8 @@ EXPORT nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigne
         UNLOCK();
         return NVML_ERROR_INVALID_ARGUMENT;
     }
-    sample(device);
+    /* A limit does not depend on the load: no sample (a reader of limits
+     * must not move the energy counter under a reader of energy). */
     *limit = (unsigned int)llround(device_limit_mw(device));
     UNLOCK();
     return NVML_SUCCESS;

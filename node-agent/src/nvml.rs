@@ -164,9 +164,11 @@ pub fn read_devices(nvml: &Nvml) -> Result<NvmlSample, Error> {
             errors,
         )
         .map(f64::from);
-        let energy_mj = field(dev.total_energy_consumption(), "energy", index, errors);
         let power_limit_watts = field(dev.enforced_power_limit(), "power limit", index, errors)
             .map(|mw| f64::from(mw) / 1000.0);
+        // The energy counter last: the sample's other fields were read
+        // before the energy they go with.
+        let energy_mj = field(dev.total_energy_consumption(), "energy", index, errors);
         out.devices.push(DeviceReading {
             index,
             uuid,
