@@ -1059,6 +1059,56 @@ pub struct Bench {
     operator_starts: u32,
 }
 
+/// A kubeconfig with a token of the chart's ServiceAccount
+/// (`strata-system/strata-operator`), written next to the world's files:
+/// an operator run as a local process gets exactly the chart's RBAC.
+pub(crate) async fn chart_operator_kubeconfig(
+    client: &Client,
+    info: &crate::cluster::ClusterInfo,
+) -> Result<PathBuf> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), "strata-system");
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: None,
+            expiration_seconds: Some(6 * 3600),
+            bound_object_ref: None,
+        }),
+        ..TokenRequest::default()
+    };
+    let token = api
+        .create_token_request("strata-operator", &PostParams::default(), &req)
+        .await
+        .map_err(kube_err("TokenRequest for strata-system/strata-operator"))?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| BenchError::Parse {
+            what: "the TokenRequest".into(),
+            reason: "no token".into(),
+        })?;
+    let admin = std::fs::read_to_string(&info.kubeconfig).map_err(|e| BenchError::Process {
+        what: format!("reading {}", info.kubeconfig.display()),
+        reason: e.to_string(),
+    })?;
+    let ca = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority: "))
+        .ok_or_else(|| BenchError::Parse {
+            what: "the admin kubeconfig".into(),
+            reason: "no certificate-authority".into(),
+        })?;
+    let path = info.dir.join("sa-strata-operator.kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: bench\n  cluster:\n    server: {}\n    certificate-authority: {ca}\nusers:\n- name: strata-operator\n  user:\n    token: {token}\ncontexts:\n- name: bench\n  context:\n    cluster: bench\n    user: strata-operator\n    namespace: strata-system\ncurrent-context: bench\n",
+        info.server
+    );
+    std::fs::write(&path, text).map_err(|e| BenchError::Process {
+        what: format!("writing {}", path.display()),
+        reason: e.to_string(),
+    })?;
+    Ok(path)
+}
+
 impl Bench {
     /// Brings up the world (cluster, pod runner, chart, pools, Models,
     /// namespaces of the other teams).
@@ -1244,49 +1294,7 @@ impl Bench {
     /// A kubeconfig with a token of the chart's ServiceAccount (the
     /// operator runs with exactly its RBAC).
     async fn service_account_kubeconfig(&self) -> Result<PathBuf> {
-        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), "strata-system");
-        let req = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                audiences: None,
-                expiration_seconds: Some(6 * 3600),
-                bound_object_ref: None,
-            }),
-            ..TokenRequest::default()
-        };
-        let token = api
-            .create_token_request("strata-operator", &PostParams::default(), &req)
-            .await
-            .map_err(kube_err("TokenRequest for strata-system/strata-operator"))?
-            .status
-            .and_then(|s| s.token)
-            .ok_or_else(|| BenchError::Parse {
-                what: "the TokenRequest".into(),
-                reason: "no token".into(),
-            })?;
-        let admin = std::fs::read_to_string(&self.cluster.info.kubeconfig).map_err(|e| {
-            BenchError::Process {
-                what: format!("reading {}", self.cluster.info.kubeconfig.display()),
-                reason: e.to_string(),
-            }
-        })?;
-        let ca = admin
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("certificate-authority: "))
-            .ok_or_else(|| BenchError::Parse {
-                what: "the admin kubeconfig".into(),
-                reason: "no certificate-authority".into(),
-            })?;
-        let path = self.cluster.info.dir.join("sa-strata-operator.kubeconfig");
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: bench\n  cluster:\n    server: {}\n    certificate-authority: {ca}\nusers:\n- name: strata-operator\n  user:\n    token: {token}\ncontexts:\n- name: bench\n  context:\n    cluster: bench\n    user: strata-operator\n    namespace: strata-system\ncurrent-context: bench\n",
-            self.cluster.info.server
-        );
-        std::fs::write(&path, text).map_err(|e| BenchError::Process {
-            what: format!("writing {}", path.display()),
-            reason: e.to_string(),
-        })?;
-        Ok(path)
+        chart_operator_kubeconfig(&self.client, &self.cluster.info).await
     }
 
     async fn start_operator(&mut self) -> Result<Operator> {

@@ -1307,49 +1307,7 @@ impl Bench {
 
     /// A kubeconfig with a token of the chart's ServiceAccount.
     async fn service_account_kubeconfig(&self) -> Result<PathBuf> {
-        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), "strata-system");
-        let req = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                audiences: None,
-                expiration_seconds: Some(6 * 3600),
-                bound_object_ref: None,
-            }),
-            ..TokenRequest::default()
-        };
-        let token = api
-            .create_token_request("strata-operator", &PostParams::default(), &req)
-            .await
-            .map_err(kube_err("TokenRequest for strata-system/strata-operator"))?
-            .status
-            .and_then(|s| s.token)
-            .ok_or_else(|| BenchError::Parse {
-                what: "the TokenRequest".into(),
-                reason: "no token".into(),
-            })?;
-        let admin = std::fs::read_to_string(&self.cluster.info.kubeconfig).map_err(|e| {
-            BenchError::Process {
-                what: format!("reading {}", self.cluster.info.kubeconfig.display()),
-                reason: e.to_string(),
-            }
-        })?;
-        let ca = admin
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("certificate-authority: "))
-            .ok_or_else(|| BenchError::Parse {
-                what: "the admin kubeconfig".into(),
-                reason: "no certificate-authority".into(),
-            })?;
-        let path = self.cluster.info.dir.join("sa-strata-operator.kubeconfig");
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: bench\n  cluster:\n    server: {}\n    certificate-authority: {ca}\nusers:\n- name: strata-operator\n  user:\n    token: {token}\ncontexts:\n- name: bench\n  context:\n    cluster: bench\n    user: strata-operator\n    namespace: strata-system\ncurrent-context: bench\n",
-            self.cluster.info.server
-        );
-        std::fs::write(&path, text).map_err(|e| BenchError::Process {
-            what: format!("writing {}", path.display()),
-            reason: e.to_string(),
-        })?;
-        Ok(path)
+        crate::bench_memory::chart_operator_kubeconfig(&self.client, &self.cluster.info).await
     }
 
     /// The API server's /metrics.
