@@ -386,6 +386,25 @@ async fn energy_reading(
     }
 }
 
+/// Waits until every one of the replicas' simulated GPUs has work (its
+/// engine's load file reads more than 0): the load has reached them all.
+async fn gpus_busy(gpus: &[PathBuf]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let busy = gpus.iter().all(|g| {
+            std::fs::read_to_string(g.join("load"))
+                .ok()
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .is_some_and(|u| u > 0.0)
+        });
+        if busy {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "GPUs not busy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until the replicas' simulated GPUs are idle (the engines' load
 /// files read 0), so that a reading is not taken in the middle of a request.
 async fn gpus_idle(gpus: &[PathBuf]) {
@@ -939,7 +958,7 @@ async fn power_caps_and_cost(
     // up to 700 W), and more than idle (the load ran).
     let stop = Arc::new(AtomicBool::new(false));
     start_load(pods.clone(), stop.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await; // the streams start
+    gpus_busy(gpus).await;
     let read = |g: &PathBuf| {
         fake_nvml::read_device_energy(g.parent().expect("dir"), &uuid_of(g)).expect("energy")
     };
