@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_memory;
+pub mod bench_placement;
 pub mod bench_scale;
 pub mod cluster;
 pub mod container;
