@@ -624,6 +624,12 @@ pub async fn serve_simulator(
 ) -> std::io::Result<()> {
     let paths = sim.config().load_paths();
     let publisher = (!paths.is_empty()).then(|| sim.publish_loads(paths));
+    // No Nagle: a streamed answer is many small writes, and Nagle's wait
+    // for the client's delayed ACK would hold each event up to 40 ms (as a
+    // real engine's server, uvicorn, sets TCP_NODELAY too).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, sim.router())
         .with_graceful_shutdown(shutdown)
         .await;

@@ -1,0 +1,144 @@
+//! strata-bench-sidecar: the sidecar against the limit (issue [12] item 1,
+//! "P2"). The engine simulator direct, through `strata-sidecar` and through
+//! Debian's nginx as a plain reverse proxy, the same load (wrk; our own
+//! streaming client for per-chunk times) against each, in one run. Installs
+//! wrk and nginx-light with apt-get when missing. Prints the Markdown
+//! tables of docs/benchmarks.md. Every address is loopback.
+//!
+//! cargo build --release -p strata-sidecar -p strata-e2e --bin strata-sidecar --bin strata-engine-sim --bin strata-bench-sidecar
+//! target/release/strata-bench-sidecar                      # 1, 64, 512 clients, 10 s runs, 3 rounds
+//! target/release/strata-bench-sidecar --clients 1,64 --seconds 3 --rounds 1
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use strata_e2e::bench_sidecar::{Options, run};
+
+#[derive(Parser)]
+#[command(
+    about = "The engine simulator direct, through strata-sidecar and through nginx: added latency, throughput, CPU and memory"
+)]
+struct Cli {
+    /// Concurrent clients (connections) of each cell.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
+    clients: Vec<usize>,
+    /// Measured seconds of each load run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Seconds of unmeasured load before each measured run.
+    #[arg(long, default_value_t = 2)]
+    warmup_seconds: u64,
+    /// Rounds of the per-request table (targets' order rotated each round;
+    /// medians reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Tokens of each answer in the per-request runs.
+    #[arg(long, default_value_t = 4)]
+    tokens: u32,
+    /// Tokens of each answer in the per-chunk runs.
+    #[arg(long, default_value_t = 8)]
+    chunk_tokens: u32,
+    /// The simulator's time per token in the per-chunk runs, ms.
+    #[arg(long, default_value_t = 20.0)]
+    chunk_itl_ms: f64,
+    /// Skip the per-chunk runs.
+    #[arg(long)]
+    skip_chunks: bool,
+    /// The sidecar binary (default: target/release/strata-sidecar).
+    #[arg(long)]
+    sidecar: Option<PathBuf>,
+    /// The simulator binary (default: target/release/strata-engine-sim).
+    #[arg(long)]
+    engine_sim: Option<PathBuf>,
+    /// Working directory (configs, logs; default: a temporary one).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let release = root.join("target/release");
+    let tmp = match &cli.dir {
+        Some(_) => None,
+        None => match tempfile::Builder::new()
+            .prefix("strata-bench-sidecar-")
+            .tempdir()
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("a temporary directory: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let dir = match (&cli.dir, &tmp) {
+        (Some(d), _) => d.clone(),
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => return ExitCode::FAILURE,
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("{}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    // nginx's workers (user nobody when run as root) must reach its files.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
+    }
+    let opts = Options {
+        sidecar: cli
+            .sidecar
+            .unwrap_or_else(|| release.join("strata-sidecar")),
+        engine_sim: cli
+            .engine_sim
+            .unwrap_or_else(|| release.join("strata-engine-sim")),
+        clients: cli.clients,
+        duration: Duration::from_secs(cli.seconds),
+        warmup: Duration::from_secs(cli.warmup_seconds),
+        rounds: cli.rounds,
+        tokens: cli.tokens,
+        chunk_tokens: cli.chunk_tokens,
+        chunk_itl_ms: cli.chunk_itl_ms,
+        dir,
+        skip_chunks: cli.skip_chunks,
+    };
+    match run(&opts).await {
+        Ok(report) => {
+            println!("{}", report.markdown());
+            if let Some(path) = cli.json {
+                let text = match serde_json::to_string_pretty(&report) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("JSON: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if let Err(e) = std::fs::write(&path, text) {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("strata-bench-sidecar: {e}");
+            if let Some(t) = tmp {
+                eprintln!("logs kept in {}", t.keep().display());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
