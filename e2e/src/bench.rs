@@ -5,6 +5,10 @@
 //! and the policies side by side: Strata's SLA autoscaler
 //! (`strata_core::autoscale`), HPA on queue depth (KEDA/KAITO default),
 //! KubeAI's average-requests formula, AIBrix KPA, and an offline oracle.
+//! The load is a built-in shape ([`Trace`]) or a CSV file ([`trace`]), whose
+//! rows also give each request's prompt and output tokens.
+
+pub mod trace;
 
 use std::collections::VecDeque;
 
@@ -17,9 +21,9 @@ use crate::sim::{self, SimConfig};
 pub struct World {
     /// Engine latency model.
     pub engine: SimConfig,
-    /// Prompt tokens per request.
+    /// Prompt tokens per request (built-in traces; a file trace gives its own).
     pub prompt_tokens: u32,
-    /// Generated tokens per request.
+    /// Generated tokens per request (built-in traces; a file trace gives its own).
     pub output_tokens: u32,
     /// Seconds from scale-up to a ready replica (model load).
     pub startup: f64,
@@ -58,11 +62,22 @@ impl Default for World {
 }
 
 impl World {
-    /// Requests per second one replica sustains at a full batch.
+    /// Requests per second one replica sustains at a full batch, with the
+    /// built-in traces' tokens per request.
     pub fn capacity(&self) -> f64 {
-        let prefill = sim::prefill_duration(&self.engine, self.prompt_tokens).as_secs_f64();
+        self.capacity_for(self.prompt_tokens, self.output_tokens)
+    }
+
+    /// Requests per second one replica sustains at a full batch when every
+    /// request has `prompt` prompt and `output` output tokens.
+    pub fn capacity_for(&self, prompt: u32, output: u32) -> f64 {
         let step = sim::token_step(&self.engine, self.engine.max_batch).as_secs_f64();
-        self.engine.max_batch as f64 / (prefill + f64::from(self.output_tokens) * step)
+        self.engine.max_batch as f64 / (self.prefill(prompt) + f64::from(output) * step)
+    }
+
+    /// Prefill seconds of a prompt of `prompt` tokens.
+    fn prefill(&self, prompt: u32) -> f64 {
+        sim::prefill_duration(&self.engine, prompt).as_secs_f64()
     }
 }
 
@@ -121,6 +136,90 @@ impl Trace {
     }
 }
 
+/// What a run replays: a built-in shape at a base rate, or a trace file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Load {
+    /// A built-in shape; every request has the world's tokens.
+    Builtin {
+        /// The shape.
+        trace: Trace,
+        /// Base rate, requests per second.
+        base_rate: f64,
+        /// Seconds.
+        length: f64,
+    },
+    /// A trace from a CSV file; each request has the tokens of its arrival time.
+    File(trace::FileTrace),
+}
+
+impl Load {
+    /// Name in the tables.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Builtin { trace, .. } => trace.name(),
+            Self::File(f) => &f.name,
+        }
+    }
+
+    /// Seconds the run lasts.
+    pub fn length(&self) -> f64 {
+        match self {
+            Self::Builtin { length, .. } => *length,
+            Self::File(f) => f.length(),
+        }
+    }
+
+    /// Seed of the arrival draws.
+    fn seed(&self) -> u64 {
+        match self {
+            Self::Builtin { trace, .. } => 0x5eed_0000 ^ (*trace as u64) << 8,
+            Self::File(f) => f.seed,
+        }
+    }
+
+    /// Requests per second at `t`.
+    pub fn rate(&self, t: f64) -> f64 {
+        match self {
+            Self::Builtin {
+                trace,
+                base_rate,
+                length,
+            } => trace.rate(t, *base_rate, *length),
+            Self::File(f) => f.at(t).rate,
+        }
+    }
+
+    /// (prompt, output) tokens of a request arriving at `t`.
+    pub fn tokens(&self, world: &World, t: f64) -> (u32, u32) {
+        match self {
+            Self::Builtin { .. } => (world.prompt_tokens, world.output_tokens),
+            Self::File(f) => {
+                let p = f.at(t);
+                (p.prompt_tokens, p.output_tokens)
+            }
+        }
+    }
+
+    /// Requests per second one replica sustains at a full batch when every
+    /// request has the tokens of time `t`.
+    pub fn capacity(&self, world: &World, t: f64) -> f64 {
+        let (prompt, output) = self.tokens(world, t);
+        world.capacity_for(prompt, output)
+    }
+
+    /// Where recovery is measured from: the x4 step, or a file's first jump.
+    pub fn jump(&self) -> Option<f64> {
+        match self {
+            Self::Builtin {
+                trace: Trace::Step4x,
+                ..
+            } => Some(Trace::STEP_AT),
+            Self::Builtin { .. } => None,
+            Self::File(f) => f.first_jump(),
+        }
+    }
+}
+
 /// A policy under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyKind {
@@ -166,6 +265,7 @@ impl PolicyKind {
 #[derive(Debug, Clone)]
 struct Seq {
     arrival: f64,
+    output_tokens: u32,
     prefill_left: f64,
     tokens_left: f64,
     first_token: Option<f64>,
@@ -205,7 +305,8 @@ pub struct Outcome {
     pub gpu_hours: f64,
     /// Changes of the desired replica count.
     pub scale_actions: u32,
-    /// Seconds from the x4 step to the first 60 s without violation (step trace only).
+    /// Seconds from the x4 step (a file trace: its first jump) to the first
+    /// 60 s without violation; None without a step or without such a minute.
     pub recovery: Option<f64>,
     /// Requests completed.
     pub completed: u64,
@@ -245,7 +346,7 @@ struct PeerState {
     below_since: Option<f64>,
 }
 
-/// Runs one trace under one policy.
+/// Runs one built-in trace under one policy.
 pub fn run(
     world: &World,
     trace: Trace,
@@ -253,11 +354,23 @@ pub fn run(
     base_rate: f64,
     length: f64,
 ) -> Outcome {
-    let mut rng = Rng(0x5eed_0000 ^ (trace as u64) << 8);
+    run_load(
+        world,
+        &Load::Builtin {
+            trace,
+            base_rate,
+            length,
+        },
+        policy,
+    )
+}
+
+/// Runs one load under one policy.
+pub fn run_load(world: &World, load: &Load, policy: PolicyKind) -> Outcome {
+    let mut rng = Rng(load.seed());
     let dt = world.dt;
-    let cap = world.capacity();
-    let prefill = sim::prefill_duration(&world.engine, world.prompt_tokens).as_secs_f64();
-    let initial = ((trace.rate(0.0, base_rate, length) / (cap * 0.8)).ceil() as i32)
+    let length = load.length();
+    let initial = ((load.rate(0.0) / (load.capacity(world, 0.0) * 0.8)).ceil() as i32)
         .clamp(world.min, world.max);
     let mut replicas: Vec<Replica> = (0..initial)
         .map(|_| Replica {
@@ -290,7 +403,7 @@ pub fn run(
     for step in 0..steps {
         let t = step as f64 * dt;
         // Arrivals (Poisson): expected rate*dt, drawn per step.
-        let expected = trace.rate(t, base_rate, length) * dt + carry;
+        let expected = load.rate(t) * dt + carry;
         let mut n = expected.floor();
         carry = expected - n;
         if rng.next_f64() < carry {
@@ -298,11 +411,15 @@ pub fn run(
             carry -= 1.0;
         }
         arrived_since_eval += n as usize;
+        // Each request has the tokens of its arrival time.
+        let (prompt_tokens, output_tokens) = load.tokens(world, t);
+        let prefill = world.prefill(prompt_tokens);
         for _ in 0..n as usize {
             let seq = Seq {
                 arrival: t,
+                output_tokens,
                 prefill_left: prefill,
-                tokens_left: f64::from(world.output_tokens),
+                tokens_left: f64::from(output_tokens),
                 first_token: None,
                 decode_start: None,
             };
@@ -367,7 +484,7 @@ pub fn run(
                 done.push(Done {
                     first_token: first,
                     ttft: first - s.arrival,
-                    itl: decode / f64::from(world.output_tokens),
+                    itl: decode / f64::from(s.output_tokens),
                     end,
                 });
             }
@@ -506,12 +623,17 @@ pub fn run(
                     next
                 }
                 PolicyKind::Oracle => {
-                    // Knows the rate ahead: enough replicas for the highest
-                    // rate between now and the time a new replica would be ready.
+                    // Knows the load ahead: enough replicas for the highest
+                    // rate, in units of the capacity at that time's tokens per
+                    // request, between now and the time a new replica would
+                    // be ready.
                     let horizon = (0..=((world.startup + interval) as i32))
-                        .map(|k| trace.rate(t + f64::from(k), base_rate, length))
+                        .map(|k| {
+                            let at = t + f64::from(k);
+                            load.rate(at) / (load.capacity(world, at) * 0.85)
+                        })
                         .fold(0.0, f64::max);
-                    (horizon / (cap * 0.85)).ceil() as i32
+                    horizon.ceil() as i32
                 }
             }
             .clamp(world.min, world.max);
@@ -571,8 +693,8 @@ pub fn run(
         })
         .collect();
     out.violation_seconds = violated.iter().filter(|v| **v).count() as u32;
-    if trace == Trace::Step4x {
-        let start = Trace::STEP_AT as usize;
+    if let Some(jump) = load.jump() {
+        let start = jump as usize;
         out.recovery = (start..seconds.saturating_sub(60))
             .find(|s| violated[*s..*s + 60].iter().all(|v| !v))
             .map(|s| (s - start) as f64);
@@ -581,7 +703,7 @@ pub fn run(
     out
 }
 
-/// The Markdown table of every trace and policy.
+/// The Markdown table of every built-in trace and policy.
 pub fn table(world: &World, base_rate: f64, length: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
@@ -598,29 +720,92 @@ pub fn table(world: &World, base_rate: f64, length: f64) -> String {
     ));
     s.push_str("| Trace | Policy | SLA-violation s | GPU-hours | vs oracle | Scale actions | Peak replicas | Recovery after x4 (s) |\n|---|---|---|---|---|---|---|---|\n");
     for trace in Trace::ALL {
-        let results: Vec<(PolicyKind, Outcome)> = PolicyKind::ALL
-            .iter()
-            .map(|p| (*p, run(world, trace, *p, base_rate, length)))
-            .collect();
-        let oracle = results
-            .iter()
-            .find(|(p, _)| *p == PolicyKind::Oracle)
-            .map_or(1.0, |(_, o)| o.gpu_hours);
-        for (p, o) in &results {
-            s.push_str(&format!(
-                "| {} | {} | {} | {:.2} | {:+.0} % | {} | {} | {} |\n",
-                trace.name(),
-                p.name(),
-                o.violation_seconds,
-                o.gpu_hours,
-                (o.gpu_hours / oracle - 1.0) * 100.0,
-                o.scale_actions,
-                o.peak_replicas,
-                o.recovery.map_or("-".to_string(), |r| format!("{r:.0}"))
-            ));
-        }
+        let load = Load::Builtin {
+            trace,
+            base_rate,
+            length,
+        };
+        rows(&mut s, world, &load, false);
     }
     s
+}
+
+/// The Markdown tables of trace files: what each trace is, then every
+/// trace and policy.
+pub fn file_table(world: &World, traces: &[trace::FileTrace]) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "Targets: TTFT p95 {:.0} ms, inter-token p95 {:.0} ms. Replica: batch {}, tokens per request from the trace, {:.0} s start-up, step {} s.\n\n",
+        world.ttft_target * 1000.0,
+        world.itl_target * 1000.0,
+        world.engine.max_batch,
+        world.startup,
+        world.dt
+    ));
+    s.push_str("| Trace | Length (min) | Rate (req/s) | Prompt tokens | Output tokens | Replica capacity (req/s at a full batch) | First jump (s) |\n|---|---|---|---|---|---|---|\n");
+    let span = |(lo, hi): (f64, f64), digits: usize| {
+        if lo == hi {
+            format!("{lo:.digits$}")
+        } else {
+            format!("{lo:.digits$} .. {hi:.digits$}")
+        }
+    };
+    for t in traces {
+        let [rate, prompt, output] = t.ranges();
+        let capacity = t
+            .row_tokens()
+            .map(|(p, o)| world.capacity_for(p, o))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), c| {
+                (lo.min(c), hi.max(c))
+            });
+        s.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} |\n",
+            t.name,
+            t.length() / 60.0,
+            span(rate, 1),
+            span(prompt, 0),
+            span(output, 0),
+            span(capacity, 2),
+            t.first_jump()
+                .map_or("-".to_string(), |j| format!("{j:.0}"))
+        ));
+    }
+    s.push_str("\n| Trace | Policy | SLA-violation s | GPU-hours | vs oracle | Scale actions | Peak replicas | Recovery after the first jump (s) |\n|---|---|---|---|---|---|---|---|\n");
+    for t in traces {
+        rows(&mut s, world, &Load::File(t.clone()), true);
+    }
+    s
+}
+
+/// One table row per policy for `load`. `never`: a load with a jump and no
+/// violation-free minute after it says "never" rather than "-".
+fn rows(s: &mut String, world: &World, load: &Load, never: bool) {
+    let results: Vec<(PolicyKind, Outcome)> = PolicyKind::ALL
+        .iter()
+        .map(|p| (*p, run_load(world, load, *p)))
+        .collect();
+    let oracle = results
+        .iter()
+        .find(|(p, _)| *p == PolicyKind::Oracle)
+        .map_or(1.0, |(_, o)| o.gpu_hours);
+    for (p, o) in &results {
+        let recovery = match o.recovery {
+            Some(r) => format!("{r:.0}"),
+            None if never && load.jump().is_some() => "never".to_string(),
+            None => "-".to_string(),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:+.0} % | {} | {} | {} |\n",
+            load.name(),
+            p.name(),
+            o.violation_seconds,
+            o.gpu_hours,
+            (o.gpu_hours / oracle - 1.0) * 100.0,
+            o.scale_actions,
+            o.peak_replicas,
+            recovery
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -674,5 +859,128 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A file trace with the built-in trace's seed.
+    fn copy_of(trace: Trace, csv: &str) -> Load {
+        let mut f = trace::FileTrace::parse("copy", csv).expect("valid CSV");
+        f.seed = Load::Builtin {
+            trace,
+            base_rate: 5.0,
+            length: 3600.0,
+        }
+        .seed();
+        Load::File(f)
+    }
+
+    /// A CSV copy of a built-in trace (same rates, same tokens, same seed)
+    /// gives the built-in trace's results, policy by policy: the file path
+    /// and the built-in path are one simulation.
+    #[test]
+    fn a_csv_copy_of_a_builtin_trace_reproduces_its_results() {
+        let w = World::default();
+        let step = copy_of(
+            Trace::Step4x,
+            "# the x4 step at base 5 req/s\n\
+             time_s,rate_rps,prompt_tokens,output_tokens\n\
+             0,5,512,128\n900,5,512,128\n900,20,512,128\n3600,20,512,128\n",
+        );
+        let mut bursts = String::from("time_s,rate_rps,prompt_tokens,output_tokens\n0,5,512,128\n");
+        for k in 0..6 {
+            let at = 600 * k + 300;
+            bursts.push_str(&format!(
+                "{at},5,512,128\n{at},25,512,128\n{},25,512,128\n{},5,512,128\n",
+                at + 60,
+                at + 60
+            ));
+        }
+        bursts.push_str("3600,5,512,128\n");
+        let bursts = copy_of(Trace::Bursts, &bursts);
+        for (trace, copy) in [(Trace::Step4x, &step), (Trace::Bursts, &bursts)] {
+            for policy in PolicyKind::ALL {
+                let builtin = run(&w, trace, policy, 5.0, 3600.0);
+                let mut file = run_load(&w, copy, policy);
+                if trace == Trace::Bursts {
+                    // The copy's first jump is the first burst: recovery is
+                    // measured from it; the built-in shape has none.
+                    assert_eq!(copy.jump(), Some(300.0));
+                    file.recovery = None;
+                }
+                assert_eq!(file, builtin, "{} under {}", trace.name(), policy.name());
+            }
+        }
+    }
+
+    /// The traces shipped in e2e/traces parse, and their table is the same
+    /// on every run.
+    #[test]
+    fn the_shipped_traces_parse_and_their_table_is_deterministic() {
+        let shipped = [
+            ("prompt-shift", include_str!("../traces/prompt-shift.csv")),
+            ("flash-crowd", include_str!("../traces/flash-crowd.csv")),
+            ("weekly", include_str!("../traces/weekly.csv")),
+            (
+                "chat-long-output",
+                include_str!("../traces/chat-long-output.csv"),
+            ),
+        ];
+        let traces: Vec<trace::FileTrace> = shipped
+            .iter()
+            .map(|(name, text)| trace::FileTrace::parse(name, text).expect(name))
+            .collect();
+        let w = World {
+            // A quarter of the steps: the test stays quick in debug builds.
+            dt: 1.0,
+            ..World::default()
+        };
+        let a = file_table(&w, &traces);
+        assert_eq!(a, file_table(&w, &traces), "same inputs, same table");
+        for t in &traces {
+            assert!(
+                a.contains(&format!("| {} | oracle (offline) |", t.name)),
+                "{a}"
+            );
+        }
+    }
+
+    /// Each request carries the tokens of its arrival time: longer outputs
+    /// cost the replicas capacity (the oracle provisions for it), longer
+    /// prompts cost time to first token.
+    #[test]
+    fn requests_follow_the_traces_tokens() {
+        let w = World::default();
+        let load = |rate: f64, prompt: u32, output: u32| {
+            Load::File(
+                trace::FileTrace::parse(
+                    "flat",
+                    &format!(
+                        "time_s,rate_rps,prompt_tokens,output_tokens\n0,{rate},{prompt},{output}\n1200,{rate},{prompt},{output}\n"
+                    ),
+                )
+                .expect("valid"),
+            )
+        };
+        // 4 req/s: ceil(4 / (0.85 x capacity)) replicas.
+        let short = run_load(&w, &load(4.0, 512, 128), PolicyKind::Oracle);
+        let long = run_load(&w, &load(4.0, 512, 512), PolicyKind::Oracle);
+        let want = |o: u32| (4.0 / (0.85 * w.capacity_for(512, o))).ceil() as i32;
+        assert_eq!(short.peak_replicas, want(128), "{short:?}");
+        assert_eq!(long.peak_replicas, want(512), "{long:?}");
+        assert!(want(512) >= 3 * want(128), "{} vs {}", want(512), want(128));
+        assert_eq!((short.violation_seconds, long.violation_seconds), (0, 0));
+        // Prefill follows the prompt: three replicas serve 9.5 req/s of
+        // 512-token prompts (3 x 3.49 req/s) but not of 4096-token ones
+        // (3 x 3.02 req/s).
+        assert!(3.0 * w.capacity_for(4096, 128) < 9.5);
+        assert!(3.0 * w.capacity_for(512, 128) > 9.5);
+        let fixed = World {
+            min: 3,
+            max: 3,
+            ..World::default()
+        };
+        let a = run_load(&fixed, &load(9.5, 512, 128), PolicyKind::Oracle);
+        let b = run_load(&fixed, &load(9.5, 4096, 128), PolicyKind::Oracle);
+        assert!(a.violation_seconds < 60, "{a:?}");
+        assert!(b.violation_seconds > 600, "{b:?}");
     }
 }
