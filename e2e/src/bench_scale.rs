@@ -429,6 +429,27 @@ fn by_label(text: &str, name: &str, by: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// A counter's series summed by `VERB resource` (its `verb` and
+/// `resource` labels; a series without `resource` counts under its verb).
+fn by_verb_and_resource(text: &str, name: &str) -> BTreeMap<String, f64> {
+    let prefix = format!("{name}{{");
+    let mut out = BTreeMap::new();
+    for l in text.lines().filter(|l| l.starts_with(&prefix)) {
+        let Some((series, value)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let (Some(verb), Ok(v)) = (label(series, "verb"), value.trim().parse::<f64>()) else {
+            continue;
+        };
+        let key = match label(series, "resource") {
+            Some(r) => format!("{verb} {r}"),
+            None => verb.to_string(),
+        };
+        *out.entry(key).or_insert(0.0) += v;
+    }
+    out
+}
+
 fn map_delta(
     after: &BTreeMap<String, f64>,
     before: &BTreeMap<String, f64>,
@@ -750,7 +771,8 @@ pub struct Phase {
     /// The API server's `apiserver_request_total` over the phase (every
     /// client, KWOK's node heartbeats included), by `VERB resource`.
     pub apiserver_requests: BTreeMap<String, f64>,
-    /// Requests the controller sent (Strata: its own counter, by verb; the
+    /// Requests the controller sent (Strata: its own counter, by
+    /// `VERB resource`; the
     /// Deployment controller: its writes from the audit log, its reads being
     /// watches).
     pub controller_requests: BTreeMap<String, f64>,
@@ -775,6 +797,9 @@ pub struct Phase {
     pub rss_peak_mib: Option<f64>,
     /// CPU seconds of the controller's process over the phase.
     pub cpu_seconds: Option<f64>,
+    /// Seconds requests waited for the operator's client-side rate limiter
+    /// over the phase (summed over requests; Strata only).
+    pub rate_limit_wait_seconds: Option<f64>,
     /// Wall seconds of the phase (the idle window's length).
     pub wall_seconds: f64,
     /// Times the operator exited and was restarted in the phase.
@@ -981,6 +1006,10 @@ impl Report {
         s.push_str(&row("CPU seconds (converge)", &|x| {
             opt(x.converge.cpu_seconds, f1)
         }));
+        s.push_str(&row(
+            "seconds requests waited for the client rate limiter, summed (converge)",
+            &|x| opt(x.converge.rate_limit_wait_seconds, f1),
+        ));
         s.push_str(&row("operator restarts (converge / churn / idle)", &|x| {
             format!(
                 "{} / {} / {}",
@@ -1051,7 +1080,7 @@ impl Report {
                     .map(|(k, v)| (k.clone(), *v as f64))
                     .collect();
                 s.push_str(&format!(
-                    "- {name}: requests sent by verb: {}; writes: {}; status writes: {}; API server (all clients) top: {}\n",
+                    "- {name}: requests sent: {}; writes: {}; status writes: {}; API server (all clients) top: {}\n",
                     if p.controller_requests.is_empty() {
                         "-".into()
                     } else {
@@ -1811,8 +1840,8 @@ impl Bench {
             converge_seconds: (converged - last).as_secs_f64(),
             apiserver_requests: map_delta(&a1, &a0),
             controller_requests: map_delta(
-                &by_label(&m1, "strata_kube_requests_total", "verb"),
-                &by_label(&m0, "strata_kube_requests_total", "verb"),
+                &by_verb_and_resource(&m1, "strata_kube_requests_total"),
+                &by_verb_and_resource(&m0, "strata_kube_requests_total"),
             ),
             controller_writes: self.audit_writes(t0, t1, &[OPERATOR_USER])?,
             scheduler_writes: self.audit_writes(t0, t1, &[SCHEDULER_USER])?.values().sum(),
@@ -1829,6 +1858,10 @@ impl Bench {
             ),
             rss_peak_mib: Some(sampler.take_peak() as f64 / 1024.0),
             cpu_seconds: Some(cpu1 - cpu0),
+            rate_limit_wait_seconds: Some(
+                counter_sum(&m1, "strata_kube_rate_limit_wait_seconds_total", &[])
+                    - counter_sum(&m0, "strata_kube_rate_limit_wait_seconds_total", &[]),
+            ),
             operator_restarts: op.restarts - restarts0,
             wall_seconds: w0.elapsed().as_secs_f64(),
         })
@@ -1995,6 +2028,7 @@ impl Bench {
             status_writes: BTreeMap::new(),
             rss_peak_mib: sampler.map(|s| s.take_peak() as f64 / 1024.0),
             operator_restarts: 0,
+            rate_limit_wait_seconds: None,
             cpu_seconds: match (cpu0, cpu1) {
                 (Some(a), Some(b)) => Some(b - a),
                 _ => None,
@@ -2100,7 +2134,9 @@ strata_reconcile_duration_seconds_bucket{controller=\"gpupool\",le=\"+Inf\"} 3\n
 apiserver_request_total{code=\"200\",component=\"apiserver\",group=\"\",resource=\"pods\",scope=\"namespace\",subresource=\"\",verb=\"LIST\",version=\"v1\"} 4\n\
 apiserver_request_total{code=\"201\",component=\"apiserver\",group=\"\",resource=\"pods\",scope=\"namespace\",subresource=\"binding\",verb=\"POST\",version=\"v1\"} 6\n\
 apiserver_request_total{code=\"200\",component=\"apiserver\",group=\"\",resource=\"pods\",scope=\"cluster\",subresource=\"\",verb=\"LIST\",version=\"v1\"} 1\n\
-strata_kube_requests_total{verb=\"get\"} 3\nstrata_kube_requests_total{verb=\"patch\"} 5\n";
+strata_kube_requests_total{verb=\"GET\",resource=\"secrets\"} 3\n\
+strata_kube_requests_total{verb=\"PATCH\",resource=\"models/status\"} 5\n\
+strata_kube_requests_total{verb=\"PATCH\",resource=\"services\"} 1\n";
         let b = histogram_buckets(
             text,
             "strata_reconcile_duration_seconds",
@@ -2117,7 +2153,11 @@ strata_kube_requests_total{verb=\"get\"} 3\nstrata_kube_requests_total{verb=\"pa
         assert_eq!(a.get("LIST pods"), Some(&5.0));
         assert_eq!(a.get("POST pods/binding"), Some(&6.0));
         let r = by_label(text, "strata_kube_requests_total", "verb");
-        assert_eq!(r.values().sum::<f64>(), 8.0);
+        assert_eq!(r.values().sum::<f64>(), 9.0);
+        assert_eq!(r.get("PATCH"), Some(&6.0));
+        let r = by_verb_and_resource(text, "strata_kube_requests_total");
+        assert_eq!(r.get("PATCH models/status"), Some(&5.0));
+        assert_eq!(r.get("GET secrets"), Some(&3.0));
         let stat =
             "1234 (strata op) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 100 0 0";
         assert_eq!(parse_stat_cpu(stat, 100.0), Some(3.0));

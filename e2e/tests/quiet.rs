@@ -64,8 +64,15 @@ async fn counters(w: &World) -> (BTreeMap<String, f64>, f64) {
         let Ok(v) = value.parse::<f64>() else {
             continue;
         };
-        if let Some(rest) = series.strip_prefix("strata_kube_requests_total{verb=\"") {
-            by_verb.insert(rest.trim_end_matches("\"}").to_string(), v);
+        if let Some(labels) = series.strip_prefix("strata_kube_requests_total{") {
+            // {verb="GET",resource="secrets"}: summed by verb.
+            let verb = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("verb=\""))
+                .map(|v| v.trim_end_matches('}').trim_end_matches('"').to_string())
+                .unwrap_or_default();
+            *by_verb.entry(verb).or_insert(0.0) += v;
+            eprintln!("  {series} {v}");
         } else if series.starts_with("strata_reconcile_total{controller=\"model\"") {
             reconciles += v;
         } else if series.starts_with("strata_status_writes_total")

@@ -92,6 +92,12 @@ struct Cli {
     /// Requests that may go at once before the QPS applies (client-go's burst).
     #[arg(long, env = "STRATA_KUBE_API_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     kube_api_burst: u32,
+    /// Model reconciles that may run at once (as kube-controller-manager's
+    /// `--concurrent-deployment-syncs`): more Models wait in the queue, so
+    /// that a thousand applied at once are worked through in order rather
+    /// than all interleaved on the rate limiter.
+    #[arg(long, env = "STRATA_CONCURRENT_MODEL_RECONCILES", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    concurrent_model_reconciles: u16,
     /// Seconds between readings of the replicas' GPU energy counters.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     energy_interval_seconds: u64,
@@ -300,6 +306,7 @@ async fn main() -> ExitCode {
         unschedulable_grace: cli.unschedulable_grace_seconds,
         node_lost_grace: cli.node_lost_grace_seconds,
         resync: Duration::from_secs(cli.resync_seconds),
+        model_workers: cli.concurrent_model_reconciles,
         energy_interval: Duration::from_secs(cli.energy_interval_seconds),
         ca,
         telemetry: strata_operator::controller::TelemetryConfig {

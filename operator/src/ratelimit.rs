@@ -66,7 +66,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// A limiter at `qps` with `burst`, and its metrics
-    /// (`strata_kube_requests_total{verb}`,
+    /// (`strata_kube_requests_total{verb,resource}`,
     /// `strata_kube_rate_limit_wait_seconds_total`), to register.
     pub fn new(qps: f64, burst: u32) -> Result<Self, prometheus::Error> {
         Ok(Self {
@@ -74,9 +74,9 @@ impl RateLimit {
             requests: IntCounterVec::new(
                 Opts::new(
                     "strata_kube_requests_total",
-                    "Requests the operator sent to the API server, by HTTP method (the Lease's excluded).",
+                    "Requests the operator sent to the API server, by HTTP method and resource (e.g. pods, models/status; the Lease's excluded).",
                 ),
-                &["verb"],
+                &["verb", "resource"],
             )?,
             waited: Counter::new(
                 "strata_kube_rate_limit_wait_seconds_total",
@@ -180,16 +180,67 @@ where
         self.state = Gate::Closed;
         self.limit
             .requests
-            .with_label_values(&[req.method().as_str()])
+            .with_label_values(&[req.method().as_str(), &resource_of(req.uri().path())])
             .inc();
         let fut = self.inner.call(req);
         Box::pin(async move { fut.await.map_err(Into::into) })
     }
 }
 
+/// The resource (and subresource) a request's path names, as the API
+/// server's `apiserver_request_total` does: `pods`, `models/status`,
+/// `namespaces`; `discovery` for `/api`, `/apis`, `/version` and the
+/// like. Pure.
+pub fn resource_of(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let rest: &[&str] = match segments.first() {
+        Some(&"api") if segments.len() > 2 => &segments[2..],
+        Some(&"apis") if segments.len() > 3 => &segments[3..],
+        _ => return "discovery".to_string(),
+    };
+    let rest = match rest {
+        ["namespaces", _, more @ ..] if !more.is_empty() => more,
+        _ => rest,
+    };
+    match rest {
+        [resource, _, sub, ..] => format!("{resource}/{sub}"),
+        [resource, ..] => (*resource).to_string(),
+        [] => "discovery".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_names_its_resource_and_subresource() {
+        for (path, want) in [
+            ("/api/v1/namespaces/ns/pods", "pods"),
+            ("/api/v1/namespaces/ns/pods/p-1", "pods"),
+            ("/api/v1/namespaces/ns/pods/p-1/status", "pods/status"),
+            ("/api/v1/pods", "pods"),
+            ("/api/v1/nodes/n1", "nodes"),
+            ("/api/v1/namespaces", "namespaces"),
+            ("/api/v1/namespaces/ns", "namespaces"),
+            (
+                "/apis/strata.ai/v1alpha1/namespaces/ns/models/m/status",
+                "models/status",
+            ),
+            (
+                "/apis/strata.ai/v1alpha1/gpupools/h100/status",
+                "gpupools/status",
+            ),
+            ("/apis/strata.ai/v1alpha1/models", "models"),
+            ("/apis/events.k8s.io/v1/namespaces/ns/events", "events"),
+            ("/api", "discovery"),
+            ("/api/v1", "discovery"),
+            ("/apis/strata.ai/v1alpha1", "discovery"),
+            ("/version", "discovery"),
+        ] {
+            assert_eq!(resource_of(path), want, "{path}");
+        }
+    }
 
     #[test]
     fn a_burst_goes_at_once_then_requests_are_spaced_at_the_rate() {
@@ -244,14 +295,19 @@ mod tests {
             svc.ready()
                 .await
                 .expect("ready")
-                .call(http::Request::new(()))
+                .call(
+                    http::Request::builder()
+                        .uri("/api/v1/namespaces/ns/pods")
+                        .body(())
+                        .expect("request"),
+                )
                 .await
                 .expect("answer");
         }
         // 2 at once, 3 more at 10/s (the paused clock advances exactly).
         let took = start.elapsed().as_secs_f64();
         assert!((took - 0.3).abs() < 0.01, "{took}");
-        assert_eq!(limit.requests.with_label_values(&["GET"]).get(), 5);
+        assert_eq!(limit.requests.with_label_values(&["GET", "pods"]).get(), 5);
         assert!(
             (limit.waited.get() - 0.3).abs() < 0.01,
             "{}",

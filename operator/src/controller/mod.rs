@@ -42,6 +42,8 @@ pub struct Config {
     pub node_lost_grace: u64,
     /// How often converged objects are reconciled anyway.
     pub resync: Duration,
+    /// Model reconciles that may run at once.
+    pub model_workers: u16,
     /// How often the replicas' energy counters are read.
     pub energy_interval: Duration,
     /// The CA that signs the sidecars' admin port certificates (and the
@@ -321,7 +323,7 @@ pub fn model_trigger_hash(model: &Model) -> Option<u64> {
 
 /// The Model controller's own watch: its cache sees every change, its
 /// trigger only those [`model_trigger_hash`] tells apart.
-fn model_trigger(client: Client) -> Controller<Model> {
+fn model_trigger(client: Client, workers: u16) -> Controller<Model> {
     use kube::runtime::WatchStreamExt;
     use kube::runtime::utils::PredicateConfig;
     let (reader, writer) = kube::runtime::reflector::store();
@@ -332,6 +334,7 @@ fn model_trigger(client: Client) -> Controller<Model> {
         .applied_objects()
         .predicate_filter(model_trigger_hash, PredicateConfig::default());
     Controller::for_stream(trigger, reader)
+        .with_config(kube::runtime::controller::Config::default().concurrency(workers))
 }
 
 /// The Model controller: woken by its Model, its pods, placement-relevant
@@ -588,7 +591,7 @@ pub async fn run(
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let model_ctl = model_trigger(client.clone());
+    let model_ctl = model_trigger(client.clone(), ctx.config.model_workers);
     let adapter_ctl = Controller::new(Api::<Adapter>::all(client), watcher::Config::default());
     let (model_store, adapter_store) = (model_ctl.store(), adapter_ctl.store());
     let mut subscribers = caches.pods.subscribers.into_iter();

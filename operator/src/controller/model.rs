@@ -639,9 +639,14 @@ struct Created {
     unplaced: Option<String>,
 }
 
-/// Phase 4b: place the plan's new replicas and create their pods, one
-/// Model at a time (the placement ledger counts pods created but not yet in
-/// the cache).
+/// Phase 4b: place the plan's new replicas and create their pods. Placement
+/// is decided one Model at a time under the placement lock, and the chosen
+/// GPUs are reserved in its ledger before the lock is released; the pods
+/// are then created without holding it (an API round trip per pod under
+/// one lock serialized every Model's creations: at 1,000 Models the
+/// convergence took as long as 1,176 sequential POSTs). A reservation is
+/// re-keyed to its pod's name once created (the ledger counts pods created
+/// but not yet in the cache) and dropped if the create failed.
 async fn place_and_create(
     ctx: &Context,
     model: &Model,
@@ -657,21 +662,6 @@ async fn place_and_create(
     if plan.rollout.create == 0 {
         return Ok(());
     }
-    let mut ledger = ctx.placement.lock().await;
-    let cached = ctx.gpu_pods.state();
-    let cached_names: HashSet<String> = cached
-        .iter()
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
-    let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
-    // Forget pods the cache has caught up with, this Model's pods that are
-    // gone (the list above is fresh), and anything old.
-    ledger.retain(|pod, p| {
-        !cached_names.contains(pod)
-            && (p.model != seen.key || own_names.contains(pod))
-            && p.at.elapsed() < Duration::from_secs(60)
-    });
-    let node_views = node_views(seen, &cached, ledger.values());
     let avoid_nodes: Vec<String> = {
         let mut avoid = ctx.avoid.lock().await;
         let entry = avoid.entry(seen.key.clone()).or_default();
@@ -684,39 +674,85 @@ async fn place_and_create(
         .iter()
         .map(|t| view::pool_view(&t.pool))
         .collect();
-    let outcome = placement::place(&node_views, &pool_views, &request);
+    let (outcome, reserved) = {
+        let mut ledger = ctx.placement.lock().await;
+        let cached = ctx.gpu_pods.state();
+        let cached_names: HashSet<String> = cached
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
+        // Forget pods the cache has caught up with, this Model's pods that
+        // are gone (the list above is fresh), and anything old. (Another
+        // reconcile's reservations are another Model's: kept.)
+        ledger.retain(|pod, p| {
+            !cached_names.contains(pod)
+                && (p.model != seen.key || own_names.contains(pod))
+                && p.at.elapsed() < Duration::from_secs(60)
+        });
+        let node_views = node_views(seen, &cached, ledger.values());
+        let outcome = placement::place(&node_views, &pool_views, &request);
+        let mut reserved = Vec::with_capacity(outcome.assignments.len());
+        for a in &outcome.assignments {
+            let Some(t) = plan.templates.iter().find(|t| t.pref.name == a.pool) else {
+                continue;
+            };
+            let key = reservation_key(&seen.key);
+            ledger.insert(
+                key.clone(),
+                Planned {
+                    model: seen.key.clone(),
+                    node: a.node.clone(),
+                    resource: t.pool.spec.gpu_resource_name.clone(),
+                    gpus: a.gpus,
+                    at: Instant::now(),
+                },
+            );
+            reserved.push((key, t, a.clone()));
+        }
+        (outcome, reserved)
+    };
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &seen.ns);
-    for a in &outcome.assignments {
-        let Some(t) = plan.templates.iter().find(|t| t.pref.name == a.pool) else {
-            continue;
+    let mut names: Vec<(String, String)> = Vec::with_capacity(reserved.len());
+    let mut failed = None;
+    for (key, t, a) in &reserved {
+        let pod = match t.template(model, &ctx.config.template).pod(&a.node) {
+            Ok(pod) => pod,
+            Err(source) => {
+                failed = Some(Error::Template {
+                    model: seen.name.clone(),
+                    pool: a.pool.clone(),
+                    source,
+                });
+                break;
+            }
         };
-        let pod = t
-            .template(model, &ctx.config.template)
-            .pod(&a.node)
-            .map_err(|source| Error::Template {
-                model: seen.name.clone(),
-                pool: a.pool.clone(),
-                source,
-            })?;
-        let pod = api
-            .create(&PostParams::default(), &pod)
-            .await
-            .map_err(|source| Error::CreatePod {
-                model: seen.name.clone(),
-                node: a.node.clone(),
-                source,
-            })?;
-        let pod_name = pod.name_any();
-        ledger.insert(
-            pod_name.clone(),
-            Planned {
-                model: seen.key.clone(),
-                node: a.node.clone(),
-                resource: t.pool.spec.gpu_resource_name.clone(),
-                gpus: a.gpus,
-                at: Instant::now(),
-            },
-        );
+        match api.create(&PostParams::default(), &pod).await {
+            Ok(pod) => {
+                names.push((key.clone(), pod.name_any()));
+                created.pods.push(pod);
+            }
+            Err(source) => {
+                failed = Some(Error::CreatePod {
+                    model: seen.name.clone(),
+                    node: a.node.clone(),
+                    source,
+                });
+                break;
+            }
+        }
+    }
+    {
+        // Every reservation becomes its pod's entry, or goes.
+        let mut ledger = ctx.placement.lock().await;
+        for (key, _, _) in &reserved {
+            let entry = ledger.remove(key);
+            if let (Some(entry), Some((_, name))) = (entry, names.iter().find(|(k, _)| k == key)) {
+                ledger.insert(name.clone(), entry);
+            }
+        }
+    }
+    for ((_, _, a), (_, pod_name)) in reserved.iter().zip(&names) {
         ctx.metrics.placements.with_label_values(&[&a.pool]).inc();
         publish(
             ctx,
@@ -730,7 +766,9 @@ async fn place_and_create(
             ),
         )
         .await;
-        created.pods.push(pod);
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     if outcome.unplaced > 0 {
         let msg = unplaced_message(model, plan, &outcome);
@@ -750,6 +788,14 @@ async fn place_and_create(
         created.unplaced = Some(msg);
     }
     Ok(())
+}
+
+/// A placement reservation's ledger key until its pod exists: unique in
+/// this process, and never a pod's name (those have no `/`).
+fn reservation_key(model_key: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{model_key}/reserved-{n}")
 }
 
 /// The nodes as placement sees them: every cached pod's GPUs (this Model's
@@ -860,15 +906,28 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
             ],
         },
     });
-    let cached_matches = ctx.services.state().iter().any(|s| {
-        s.namespace().as_deref() == Some(ns)
-            && s.name_any() == name
-            && service_matches(s, &svc, &seen.uid)
-    });
-    if cached_matches {
+    let cached = ctx
+        .services
+        .state()
+        .into_iter()
+        .find(|s| s.namespace().as_deref() == Some(ns) && s.name_any() == name);
+    if cached
+        .as_ref()
+        .is_some_and(|s| service_matches(s, &svc, &seen.uid))
+    {
         ctx.metrics
             .child_applies
             .with_label_values(&["Service", "unchanged"])
+            .inc();
+        return Ok(false);
+    }
+    if cached.is_none() && create_service(ctx, ns, name, &svc).await? {
+        // A new Model's Service: one create, no look first (a Service of
+        // that name that is not in the cache, ours or someone else's,
+        // makes the create fail, and the look below decides).
+        ctx.metrics
+            .child_applies
+            .with_label_values(&["Service", "created"])
             .inc();
         return Ok(false);
     }
@@ -878,6 +937,32 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
         .with_label_values(&["Service", "applied"])
         .inc();
     Ok(!applied)
+}
+
+/// Creates the Model's Service; false when one of that name exists.
+async fn create_service(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    svc: &serde_json::Value,
+) -> Result<bool> {
+    let write_err = |source| Error::Write {
+        kind: "Service",
+        name: name.to_string(),
+        source,
+    };
+    let svc: k8s_openapi::api::core::v1::Service =
+        serde_json::from_value(svc.clone()).map_err(|e| write_err(kube::Error::SerdeError(e)))?;
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.client.clone(), ns);
+    let params = PostParams {
+        field_manager: Some(labels::FIELD_MANAGER.to_string()),
+        ..PostParams::default()
+    };
+    match api.create(&params, &svc).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(write_err(e)),
+    }
 }
 
 /// Whether a cached Service already is what `desired` (the applied JSON)
@@ -1093,11 +1178,19 @@ async fn ensure_secret_now(ctx: &Context, model: &Model, ns: &str, uid: &str) ->
         name: name.clone(),
         source,
     };
-    let existing = api.get_opt(&name).await.map_err(|source| Error::Get {
-        kind: "Secret",
-        name: name.clone(),
-        source,
-    })?;
+    // A Model never reconciled before (no status) has no Secret yet: create
+    // it without looking first (one request instead of two for each new
+    // Model; if it does exist, the create's conflict sends the next
+    // reconcile to look).
+    let existing = if model.status.is_none() {
+        None
+    } else {
+        api.get_opt(&name).await.map_err(|source| Error::Get {
+            kind: "Secret",
+            name: name.clone(),
+            source,
+        })?
+    };
     if let Some(mut existing) = existing {
         let data = existing.data.get_or_insert_with(BTreeMap::new);
         let has_token = data
