@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use serde_json::Value;
 use strata_net::body::{self, BodyLimits, Held};
 use strata_net::openai::{self, Endpoint, Route};
@@ -347,6 +348,7 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
     drop(held);
     let status = resp.status();
     let mut headers = resp.headers().clone();
+    let length = resp.headers().get(header::CONTENT_LENGTH).cloned();
     strata_net::headers::strip_hop_by_hop(&mut headers);
     let is_sse = resp
         .headers()
@@ -363,7 +365,12 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
     let stream_body = if stream && is_sse && status.is_success() {
         sse_stream(pass, Splitter::new(limits.max_sse_event_bytes), strip_usage)
     } else {
-        whole_stream(pass, limits.max_response_parse_bytes)
+        // Passed through unchanged: the engine's length stays true (and
+        // spares the client a chunked encoding).
+        if let Some(v) = length {
+            headers.insert(header::CONTENT_LENGTH, v);
+        }
+        whole_stream(pass, limits.max_response_parse_bytes).await
     };
     let mut out = Response::new(Body::from_stream(stream_body));
     *out.status_mut() = status;
@@ -410,22 +417,54 @@ type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, std::io::Err
 
 /// A non-streamed answer: passed through as it comes; a copy of at most
 /// `keep` bytes (drawn from the memory budget) gives the token counts.
-fn whole_stream(pass: Pass, keep: usize) -> ByteStream {
+///
+/// Its first piece is awaited before the answer's head is sent, so that the
+/// head and the first piece leave in one write (a short answer: in one
+/// write, as the engine sent it) instead of two writes and two wake-ups of
+/// the client; an engine sends a non-streamed answer's head and body
+/// together, so nothing is held back.
+async fn whole_stream(mut pass: Pass, keep: usize) -> ByteStream {
     struct St {
         pass: Pass,
+        first: Option<Result<Option<Bytes>, std::io::Error>>,
         copy: Option<Vec<u8>>,
         held: Held,
         keep: usize,
     }
+    impl St {
+        /// Records the answer's measurement (token counts from the copy).
+        fn finish(&mut self) {
+            let usage = self
+                .copy
+                .as_deref()
+                .and_then(|c| serde_json::from_slice::<Value>(c).ok())
+                .and_then(|v| usage_of(&v));
+            let m = Measurement {
+                ttft: None,
+                itl: None,
+                e2e: self.pass.recorder.start.elapsed(),
+                prompt_tokens: usage.map_or(0, |u| u.prompt),
+                completion_tokens: usage.map_or(0, |u| u.completion),
+            };
+            let status = self.pass.status;
+            self.pass.recorder.finish(Some(m), outcome(status));
+        }
+    }
+    let first = next_data(&mut pass).await;
     let st = St {
         pass,
+        first: Some(first),
         copy: Some(Vec::new()),
         held: Held::default(),
         keep,
     };
     futures::stream::unfold(Some(st), |st| async move {
         let mut st = st?;
-        match next_data(&mut st.pass).await {
+        let next = match st.first.take() {
+            Some(r) => r,
+            None => next_data(&mut st.pass).await,
+        };
+        match next {
             Ok(Some(data)) => {
                 if let Some(copy) = &mut st.copy {
                     let fits = copy.len() + data.len() <= st.keep;
@@ -451,23 +490,17 @@ fn whole_stream(pass: Pass, keep: usize) -> ByteStream {
                         }
                     }
                 }
+                // The engine's length is reached: measured now, before the
+                // last bytes go out (the client, told the length, may not
+                // wait for more, and the server stops polling this stream).
+                if st.pass.body.is_end_stream() {
+                    st.finish();
+                    return Some((Ok(data), None));
+                }
                 Some((Ok(data), Some(st)))
             }
             Ok(None) => {
-                let usage = st
-                    .copy
-                    .as_deref()
-                    .and_then(|c| serde_json::from_slice::<Value>(c).ok())
-                    .and_then(|v| usage_of(&v));
-                let m = Measurement {
-                    ttft: None,
-                    itl: None,
-                    e2e: st.pass.recorder.start.elapsed(),
-                    prompt_tokens: usage.map_or(0, |u| u.prompt),
-                    completion_tokens: usage.map_or(0, |u| u.completion),
-                };
-                let status = st.pass.status;
-                st.pass.recorder.finish(Some(m), outcome(status));
+                st.finish();
                 None
             }
             Err(e) => {

@@ -733,3 +733,43 @@ async fn an_adapter_with_credentials_is_fetched_by_the_sidecar_and_loaded_from_d
     assert_eq!(status, 200);
     assert!(!local.exists(), "the fetched files are removed on unload");
 }
+
+#[tokio::test]
+async fn a_whole_answer_keeps_the_engines_length_and_is_measured_before_it_ends() {
+    let h = start().await;
+    let req = json!({"model": "llama", "messages": []});
+    let http_req = http::Request::post(format!("http://{}/v1/chat/completions", h.api))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(req.to_string())))
+        .expect("req");
+    let resp = h.client.request(http_req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let length: Option<usize> = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    assert!(
+        resp.headers().get("transfer-encoding").is_none(),
+        "not re-chunked"
+    );
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(length, Some(bytes.len()), "the engine's length, passed on");
+    // Counted by the time the client has the last byte (the client, told
+    // the length, does not wait for the stream's end).
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "strata_requests_total{adapter=\"\",endpoint=\"chat\",model=\"llama\",outcome=\"success\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "strata_request_generation_tokens_total{adapter=\"\",model=\"llama\"}"
+        ),
+        Some(7.0)
+    );
+}
