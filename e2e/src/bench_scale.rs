@@ -1541,19 +1541,24 @@ impl Bench {
             .items)
     }
 
-    /// Up to `n` nodes holding bench pods, those with the fewest GPUs asked
-    /// of them first, while each pool keeps room for its replicas (and 4
-    /// GPUs of surge) without them.
+    /// Up to `n` nodes holding bench pods, while each pool keeps room for
+    /// its replicas (and 4 GPUs of surge) without them: nodes whose
+    /// replicas are the smallest first (a node holding only 1-GPU replicas
+    /// can always be emptied into any free GPU; at 90 % fill the free GPUs
+    /// are scattered, and a 4- or 8-GPU replica of a deleted node may find
+    /// no node with that many free), then those with the fewest GPUs asked.
     async fn nodes_to_delete(&self, kind: Kind, n: usize) -> Result<Vec<String>> {
-        let mut used: BTreeMap<String, i64> = BTreeMap::new();
+        let mut used: BTreeMap<String, (i64, i64)> = BTreeMap::new();
         for p in self.bench_pods(kind).await? {
             let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) else {
                 continue;
             };
             let gpus: i64 = strata_core::view::pod_gpu_requests(&p).values().sum();
-            *used.entry(node).or_insert(0) += gpus;
+            let e = used.entry(node).or_insert((0, 0));
+            e.0 = e.0.max(gpus);
+            e.1 += gpus;
         }
-        let mut v: Vec<(i64, String)> = used.into_iter().map(|(k, g)| (g, k)).collect();
+        let mut v: Vec<((i64, i64), String)> = used.into_iter().map(|(k, g)| (g, k)).collect();
         v.sort();
         // A pool keeps room for its replicas and a few surge GPUs.
         let pool_of = |node: &str| {

@@ -22,8 +22,10 @@ pub struct Metrics {
     /// the cache already showed it, nothing sent).
     pub status_writes: IntCounterVec,
     /// Child objects (Services, Secrets) by kind and result (`applied`,
-    /// `unchanged`: not sent).
+    /// `created`, `checked`, `unchanged`: not sent).
     pub child_applies: IntCounterVec,
+    /// Events dropped because too many were on their way already.
+    pub events_dropped: IntCounter,
     /// Reconcile errors by controller and category.
     pub errors: IntCounterVec,
     /// Reconciles running now, by controller.
@@ -159,9 +161,13 @@ impl Metrics {
         let child_applies = IntCounterVec::new(
             Opts::new(
                 "strata_child_applies_total",
-                "Services and Secrets of Models by kind and result (applied; unchanged: not sent).",
+                "Services and Secrets of Models by kind and result (applied, created, checked; unchanged: not sent).",
             ),
             &["kind", "result"],
+        )?;
+        let events_dropped = IntCounter::new(
+            "strata_events_dropped_total",
+            "Events not published because 256 were already on their way (an API server that does not answer).",
         )?;
         let reconcile_duration = HistogramVec::new(
             HistogramOpts::new("strata_reconcile_duration_seconds", "Reconcile duration.").buckets(
@@ -217,6 +223,7 @@ impl Metrics {
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(status_writes.clone()))?;
         registry.register(Box::new(child_applies.clone()))?;
+        registry.register(Box::new(events_dropped.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -385,6 +392,7 @@ impl Metrics {
             reconciles,
             status_writes,
             child_applies,
+            events_dropped,
             reconcile_duration,
             errors,
             in_flight,

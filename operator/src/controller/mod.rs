@@ -88,6 +88,10 @@ pub struct Context {
     pub client: Client,
     /// Event recorders (one Event per distinct note; see [`reconcile::Recorders`]).
     pub events: reconcile::Recorders,
+    /// Events being published in the background (at most
+    /// [`reconcile::EVENTS_IN_FLIGHT`]; beyond, an Event is dropped, as
+    /// client-go's broadcaster drops when its queue is full).
+    pub event_slots: Arc<tokio::sync::Semaphore>,
     /// Metrics.
     pub metrics: Metrics,
     /// Settings.
@@ -570,6 +574,7 @@ pub async fn run(
         dcgm_url: config.telemetry.dcgm_url.clone(),
     };
     let ctx = Arc::new(Context {
+        event_slots: Arc::new(tokio::sync::Semaphore::new(reconcile::EVENTS_IN_FLIGHT)),
         client: client.clone(),
         events,
         metrics,

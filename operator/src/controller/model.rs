@@ -74,8 +74,13 @@ async fn phases(model: &Model, ctx: &Context) -> Result<Action> {
     let mut service_conflict = false;
     let applied = async {
         delete_replicas(ctx, model, &seen, &plan, &mut deleted).await?;
-        place_and_create(ctx, model, &seen, &plan, &deleted, &mut created).await?;
-        service_conflict = apply_service(ctx, model, &seen).await?;
+        // The replicas and the Service do not wait for each other.
+        let (placed, service) = futures::join!(
+            place_and_create(ctx, model, &seen, &plan, &deleted, &mut created),
+            apply_service(ctx, model, &seen),
+        );
+        placed?;
+        service_conflict = service?;
         Ok::<(), Error>(())
     }
     .await;
@@ -646,7 +651,8 @@ struct Created {
 /// one lock serialized every Model's creations: at 1,000 Models the
 /// convergence took as long as 1,176 sequential POSTs). A reservation is
 /// re-keyed to its pod's name once created (the ledger counts pods created
-/// but not yet in the cache) and dropped if the create failed.
+/// but not yet in the cache) and dropped if the create failed. A Model's
+/// new pods are created at once, and its Events go in the background.
 async fn place_and_create(
     ctx: &Context,
     model: &Model,
@@ -715,9 +721,10 @@ async fn place_and_create(
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &seen.ns);
     let mut names: Vec<(String, String)> = Vec::with_capacity(reserved.len());
     let mut failed = None;
-    for (key, t, a) in &reserved {
-        let pod = match t.template(model, &ctx.config.template).pod(&a.node) {
-            Ok(pod) => pod,
+    let mut pods = Vec::with_capacity(reserved.len());
+    for (_, t, a) in &reserved {
+        match t.template(model, &ctx.config.template).pod(&a.node) {
+            Ok(pod) => pods.push(pod),
             Err(source) => {
                 failed = Some(Error::Template {
                     model: seen.name.clone(),
@@ -726,19 +733,28 @@ async fn place_and_create(
                 });
                 break;
             }
-        };
-        match api.create(&PostParams::default(), &pod).await {
-            Ok(pod) => {
-                names.push((key.clone(), pod.name_any()));
-                created.pods.push(pod);
-            }
-            Err(source) => {
-                failed = Some(Error::CreatePod {
-                    model: seen.name.clone(),
-                    node: a.node.clone(),
-                    source,
-                });
-                break;
+        }
+    }
+    if failed.is_none() {
+        // A Model's new replicas are created at once, not one after another.
+        let results = futures::future::join_all(
+            pods.iter()
+                .map(|pod| async { api.create(&PostParams::default(), pod).await }),
+        )
+        .await;
+        for ((key, _, a), result) in reserved.iter().zip(results) {
+            match result {
+                Ok(pod) => {
+                    names.push((key.clone(), pod.name_any()));
+                    created.pods.push(pod);
+                }
+                Err(source) => {
+                    failed.get_or_insert(Error::CreatePod {
+                        model: seen.name.clone(),
+                        node: a.node.clone(),
+                        source,
+                    });
+                }
             }
         }
     }
@@ -752,7 +768,10 @@ async fn place_and_create(
             }
         }
     }
-    for ((_, _, a), (_, pod_name)) in reserved.iter().zip(&names) {
+    for (key, pod_name) in &names {
+        let Some((_, _, a)) = reserved.iter().find(|(k, _, _)| k == key) else {
+            continue;
+        };
         ctx.metrics.placements.with_label_values(&[&a.pool]).inc();
         publish(
             ctx,

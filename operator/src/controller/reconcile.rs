@@ -299,7 +299,15 @@ impl Recorders {
     }
 }
 
-/// Publishes an Event on `obj`; a failure to publish is logged, never fatal.
+/// Events that may be in flight at once.
+pub const EVENTS_IN_FLIGHT: usize = 256;
+
+/// Publishes an Event on `obj` in the background: a reconcile never waits
+/// for an Event (as client-go's recorder, which queues them for a
+/// broadcaster). A failure to publish is logged, never fatal; with
+/// [`EVENTS_IN_FLIGHT`] already on their way (an API server that does not
+/// answer), the Event is dropped and counted
+/// (`strata_events_dropped_total`).
 pub async fn publish<K: Reconciled>(
     ctx: &Context,
     obj: &K,
@@ -317,9 +325,20 @@ pub async fn publish<K: Reconciled>(
     };
     let note = ev.note.as_deref().unwrap_or_default();
     let recorder = ctx.events.for_note(reason, note);
-    if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
-        tracing::debug!(name = %obj.name_any(), "publishing event {reason}: {e}");
-    }
+    let Ok(slot) = ctx.event_slots.clone().try_acquire_owned() else {
+        ctx.metrics.events_dropped.inc();
+        tracing::debug!(name = %obj.name_any(), "dropped event {reason}: {EVENTS_IN_FLIGHT} in flight");
+        return;
+    };
+    let reference = obj.object_ref(&());
+    let name = obj.name_any();
+    let reason = reason.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::debug!(%name, "publishing event {reason}: {e}");
+        }
+        drop(slot);
+    });
 }
 
 #[cfg(test)]
