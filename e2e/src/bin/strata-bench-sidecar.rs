@@ -6,7 +6,7 @@
 //! tables of docs/benchmarks.md. Every address is loopback.
 //!
 //! cargo build --release -p strata-sidecar -p strata-e2e --bin strata-sidecar --bin strata-engine-sim --bin strata-bench-sidecar
-//! target/release/strata-bench-sidecar                      # 1, 64, 512 clients, 10 s runs, 3 rounds
+//! target/release/strata-bench-sidecar                      # 1, 64, 512 clients, 8 s runs, 3 rounds (~11 min)
 //! target/release/strata-bench-sidecar --clients 1,64 --seconds 3 --rounds 1
 
 use std::path::PathBuf;
@@ -25,7 +25,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
     clients: Vec<usize>,
     /// Measured seconds of each load run.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 8)]
     seconds: u64,
     /// Seconds of unmeasured load before each measured run.
     #[arg(long, default_value_t = 2)]
