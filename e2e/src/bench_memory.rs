@@ -975,6 +975,16 @@ impl Report {
     }
 }
 
+/// The pinned upstream Kubernetes binaries (built once, then cached).
+pub(crate) async fn upstream_binaries() -> Result<PathBuf> {
+    Ok(tokio::task::spawn_blocking(crate::tools::ensure_binaries)
+        .await
+        .map_err(|e| BenchError::Process {
+            what: "finding the upstream binaries".into(),
+            reason: e.to_string(),
+        })??)
+}
+
 pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1118,12 +1128,7 @@ impl Bench {
         opts.check(&layout)?;
         let operator_exe = sibling_binary("strata-operator")?;
         let profile = model_replica_profile()?;
-        let bin_dir = tokio::task::spawn_blocking(crate::tools::ensure_binaries)
-            .await
-            .map_err(|e| BenchError::Process {
-                what: "finding the upstream binaries".into(),
-                reason: e.to_string(),
-            })??;
+        let bin_dir = upstream_binaries().await?;
         let cluster = Cluster::start(crate::cluster::Options {
             dir: opts.dir.clone(),
             topology: opts.topology.clone(),

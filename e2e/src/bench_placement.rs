@@ -988,12 +988,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             .push("kube-scheduler: not run (--strata-only).".into());
         return Ok(report);
     }
-    let bin_dir = tokio::task::spawn_blocking(crate::tools::ensure_binaries)
-        .await
-        .map_err(|e| BenchError::Process {
-            what: "finding the upstream binaries".into(),
-            reason: e.to_string(),
-        })??;
+    let bin_dir = crate::bench_memory::upstream_binaries().await?;
     let cluster = Cluster::start(crate::cluster::Options {
         dir: opts.dir.clone(),
         topology: topology_path.clone(),

@@ -880,33 +880,6 @@ fn as_list<K: Serialize, V: Serialize, S: serde::Serializer>(
     s.collect_seq(map.iter())
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("MemTotal:")?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-        })
-        .map_or(0.0, |k| k / 1024.0 / 1024.0);
-    format!("{cores} cores ({cpu}), {mem_gib:.0} GiB")
-}
-
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -986,7 +959,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     let (cells, chunks, memory) = result?;
     Ok(Report {
         date: k8s_openapi::jiff::Timestamp::now().to_string(),
-        machine: machine(),
+        machine: crate::bench_memory::machine(),
         load_before,
         load_after: loadavg(),
         settings: format!(

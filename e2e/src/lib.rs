@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_cli;
 pub mod bench_memory;
 pub mod bench_placement;
 pub mod bench_scale;

@@ -389,37 +389,30 @@ async fn energy_reading(
 /// Waits until every one of the replicas' simulated GPUs has work (its
 /// engine's load file reads more than 0): the load has reached them all.
 async fn gpus_busy(gpus: &[PathBuf]) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let busy = gpus.iter().all(|g| {
-            std::fs::read_to_string(g.join("load"))
-                .ok()
-                .and_then(|t| t.trim().parse::<f64>().ok())
-                .is_some_and(|u| u > 0.0)
-        });
-        if busy {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "GPUs not busy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gpus_until(gpus, "busy", |load| load > 0.0).await;
 }
 
 /// Waits until the replicas' simulated GPUs are idle (the engines' load
 /// files read 0), so that a reading is not taken in the middle of a request.
 async fn gpus_idle(gpus: &[PathBuf]) {
+    gpus_until(gpus, "idle", |load| load == 0.0).await;
+}
+
+/// Waits (30 s at most) until every GPU's engine load file reads a load
+/// that `wanted` accepts.
+async fn gpus_until(gpus: &[PathBuf], what: &str, wanted: impl Fn(f64) -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let idle = gpus.iter().all(|g| {
+        let all = gpus.iter().all(|g| {
             std::fs::read_to_string(g.join("load"))
                 .ok()
                 .and_then(|t| t.trim().parse::<f64>().ok())
-                .is_some_and(|u| u == 0.0)
+                .is_some_and(&wanted)
         });
-        if idle {
+        if all {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "GPUs not idle");
+        assert!(tokio::time::Instant::now() < deadline, "GPUs not {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

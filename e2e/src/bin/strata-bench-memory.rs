@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use strata_e2e::bench_cli;
 use strata_e2e::bench_memory::{Bench, Options, ProbeMode, probe};
 
 #[derive(Parser)]
@@ -83,13 +84,7 @@ enum Sub {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
-        )
-        .init();
+    bench_cli::init_logs(bench_cli::CLUSTER_LOGS);
     let cli = Cli::parse();
     if let Some(Sub::Probe { kubeconfig, mode }) = cli.command {
         return match probe(&kubeconfig, mode).await {
@@ -123,19 +118,7 @@ async fn main() -> ExitCode {
     let result = bench.run().await;
     bench.shutdown().await;
     match result {
-        Ok(report) => {
-            print!("{}", report.markdown());
-            if let Some(path) = cli.json {
-                let written = serde_json::to_string_pretty(&report)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| std::fs::write(&path, t).map_err(|e| e.to_string()));
-                if let Err(e) = written {
-                    tracing::error!("{}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(report) => bench_cli::report(&report.markdown(), &report, cli.json.as_deref()),
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE

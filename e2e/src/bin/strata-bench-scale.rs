@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use strata_e2e::bench_cli;
 use strata_e2e::bench_scale::{Bench, Options};
 
 #[derive(Parser)]
@@ -80,13 +81,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
-        )
-        .init();
+    bench_cli::init_logs(bench_cli::CLUSTER_LOGS);
     let cli = Cli::parse();
     let minutes = |m: f64| Duration::from_secs_f64((m * 60.0).max(0.0));
     let opts = Options {
@@ -117,19 +112,7 @@ async fn main() -> ExitCode {
     let result = bench.run(cli.kubeai).await;
     bench.shutdown().await;
     match result {
-        Ok(report) => {
-            print!("{}", report.markdown());
-            if let Some(path) = cli.json {
-                let written = serde_json::to_string_pretty(&report)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| std::fs::write(&path, t).map_err(|e| e.to_string()));
-                if let Err(e) = written {
-                    tracing::error!("{}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(report) => bench_cli::report(&report.markdown(), &report, cli.json.as_deref()),
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE

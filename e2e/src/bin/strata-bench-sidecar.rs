@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use strata_e2e::bench_cli;
 use strata_e2e::bench_sidecar::{Options, run};
 
 #[derive(Parser)]
@@ -62,12 +63,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    bench_cli::init_logs("info");
     let cli = Cli::parse();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let release = root.join("target/release");
@@ -116,23 +112,11 @@ async fn main() -> ExitCode {
         skip_chunks: cli.skip_chunks,
     };
     match run(&opts).await {
-        Ok(report) => {
-            println!("{}", report.markdown());
-            if let Some(path) = cli.json {
-                let text = match serde_json::to_string_pretty(&report) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        eprintln!("JSON: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                if let Err(e) = std::fs::write(&path, text) {
-                    eprintln!("{}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(report) => bench_cli::report(
+            &format!("{}\n", report.markdown()),
+            &report,
+            cli.json.as_deref(),
+        ),
         Err(e) => {
             eprintln!("strata-bench-sidecar: {e}");
             if let Some(t) = tmp {
