@@ -680,94 +680,9 @@ async fn place_and_create(
         .iter()
         .map(|t| view::pool_view(&t.pool))
         .collect();
-    let (outcome, reserved) = {
-        let mut ledger = ctx.placement.lock().await;
-        let cached = ctx.gpu_pods.state();
-        let cached_names: HashSet<String> = cached
-            .iter()
-            .filter_map(|p| p.metadata.name.clone())
-            .collect();
-        let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
-        // Forget pods the cache has caught up with, this Model's pods that
-        // are gone (the list above is fresh), and anything old. (Another
-        // reconcile's reservations are another Model's: kept.)
-        ledger.retain(|pod, p| {
-            !cached_names.contains(pod)
-                && (p.model != seen.key || own_names.contains(pod))
-                && p.at.elapsed() < Duration::from_secs(60)
-        });
-        let node_views = node_views(seen, &cached, ledger.values());
-        let outcome = placement::place(&node_views, &pool_views, &request);
-        let mut reserved = Vec::with_capacity(outcome.assignments.len());
-        for a in &outcome.assignments {
-            let Some(t) = plan.templates.iter().find(|t| t.pref.name == a.pool) else {
-                continue;
-            };
-            let key = reservation_key(&seen.key);
-            ledger.insert(
-                key.clone(),
-                Planned {
-                    model: seen.key.clone(),
-                    node: a.node.clone(),
-                    resource: t.pool.spec.gpu_resource_name.clone(),
-                    gpus: a.gpus,
-                    at: Instant::now(),
-                },
-            );
-            reserved.push((key, t, a.clone()));
-        }
-        (outcome, reserved)
-    };
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &seen.ns);
-    let mut names: Vec<(String, String)> = Vec::with_capacity(reserved.len());
-    let mut failed = None;
-    let mut pods = Vec::with_capacity(reserved.len());
-    for (_, t, a) in &reserved {
-        match t.template(model, &ctx.config.template).pod(&a.node) {
-            Ok(pod) => pods.push(pod),
-            Err(source) => {
-                failed = Some(Error::Template {
-                    model: seen.name.clone(),
-                    pool: a.pool.clone(),
-                    source,
-                });
-                break;
-            }
-        }
-    }
-    if failed.is_none() {
-        // A Model's new replicas are created at once, not one after another.
-        let results = futures::future::join_all(
-            pods.iter()
-                .map(|pod| async { api.create(&PostParams::default(), pod).await }),
-        )
-        .await;
-        for ((key, _, a), result) in reserved.iter().zip(results) {
-            match result {
-                Ok(pod) => {
-                    names.push((key.clone(), pod.name_any()));
-                    created.pods.push(pod);
-                }
-                Err(source) => {
-                    failed.get_or_insert(Error::CreatePod {
-                        model: seen.name.clone(),
-                        node: a.node.clone(),
-                        source,
-                    });
-                }
-            }
-        }
-    }
-    {
-        // Every reservation becomes its pod's entry, or goes.
-        let mut ledger = ctx.placement.lock().await;
-        for (key, _, _) in &reserved {
-            let entry = ledger.remove(key);
-            if let (Some(entry), Some((_, name))) = (entry, names.iter().find(|(k, _)| k == key)) {
-                ledger.insert(name.clone(), entry);
-            }
-        }
-    }
+    let (outcome, reserved) = decide_and_reserve(ctx, seen, plan, &pool_views, &request).await;
+    let (names, failed) = create_pods(ctx, model, seen, &reserved, created).await;
+    settle_reservations(ctx, &reserved, &names).await;
     for (key, pod_name) in &names {
         let Some((_, _, a)) = reserved.iter().find(|(k, _, _)| k == key) else {
             continue;
@@ -807,6 +722,127 @@ async fn place_and_create(
         created.unplaced = Some(msg);
     }
     Ok(())
+}
+
+/// A placement decision's GPUs, reserved in the ledger until the pod
+/// exists: (provisional key, template, assignment).
+type Reservation<'p> = (String, &'p PoolTemplate<'p>, placement::Assignment);
+
+/// Decides where the new replicas go, under the placement lock, and
+/// reserves their GPUs in the ledger before releasing it.
+async fn decide_and_reserve<'p>(
+    ctx: &Context,
+    seen: &Seen,
+    plan: &'p Plan<'p>,
+    pool_views: &[placement::PoolView],
+    request: &Request,
+) -> (placement::Outcome, Vec<Reservation<'p>>) {
+    let mut ledger = ctx.placement.lock().await;
+    let cached = ctx.gpu_pods.state();
+    let cached_names: HashSet<String> = cached
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
+    // Forget pods the cache has caught up with, this Model's pods that
+    // are gone (the list above is fresh), and anything old. (Another
+    // reconcile's reservations are another Model's: kept.)
+    ledger.retain(|pod, p| {
+        !cached_names.contains(pod)
+            && (p.model != seen.key || own_names.contains(pod))
+            && p.at.elapsed() < Duration::from_secs(60)
+    });
+    let node_views = node_views(seen, &cached, ledger.values());
+    let outcome = placement::place(&node_views, pool_views, request);
+    let mut reserved = Vec::with_capacity(outcome.assignments.len());
+    for a in &outcome.assignments {
+        let Some(t) = plan.templates.iter().find(|t| t.pref.name == a.pool) else {
+            continue;
+        };
+        let key = reservation_key(&seen.key);
+        ledger.insert(
+            key.clone(),
+            Planned {
+                model: seen.key.clone(),
+                node: a.node.clone(),
+                resource: t.pool.spec.gpu_resource_name.clone(),
+                gpus: a.gpus,
+                at: Instant::now(),
+            },
+        );
+        reserved.push((key, t, a.clone()));
+    }
+    (outcome, reserved)
+}
+
+/// Creates the reserved replicas' pods at once (outside the placement
+/// lock): the (reservation key, pod name) of those created, and the first
+/// failure.
+async fn create_pods(
+    ctx: &Context,
+    model: &Model,
+    seen: &Seen,
+    reserved: &[Reservation<'_>],
+    created: &mut Created,
+) -> (Vec<(String, String)>, Option<Error>) {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &seen.ns);
+    let mut names: Vec<(String, String)> = Vec::with_capacity(reserved.len());
+    let mut failed = None;
+    let mut pods = Vec::with_capacity(reserved.len());
+    for (_, t, a) in reserved {
+        match t.template(model, &ctx.config.template).pod(&a.node) {
+            Ok(pod) => pods.push(pod),
+            Err(source) => {
+                failed = Some(Error::Template {
+                    model: seen.name.clone(),
+                    pool: a.pool.clone(),
+                    source,
+                });
+                break;
+            }
+        }
+    }
+    if failed.is_none() {
+        // A Model's new replicas are created at once, not one after another.
+        let results = futures::future::join_all(
+            pods.iter()
+                .map(|pod| async { api.create(&PostParams::default(), pod).await }),
+        )
+        .await;
+        for ((key, _, a), result) in reserved.iter().zip(results) {
+            match result {
+                Ok(pod) => {
+                    names.push((key.clone(), pod.name_any()));
+                    created.pods.push(pod);
+                }
+                Err(source) => {
+                    failed.get_or_insert(Error::CreatePod {
+                        model: seen.name.clone(),
+                        node: a.node.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    (names, failed)
+}
+
+/// Re-keys each reservation to its pod's name, or drops it when its pod
+/// was not created.
+async fn settle_reservations(
+    ctx: &Context,
+    reserved: &[Reservation<'_>],
+    names: &[(String, String)],
+) {
+    // Every reservation becomes its pod's entry, or goes.
+    let mut ledger = ctx.placement.lock().await;
+    for (key, _, _) in reserved {
+        let entry = ledger.remove(key);
+        if let (Some(entry), Some((_, name))) = (entry, names.iter().find(|(k, _)| k == key)) {
+            ledger.insert(name.clone(), entry);
+        }
+    }
 }
 
 /// A placement reservation's ledger key until its pod exists: unique in
