@@ -8,16 +8,36 @@
 //!
 //! - at most `max_batch` sequences run at once; the others wait, first in
 //!   first out (the wait is queueing time);
-//! - after admission, prefill takes `prompt_tokens * prefill_ms_per_token / speed`;
+//! - after admission, prefill takes `uncached_tokens * prefill_ms_per_token / speed`,
+//!   where the uncached tokens are the prompt's tokens less those found in
+//!   the prefix cache (all of them when prefix caching is off);
 //! - then each output token takes
 //!   `itl_ms * (1 + itl_batch_factor * (running - 1)) / speed`, where `running` is the
 //!   number of sequences running at that step, so inter-token latency grows
 //!   with load;
 //! - the time to first token is queueing + prefill + the first token step.
 //!
-//! Prompt tokens are `ceil(chars / 4)` over all message contents (at least 1);
+//! Prompt tokens are `ceil(chars / 4)` over all message contents (at least 1):
+//! token `i` is characters `4i..4i+4` of the contents, concatenated;
 //! a request always generates exactly `max_tokens` tokens (finish reason
 //! `length`), which keeps token counts deterministic.
+//!
+//! The prefix cache (with `--enable-prefix-caching`, as vLLM's automatic
+//! prefix caching): per engine, an LRU of KV blocks of `block_size` tokens,
+//! at most `prefix_cache_blocks` of them, keyed by chained hashes (block
+//! `i`'s hash covers the served model name and blocks `0..=i`,
+//! [`prompt_block_hashes`]), so two prompts that share a text prefix share
+//! its whole blocks. At admission the longest cached run of leading blocks
+//! is looked up (at most `prompt_tokens - 1` tokens, since vLLM always
+//! computes the last prompt token), and only the rest is prefilled; after
+//! prefill the prompt's full blocks are cached, the chain's first block the
+//! most recently used, so eviction takes chains from their tails as vLLM's
+//! free-block queue does. Counted as vLLM counts them, in tokens:
+//! `vllm:prefix_cache_queries_total` (the prompt tokens of each admitted
+//! request) and `vllm:prefix_cache_hits_total` (those found cached).
+//! Deviations: blocks held by running sequences are not pinned (the cache
+//! is only the LRU of computed blocks), generated tokens are never cached,
+//! message roles and boundaries are not part of the tokens.
 //!
 //! When a load file is configured, the simulated GPU utilization
 //! ([`utilization`]) is written there every 100 ms and whenever the number of
@@ -78,7 +98,23 @@ pub struct SimConfig {
     pub gpus: Vec<String>,
     /// Most LoRA adapters loaded at once.
     pub max_loras: usize,
+    /// Whether prefill reuses cached KV blocks of shared prompt prefixes
+    /// (vLLM's `--enable-prefix-caching`). Off by default, so that the
+    /// latency model of tests and benchmarks that repeat one prompt stays
+    /// the plain one.
+    pub prefix_caching: bool,
+    /// Tokens per KV block (vLLM's `--block-size`, default 16).
+    pub block_size: u32,
+    /// Most blocks the prefix cache holds (vLLM's KV cache size,
+    /// `--num-gpu-blocks-override`).
+    pub prefix_cache_blocks: usize,
 }
+
+/// The prefix cache's default size in blocks: 16,384 blocks of 16 tokens,
+/// 262,144 tokens. An 8B model in 16-bit precision needs 128 KiB of KV
+/// cache per token, so this is about 32 GiB: between what an L4 (about
+/// 40,000 tokens) and an H100 80GB (about 400,000) leave for it.
+pub const DEFAULT_PREFIX_CACHE_BLOCKS: usize = 16_384;
 
 impl SimConfig {
     /// A configuration with the defaults of `strata-engine-sim` for `model`.
@@ -95,6 +131,9 @@ impl SimConfig {
             gpu_dir: None,
             gpus: Vec::new(),
             max_loras: 4,
+            prefix_caching: false,
+            block_size: 16,
+            prefix_cache_blocks: DEFAULT_PREFIX_CACHE_BLOCKS,
         }
     }
 
@@ -120,6 +159,9 @@ impl SimConfig {
         }
         if self.max_tokens_default == 0 {
             return Err("max-tokens-default must be at least 1".into());
+        }
+        if self.block_size == 0 {
+            return Err("block-size must be at least 1".into());
         }
         if let Some(bad) = self.gpus.iter().find(|u| !is_device_name(u)) {
             return Err(format!("{bad:?} cannot name a GPU's directory"));
@@ -208,6 +250,131 @@ fn millis(ms: f64) -> Duration {
 /// Prompt tokens for a text of `chars` characters: `ceil(chars / 4)`, at least 1.
 pub fn prompt_tokens(chars: usize) -> u32 {
     u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX).max(1)
+}
+
+/// Hashes of the whole KV blocks of a prompt whose text (the message
+/// contents, concatenated) is `text`, for the served model (base or
+/// adapter) `model`: block `i` holds tokens `i * block_size ..
+/// (i + 1) * block_size`, that is `4 * block_size` characters, and its hash
+/// chains the previous block's (the first one's, the model's name), so it
+/// stands for the whole prefix up to its end, as vLLM's block hashes do. A
+/// trailing partial block has no hash: it is never cached. Deterministic
+/// within a build. Pure.
+pub fn prompt_block_hashes(model: &str, text: &str, block_size: u32) -> Vec<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let chars_per_block = (block_size.max(1) as usize).saturating_mul(4);
+    let mut parent = {
+        let mut h = DefaultHasher::new();
+        model.hash(&mut h);
+        h.finish()
+    };
+    let mut hashes = Vec::new();
+    let mut block = String::new();
+    let mut in_block = 0;
+    for c in text.chars() {
+        block.push(c);
+        in_block += 1;
+        if in_block == chars_per_block {
+            let mut h = DefaultHasher::new();
+            parent.hash(&mut h);
+            block.hash(&mut h);
+            parent = h.finish();
+            hashes.push(parent);
+            block.clear();
+            in_block = 0;
+        }
+    }
+    hashes
+}
+
+/// Prompt tokens left to prefill when `cached` of `prompt_tokens` are in
+/// the prefix cache: at least one (vLLM computes the last token always).
+pub fn uncached_tokens(prompt_tokens: u32, cached: u32) -> u32 {
+    prompt_tokens.saturating_sub(cached).max(1)
+}
+
+/// An engine's prefix cache: an LRU of KV blocks keyed by their chained
+/// hashes ([`prompt_block_hashes`]). Pure (no clock: recency is an
+/// increasing stamp).
+#[derive(Debug, Clone)]
+pub struct PrefixCache {
+    block_size: u32,
+    capacity: usize,
+    /// Block hash -> its stamp.
+    blocks: std::collections::HashMap<u64, u64>,
+    /// Stamp -> block hash; the first entry is the least recently used.
+    order: BTreeMap<u64, u64>,
+    next_stamp: u64,
+}
+
+impl PrefixCache {
+    /// An empty cache of at most `capacity` blocks of `block_size` tokens.
+    pub fn new(block_size: u32, capacity: usize) -> Self {
+        Self {
+            block_size: block_size.max(1),
+            capacity,
+            blocks: std::collections::HashMap::new(),
+            order: BTreeMap::new(),
+            next_stamp: 0,
+        }
+    }
+
+    /// Blocks held now.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether no block is held.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Whether the block with this hash is held.
+    pub fn contains(&self, hash: u64) -> bool {
+        self.blocks.contains_key(&hash)
+    }
+
+    /// The tokens of a prompt of `prompt_tokens` tokens with these block
+    /// `hashes` that are cached: the longest run of leading blocks held,
+    /// at most `prompt_tokens - 1` tokens. The blocks found become the most
+    /// recently used.
+    pub fn lookup(&mut self, hashes: &[u64], prompt_tokens: u32) -> u32 {
+        let max_blocks = (prompt_tokens.saturating_sub(1) / self.block_size) as usize;
+        let hit = hashes
+            .iter()
+            .take(max_blocks)
+            .take_while(|h| self.blocks.contains_key(h))
+            .count();
+        self.touch(&hashes[..hit]);
+        u32::try_from(hit)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(self.block_size)
+    }
+
+    /// Caches a prompt's computed blocks (all of `hashes`), evicting the
+    /// least recently used blocks beyond the capacity.
+    pub fn insert(&mut self, hashes: &[u64]) {
+        self.touch(hashes);
+        while self.blocks.len() > self.capacity {
+            let Some((_, hash)) = self.order.pop_first() else {
+                break;
+            };
+            self.blocks.remove(&hash);
+        }
+    }
+
+    /// Makes `hashes` the most recently used, the first one the most
+    /// recent of all (so eviction takes a chain from its tail).
+    fn touch(&mut self, hashes: &[u64]) {
+        for hash in hashes.iter().rev() {
+            let stamp = self.next_stamp;
+            self.next_stamp += 1;
+            if let Some(old) = self.blocks.insert(*hash, stamp) {
+                self.order.remove(&old);
+            }
+            self.order.insert(stamp, *hash);
+        }
+    }
 }
 
 /// Prefill time for `prompt_tokens` tokens.
@@ -352,6 +519,10 @@ struct Metrics {
     prompt_tokens: u64,
     generation_tokens: u64,
     request_success: u64,
+    /// Prompt tokens looked up in the prefix cache.
+    prefix_cache_queries: u64,
+    /// Prompt tokens found there.
+    prefix_cache_hits: u64,
     ttft: Histogram,
     itl: Histogram,
     e2e: Histogram,
@@ -363,6 +534,8 @@ impl Metrics {
             prompt_tokens: 0,
             generation_tokens: 0,
             request_success: 0,
+            prefix_cache_queries: 0,
+            prefix_cache_hits: 0,
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
             e2e: Histogram::new(E2E_BUCKETS),
@@ -419,6 +592,20 @@ impl Metrics {
             "finished_reason=\"length\",",
             self.request_success.to_string(),
         );
+        scalar(
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            "",
+            self.prefix_cache_queries.to_string(),
+        );
+        scalar(
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            "",
+            self.prefix_cache_hits.to_string(),
+        );
         self.ttft.render(
             &mut out,
             "vllm:time_to_first_token_seconds",
@@ -462,6 +649,9 @@ struct Inner {
     /// Loaded LoRA adapters, name and path, in load order.
     loras: Mutex<Vec<(String, String)>>,
     metrics: Mutex<Metrics>,
+    /// The KV blocks of computed prompt prefixes (used when
+    /// [`SimConfig::prefix_caching`] is on).
+    prefix_cache: Mutex<PrefixCache>,
     next_id: AtomicU64,
 }
 
@@ -477,6 +667,10 @@ impl Simulator {
         Ok(Self {
             inner: Arc::new(Inner {
                 admission: Arc::new(Semaphore::new(config.max_batch)),
+                prefix_cache: Mutex::new(PrefixCache::new(
+                    config.block_size,
+                    config.prefix_cache_blocks,
+                )),
                 config,
                 running,
                 waiting: AtomicUsize::new(0),
@@ -516,6 +710,11 @@ impl Simulator {
             self.waiting(),
             self.inner.config.max_batch,
         )
+    }
+
+    /// Blocks in the prefix cache now.
+    pub fn prefix_cache_len(&self) -> usize {
+        lock(&self.inner.prefix_cache).len()
     }
 
     /// The HTTP API.
@@ -708,10 +907,11 @@ async fn sleep_until(deadline: Instant, tx: &mpsc::UnboundedSender<SeqEvent>) ->
 async fn run_sequence(
     sim: Simulator,
     arrived: Instant,
-    prompt_tokens: u32,
+    prompt: Prompt,
     completion_tokens: u32,
     tx: mpsc::UnboundedSender<SeqEvent>,
 ) {
+    let prompt_tokens = prompt.tokens;
     let waiting = WaitingGuard::new(&sim);
     let permit = tokio::select! {
         p = sim.inner.admission.clone().acquire_owned() => match p {
@@ -726,10 +926,25 @@ async fn run_sequence(
         return;
     }
     let config = &sim.inner.config;
+    // As vLLM's scheduler: the cached prefix is looked up when the
+    // sequence is scheduled, and only the rest is prefilled.
+    let cached = if config.prefix_caching {
+        let cached = lock(&sim.inner.prefix_cache).lookup(&prompt.blocks, prompt_tokens);
+        let mut m = lock(&sim.inner.metrics);
+        m.prefix_cache_queries += u64::from(prompt_tokens);
+        m.prefix_cache_hits += u64::from(cached);
+        cached
+    } else {
+        0
+    };
     // Deadlines accumulate, so timer granularity does not add up over tokens.
-    let mut deadline = Instant::now() + prefill_duration(config, prompt_tokens);
+    let mut deadline =
+        Instant::now() + prefill_duration(config, uncached_tokens(prompt_tokens, cached));
     if !sleep_until(deadline, &tx).await {
         return;
+    }
+    if config.prefix_caching {
+        lock(&sim.inner.prefix_cache).insert(&prompt.blocks);
     }
     lock(&sim.inner.metrics).prompt_tokens += u64::from(prompt_tokens);
     let mut previous: Option<Instant> = None;
@@ -831,21 +1046,44 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
 }
 
-/// Characters of a message content: a string, or a list of parts with `text`.
-fn content_chars(content: &Value) -> usize {
+/// The text of a message content: a string, or a list of parts with `text`.
+fn content_text(content: &Value, out: &mut String) {
     match content {
-        Value::String(s) => s.chars().count(),
-        Value::Array(parts) => parts
-            .iter()
-            .map(|p| match p {
-                Value::String(s) => s.chars().count(),
-                other => other
-                    .get("text")
-                    .and_then(Value::as_str)
-                    .map_or(0, |s| s.chars().count()),
-            })
-            .sum(),
-        _ => 0,
+        Value::String(s) => out.push_str(s),
+        Value::Array(parts) => {
+            for p in parts {
+                match p {
+                    Value::String(s) => out.push_str(s),
+                    other => {
+                        if let Some(s) = other.get("text").and_then(Value::as_str) {
+                            out.push_str(s);
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A prompt as the engine sees it: its tokens and, with prefix caching,
+/// the hashes of its whole blocks.
+#[derive(Debug, Clone, Default)]
+struct Prompt {
+    tokens: u32,
+    blocks: Vec<u64>,
+}
+
+impl Prompt {
+    fn new(config: &SimConfig, model: &str, text: &str) -> Self {
+        Self {
+            tokens: prompt_tokens(text.chars().count()),
+            blocks: if config.prefix_caching {
+                prompt_block_hashes(model, text, config.block_size)
+            } else {
+                Vec::new()
+            },
+        }
     }
 }
 
@@ -870,11 +1108,16 @@ async fn chat_completions(State(sim): State<Simulator>, body: Bytes) -> Response
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };
-    let chars = req.messages.iter().map(|m| content_chars(&m.content)).sum();
+    let mut text = String::new();
+    for m in &req.messages {
+        content_text(&m.content, &mut text);
+    }
+    let model = req.model.unwrap_or_else(|| sim.config().model.clone());
+    let prompt = Prompt::new(sim.config(), &model, &text);
     let job = Job {
         kind: Kind::Chat,
-        model: req.model.unwrap_or_else(|| sim.config().model.clone()),
-        prompt_tokens: prompt_tokens(chars),
+        model,
+        prompt_tokens: prompt.tokens,
         completion_tokens: req
             .max_tokens
             .or(req.max_completion_tokens)
@@ -882,7 +1125,7 @@ async fn chat_completions(State(sim): State<Simulator>, body: Bytes) -> Response
         stream: req.stream,
         include_usage: req.stream_options.unwrap_or_default().include_usage,
     };
-    run_job(sim, job).await
+    run_job(sim, job, prompt).await
 }
 
 async fn completions(State(sim): State<Simulator>, body: Bytes) -> Response {
@@ -890,22 +1133,24 @@ async fn completions(State(sim): State<Simulator>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };
-    let chars = match &req.prompt {
-        Value::String(s) => s.chars().count(),
+    let text = match &req.prompt {
+        Value::String(s) => s,
         _ => return bad_request("prompt must be a string"),
     };
+    let model = req.model.unwrap_or_else(|| sim.config().model.clone());
+    let prompt = Prompt::new(sim.config(), &model, text);
     let job = Job {
         kind: Kind::Completion,
-        model: req.model.unwrap_or_else(|| sim.config().model.clone()),
-        prompt_tokens: prompt_tokens(chars),
+        model,
+        prompt_tokens: prompt.tokens,
         completion_tokens: req.max_tokens.unwrap_or(sim.config().max_tokens_default),
         stream: req.stream,
         include_usage: req.stream_options.unwrap_or_default().include_usage,
     };
-    run_job(sim, job).await
+    run_job(sim, job, prompt).await
 }
 
-async fn run_job(sim: Simulator, job: Job) -> Response {
+async fn run_job(sim: Simulator, job: Job, prompt: Prompt) -> Response {
     if !sim.model_known(&job.model) {
         return not_found(format!("The model `{}` does not exist.", job.model));
     }
@@ -917,7 +1162,7 @@ async fn run_job(sim: Simulator, job: Job) -> Response {
     tokio::spawn(run_sequence(
         sim.clone(),
         arrived,
-        job.prompt_tokens,
+        prompt,
         job.completion_tokens,
         tx,
     ));
@@ -1282,13 +1527,153 @@ mod tests {
     }
 
     #[test]
-    fn content_chars_counts_strings_and_text_parts() {
-        assert_eq!(content_chars(&json!("héllo")), 5);
+    fn content_text_takes_strings_and_text_parts() {
+        let text = |v: Value| {
+            let mut out = String::new();
+            content_text(&v, &mut out);
+            out
+        };
+        assert_eq!(text(json!("héllo")), "héllo");
         assert_eq!(
-            content_chars(&json!([{"type": "text", "text": "abc"}, {"type": "image_url"}, "de"])),
-            5
+            text(json!([{"type": "text", "text": "abc"}, {"type": "image_url"}, "de"])),
+            "abcde"
         );
-        assert_eq!(content_chars(&Value::Null), 0);
+        assert_eq!(text(Value::Null), "");
+    }
+
+    /// A text of `blocks` whole blocks of 16 tokens (64 characters each),
+    /// block `i` filled with `fill(i)`.
+    fn blocks_text(blocks: usize, fill: impl Fn(usize) -> char) -> String {
+        (0..blocks)
+            .map(|i| std::iter::repeat_n(fill(i), 64).collect::<String>())
+            .collect()
+    }
+
+    #[test]
+    fn block_hashes_chain_whole_blocks_of_the_prompt() {
+        let a = blocks_text(3, |i| (b'a' + i as u8) as char);
+        let h = prompt_block_hashes("m", &a, 16);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h, prompt_block_hashes("m", &a, 16), "deterministic");
+        // A partial block is not hashed: 3 blocks and 63 characters more.
+        let longer = format!("{a}{}", "z".repeat(63));
+        assert_eq!(prompt_block_hashes("m", &longer, 16), h);
+        assert_eq!(prompt_block_hashes("m", &format!("{longer}z"), 16).len(), 4);
+        // A shared prefix shares the hashes of its blocks, and only those.
+        let b = format!("{}{}", &a[..128], "x".repeat(64));
+        let hb = prompt_block_hashes("m", &b, 16);
+        assert_eq!(hb[..2], h[..2]);
+        assert_ne!(hb[2], h[2]);
+        // A block's hash covers everything before it: the same third block
+        // after a different first one hashes differently.
+        let c = format!("{}{}", "q".repeat(64), &a[64..]);
+        let hc = prompt_block_hashes("m", &c, 16);
+        assert!(hc.iter().zip(&h).all(|(x, y)| x != y));
+        // Another served model (an adapter) shares nothing.
+        assert!(
+            prompt_block_hashes("adapter", &a, 16)
+                .iter()
+                .zip(&h)
+                .all(|(x, y)| x != y)
+        );
+        // Smaller blocks: more of them.
+        assert_eq!(prompt_block_hashes("m", &a, 4).len(), 12);
+        assert!(prompt_block_hashes("m", "", 16).is_empty());
+    }
+
+    #[test]
+    fn the_prefix_cache_hits_a_shared_prefix_and_misses_a_different_one() {
+        let mut cache = PrefixCache::new(16, 100);
+        let a = blocks_text(4, |_| 's');
+        let ha = prompt_block_hashes("m", &a, 16);
+        let tokens = prompt_tokens(a.chars().count());
+        assert_eq!(tokens, 64);
+        assert_eq!(cache.lookup(&ha, tokens), 0, "cold");
+        cache.insert(&ha);
+        assert_eq!(cache.len(), 4);
+        // The same prompt again: all but the last block, since the last
+        // token is always computed.
+        assert_eq!(cache.lookup(&ha, tokens), 48);
+        // The same prompt and more: every block of it.
+        let longer = format!("{a}{}", "u".repeat(10));
+        let hl = prompt_block_hashes("m", &longer, 16);
+        assert_eq!(cache.lookup(&hl, prompt_tokens(longer.chars().count())), 64);
+        // Sharing the first two blocks only.
+        let b = format!("{}{}", &a[..128], blocks_text(2, |_| 'd'));
+        let hb = prompt_block_hashes("m", &b, 16);
+        assert_eq!(cache.lookup(&hb, 64), 32);
+        // Nothing shared at the start: no hit even though later text matches.
+        let c = format!("{}{}", blocks_text(1, |_| 'x'), &a[64..]);
+        let hc = prompt_block_hashes("m", &c, 16);
+        assert_eq!(cache.lookup(&hc, 64), 0);
+        // A prompt shorter than one block is never cached.
+        let short = prompt_block_hashes("m", "hello", 16);
+        cache.insert(&short);
+        assert_eq!(cache.lookup(&short, prompt_tokens(5)), 0);
+        assert_eq!(cache.len(), 4);
+    }
+
+    #[test]
+    fn the_prefix_cache_evicts_the_least_recently_used_blocks_at_capacity() {
+        let mut cache = PrefixCache::new(16, 4);
+        let a = prompt_block_hashes("m", &blocks_text(3, |_| 'a'), 16);
+        let b = prompt_block_hashes("m", &blocks_text(3, |_| 'b'), 16);
+        cache.insert(&a);
+        cache.insert(&b);
+        assert_eq!(cache.len(), 4);
+        // The older chain lost its tail first: its first block stays.
+        assert!(cache.contains(a[0]));
+        assert!(!cache.contains(a[1]) && !cache.contains(a[2]));
+        assert!(b.iter().all(|h| cache.contains(*h)));
+        // A hit makes blocks recent: a[0] is used, then a new chain evicts b's tail.
+        assert_eq!(cache.lookup(&a, 100), 16);
+        let c = prompt_block_hashes("m", &blocks_text(2, |_| 'c'), 16);
+        cache.insert(&c);
+        assert_eq!(cache.len(), 4);
+        assert!(cache.contains(a[0]));
+        assert!(cache.contains(b[0]));
+        assert!(!cache.contains(b[1]) && !cache.contains(b[2]));
+        assert!(c.iter().all(|h| cache.contains(*h)));
+        // A chain longer than the cache keeps its first blocks.
+        let mut small = PrefixCache::new(16, 2);
+        small.insert(&a);
+        assert!(small.contains(a[0]) && small.contains(a[1]) && !small.contains(a[2]));
+        // No capacity: nothing is cached.
+        let mut none = PrefixCache::new(16, 0);
+        none.insert(&a);
+        assert!(none.is_empty());
+        assert_eq!(none.lookup(&a, 100), 0);
+    }
+
+    #[test]
+    fn prefill_costs_only_the_uncached_tokens() {
+        let c = config();
+        assert_eq!(uncached_tokens(100, 0), 100);
+        assert_eq!(uncached_tokens(100, 64), 36);
+        assert_eq!(uncached_tokens(100, 100), 1, "the last token is computed");
+        assert_eq!(uncached_tokens(10, 64), 1);
+        let mut cache = PrefixCache::new(16, 100);
+        let text = blocks_text(8, |_| 'p');
+        let h = prompt_block_hashes("m", &text, 16);
+        let tokens = prompt_tokens(text.chars().count());
+        let cold = prefill_duration(&c, uncached_tokens(tokens, cache.lookup(&h, tokens)));
+        cache.insert(&h);
+        let warm = prefill_duration(&c, uncached_tokens(tokens, cache.lookup(&h, tokens)));
+        assert!(close(ms(cold), 128.0 * 0.2));
+        assert!(close(ms(warm), 16.0 * 0.2), "one block of 16 tokens left");
+    }
+
+    #[test]
+    fn prefix_caching_is_off_by_default_and_block_size_must_be_positive() {
+        let c = config();
+        assert!(!c.prefix_caching);
+        assert_eq!(c.block_size, 16);
+        assert_eq!(c.prefix_cache_blocks, DEFAULT_PREFIX_CACHE_BLOCKS);
+        let bad = SimConfig {
+            block_size: 0,
+            ..config()
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]
@@ -1398,6 +1783,14 @@ mod tests {
         );
         assert_eq!(
             samples[&format!("vllm:request_success_total{{finished_reason=\"length\",{l}}}")],
+            0.0
+        );
+        assert_eq!(
+            samples[&format!("vllm:prefix_cache_queries_total{{{l}}}")],
+            0.0
+        );
+        assert_eq!(
+            samples[&format!("vllm:prefix_cache_hits_total{{{l}}}")],
             0.0
         );
         for name in [

@@ -887,3 +887,79 @@ async fn the_binary_publishes_to_the_gpus_of_nvidia_visible_devices() {
     assert!(!gpus.join("GPU-z").exists() && !gpus.join("GPU-c").exists());
     child.kill().await.expect("kill");
 }
+
+/// One non-streamed chat request of one token; its duration.
+async fn timed_chat(addr: SocketAddr, content: &str) -> Duration {
+    let sent = Instant::now();
+    let resp = post(
+        addr,
+        "/v1/chat/completions",
+        &chat("llama", content, 1, false),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    sent.elapsed()
+}
+
+#[tokio::test]
+async fn prefix_caching_prefills_only_the_uncached_part_and_counts_hits_in_tokens() {
+    // 2,048 characters = 512 tokens = 32 blocks of 16: 256 ms of prefill cold.
+    let config = SimConfig {
+        prefill_ms_per_token: 0.5,
+        itl_ms: 1.0,
+        prefix_caching: true,
+        ..SimConfig::new("llama")
+    };
+    let s = start(config).await;
+    let l = "model_name=\"llama\"";
+    let system = "You are a helpful assistant. ".repeat(80);
+    let prompt = |user: &str| format!("{}{user}", &system[..2048 - user.len()]);
+    let cold = timed_chat(s.addr, &prompt("first question")).await;
+    // Shares all blocks but the last with the first prompt (the question
+    // is in block 31): 31 blocks cached, 16 tokens prefilled.
+    let warm = timed_chat(s.addr, &prompt("another one....")).await;
+    assert!(cold >= Duration::from_millis(250), "cold {cold:?}");
+    assert!(warm < Duration::from_millis(150), "warm {warm:?}");
+    let m = metrics(s.addr).await;
+    assert_eq!(
+        sample(&m, &format!("vllm:prefix_cache_queries_total{{{l}}}")),
+        1024.0
+    );
+    assert_eq!(
+        sample(&m, &format!("vllm:prefix_cache_hits_total{{{l}}}")),
+        496.0
+    );
+    // Prompt tokens count every token, cached or not, as vLLM's do.
+    assert_eq!(
+        sample(&m, &format!("vllm:prompt_tokens_total{{{l}}}")),
+        1024.0
+    );
+    assert_eq!(s.sim.prefix_cache_len(), 33, "32 blocks, then one more");
+    // Another text from its first block on: a miss.
+    let other = "x".repeat(2048);
+    let missed = timed_chat(s.addr, &other).await;
+    assert!(missed >= Duration::from_millis(250), "miss {missed:?}");
+    let m = metrics(s.addr).await;
+    assert_eq!(
+        sample(&m, &format!("vllm:prefix_cache_hits_total{{{l}}}")),
+        496.0
+    );
+
+    // Without prefix caching (the default) the same prompt costs the same
+    // every time, and nothing is counted.
+    let plain = start(SimConfig {
+        prefix_caching: false,
+        ..s.sim.config().clone()
+    })
+    .await;
+    for _ in 0..2 {
+        let d = timed_chat(plain.addr, &prompt("first question")).await;
+        assert!(d >= Duration::from_millis(250), "{d:?}");
+    }
+    let m = metrics(plain.addr).await;
+    assert_eq!(
+        sample(&m, &format!("vllm:prefix_cache_queries_total{{{l}}}")),
+        0.0
+    );
+    assert_eq!(plain.sim.prefix_cache_len(), 0);
+}

@@ -9,10 +9,16 @@
 //! It also takes the command line the operator gives a vLLM engine container
 //! (`--model <repo> --host <ip> --port <port> --served-model-name <name>
 //! --tensor-parallel-size N --enable-lora --max-loras N ...`, and the
-//! samples' `--max-model-len`, `--gpu-memory-utilization`,
-//! `--enable-prefix-caching`, all ignored), so that its
+//! samples' `--max-model-len` and `--gpu-memory-utilization`, ignored), so that its
 //! image (`localhost/strata-engine-sim`) can stand in for vLLM's in a Model;
 //! a repeated flag takes its last value (test knobs appended by the world).
+//!
+//! `--enable-prefix-caching` (vLLM's flag; `--no-enable-prefix-caching`
+//! turns it off again) makes prefill cost only the part of the prompt that
+//! is not in the engine's prefix cache, an LRU of `--num-gpu-blocks-override`
+//! KV blocks of `--block-size` tokens (see `strata_e2e::sim`). Off by
+//! default here, unlike vLLM V1, so that tests that repeat one prompt keep
+//! the plain latency model.
 //!
 //! `--gpu-dir DIR` publishes its load to `DIR/<uuid>/load` for each GPU its
 //! container sees (`NVIDIA_VISIBLE_DEVICES`), for the fake NVML library's
@@ -57,14 +63,26 @@ struct Cli {
     enable_lora: bool,
     #[arg(long)]
     max_lora_rank: Option<u32>,
-    /// vLLM's memory and cache flags (the samples' engine args), accepted
-    /// and ignored: the simulation has no KV cache to size.
+    /// vLLM's memory flags (the samples' engine args), accepted and
+    /// ignored: the simulation sizes its KV cache in blocks.
     #[arg(long)]
     max_model_len: Option<u32>,
     #[arg(long)]
     gpu_memory_utilization: Option<f64>,
-    #[arg(long)]
+    /// Reuse the KV blocks of cached prompt prefixes (vLLM's automatic
+    /// prefix caching): prefill costs only the uncached part.
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
     enable_prefix_caching: bool,
+    /// Turn prefix caching off (the default here).
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    no_enable_prefix_caching: bool,
+    /// Tokens per KV block (vLLM's default, 16).
+    #[arg(long, default_value_t = 16)]
+    block_size: u32,
+    /// KV blocks the prefix cache holds (vLLM computes this from the GPU's
+    /// memory; here it is given).
+    #[arg(long, default_value_t = sim::DEFAULT_PREFIX_CACHE_BLOCKS)]
+    num_gpu_blocks_override: usize,
     /// Most sequences running at once; the others queue, first in first out.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -176,6 +194,9 @@ async fn main() -> ExitCode {
         gpu_dir: cli.gpu_dir,
         gpus,
         max_loras: cli.max_loras,
+        prefix_caching: cli.enable_prefix_caching && !cli.no_enable_prefix_caching,
+        block_size: cli.block_size,
+        prefix_cache_blocks: cli.num_gpu_blocks_override,
     };
     if let Err(e) = config.validate() {
         tracing::error!("invalid configuration: {e}");
@@ -193,6 +214,9 @@ async fn main() -> ExitCode {
         model = %config.model,
         max_batch = config.max_batch,
         speed = config.speed,
+        prefix_caching = config.prefix_caching,
+        block_size = config.block_size,
+        prefix_cache_blocks = config.prefix_cache_blocks,
         gpus = ?config.gpus,
         "engine simulator serving"
     );
