@@ -388,6 +388,65 @@ fn buckets_delta(after: &[(f64, f64)], before: &[(f64, f64)]) -> Vec<(f64, f64)>
         .collect()
 }
 
+/// A series' `VERB resource[/subresource]` (its `verb`, `resource` and
+/// `subresource` labels; the verb alone without a resource).
+fn verb_resource(series: &str) -> String {
+    let verb = label(series, "verb").unwrap_or("?");
+    match (
+        label(series, "resource").filter(|r| !r.is_empty()),
+        label(series, "subresource").filter(|r| !r.is_empty()),
+    ) {
+        (Some(r), Some(sub)) => format!("{verb} {r}/{sub}"),
+        (Some(r), None) => format!("{verb} {r}"),
+        (None, _) => verb.to_string(),
+    }
+}
+
+/// A histogram's `(sum, count)` by `VERB resource[/subresource]`, summed
+/// over its other labels; watches (verb `WATCH`, whose duration is the
+/// watch's life) left out.
+pub fn sum_and_count(text: &str, name: &str) -> BTreeMap<String, (f64, f64)> {
+    let (sum, count) = (format!("{name}_sum{{"), format!("{name}_count{{"));
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for l in text.lines() {
+        let is_sum = l.starts_with(&sum);
+        if !is_sum && !l.starts_with(&count) {
+            continue;
+        }
+        let Some((series, value)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        if label(series, "verb") == Some("WATCH") {
+            continue;
+        }
+        let e = out.entry(verb_resource(series)).or_insert((0.0, 0.0));
+        if is_sum {
+            e.0 += v;
+        } else {
+            e.1 += v;
+        }
+    }
+    out
+}
+
+/// The mean over a phase, by key, from two [`sum_and_count`] snapshots
+/// (keys without requests in the phase left out).
+pub fn mean_delta(
+    after: &BTreeMap<String, (f64, f64)>,
+    before: &BTreeMap<String, (f64, f64)>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .filter_map(|(k, &(s1, c1))| {
+            let (s0, c0) = before.get(k).copied().unwrap_or((0.0, 0.0));
+            (c1 - c0 > 0.0).then(|| (k.clone(), (s1 - s0) / (c1 - c0)))
+        })
+        .collect()
+}
+
 /// `apiserver_request_total` summed by `VERB resource[/subresource]`.
 pub fn apiserver_requests(text: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
@@ -401,15 +460,7 @@ pub fn apiserver_requests(text: &str) -> BTreeMap<String, f64> {
         let Ok(v) = value.trim().parse::<f64>() else {
             continue;
         };
-        let verb = label(series, "verb").unwrap_or("?");
-        let resource = label(series, "resource").unwrap_or("");
-        let sub = label(series, "subresource").unwrap_or("");
-        let key = if sub.is_empty() {
-            format!("{verb} {resource}")
-        } else {
-            format!("{verb} {resource}/{sub}")
-        };
-        *out.entry(key).or_insert(0.0) += v;
+        *out.entry(verb_resource(series)).or_insert(0.0) += v;
     }
     out
 }
@@ -438,14 +489,9 @@ fn by_verb_and_resource(text: &str, name: &str) -> BTreeMap<String, f64> {
         let Some((series, value)) = l.rsplit_once(' ') else {
             continue;
         };
-        let (Some(verb), Ok(v)) = (label(series, "verb"), value.trim().parse::<f64>()) else {
-            continue;
-        };
-        let key = match label(series, "resource") {
-            Some(r) => format!("{verb} {r}"),
-            None => verb.to_string(),
-        };
-        *out.entry(key).or_insert(0.0) += v;
+        if let (Some(_), Ok(v)) = (label(series, "verb"), value.trim().parse::<f64>()) {
+            *out.entry(verb_resource(series)).or_insert(0.0) += v;
+        }
     }
     out
 }
@@ -776,6 +822,14 @@ pub struct Phase {
     /// Deployment controller: its writes from the audit log, its reads being
     /// watches).
     pub controller_requests: BTreeMap<String, f64>,
+    /// Mean seconds per request as the operator saw them (its
+    /// `strata_kube_request_duration_seconds`: sent until the answer's
+    /// headers), by `VERB resource` (Strata only).
+    pub controller_request_seconds: BTreeMap<String, f64>,
+    /// Mean seconds per request in the API server
+    /// (`apiserver_request_duration_seconds`, every client; watches left
+    /// out), by `VERB resource`.
+    pub apiserver_request_seconds: BTreeMap<String, f64>,
     /// Writes by the controller's users from the audit log, by
     /// `verb resource[/sub]` (Leases excluded).
     pub controller_writes: BTreeMap<String, u64>,
@@ -797,6 +851,9 @@ pub struct Phase {
     pub rss_peak_mib: Option<f64>,
     /// CPU seconds of the controller's process over the phase.
     pub cpu_seconds: Option<f64>,
+    /// CPU seconds of the API server and etcd over the phase (every
+    /// client's work), against `wall_seconds`.
+    pub control_plane_cpu_seconds: Option<f64>,
     /// Seconds requests waited for the operator's client-side rate limiter
     /// over the phase (summed over requests; Strata only).
     pub rate_limit_wait_seconds: Option<f64>,
@@ -900,6 +957,29 @@ pub struct Report {
     pub deployments_error: Option<String>,
     /// KubeAI's outcome.
     pub kubeai: String,
+}
+
+/// A phase's mean request times for its most frequent requests: the
+/// controller's view / the API server's (or the API server's alone), ms.
+fn latency(p: &Phase) -> String {
+    let mut keys: Vec<(&String, f64)> = if p.controller_request_seconds.is_empty() {
+        p.apiserver_requests.iter().map(|(k, v)| (k, *v)).collect()
+    } else {
+        p.controller_requests.iter().map(|(k, v)| (k, *v)).collect()
+    };
+    keys.sort_by(|a, b| b.1.total_cmp(&a.1));
+    keys.iter()
+        .filter(|(k, _)| p.apiserver_request_seconds.contains_key(*k))
+        .take(8)
+        .map(|(k, _)| {
+            let server = p.apiserver_request_seconds.get(*k).copied().unwrap_or(0.0) * 1e3;
+            match p.controller_request_seconds.get(*k) {
+                Some(c) => format!("{k} {:.1} / {server:.1}", c * 1e3),
+                None => format!("{k} {server:.1}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn f1(x: f64) -> String {
@@ -1007,6 +1087,14 @@ impl Report {
             opt(x.converge.cpu_seconds, f1)
         }));
         s.push_str(&row(
+            "API server + etcd CPU seconds (converge; per wall second)",
+            &|x| {
+                opt(x.converge.control_plane_cpu_seconds, |c| {
+                    format!("{c:.1} ({:.2})", c / x.converge.wall_seconds.max(1e-9))
+                })
+            },
+        ));
+        s.push_str(&row(
             "seconds requests waited for the client rate limiter, summed (converge)",
             &|x| opt(x.converge.rate_limit_wait_seconds, f1),
         ));
@@ -1097,6 +1185,20 @@ impl Report {
                         top(&p.status_writes, 4)
                     },
                     top(&p.apiserver_requests, 6)
+                ));
+            }
+            for (name, p) in [("converge", &x.converge), ("churn", &x.churn)] {
+                if p.apiserver_request_seconds.is_empty() {
+                    continue;
+                }
+                s.push_str(&format!(
+                    "- {name}: mean ms per request, {}API server: {}\n",
+                    if p.controller_request_seconds.is_empty() {
+                        ""
+                    } else {
+                        "as the operator saw it / in the "
+                    },
+                    latency(p)
                 ));
             }
             if !x.idle_status_changes.is_empty() {
@@ -1335,7 +1437,7 @@ impl Bench {
     }
 
     /// The API server's /metrics.
-    async fn apiserver_metrics(&self) -> Result<BTreeMap<String, f64>> {
+    async fn apiserver_metrics(&self) -> Result<String> {
         let req = http::Request::get("/metrics")
             .body(Vec::new())
             .map_err(|e| BenchError::Parse {
@@ -1347,7 +1449,7 @@ impl Bench {
             .request_text(req)
             .await
             .map_err(kube_err("GET the API server's /metrics"))?;
-        Ok(apiserver_requests(&text))
+        Ok(text)
     }
 
     /// Writes in the audit log received in `[from, to]`, by user.
@@ -1386,6 +1488,18 @@ impl Bench {
     /// The kube-controller-manager of this world (by its kubeconfig in
     /// the world's directory).
     fn controller_manager_pid(&self) -> Option<u32> {
+        self.world_pid("kube-controller-manager")
+    }
+
+    /// CPU seconds of the world's API server and etcd together, now.
+    fn control_plane_cpu(&self) -> Option<f64> {
+        let a = cpu_seconds(self.world_pid("kube-apiserver")?).ok()?;
+        let e = cpu_seconds(self.world_pid("etcd")?).ok()?;
+        Some(a + e)
+    }
+
+    /// The pid of this world's process running `binary`.
+    fn world_pid(&self, binary: &str) -> Option<u32> {
         let dir = self.cluster.info.dir.to_string_lossy().to_string();
         let entries = std::fs::read_dir("/proc").ok()?;
         for e in entries.flatten() {
@@ -1399,7 +1513,7 @@ impl Bench {
             let mut parts = cmd.split('\0');
             if parts
                 .next()
-                .is_some_and(|a| a.ends_with("kube-controller-manager"))
+                .is_some_and(|a| a.ends_with(&format!("/{binary}")) || a == binary)
                 && cmd.contains(&dir)
             {
                 return Some(pid);
@@ -1805,6 +1919,7 @@ impl Bench {
         let m0 = op.metrics().await?;
         let a0 = self.apiserver_metrics().await?;
         let cpu0 = cpu_seconds(op.pid)?;
+        let cp0 = self.control_plane_cpu();
         op.last = Some((m0.clone(), cpu0));
         let t0 = Timestamp::now();
         let w0 = Instant::now();
@@ -1838,10 +1953,18 @@ impl Bench {
             objects: self.workloads.len(),
             apply_seconds: (last - first).as_secs_f64(),
             converge_seconds: (converged - last).as_secs_f64(),
-            apiserver_requests: map_delta(&a1, &a0),
+            apiserver_requests: map_delta(&apiserver_requests(&a1), &apiserver_requests(&a0)),
+            apiserver_request_seconds: mean_delta(
+                &sum_and_count(&a1, "apiserver_request_duration_seconds"),
+                &sum_and_count(&a0, "apiserver_request_duration_seconds"),
+            ),
             controller_requests: map_delta(
                 &by_verb_and_resource(&m1, "strata_kube_requests_total"),
                 &by_verb_and_resource(&m0, "strata_kube_requests_total"),
+            ),
+            controller_request_seconds: mean_delta(
+                &sum_and_count(&m1, "strata_kube_request_duration_seconds"),
+                &sum_and_count(&m0, "strata_kube_request_duration_seconds"),
             ),
             controller_writes: self.audit_writes(t0, t1, &[OPERATOR_USER])?,
             scheduler_writes: self.audit_writes(t0, t1, &[SCHEDULER_USER])?.values().sum(),
@@ -1858,6 +1981,7 @@ impl Bench {
             ),
             rss_peak_mib: Some(sampler.take_peak() as f64 / 1024.0),
             cpu_seconds: Some(cpu1 - cpu0),
+            control_plane_cpu_seconds: self.control_plane_cpu().zip(cp0).map(|(b, a)| b - a),
             rate_limit_wait_seconds: Some(
                 counter_sum(&m1, "strata_kube_rate_limit_wait_seconds_total", &[])
                     - counter_sum(&m0, "strata_kube_rate_limit_wait_seconds_total", &[]),
@@ -2000,6 +2124,7 @@ impl Bench {
     {
         let a0 = self.apiserver_metrics().await?;
         let cpu0 = kcm.and_then(|p| cpu_seconds(p).ok());
+        let cp0 = self.control_plane_cpu();
         let t0 = Timestamp::now();
         let w0 = Instant::now();
         if let Some(s) = sampler {
@@ -2017,8 +2142,13 @@ impl Bench {
             objects: self.workloads.len(),
             apply_seconds: (last - first).as_secs_f64(),
             converge_seconds: (converged - last).as_secs_f64(),
-            apiserver_requests: map_delta(&a1, &a0),
+            apiserver_requests: map_delta(&apiserver_requests(&a1), &apiserver_requests(&a0)),
+            apiserver_request_seconds: mean_delta(
+                &sum_and_count(&a1, "apiserver_request_duration_seconds"),
+                &sum_and_count(&a0, "apiserver_request_duration_seconds"),
+            ),
             controller_requests: writes.iter().map(|(k, v)| (k.clone(), *v as f64)).collect(),
+            controller_request_seconds: BTreeMap::new(),
             controller_writes: writes,
             scheduler_writes: self.audit_writes(t0, t1, &[SCHEDULER_USER])?.values().sum(),
             reconciles: None,
@@ -2029,6 +2159,7 @@ impl Bench {
             rss_peak_mib: sampler.map(|s| s.take_peak() as f64 / 1024.0),
             operator_restarts: 0,
             rate_limit_wait_seconds: None,
+            control_plane_cpu_seconds: self.control_plane_cpu().zip(cp0).map(|(b, a)| b - a),
             cpu_seconds: match (cpu0, cpu1) {
                 (Some(a), Some(b)) => Some(b - a),
                 _ => None,
@@ -2158,6 +2289,29 @@ strata_kube_requests_total{verb=\"PATCH\",resource=\"services\"} 1\n";
         let r = by_verb_and_resource(text, "strata_kube_requests_total");
         assert_eq!(r.get("PATCH models/status"), Some(&5.0));
         assert_eq!(r.get("GET secrets"), Some(&3.0));
+        let d0 = "apiserver_request_duration_seconds_sum{component=\"apiserver\",dry_run=\"\",group=\"\",resource=\"pods\",scope=\"resource\",subresource=\"\",verb=\"POST\",version=\"v1\"} 1.5\n\
+apiserver_request_duration_seconds_count{component=\"apiserver\",dry_run=\"\",group=\"\",resource=\"pods\",scope=\"resource\",subresource=\"\",verb=\"POST\",version=\"v1\"} 10\n\
+apiserver_request_duration_seconds_sum{component=\"apiserver\",dry_run=\"\",group=\"\",resource=\"pods\",scope=\"namespace\",subresource=\"\",verb=\"WATCH\",version=\"v1\"} 900\n\
+apiserver_request_duration_seconds_count{component=\"apiserver\",dry_run=\"\",group=\"\",resource=\"pods\",scope=\"namespace\",subresource=\"\",verb=\"WATCH\",version=\"v1\"} 2\n\
+strata_kube_request_duration_seconds_sum{verb=\"POST\",resource=\"pods\"} 2\n\
+strata_kube_request_duration_seconds_count{verb=\"POST\",resource=\"pods\"} 4\n";
+        let d1 = d0
+            .replace("} 1.5\n", "} 5.5\n")
+            .replace("\"v1\"} 10\n", "\"v1\"} 20\n");
+        let server = sum_and_count(&d1, "apiserver_request_duration_seconds");
+        assert_eq!(server.get("POST pods"), Some(&(5.5, 20.0)));
+        assert!(!server.contains_key("WATCH pods"), "{server:?}");
+        let mean = mean_delta(
+            &server,
+            &sum_and_count(d0, "apiserver_request_duration_seconds"),
+        );
+        assert_eq!(mean.get("POST pods"), Some(&0.4));
+        let ours = sum_and_count(d0, "strata_kube_request_duration_seconds");
+        assert_eq!(mean_delta(&ours, &ours), BTreeMap::new());
+        assert_eq!(
+            mean_delta(&ours, &BTreeMap::new()).get("POST pods"),
+            Some(&0.5)
+        );
         let stat =
             "1234 (strata op) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 100 0 0";
         assert_eq!(parse_stat_cpu(stat, 100.0), Some(3.0));

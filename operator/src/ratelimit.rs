@@ -8,8 +8,11 @@
 //! client, so renewals never wait behind the controllers' work.
 //!
 //! [`Bucket`] is pure (time is passed in); [`RateLimitLayer`] is the tower
-//! layer of the kube client, counting requests by verb and the time spent
-//! waiting.
+//! layer of the kube client, counting requests by verb and resource, the
+//! time spent waiting, and how long the API server took to answer each
+//! (until its response headers: what a create, patch or the start of a
+//! watch costs as seen from here, beside the server's own
+//! `apiserver_request_duration_seconds`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use prometheus::{Counter, IntCounterVec, Opts};
+use prometheus::{Counter, HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
 /// A token bucket: `burst` tokens, refilled at `qps` per second.
 #[derive(Debug, Clone)]
@@ -62,12 +65,14 @@ pub struct RateLimit {
     bucket: Arc<Mutex<Bucket>>,
     requests: IntCounterVec,
     waited: Counter,
+    duration: HistogramVec,
 }
 
 impl RateLimit {
     /// A limiter at `qps` with `burst`, and its metrics
     /// (`strata_kube_requests_total{verb,resource}`,
-    /// `strata_kube_rate_limit_wait_seconds_total`), to register.
+    /// `strata_kube_rate_limit_wait_seconds_total`,
+    /// `strata_kube_request_duration_seconds{verb,resource}`), to register.
     pub fn new(qps: f64, burst: u32) -> Result<Self, prometheus::Error> {
         Ok(Self {
             bucket: Arc::new(Mutex::new(Bucket::new(qps, burst, now()))),
@@ -82,13 +87,25 @@ impl RateLimit {
                 "strata_kube_rate_limit_wait_seconds_total",
                 "Time requests waited for the client-side rate limiter (--kube-api-qps, --kube-api-burst).",
             )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "strata_kube_request_duration_seconds",
+                    "Time from sending a request to the API server until its response headers arrived (after the rate limiter; a watch until it started), by HTTP method and resource.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ]),
+                &["verb", "resource"],
+            )?,
         })
     }
 
     /// Registers the metrics.
     pub fn register(&self, registry: &prometheus::Registry) -> Result<(), prometheus::Error> {
         registry.register(Box::new(self.requests.clone()))?;
-        registry.register(Box::new(self.waited.clone()))
+        registry.register(Box::new(self.waited.clone()))?;
+        registry.register(Box::new(self.duration.clone()))
     }
 
     fn take(&self) -> Duration {
@@ -178,12 +195,15 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         self.state = Gate::Closed;
-        self.limit
-            .requests
-            .with_label_values(&[req.method().as_str(), &resource_of(req.uri().path())])
-            .inc();
+        let labels = [req.method().as_str(), &resource_of(req.uri().path())];
+        self.limit.requests.with_label_values(&labels).inc();
+        let timer = self.limit.duration.with_label_values(&labels).start_timer();
         let fut = self.inner.call(req);
-        Box::pin(async move { fut.await.map_err(Into::into) })
+        Box::pin(async move {
+            let answer = fut.await.map_err(Into::into);
+            timer.observe_duration();
+            answer
+        })
     }
 }
 
@@ -308,6 +328,13 @@ mod tests {
         let took = start.elapsed().as_secs_f64();
         assert!((took - 0.3).abs() < 0.01, "{took}");
         assert_eq!(limit.requests.with_label_values(&["GET", "pods"]).get(), 5);
+        assert_eq!(
+            limit
+                .duration
+                .with_label_values(&["GET", "pods"])
+                .get_sample_count(),
+            5
+        );
         assert!(
             (limit.waited.get() - 0.3).abs() < 0.01,
             "{}",

@@ -10,6 +10,7 @@ pub mod prometheus;
 pub mod reconcile;
 pub mod report;
 pub mod scale;
+pub mod service_create;
 pub mod telemetry;
 
 use std::collections::{BTreeMap, HashMap};
@@ -102,6 +103,9 @@ pub struct Context {
     pub pods: Store<Pod>,
     /// Strata's Services (of Models and Adapters).
     pub services: Store<Service>,
+    /// New Models' Services being created in the background (see
+    /// [`service_create`]).
+    pub service_creates: Arc<service_create::Background>,
     /// What the Model controller did to each Model's children (see
     /// [`model::Memo`]), by `namespace/name#uid`.
     pub memos: std::sync::Mutex<HashMap<String, model::Memo>>,
@@ -349,6 +353,7 @@ fn model_controller(
     controller: Controller<Model>,
     pods: impl futures::Stream<Item = Arc<Pod>> + Send + 'static,
     services: impl futures::Stream<Item = Arc<Service>> + Send + 'static,
+    woken: impl futures::Stream<Item = ObjectRef<Model>> + Send + 'static,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> {
     let client = ctx.client.clone();
@@ -361,6 +366,7 @@ fn model_controller(
     let stream = controller
         .owns_shared_stream(pods)
         .owns_shared_stream(services)
+        .reconcile_on(woken)
         .watches_stream(node_changes(client.clone()), move |node: Node| {
             let digest = node_digest(&node);
             let changed = match node_digests.lock() {
@@ -573,7 +579,10 @@ pub async fn run(
         agent_port: config.telemetry.agent_port,
         dcgm_url: config.telemetry.dcgm_url.clone(),
     };
+    // Wakes a Model whose background Service create failed.
+    let (wake_models, woken_models) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(Context {
+        service_creates: Arc::new(service_create::Background::new(wake_models)),
         event_slots: Arc::new(tokio::sync::Semaphore::new(reconcile::EVENTS_IN_FLIGHT)),
         client: client.clone(),
         events,
@@ -610,7 +619,14 @@ pub async fn run(
         tracing::error!("the Service cache cannot be shared");
         return;
     };
-    let models = model_controller(ctx.clone(), model_ctl, for_models, services, rx.clone());
+    let models = model_controller(
+        ctx.clone(),
+        model_ctl,
+        for_models,
+        services,
+        woken_models,
+        rx.clone(),
+    );
     let adapters = adapter_controller(ctx.clone(), adapter_ctl, for_adapters, rx.clone());
     let gpupools = pool_controller(ctx.clone(), for_pools, rx.clone());
     // Stopped when this function returns or its future is dropped (the

@@ -32,7 +32,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, ResourceExt};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use strata_core::conditions;
 use strata_core::placement::{self, Preference, Request};
@@ -46,6 +47,7 @@ use strata_crds::GPUPool;
 use strata_crds::model::{AutoscalingMode, Model, ModelStatus, ScaleDecision};
 
 use super::reconcile::{self, publish};
+use super::service_create;
 use super::{Context, Planned};
 use crate::error::{Error, Result};
 
@@ -966,6 +968,10 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
         .state()
         .into_iter()
         .find(|s| s.namespace().as_deref() == Some(ns) && s.name_any() == name);
+    let key = format!("{ns}/{name}");
+    if cached.is_some() {
+        ctx.service_creates.seen(&key);
+    }
     if cached
         .as_ref()
         .is_some_and(|s| service_matches(s, &svc, &seen.uid))
@@ -976,15 +982,28 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
             .inc();
         return Ok(false);
     }
-    if cached.is_none() && create_service(ctx, ns, name, &svc).await? {
+    if cached.is_none() {
         // A new Model's Service: one create, no look first (a Service of
         // that name that is not in the cache, ours or someone else's,
-        // makes the create fail, and the look below decides).
-        ctx.metrics
-            .child_applies
-            .with_label_values(&["Service", "created"])
-            .inc();
-        return Ok(false);
+        // makes the create fail, and the look below decides), in the
+        // background (see super::service_create: ClusterIPs are allocated
+        // one at a time by the API server).
+        match ctx.service_creates.next(&key) {
+            service_create::Next::Start => {
+                spawn_service_create(ctx, ObjectRef::from_obj(model), key, svc);
+                return Ok(false);
+            }
+            service_create::Next::Wait => return Ok(false),
+            service_create::Next::Look => {
+                if create_service(&ctx.client, ns, name, &svc).await? {
+                    ctx.metrics
+                        .child_applies
+                        .with_label_values(&["Service", "created"])
+                        .inc();
+                    return Ok(false);
+                }
+            }
+        }
     }
     let applied = super::apply_owned_service(&ctx.client, ns, name, &seen.uid, &svc).await?;
     ctx.metrics
@@ -994,9 +1013,40 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
     Ok(!applied)
 }
 
+/// Creates the Model's Service in a task (when a slot is free): the
+/// Service's watch wakes the Model when it shows; a failure or conflict
+/// wakes it through the controller's channel to look.
+fn spawn_service_create(
+    ctx: &Context,
+    model: ObjectRef<Model>,
+    key: String,
+    svc: serde_json::Value,
+) {
+    let background = ctx.service_creates.clone();
+    let client = ctx.client.clone();
+    let applies = ctx.metrics.child_applies.clone();
+    tokio::spawn(async move {
+        let Ok(_slot) = background.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (ns, name) = key.split_once('/').unwrap_or_default();
+        let created = match create_service(&client, ns, name, &svc).await {
+            Ok(created) => created,
+            Err(e) => {
+                tracing::warn!(model = %key, error = %e, "creating the Model's Service failed; the Model looks again");
+                false
+            }
+        };
+        applies
+            .with_label_values(&["Service", if created { "created" } else { "exists" }])
+            .inc();
+        background.finished(&key, created, model);
+    });
+}
+
 /// Creates the Model's Service; false when one of that name exists.
 async fn create_service(
-    ctx: &Context,
+    client: &Client,
     ns: &str,
     name: &str,
     svc: &serde_json::Value,
@@ -1008,7 +1058,7 @@ async fn create_service(
     };
     let svc: k8s_openapi::api::core::v1::Service =
         serde_json::from_value(svc.clone()).map_err(|e| write_err(kube::Error::SerdeError(e)))?;
-    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), ns);
     let params = PostParams {
         field_manager: Some(labels::FIELD_MANAGER.to_string()),
         ..PostParams::default()
