@@ -14,6 +14,10 @@
 //! - [`telemetry`]: the GPU readings of pods from a node agent's page or
 //!   dcgm-exporter's metrics through Prometheus.
 //! - [`adapters`]: which replicas carry which LoRA adapter.
+//! - [`inference_pool`]: the Gateway API Inference Extension's
+//!   InferencePool a Model asks for.
+//! - [`routing`]: which replica serves a request (the gateway's pick:
+//!   adapter, KV room, prefix affinity with bounded load, least load).
 //! - [`view`]: the plain views placement reads, built from Nodes and Pods.
 //! - [`status`]: a Model's status and conditions from what a reconcile saw
 //!   and did.
@@ -29,12 +33,14 @@ pub mod energy;
 pub mod energy_counter;
 pub mod engine;
 pub mod expect;
+pub mod inference_pool;
 pub mod labels;
 pub mod placement;
 pub mod podgpus;
 pub mod powercap;
 pub mod promql;
 pub mod rollout;
+pub mod routing;
 pub mod sla;
 pub mod status;
 pub mod telemetry;

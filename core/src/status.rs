@@ -6,7 +6,7 @@
 //! |-------------|---------|
 //! | Ready       | AllReplicasReady, PartiallyReady, NoReplicaReady, ScaledToZero |
 //! | Progressing | RolloutComplete, RollingOut, Scaling, ProgressDeadlineExceeded (False) |
-//! | Degraded    | SecretNotFound, Unplaceable, ServiceConflict, ReplicaFailures, AsExpected (False) |
+//! | Degraded    | SecretNotFound, Unplaceable, ServiceConflict, InferencePoolUnavailable, InferencePoolConflict, ReplicaFailures, AsExpected (False) |
 //! | ReconcileError | the error's category (Forbidden, Invalid, Conflict, Api, ...), ReconcileSucceeded (False) |
 //!
 //! ReconcileError is written by the operator's error reporter (its own
@@ -49,6 +49,8 @@ pub struct Facts {
     pub unplaced: Option<String>,
     /// A Service of the Model's name exists that the Model does not own.
     pub service_conflict: bool,
+    /// Why the InferencePool the Model asks for is not there, if it is not.
+    pub inference_pool: Option<crate::inference_pool::Problem>,
     /// A Secret the replicas need is missing (no replica is created until
     /// it exists): its description.
     pub missing_secret: Option<String>,
@@ -95,6 +97,10 @@ impl Facts {
         } else if self.acted || self.rolling || self.unplaced.is_some() || self.ready < self.desired
         {
             Pace::Busy
+        } else if self.inference_pool.is_some() {
+            // The extension's CRDs, once installed, wake nobody: the slow
+            // look finds them.
+            Pace::Waiting
         } else {
             Pace::Settled
         }
@@ -187,6 +193,8 @@ pub fn model_conditions(f: &Facts) -> [Set; 3] {
                 f.name
             ),
         )
+    } else if let Some(problem) = &f.inference_pool {
+        Set::new("Degraded", true, problem.reason(), problem.message(&f.name))
     } else if f.failures > 0 {
         Set::new(
             "Degraded",
@@ -429,6 +437,30 @@ mod tests {
                 ],
             ),
             (
+                "the InferencePool's CRD is not installed",
+                Facts {
+                    inference_pool: Some(crate::inference_pool::Problem::NotInstalled),
+                    ..facts(1, 1, 1, 1)
+                },
+                [
+                    ("Ready", true, "AllReplicasReady"),
+                    ("Progressing", true, "RolloutComplete"),
+                    ("Degraded", true, "InferencePoolUnavailable"),
+                ],
+            ),
+            (
+                "a foreign InferencePool has the Model's name",
+                Facts {
+                    inference_pool: Some(crate::inference_pool::Problem::Conflict),
+                    ..facts(1, 1, 1, 1)
+                },
+                [
+                    ("Ready", true, "AllReplicasReady"),
+                    ("Progressing", true, "RolloutComplete"),
+                    ("Degraded", true, "InferencePoolConflict"),
+                ],
+            ),
+            (
                 "a failed replica was replaced",
                 Facts {
                     failures: 1,
@@ -518,6 +550,16 @@ mod tests {
             ..facts(1, 0, 0, 0)
         };
         assert_eq!(no_secret.pace(), Pace::Waiting);
+        let no_crd = Facts {
+            inference_pool: Some(crate::inference_pool::Problem::NotInstalled),
+            ..facts(2, 2, 2, 2)
+        };
+        assert_eq!(no_crd.pace(), Pace::Waiting, "the CRDs wake nobody");
+        let no_crd_scaling = Facts {
+            inference_pool: Some(crate::inference_pool::Problem::NotInstalled),
+            ..facts(2, 2, 1, 2)
+        };
+        assert_eq!(no_crd_scaling.pace(), Pace::Busy);
     }
 
     #[test]

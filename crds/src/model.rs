@@ -142,6 +142,69 @@ pub struct ModelSpec {
     #[schemars(length(min = 1, max = 128))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._/:-]*$')").message("servedName may hold letters, digits, '.', '_', '/', ':' and '-', and must start with a letter or digit"))]
     pub served_name: Option<String>,
+
+    /// How clients reach the Model besides its Service: for a cluster with
+    /// a Gateway API inference gateway, an InferencePool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<Routing>,
+}
+
+/// How clients reach a Model besides its Service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Routing {
+    /// Emit an InferencePool (inference.networking.k8s.io/v1, the Gateway
+    /// API Inference Extension) named like the Model, selecting its pods on
+    /// the sidecar's port, for an inference gateway (Envoy Gateway,
+    /// kgateway, Istio, GKE) to route to through its endpoint picker. Set
+    /// (even to `{}`) to opt in; owned by the Model. Needs the extension's
+    /// CRDs in the cluster: without them the Model reports
+    /// Degraded/InferencePoolUnavailable and is served as usual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_pool: Option<InferencePoolRouting>,
+}
+
+/// The InferencePool a Model asks for.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferencePoolRouting {
+    /// The endpoint picker (EPP) Service the gateway asks which replica
+    /// serves each request. Defaults to `<model>-epp` on port 9002, the
+    /// names the extension's `inferencepool` Helm chart gives an EPP
+    /// installed for a pool named like the Model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_picker: Option<EndpointPicker>,
+}
+
+/// An endpoint picker Service in the Model's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPicker {
+    /// The Service's name. Default `<model>-epp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("routing.inferencePool.endpointPicker.name must name a Service: lowercase letters, digits and '-', starting with a letter"))]
+    pub name: Option<String>,
+
+    /// The Service's port (its gRPC ext-proc port). Default 9002.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("routing.inferencePool.endpointPicker.port must be between 1 and 65535"))]
+    pub port: Option<i32>,
+
+    /// What the gateway does when the picker does not answer: `FailClose`
+    /// (refuse the request; the extension's default) or `FailOpen` (route
+    /// it without the picker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
+}
+
+/// What a gateway does when the endpoint picker does not answer.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum FailureMode {
+    /// Route the request without the picker.
+    FailOpen,
+    /// Refuse the request.
+    FailClose,
 }
 
 fn default_one() -> i32 {

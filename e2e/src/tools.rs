@@ -1,6 +1,8 @@
 //! The pinned upstream binaries (etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler, kubectl, KWOK, Helm), built by e2e/tools/build.sh from
-//! their Go modules and cached outside the checkout, keyed by version.
+//! their Go modules and cached outside the checkout, keyed by version; and
+//! the Gateway API Inference Extension's InferencePool CRD, taken from its
+//! Go module by the same script and cached beside them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,4 +66,46 @@ pub fn ensure_binaries() -> Result<PathBuf> {
 
 fn complete(dir: &Path) -> bool {
     BINARIES.iter().all(|b| dir.join(b).is_file())
+}
+
+/// The file of the Gateway API Inference Extension's InferencePool CRD, as
+/// its module names it (`config/crd/bases/`).
+pub const INFERENCE_POOL_CRD: &str = "inference.networking.k8s.io_inferencepools.yaml";
+
+/// The InferencePool CRD's file, at the version `e2e/tools/versions.env`
+/// pins: in `$STRATA_BIN_DIR` if it is there, otherwise fetched (from the
+/// Go module proxy, checked against `e2e/tools/gie/go.sum`) and cached by
+/// `e2e/tools/build.sh gie`.
+pub fn ensure_inference_pool_crd() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("STRATA_BIN_DIR") {
+        let file = PathBuf::from(dir).join(INFERENCE_POOL_CRD);
+        if file.is_file() {
+            return Ok(file);
+        }
+    }
+    let script = build_script();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("gie")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::Tools(format!("running {} gie: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(Error::Tools(format!(
+            "{} gie failed ({})",
+            script.display(),
+            out.status
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let file = stdout
+        .lines()
+        .last()
+        .map(|l| PathBuf::from(l.trim()).join(INFERENCE_POOL_CRD))
+        .ok_or_else(|| Error::Tools("build.sh printed no directory".into()))?;
+    if file.is_file() {
+        Ok(file)
+    } else {
+        Err(Error::Tools(format!("{} is missing", file.display())))
+    }
 }

@@ -763,4 +763,281 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         },
     )
     .await;
+    the_inference_pool_follows_its_model(&client).await;
+}
+
+/// A Model with `spec.routing.inferencePool`: before the Gateway API
+/// Inference Extension's CRD is installed it is served and says
+/// Degraded/InferencePoolUnavailable (and a Warning Event); once the real
+/// CRD (from the extension's Go module, `e2e/tools/build.sh gie`) is
+/// installed, its InferencePool appears, accepted by the API server's
+/// schema, selecting exactly the Model's pods on the sidecar's port; it
+/// follows a change of the picker, goes when the Model stops asking, comes
+/// back, and is garbage-collected with the Model.
+async fn the_inference_pool_follows_its_model(client: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use strata_operator::controller::inference_pool::InferencePool;
+
+    let ns = test_namespace(client, "routing").await.expect("namespace");
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "hf-token"}, "stringData": {"HF_TOKEN": "hf_e2e"}}),
+    )
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
+    let models: Api<Model> = Api::namespaced(client.clone(), &ns);
+    let pools: Api<InferencePool> = Api::namespaced(client.clone(), &ns);
+    let mut routed = sample_model("routed");
+    routed["spec"]["replicas"] = json!(1);
+    routed["spec"]["routing"] = json!({"inferencePool": {}});
+    let routed: Model = serde_json::from_value(routed).expect("model");
+    models
+        .create(&PostParams::default(), &routed)
+        .await
+        .expect("create model");
+
+    // No CRD yet: served anyway, and it says why it has no InferencePool.
+    wait_model(
+        &models,
+        "routed",
+        "Ready, and Degraded InferencePoolUnavailable without the CRD",
+        |m| {
+            ready_replicas(m) == 1
+                && condition(m, "Degraded").is_some_and(|c| {
+                    c.0 == "True"
+                        && c.1 == "InferencePoolUnavailable"
+                        && c.2
+                            .contains("inference.networking.k8s.io/v1 inferencepools")
+                })
+        },
+    )
+    .await;
+    let m = models.get("routed").await.expect("model");
+    assert!(
+        condition(&m, "ReconcileError").is_none_or(|c| c.0 == "False"),
+        "a missing CRD is not a reconcile error: {:?}",
+        condition(&m, "ReconcileError")
+    );
+    poll_until(
+        "a Warning Event InferencePoolUnavailable on the Model",
+        TIMEOUT,
+        Duration::from_millis(300),
+        || {
+            let events =
+                Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
+            async move {
+                Ok(events
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .any(|e| {
+                        e.type_.as_deref() == Some("Warning")
+                            && e.reason.as_deref() == Some("InferencePoolUnavailable")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                == Some("routed")
+                    }))
+            }
+        },
+    )
+    .await
+    .expect("the Warning Event");
+
+    // The extension's real CRD, at the pinned version.
+    let crd_file = strata_e2e::tools::ensure_inference_pool_crd().expect("the InferencePool CRD");
+    let text = std::fs::read_to_string(&crd_file).expect("read the CRD");
+    let crd: CustomResourceDefinition =
+        serde_json::from_value(strata_crds::validation::yaml_to_json(&text).expect("CRD YAML"))
+            .expect("CRD");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("install the InferencePool CRD");
+    wait_for(
+        crds.clone(),
+        "inferencepools.inference.networking.k8s.io",
+        TIMEOUT,
+        |c: Option<&CustomResourceDefinition>| {
+            c.and_then(|c| c.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        },
+    )
+    .await
+    .expect("the CRD is established");
+
+    // The operator finds it (it asks again while a Model waits for it) and
+    // writes the InferencePool, which the API server accepts.
+    wait_for(
+        pools.clone(),
+        "routed",
+        TIMEOUT,
+        |p: Option<&InferencePool>| p.is_some(),
+    )
+    .await
+    .expect("the InferencePool appears");
+    wait_model(&models, "routed", "Degraded back to AsExpected", |m| {
+        condition(m, "Degraded").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    let m = models.get("routed").await.expect("model");
+    let pool = pools.get("routed").await.expect("pool");
+    assert!(
+        pool.metadata.owner_references.as_ref().is_some_and(|o| o
+            .iter()
+            .any(|o| o.kind == "Model"
+                && Some(&o.uid) == m.metadata.uid.as_ref()
+                && o.controller == Some(true))),
+        "owned by the Model: {:?}",
+        pool.metadata.owner_references
+    );
+    assert_eq!(pool.spec["targetPorts"], json!([{"number": 8080}]));
+    assert_eq!(
+        pool.spec["endpointPickerRef"],
+        json!({"group": "", "kind": "Service", "name": "routed-epp", "port": {"number": 9002},
+               "failureMode": "FailClose"}),
+        "the picker, with the CRD's defaults filled in by the API server"
+    );
+    // Its selector selects exactly the Model's pods, and each listens on
+    // the target port (the sidecar's, which clients use).
+    let selector: BTreeMap<String, String> =
+        serde_json::from_value(pool.spec["selector"]["matchLabels"].clone()).expect("labels");
+    let selector = selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let selected: BTreeSet<String> = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("pods")
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| p.name_any())
+        .collect();
+    let own: BTreeSet<String> = model_pods(client, &ns, "routed")
+        .await
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(selected, own, "the pool selects the Model's pods");
+    assert_eq!(own.len(), 1);
+    for p in model_pods(client, &ns, "routed").await {
+        let ports: Vec<i32> = p
+            .spec
+            .as_ref()
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten().map(|p| p.container_port))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(ports.contains(&8080), "{}: ports {ports:?}", p.name_any());
+    }
+
+    // The real schema: a pool without target ports is refused.
+    let bad: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": {"name": "bad"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "targetPorts": [],
+            "endpointPickerRef": {"name": "epp", "port": {"number": 9002}},
+        },
+    }))
+    .expect("pool");
+    let refused = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &kube::api::ApiResource::erase::<InferencePool>(&()),
+    )
+    .create(&PostParams::default(), &bad)
+    .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("targetPorts")),
+        "the CRD's schema refuses an empty targetPorts: {refused:?}"
+    );
+
+    // It follows the Model's picker.
+    models
+        .patch(
+            "routed",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"routing": {"inferencePool": {"endpointPicker": {
+                "name": "gateway-epp", "port": 9100, "failureMode": "FailOpen"}}}}}),
+            ),
+        )
+        .await
+        .expect("patch");
+    wait_for(
+        pools.clone(),
+        "routed",
+        TIMEOUT,
+        |p: Option<&InferencePool>| {
+            p.is_some_and(|p| {
+                p.spec["endpointPickerRef"]
+                    == json!({"group": "", "kind": "Service", "name": "gateway-epp",
+                          "port": {"number": 9100}, "failureMode": "FailOpen"})
+            })
+        },
+    )
+    .await
+    .expect("the pool follows the Model's picker");
+
+    // Not asked any more: deleted; asked again: back.
+    models
+        .patch(
+            "routed",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"routing": null}})),
+        )
+        .await
+        .expect("patch");
+    wait_for(
+        pools.clone(),
+        "routed",
+        TIMEOUT,
+        |p: Option<&InferencePool>| p.is_none(),
+    )
+    .await
+    .expect("the pool goes when the Model stops asking");
+    models
+        .patch(
+            "routed",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"routing": {"inferencePool": {}}}})),
+        )
+        .await
+        .expect("patch");
+    wait_for(
+        pools.clone(),
+        "routed",
+        TIMEOUT,
+        |p: Option<&InferencePool>| p.is_some(),
+    )
+    .await
+    .expect("the pool comes back");
+
+    // Garbage-collected with the Model.
+    models
+        .delete("routed", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        pools.clone(),
+        "routed",
+        TIMEOUT,
+        |p: Option<&InferencePool>| p.is_none(),
+    )
+    .await
+    .expect("the pool is garbage-collected with the Model");
 }

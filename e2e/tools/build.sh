@@ -4,8 +4,12 @@
 # caches the binaries outside the checkout, keyed by component version and
 # go.sum hash. A second run reuses them; a fresh machine builds them unattended.
 #
-# Usage: e2e/tools/build.sh [etcd|kube|kwok|helm ...]   (default: all)
+# Usage: e2e/tools/build.sh [etcd|kube|kwok|helm|gie ...]   (default: all)
 # Prints the directory holding the binaries on its last line of stdout.
+# `gie` builds nothing: it copies the Gateway API Inference Extension's
+# InferencePool CRD (inference.networking.k8s.io_inferencepools.yaml) from its
+# Go module (downloaded and checked against e2e/tools/gie/go.sum) into the
+# same directory.
 # Cache root: $STRATA_CACHE_DIR, else ${XDG_CACHE_HOME:-$HOME/.cache}/strata.
 set -euo pipefail
 
@@ -53,6 +57,42 @@ build() {
   done
 }
 
+# fetch_file <component> <version> <module> <path in the module>: a file of a
+# pinned module's source, cached like a binary and linked into $bin_dir.
+fetch_file() {
+  local comp="$1" version="$2" module="$3" path="$4"
+  local file key dest
+  file="$(basename "$path")"
+  if ! grep -q "^require $module $version\$" "$here/$comp/go.mod"; then
+    log "$comp: e2e/tools/$comp/go.mod does not require $module $version (versions.env)"
+    exit 2
+  fi
+  key="$(sum_key "$comp")"
+  dest="$bin_dir/$comp-$version-$key"
+  if [[ -f "$dest/$file" ]]; then
+    log "$comp $version: cached in $dest"
+  else
+    log "$comp $version: fetching $module"
+    local dir tmp
+    # -mod=readonly: the module's hash must be the one go.sum pins.
+    dir="$(cd "$here/$comp" && GOFLAGS=-mod=readonly go mod download -json "$module" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
+    if [[ -z "$dir" || ! -f "$dir/$path" ]]; then
+      log "$comp $version: $path not found in $module (${dir:-not downloaded})"
+      exit 1
+    fi
+    tmp="$(mktemp -d "$bin_dir/.fetch-$comp-XXXXXX")"
+    cp "$dir/$path" "$tmp/$file"
+    chmod 0644 "$tmp/$file"
+    rm -rf "$dest"
+    mv "$tmp" "$dest"
+  fi
+  ln -sf "$dest/$file" "$bin_dir/$file"
+  for old in "$bin_dir/$comp"-*; do
+    if [[ "$old" != "$dest" && -d "$old" ]]; then rm -rf "$old"; fi
+  done
+}
+
 k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
 k8s_ldflags=""
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
@@ -67,7 +107,7 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
 done
 
 components=("$@")
-[[ ${#components[@]} -eq 0 ]] && components=(etcd kube kwok helm)
+[[ ${#components[@]} -eq 0 ]] && components=(etcd kube kwok helm gie)
 for c in "${components[@]}"; do
   case "$c" in
     etcd) build etcd "$ETCD_VERSION" etcd -- -ldflags "-s -w" . ;;
@@ -79,6 +119,8 @@ for c in "${components[@]}"; do
             -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok ;;
     helm) build helm "$HELM_VERSION" helm -- \
             -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION $helm_k8s" helm.sh/helm/v3/cmd/helm ;;
+    gie) fetch_file gie "$GIE_VERSION" sigs.k8s.io/gateway-api-inference-extension \
+            config/crd/bases/inference.networking.k8s.io_inferencepools.yaml ;;
     *) log "unknown component $c"; exit 2 ;;
   esac
 done

@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod energy;
+pub mod inference_pool;
 pub mod janitor;
 pub mod model;
 pub mod pool;
@@ -132,6 +133,9 @@ pub struct Context {
     pub sidecars: crate::sidecar_client::SidecarClient,
     /// Where GPU readings come from, with the node agents' pods.
     pub telemetry: telemetry::Telemetry,
+    /// Whether InferencePools are served, and Strata's (see
+    /// [`inference_pool`]).
+    pub inference_pools: inference_pool::InferencePools,
 }
 
 /// A digest of what matters about a node for placement: readiness,
@@ -602,6 +606,7 @@ pub async fn run(
         failures: std::sync::Mutex::new(HashMap::new()),
         sidecars,
         telemetry,
+        inference_pools: inference_pool::InferencePools::default(),
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);

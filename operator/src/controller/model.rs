@@ -73,16 +73,19 @@ async fn phases(model: &Model, ctx: &Context) -> Result<Action> {
     // error reporter (ReconcileError, a Warning Event, backoff).
     let mut deleted = Deleted::default();
     let mut created = Created::default();
-    let mut service_conflict = false;
+    let mut children = Children::default();
     let applied = async {
         delete_replicas(ctx, model, &seen, &plan, &mut deleted).await?;
-        // The replicas and the Service do not wait for each other.
-        let (placed, service) = futures::join!(
+        // The replicas, the Service and the InferencePool do not wait for
+        // each other.
+        let (placed, service, pool) = futures::join!(
             place_and_create(ctx, model, &seen, &plan, &deleted, &mut created),
             apply_service(ctx, model, &seen),
+            apply_inference_pool(ctx, model, &seen),
         );
+        children.service_conflict = service?;
+        children.inference_pool = pool?;
         placed?;
-        service_conflict = service?;
         Ok::<(), Error>(())
     }
     .await;
@@ -92,15 +95,7 @@ async fn phases(model: &Model, ctx: &Context) -> Result<Action> {
         m.pods.deleted(deleted.pods.iter().cloned(), now);
         m.pods.created(created.pods.iter().cloned(), now);
     });
-    let (status, pace) = status(
-        model,
-        &seen,
-        &desire,
-        &plan,
-        &deleted,
-        &created,
-        service_conflict,
-    );
+    let (status, pace) = status(model, &seen, &desire, &plan, &deleted, &created, &children);
     record_metrics(ctx, model, &seen, &desire, &status);
     let written = reconcile::write_status(ctx, model, &status).await;
     applied?;
@@ -938,6 +933,65 @@ fn unplaced_message(model: &Model, plan: &Plan<'_>, outcome: &placement::Outcome
     outcome.explain(gpus)
 }
 
+/// What became of the Model's other children, for its status.
+#[derive(Debug, Default)]
+struct Children {
+    /// A Service of the Model's name exists that it does not own.
+    service_conflict: bool,
+    /// Why the InferencePool the Model asks for is not there.
+    inference_pool: Option<strata_core::inference_pool::Problem>,
+}
+
+/// Phase 4d: the Model's InferencePool, when it asks for one (see
+/// [`super::inference_pool`]); a Warning Event the first time it cannot
+/// have it (not at every reconcile). Returns why it cannot.
+async fn apply_inference_pool(
+    ctx: &Context,
+    model: &Model,
+    seen: &Seen,
+) -> Result<Option<strata_core::inference_pool::Problem>> {
+    use super::inference_pool::Outcome;
+    let routing = strata_core::inference_pool::wanted(model);
+    let outcome = super::inference_pool::apply(
+        &ctx.inference_pools,
+        &ctx.client,
+        &seen.ns,
+        &seen.name,
+        &seen.uid,
+        routing,
+    )
+    .await?;
+    let key = format!("{}/{}#{}", seen.ns, seen.name, seen.uid);
+    let problem = outcome.as_ref().err();
+    if ctx.inference_pools.first_warning(&key, problem)
+        && let Some(problem) = problem
+    {
+        let note = problem.message(&seen.name);
+        tracing::warn!(namespace = %seen.ns, name = %seen.name, reason = problem.reason(), "{note}");
+        publish(
+            ctx,
+            model,
+            EventType::Warning,
+            problem.reason(),
+            "InferencePool",
+            note,
+        )
+        .await;
+    }
+    let label = match outcome {
+        Ok(Outcome::None) => return Ok(None),
+        Err(problem) => return Ok(Some(problem)),
+        Ok(Outcome::Unchanged) => "unchanged",
+        Ok(Outcome::Applied) => "applied",
+        Ok(Outcome::Deleted) => "deleted",
+    };
+    ctx.metrics
+        .child_applies
+        .with_label_values(&["InferencePool", label])
+        .inc();
+    Ok(None)
+}
+
 /// Phase 4c: the Model's Service, unless a foreign Service has its name.
 /// Returns true on such a conflict.
 async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool> {
@@ -1113,7 +1167,7 @@ fn status(
     plan: &Plan<'_>,
     deleted: &Deleted,
     created: &Created,
-    service_conflict: bool,
+    children: &Children,
 ) -> (ModelStatus, Pace) {
     let desired = desire.replicas;
     let current: Vec<&Pod> = seen
@@ -1150,7 +1204,8 @@ fn status(
         deleted: plan.rollout.delete.len(),
         failures: deleted.failures,
         unplaced: created.unplaced.clone(),
-        service_conflict,
+        service_conflict: children.service_conflict,
+        inference_pool: children.inference_pool.clone(),
         missing_secret: seen.missing_secret.clone(),
         no_pool: plan.templates.is_empty() && !model.spec.pools.is_empty(),
         acted: plan.rollout.create > 0 || !plan.rollout.delete.is_empty(),

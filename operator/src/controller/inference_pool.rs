@@ -1,0 +1,327 @@
+//! The Model's InferencePool (`inference.networking.k8s.io/v1`, the Gateway
+//! API Inference Extension), for Models with `spec.routing.inferencePool`:
+//! built by [`strata_core::inference_pool`], applied only when the cached
+//! one differs, deleted when the Model stops asking, and garbage-collected
+//! with the Model (owner reference).
+//!
+//! The extension's CRDs are optional. Whether the API server serves
+//! InferencePools is asked once (one discovery request) when the first
+//! Model is reconciled, and again at most every [`RECHECK`] while a Model
+//! asks for one and they are missing; only once they are served is a watch
+//! of Strata's InferencePools started. Without them a Model that asks gets
+//! `Degraded/InferencePoolUnavailable` and a Warning Event, and is served
+//! through its Service as always; nothing else is sent, and no watch fails.
+
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::core::{NamespaceResourceScope, ObjectMeta};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+use serde::{Deserialize, Serialize};
+use strata_core::inference_pool::{self as pool, Problem};
+use strata_core::labels;
+
+use crate::error::{Error, Result};
+
+/// How often a Model that asks for an InferencePool checks again whether
+/// the API server serves them, while it does not.
+pub const RECHECK: Duration = Duration::from_secs(10);
+
+/// How long the first list of the InferencePool watch may take.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An InferencePool as the operator reads it: metadata and spec (its status
+/// belongs to the gateways).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct InferencePool {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// The spec, as the API server returns it.
+    #[serde(default)]
+    pub spec: serde_json::Value,
+}
+
+impl Resource for InferencePool {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(pool::KIND)
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(pool::GROUP)
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(pool::VERSION)
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(pool::PLURAL)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl InferencePool {
+    /// The object as JSON (metadata and spec), for the pure comparison.
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "metadata": serde_json::to_value(&self.metadata).unwrap_or_default(),
+            "spec": self.spec,
+        })
+    }
+}
+
+/// Whether InferencePools are served, and Strata's once they are.
+enum State {
+    /// Not asked yet.
+    Unknown,
+    /// Not served when last asked.
+    Absent(Instant),
+    /// Served: the cache of Strata's InferencePools.
+    Present(Store<InferencePool>),
+}
+
+/// The operator's view of InferencePools (one per process).
+pub struct InferencePools {
+    state: tokio::sync::Mutex<State>,
+    /// The problem each Model (by `namespace/name#uid`) was last warned
+    /// about, so that it is told once, not at every reconcile.
+    warned: std::sync::Mutex<std::collections::HashMap<String, &'static str>>,
+}
+
+impl Default for InferencePools {
+    fn default() -> Self {
+        Self {
+            state: tokio::sync::Mutex::new(State::Unknown),
+            warned: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl InferencePools {
+    /// Whether the Model `key` should be warned about `problem` now: true
+    /// the first time (and again after it went away). `None`: no problem
+    /// (forgets the Model).
+    pub fn first_warning(&self, key: &str, problem: Option<&Problem>) -> bool {
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match problem {
+            None => {
+                warned.remove(key);
+                false
+            }
+            Some(p) => warned.insert(key.to_string(), p.reason()) != Some(p.reason()),
+        }
+    }
+
+    /// The cache of Strata's InferencePools if the API server serves them;
+    /// asks it when not known yet, or when `want` and the last answer (no)
+    /// is older than [`RECHECK`].
+    pub async fn store(&self, client: &Client, want: bool) -> Result<Option<Store<InferencePool>>> {
+        let mut state = self.state.lock().await;
+        match &*state {
+            State::Present(store) => return Ok(Some(store.clone())),
+            State::Absent(at) if !want || at.elapsed() < RECHECK => return Ok(None),
+            State::Absent(_) | State::Unknown => {}
+        }
+        if !served(client).await? {
+            if !matches!(*state, State::Absent(_)) {
+                tracing::info!(
+                    "the API server does not serve {} {}: Models that ask for an InferencePool report InferencePoolUnavailable",
+                    pool::API_VERSION,
+                    pool::PLURAL
+                );
+            }
+            *state = State::Absent(Instant::now());
+            return Ok(None);
+        }
+        let store = crate::watch::spawn_store(
+            Api::<InferencePool>::all(client.clone()),
+            watcher::Config::default().labels(&format!(
+                "{}={}",
+                labels::MANAGED_BY,
+                labels::MANAGER
+            )),
+            crate::watch::drop_managed_fields,
+            || {},
+        );
+        match tokio::time::timeout(SYNC_TIMEOUT, store.wait_until_ready()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                tracing::warn!("the InferencePool cache did not sync; asking again later");
+                *state = State::Absent(Instant::now());
+                return Ok(None);
+            }
+        }
+        tracing::info!(
+            "the API server serves {} {}: watching Strata's",
+            pool::API_VERSION,
+            pool::PLURAL
+        );
+        *state = State::Present(store.clone());
+        Ok(Some(store))
+    }
+}
+
+/// Whether the API server serves `inference.networking.k8s.io/v1`
+/// InferencePools (one discovery request).
+async fn served(client: &Client) -> Result<bool> {
+    match client.list_api_group_resources(pool::API_VERSION).await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == pool::PLURAL)),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(source) => Err(Error::Get {
+            kind: "APIResourceList",
+            name: pool::API_VERSION.to_string(),
+            source,
+        }),
+    }
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing asked, nothing there.
+    None,
+    /// The cached one is what the Model asks.
+    Unchanged,
+    /// Created or updated.
+    Applied,
+    /// Deleted (the Model stopped asking).
+    Deleted,
+}
+
+/// The Model `ns/name` (UID `uid`)'s InferencePool: applied when
+/// `routing` asks for one and the cached one differs, deleted when it does
+/// not ask and one it owns exists. Returns what it did, or why the Model
+/// does not have the one it asks for.
+pub async fn apply(
+    pools: &InferencePools,
+    client: &Client,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    routing: Option<&strata_crds::model::InferencePoolRouting>,
+) -> Result<std::result::Result<Outcome, Problem>> {
+    let Some(store) = pools.store(client, routing.is_some()).await? else {
+        return Ok(match routing {
+            Some(_) => Err(Problem::NotInstalled),
+            None => Ok(Outcome::None),
+        });
+    };
+    let api: Api<InferencePool> = Api::namespaced(client.clone(), ns);
+    let cached = store.get(&ObjectRef::new(name).within(ns));
+    let Some(routing) = routing else {
+        // Not asked: delete the one this Model owns, if any.
+        let Some(have) = cached else {
+            return Ok(Ok(Outcome::None));
+        };
+        if !pool::owned_by(&have.to_json(), uid) {
+            return Ok(Ok(Outcome::None));
+        }
+        return match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(Ok(Outcome::Deleted)),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Ok(Outcome::None)),
+            Err(source) => Err(Error::Write {
+                kind: "InferencePool",
+                name: name.to_string(),
+                source,
+            }),
+        };
+    };
+    let desired = pool::build(ns, name, uid, routing);
+    match cached {
+        Some(have) => {
+            let have = have.to_json();
+            if !pool::owned_by(&have, uid) {
+                return Ok(Err(Problem::Conflict));
+            }
+            if pool::matches(&have, &desired, uid) {
+                return Ok(Ok(Outcome::Unchanged));
+            }
+        }
+        None => {
+            // Not in the cache: someone else's of that name may exist (the
+            // cache holds Strata's only).
+            let existing = api.get_opt(name).await.map_err(|source| Error::Get {
+                kind: "InferencePool",
+                name: name.to_string(),
+                source,
+            })?;
+            if existing.is_some_and(|e| !pool::owned_by(&e.to_json(), uid)) {
+                return Ok(Err(Problem::Conflict));
+            }
+        }
+    }
+    api.patch(
+        name,
+        &PatchParams::apply(labels::FIELD_MANAGER).force(),
+        &Patch::Apply(&desired),
+    )
+    .await
+    .map_err(|source| Error::Write {
+        kind: "InferencePool",
+        name: name.to_string(),
+        source,
+    })?;
+    tracing::info!(namespace = ns, name, "applied the Model's InferencePool");
+    Ok(Ok(Outcome::Applied))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_is_warned_once_per_problem() {
+        let pools = InferencePools::default();
+        let (a, b) = ("ns/a#1", "ns/b#2");
+        assert!(pools.first_warning(a, Some(&Problem::NotInstalled)));
+        assert!(!pools.first_warning(a, Some(&Problem::NotInstalled)));
+        assert!(pools.first_warning(b, Some(&Problem::NotInstalled)));
+        assert!(
+            pools.first_warning(a, Some(&Problem::Conflict)),
+            "another problem"
+        );
+        assert!(!pools.first_warning(a, None));
+        assert!(
+            pools.first_warning(a, Some(&Problem::Conflict)),
+            "again after it went away"
+        );
+    }
+
+    #[test]
+    fn the_resource_is_the_extensions_v1_inferencepool() {
+        assert_eq!(
+            InferencePool::api_version(&()),
+            "inference.networking.k8s.io/v1"
+        );
+        assert_eq!(
+            InferencePool::url_path(&(), Some("team")),
+            "/apis/inference.networking.k8s.io/v1/namespaces/team/inferencepools"
+        );
+    }
+
+    #[test]
+    fn a_pool_read_from_the_api_server_compares_with_the_built_one() {
+        let routing = strata_crds::model::InferencePoolRouting::default();
+        let desired = pool::build("team", "llama", "u1", &routing);
+        // As a list or watch returns it: kind, apiVersion and status too.
+        let mut wire = desired.clone();
+        wire["status"] = serde_json::json!({"parents": []});
+        wire["spec"]["endpointPickerRef"]["failureMode"] = serde_json::json!("FailClose");
+        wire["metadata"]["uid"] = serde_json::json!("p1");
+        let read: InferencePool = serde_json::from_value(wire).expect("pool");
+        assert!(pool::owned_by(&read.to_json(), "u1"));
+        assert!(pool::matches(&read.to_json(), &desired, "u1"));
+        assert!(!pool::matches(&read.to_json(), &desired, "u2"));
+    }
+}
