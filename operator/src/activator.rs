@@ -58,7 +58,7 @@ pub const OPT_IN_ANNOTATION: &str = "strata.ai/activator";
 
 /// A wake request is repeated at most this often per Model while requests
 /// wait (the autoscaler takes the newest).
-const WAKE_EVERY: Duration = Duration::from_secs(30);
+pub const WAKE_EVERY: Duration = Duration::from_secs(30);
 
 /// Whether the activator serves a Model.
 pub fn serves(model: &Model) -> bool {
@@ -72,14 +72,36 @@ pub fn serves(model: &Model) -> bool {
 /// The pod IPs of a Model's ready replicas: owned by this Model (its UID,
 /// not only its name), not terminating, ready, with an IP.
 pub fn ready_ips<'a>(model_uid: &str, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<String> {
-    pods.into_iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && view::pod_ready(p)
-                && p.owner_references().iter().any(|o| o.uid == model_uid)
-        })
+    ready_pods(model_uid, pods)
         .filter_map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
         .collect()
+}
+
+/// A Model's ready replicas (shared with strata-gateway): owned by this
+/// Model (its UID), not terminating, ready.
+pub fn ready_pods<'a, 'u>(
+    model_uid: &'u str,
+    pods: impl IntoIterator<Item = &'a Pod> + 'u,
+) -> impl Iterator<Item = &'a Pod> + 'u
+where
+    'a: 'u,
+{
+    pods.into_iter().filter(move |p| {
+        p.metadata.deletion_timestamp.is_none()
+            && view::pod_ready(p)
+            && p.owner_references().iter().any(|o| o.uid == model_uid)
+    })
+}
+
+/// Asks for a replica of a Model: the wake annotation, stamped now (one
+/// PATCH; shared with strata-gateway).
+pub async fn request_wake(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
+    let stamp = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = json!({"metadata": {"annotations": {WAKE_ANNOTATION: stamp}}});
+    let api: Api<Model> = Api::namespaced(client.clone(), ns);
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }
 
 /// Bounds of the activator.
@@ -263,11 +285,7 @@ impl Activator {
             woken.insert(key, now);
         }
         self.metrics.activator_wakes.inc();
-        let stamp = k8s_openapi::jiff::Timestamp::now().to_string();
-        let patch = json!({"metadata": {"annotations": {WAKE_ANNOTATION: stamp}}});
-        let api: Api<Model> = Api::namespaced(self.client.clone(), ns);
-        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        request_wake(&self.client, ns, name).await?;
         tracing::info!(namespace = %ns, model = %name, "no ready replica: asked for one; requests wait");
         Ok(())
     }

@@ -1,0 +1,96 @@
+//! The gateway's Prometheus metrics (`strata_gateway_` prefix, base units).
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+/// The gateway's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry /metrics serves.
+    pub registry: Registry,
+    /// Requests by Model (`namespace/name`, empty when none was found),
+    /// reason (how the replica was picked, or why the request was refused)
+    /// and status code.
+    pub requests: IntCounterVec,
+    /// From the request's arrival to the end of the answer's body, by Model.
+    pub duration: HistogramVec,
+    /// Requests forwarded and not yet finished, by Model.
+    pub in_flight: IntGaugeVec,
+    /// Attempts tried again on another replica, by Model.
+    pub retries: IntCounterVec,
+    /// Wake requests (PATCHes of the wake annotation) sent.
+    pub wakes: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every metric in a new registry.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "strata_gateway_requests_total",
+                "Requests by Model, reason (prefix, spilled_over, least_loaded, or why refused) and status code.",
+            ),
+            &["model", "reason", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "strata_gateway_request_duration_seconds",
+                "From a request's arrival to the end of its answer's body, by Model.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                300.0,
+            ]),
+            &["model"],
+        )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new(
+                "strata_gateway_in_flight",
+                "Requests forwarded to a replica whose answer has not ended, by Model.",
+            ),
+            &["model"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "strata_gateway_retries_total",
+                "Attempts tried again on another replica before any byte reached the client, by Model.",
+            ),
+            &["model"],
+        )?;
+        let wakes = IntCounter::new(
+            "strata_gateway_wakes_total",
+            "Times the gateway asked for a replica of a Model at zero (the wake annotation).",
+        )?;
+        let all: [Box<dyn prometheus::core::Collector>; 5] = [
+            Box::new(requests.clone()),
+            Box::new(duration.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(retries.clone()),
+            Box::new(wakes.clone()),
+        ];
+        for c in all {
+            registry.register(c)?;
+        }
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            in_flight,
+            retries,
+            wakes,
+        })
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
+        {
+            tracing::warn!("rendering metrics: {e}");
+        }
+        out
+    }
+}

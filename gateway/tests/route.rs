@@ -1,0 +1,377 @@
+//! The gateway's router against fake replicas on 127.0.0.1, fed a routing
+//! table directly (no Kubernetes): prefix affinity, spread, adapters,
+//! retries after a connection failure, streaming passed through.
+
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use strata_gateway::metrics::Metrics;
+use strata_gateway::proxy::{Gateway, Settings, WakeFn};
+use strata_gateway::table::{ModelRoutes, Replica, Snapshot};
+use tokio::sync::{Notify, watch};
+
+/// What a fake replica saw.
+#[derive(Clone, Default)]
+struct Seen {
+    hits: Arc<Mutex<Vec<String>>>,
+    /// Released by the test between a streamed answer's two chunks.
+    go_on: Arc<Notify>,
+}
+
+async fn upstream_handler(
+    State((name, seen)): State<(String, Seen)>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    // Hop-by-hop headers (and those Connection names) never arrive.
+    if headers.contains_key("x-secret") {
+        return Response::builder()
+            .status(500)
+            .body(Body::from("x-secret was forwarded"))
+            .expect("response");
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if let Ok(mut h) = seen.hits.lock() {
+        h.push(name.clone());
+    }
+    if v["stream"] == json!(true) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let go_on = seen.go_on.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from_static(b"data: {\"n\":1}\n\n")).await;
+            go_on.notified().await;
+            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        });
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|c| (Ok::<_, Infallible>(c), rx))
+        });
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("x-replica", name)
+            .body(Body::from_stream(stream))
+            .expect("response");
+    }
+    Response::builder()
+        .header("x-replica", name.clone())
+        .body(Body::from(json!({"replica": name}).to_string()))
+        .expect("response")
+}
+
+async fn upstream(name: &str) -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    let app = Router::new()
+        .fallback(upstream_handler)
+        .with_state((name.to_string(), seen.clone()));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (addr, seen)
+}
+
+/// An address nobody listens on.
+async fn closed() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    l.local_addr().expect("addr")
+}
+
+fn replica(name: &str, addr: SocketAddr, adapters: &[&str]) -> Replica {
+    Replica {
+        name: name.into(),
+        addr,
+        adapters: adapters.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+struct World {
+    url: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    metrics: Metrics,
+    _table: watch::Sender<Arc<Snapshot>>,
+}
+
+async fn gateway(replicas: Vec<Replica>) -> World {
+    let snapshot = Snapshot {
+        models: vec![ModelRoutes {
+            namespace: "ns".into(),
+            name: "llama".into(),
+            served: "meta/llama".into(),
+            adapters: BTreeSet::from(["sql".to_string()]),
+            wakeable: false,
+            replicas,
+        }],
+        synced: true,
+    };
+    let (tx, rx) = watch::channel(Arc::new(snapshot));
+    let metrics = Metrics::new().expect("metrics");
+    let wake: WakeFn = Arc::new(|_, _| Box::pin(async { Ok(()) }));
+    let g = Gateway::new(rx, wake, Settings::default(), metrics.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(strata_gateway::proxy::serve(l, g, std::future::pending()));
+    World {
+        url,
+        client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        metrics,
+        _table: tx,
+    }
+}
+
+impl World {
+    /// POSTs `body`; the status and the replica that answered.
+    async fn post(&self, path: &str, body: Value) -> (u16, String) {
+        let req = hyper::Request::post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .header("connection", "x-secret")
+            .header("x-secret", "hop")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+            .await
+            .expect("in time")
+            .expect("answer");
+        let status = resp.status().as_u16();
+        let replica = resp
+            .headers()
+            .get("x-replica")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let _ = resp.into_body().collect().await;
+        (status, replica)
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let req = hyper::Request::get(format!("{}{path}", self.url))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = self.client.request(req).await.expect("answer");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+}
+
+fn chat(model: &str, system: &str, user: &str) -> Value {
+    json!({"model": model, "messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user}
+    ]})
+}
+
+async fn three() -> (Vec<Replica>, HashMap<String, Seen>) {
+    let mut reps = Vec::new();
+    let mut seen = HashMap::new();
+    for (name, adapters) in [("r-a", vec![]), ("r-b", vec![]), ("r-c", vec!["sql"])] {
+        let (addr, s) = upstream(name).await;
+        reps.push(replica(name, addr, &adapters));
+        seen.insert(name.to_string(), s);
+    }
+    (reps, seen)
+}
+
+#[tokio::test]
+async fn a_shared_prefix_lands_on_one_replica_and_different_ones_spread() {
+    let (reps, _) = three().await;
+    let w = gateway(reps).await;
+    let system = "You are a careful assistant for the ACME company. ".repeat(8);
+    let mut used = BTreeSet::new();
+    for i in 0..12 {
+        let (status, r) = w
+            .post(
+                "/v1/chat/completions",
+                chat("meta/llama", &system, &format!("question {i}")),
+            )
+            .await;
+        assert_eq!(status, 200);
+        used.insert(r);
+    }
+    assert_eq!(used.len(), 1, "one replica for one prefix: {used:?}");
+
+    let mut used = BTreeSet::new();
+    for i in 0..30 {
+        let (status, r) = w
+            .post(
+                "/v1/completions",
+                json!({"model": "meta/llama", "prompt": format!("{i} distinct prompt")}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        used.insert(r);
+    }
+    assert_eq!(used.len(), 3, "different prefixes spread: {used:?}");
+
+    // The per-Model path reaches the same replicas; the Model's own name
+    // works when no served name takes it.
+    let (status, r) = w
+        .post(
+            "/models/ns/llama/v1/chat/completions",
+            chat("meta/llama", &system, "hello"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(r.starts_with("r-"));
+    let (status, _) = w
+        .post("/v1/completions", json!({"model": "llama", "prompt": "x"}))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn adapter_requests_reach_only_replicas_that_carry_it() {
+    let (reps, seen) = three().await;
+    let w = gateway(reps).await;
+    for i in 0..15 {
+        let (status, r) = w
+            .post(
+                "/v1/completions",
+                json!({"model": "sql", "prompt": format!("select {i}")}),
+            )
+            .await;
+        assert_eq!((status, r.as_str()), (200, "r-c"));
+    }
+    let hits = |n: &str| seen[n].hits.lock().map(|h| h.len()).unwrap_or(0);
+    assert_eq!((hits("r-a"), hits("r-b"), hits("r-c")), (0, 0, 15));
+}
+
+#[tokio::test]
+async fn a_connection_failure_is_tried_on_another_replica() {
+    let (addr, seen) = upstream("r-live").await;
+    let w = gateway(vec![
+        replica("r-dead", closed().await, &[]),
+        replica("r-live", addr, &[]),
+    ])
+    .await;
+    for i in 0..20 {
+        let (status, r) = w
+            .post(
+                "/v1/completions",
+                json!({"model": "meta/llama", "prompt": format!("prompt {i}")}),
+            )
+            .await;
+        assert_eq!((status, r.as_str()), (200, "r-live"), "request {i}");
+    }
+    assert_eq!(seen.hits.lock().map(|h| h.len()).unwrap_or(0), 20);
+    let retried = w.metrics.retries.with_label_values(&["ns/llama"]).get();
+    assert!(
+        retried > 0,
+        "some requests were picked for the dead one first"
+    );
+}
+
+#[tokio::test]
+async fn a_streamed_answer_passes_through_chunk_by_chunk() {
+    let (addr, seen) = upstream("r-s").await;
+    let w = gateway(vec![replica("r-s", addr, &[])]).await;
+    let mut body = chat("meta/llama", "s", "u");
+    body["stream"] = json!(true);
+    let req = hyper::Request::post(format!("{}/v1/chat/completions", w.url))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let resp = w.client.request(req).await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        w.metrics.in_flight.with_label_values(&["ns/llama"]).get(),
+        1
+    );
+    let mut body = resp.into_body();
+    // The first chunk arrives while the replica still holds the second.
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first chunk before the answer ends")
+        .expect("a frame")
+        .expect("data");
+    assert_eq!(
+        first.into_data().ok(),
+        Some(Bytes::from_static(b"data: {\"n\":1}\n\n"))
+    );
+    seen.go_on.notify_one();
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("the rest")
+        .expect("body")
+        .to_bytes();
+    assert_eq!(rest, Bytes::from_static(b"data: [DONE]\n\n"));
+    // The in-flight count ends with the body.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        w.metrics.in_flight.with_label_values(&["ns/llama"]).get(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn what_is_not_routable_is_answered_here() {
+    let (reps, seen) = three().await;
+    let w = gateway(reps).await;
+    let (status, list) = w.get("/v1/models").await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["meta/llama", "sql"]);
+    assert_eq!(w.get("/v1/models/sql").await.0, 200);
+    assert_eq!(w.get("/v1/models/nope").await.0, 404);
+    let (status, _) = w
+        .post("/v1/completions", json!({"model": "nope", "prompt": "x"}))
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        w.post("/v1/completions", json!({"prompt": "x"})).await.0,
+        400
+    );
+    assert_eq!(
+        w.post("/v1/load_lora_adapter", json!({"model": "sql"}))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        w.post("/models/ns/llama/v1/load_lora_adapter", json!({}))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        w.post("/models/ns/other/v1/completions", json!({"model": "x"}))
+            .await
+            .0,
+        404
+    );
+    let big = "x".repeat(9 * 1024 * 1024);
+    assert_eq!(
+        w.post(
+            "/v1/completions",
+            json!({"model": "meta/llama", "prompt": big})
+        )
+        .await
+        .0,
+        413
+    );
+    let total: usize = seen
+        .values()
+        .map(|s| s.hits.lock().map(|h| h.len()).unwrap_or(0))
+        .sum();
+    assert_eq!(total, 0, "none of these reached a replica");
+}
