@@ -125,11 +125,8 @@ enum MainError {
     Metrics(#[from] prometheus::Error),
     #[error("no Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
-    #[error("listening on {addr}: {error}")]
-    Listen {
-        addr: SocketAddr,
-        error: std::io::Error,
-    },
+    #[error("listening on {0}: {1}")]
+    Listen(SocketAddr, #[source] std::io::Error),
     #[error("serving: {0}")]
     Serve(std::io::Error),
 }
@@ -137,7 +134,7 @@ enum MainError {
 async fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener, MainError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|error| MainError::Listen { addr, error })
+        .map_err(|e| MainError::Listen(addr, e))
 }
 
 async fn run(cli: Cli) -> Result<(), MainError> {

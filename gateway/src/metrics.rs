@@ -1,7 +1,9 @@
 //! The gateway's Prometheus metrics (`strata_gateway_` prefix, base units).
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry,
+    register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
+    register_int_counter_with_registry, register_int_gauge_vec_with_registry,
 };
 
 /// The gateway's metrics.
@@ -27,52 +29,37 @@ impl Metrics {
     /// Registers every metric in a new registry.
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "strata_gateway_requests_total",
-                "Requests by Model, reason (prefix, spilled_over, least_loaded, or why refused) and status code.",
-            ),
+        let r = &registry;
+        let requests = register_int_counter_vec_with_registry!(
+            "strata_gateway_requests_total",
+            "Requests by Model, reason (prefix, spilled_over, least_loaded, or why refused) and status code.",
             &["model", "reason", "code"],
+            r
         )?;
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "strata_gateway_request_duration_seconds",
-                "From a request's arrival to the end of its answer's body, by Model.",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                300.0,
-            ]),
+        let duration = register_histogram_vec_with_registry!(
+            "strata_gateway_request_duration_seconds",
+            "From a request's arrival to the end of its answer's body, by Model.",
             &["model"],
+            prometheus::exponential_buckets(0.005, 2.5, 14)?,
+            r
         )?;
-        let in_flight = IntGaugeVec::new(
-            Opts::new(
-                "strata_gateway_in_flight",
-                "Requests forwarded to a replica whose answer has not ended, by Model.",
-            ),
+        let in_flight = register_int_gauge_vec_with_registry!(
+            "strata_gateway_in_flight",
+            "Requests forwarded to a replica whose answer has not ended, by Model.",
             &["model"],
+            r
         )?;
-        let retries = IntCounterVec::new(
-            Opts::new(
-                "strata_gateway_retries_total",
-                "Attempts tried again on another replica before any byte reached the client, by Model.",
-            ),
+        let retries = register_int_counter_vec_with_registry!(
+            "strata_gateway_retries_total",
+            "Attempts tried again on another replica before any byte reached the client, by Model.",
             &["model"],
+            r
         )?;
-        let wakes = IntCounter::new(
+        let wakes = register_int_counter_with_registry!(
             "strata_gateway_wakes_total",
             "Times the gateway asked for a replica of a Model at zero (the wake annotation).",
+            r
         )?;
-        let all: [Box<dyn prometheus::core::Collector>; 5] = [
-            Box::new(requests.clone()),
-            Box::new(duration.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(retries.clone()),
-            Box::new(wakes.clone()),
-        ];
-        for c in all {
-            registry.register(c)?;
-        }
         Ok(Self {
             registry,
             requests,

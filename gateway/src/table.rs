@@ -28,13 +28,12 @@ pub struct Replica {
 /// One Model as the gateway routes to it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ModelRoutes {
-    /// Its namespace.
+    /// Its namespace and name.
     pub namespace: String,
-    /// Its name.
     pub name: String,
-    /// The name clients put in `model` (spec.servedName, else its name).
+    /// The names clients put in `model`: the Model's (spec.servedName,
+    /// else its name) and its Adapters' (loaded anywhere or not).
     pub served: String,
-    /// Served names of its Adapters (loaded anywhere or not).
     pub adapters: BTreeSet<String>,
     /// Whether the gateway may ask for a replica when it has none (scale
     /// to zero, or the activator's opt-in annotation).

@@ -70,25 +70,28 @@ async fn upstream_handler(
         .expect("response")
 }
 
+/// A listener on 127.0.0.1 and its address.
+async fn loopback() -> (tokio::net::TcpListener, SocketAddr) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    (l, addr)
+}
+
 async fn upstream(name: &str) -> (SocketAddr, Seen) {
     let seen = Seen::default();
     let app = Router::new()
         .fallback(upstream_handler)
         .with_state((name.to_string(), seen.clone()));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
+    let (l, addr) = loopback().await;
     tokio::spawn(async move { axum::serve(l, app).await });
     (addr, seen)
 }
 
 /// An address nobody listens on.
 async fn closed() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    l.local_addr().expect("addr")
+    loopback().await.1
 }
 
 fn replica(name: &str, addr: SocketAddr, adapters: &[&str]) -> Replica {
@@ -122,10 +125,8 @@ async fn gateway(replicas: Vec<Replica>) -> World {
     let metrics = Metrics::new().expect("metrics");
     let wake: WakeFn = Arc::new(|_, _| Box::pin(async { Ok(()) }));
     let g = Gateway::new(rx, wake, Settings::default(), metrics.clone());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", l.local_addr().expect("addr"));
+    let (l, addr) = loopback().await;
+    let url = format!("http://{addr}");
     tokio::spawn(strata_gateway::proxy::serve(l, g, std::future::pending()));
     World {
         url,
@@ -159,6 +160,23 @@ impl World {
         (status, replica)
     }
 
+    /// Sends `n` requests, the i-th with `body(i)`, each answered 200; the
+    /// replicas that answered.
+    async fn answered_by(
+        &self,
+        path: &str,
+        n: usize,
+        body: impl Fn(usize) -> Value,
+    ) -> Vec<String> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let (status, r) = self.post(path, body(i)).await;
+            assert_eq!(status, 200, "request {i}");
+            out.push(r);
+        }
+        out
+    }
+
     async fn get(&self, path: &str) -> (u16, Value) {
         let req = hyper::Request::get(format!("{}{path}", self.url))
             .body(Full::new(Bytes::new()))
@@ -168,6 +186,11 @@ impl World {
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
+}
+
+/// Completions for `model`, each with its own prompt.
+fn prompts(model: &'static str) -> impl Fn(usize) -> Value {
+    move |i| json!({"model": model, "prompt": format!("prompt {i} for {model}")})
 }
 
 fn chat(model: &str, system: &str, user: &str) -> Value {
@@ -193,30 +216,20 @@ async fn a_shared_prefix_lands_on_one_replica_and_different_ones_spread() {
     let (reps, _) = three().await;
     let w = gateway(reps).await;
     let system = "You are a careful assistant for the ACME company. ".repeat(8);
-    let mut used = BTreeSet::new();
-    for i in 0..12 {
-        let (status, r) = w
-            .post(
-                "/v1/chat/completions",
-                chat("meta/llama", &system, &format!("question {i}")),
-            )
-            .await;
-        assert_eq!(status, 200);
-        used.insert(r);
-    }
+    let used: BTreeSet<String> = w
+        .answered_by("/v1/chat/completions", 12, |i| {
+            chat("meta/llama", &system, &format!("question {i}"))
+        })
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(used.len(), 1, "one replica for one prefix: {used:?}");
 
-    let mut used = BTreeSet::new();
-    for i in 0..30 {
-        let (status, r) = w
-            .post(
-                "/v1/completions",
-                json!({"model": "meta/llama", "prompt": format!("{i} distinct prompt")}),
-            )
-            .await;
-        assert_eq!(status, 200);
-        used.insert(r);
-    }
+    let used: BTreeSet<String> = w
+        .answered_by("/v1/completions", 30, prompts("meta/llama"))
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(used.len(), 3, "different prefixes spread: {used:?}");
 
     // The per-Model path reaches the same replicas; the Model's own name
@@ -239,15 +252,8 @@ async fn a_shared_prefix_lands_on_one_replica_and_different_ones_spread() {
 async fn adapter_requests_reach_only_replicas_that_carry_it() {
     let (reps, seen) = three().await;
     let w = gateway(reps).await;
-    for i in 0..15 {
-        let (status, r) = w
-            .post(
-                "/v1/completions",
-                json!({"model": "sql", "prompt": format!("select {i}")}),
-            )
-            .await;
-        assert_eq!((status, r.as_str()), (200, "r-c"));
-    }
+    let by = w.answered_by("/v1/completions", 15, prompts("sql")).await;
+    assert!(by.iter().all(|r| r == "r-c"), "{by:?}");
     let hits = |n: &str| seen[n].hits.lock().map(|h| h.len()).unwrap_or(0);
     assert_eq!((hits("r-a"), hits("r-b"), hits("r-c")), (0, 0, 15));
 }
@@ -260,15 +266,10 @@ async fn a_connection_failure_is_tried_on_another_replica() {
         replica("r-live", addr, &[]),
     ])
     .await;
-    for i in 0..20 {
-        let (status, r) = w
-            .post(
-                "/v1/completions",
-                json!({"model": "meta/llama", "prompt": format!("prompt {i}")}),
-            )
-            .await;
-        assert_eq!((status, r.as_str()), (200, "r-live"), "request {i}");
-    }
+    let by = w
+        .answered_by("/v1/completions", 20, prompts("meta/llama"))
+        .await;
+    assert!(by.iter().all(|r| r == "r-live"), "{by:?}");
     assert_eq!(seen.hits.lock().map(|h| h.len()).unwrap_or(0), 20);
     let retried = w.metrics.retries.with_label_values(&["ns/llama"]).get();
     assert!(
@@ -333,42 +334,29 @@ async fn what_is_not_routable_is_answered_here() {
     assert_eq!(ids, ["meta/llama", "sql"]);
     assert_eq!(w.get("/v1/models/sql").await.0, 200);
     assert_eq!(w.get("/v1/models/nope").await.0, 404);
-    let (status, _) = w
-        .post("/v1/completions", json!({"model": "nope", "prompt": "x"}))
-        .await;
-    assert_eq!(status, 404);
-    assert_eq!(
-        w.post("/v1/completions", json!({"prompt": "x"})).await.0,
-        400
-    );
-    assert_eq!(
-        w.post("/v1/load_lora_adapter", json!({"model": "sql"}))
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        w.post("/models/ns/llama/v1/load_lora_adapter", json!({}))
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        w.post("/models/ns/other/v1/completions", json!({"model": "x"}))
-            .await
-            .0,
-        404
-    );
     let big = "x".repeat(9 * 1024 * 1024);
-    assert_eq!(
-        w.post(
+    for (path, body, want) in [
+        (
             "/v1/completions",
-            json!({"model": "meta/llama", "prompt": big})
-        )
-        .await
-        .0,
-        413
-    );
+            json!({"model": "nope", "prompt": "x"}),
+            404,
+        ),
+        ("/v1/completions", json!({"prompt": "x"}), 400),
+        ("/v1/load_lora_adapter", json!({"model": "sql"}), 404),
+        ("/models/ns/llama/v1/load_lora_adapter", json!({}), 404),
+        (
+            "/models/ns/other/v1/completions",
+            json!({"model": "x"}),
+            404,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "meta/llama", "prompt": big}),
+            413,
+        ),
+    ] {
+        assert_eq!(w.post(path, body).await.0, want, "{path}");
+    }
     let total: usize = seen
         .values()
         .map(|s| s.hits.lock().map(|h| h.len()).unwrap_or(0))
