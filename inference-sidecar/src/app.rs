@@ -78,6 +78,8 @@ pub struct Limits {
     pub engine_timeout: Duration,
     /// The listeners' bounds (connections, request heads, idle time).
     pub server: strata_net::server::ServerLimits,
+    /// Idle connections to the engine kept for the next requests at most.
+    pub max_idle_engine_connections: usize,
 }
 
 impl Default for Limits {
@@ -94,6 +96,7 @@ impl Default for Limits {
                 max_connections: 2048,
                 ..strata_net::server::ServerLimits::default()
             },
+            max_idle_engine_connections: 128,
         }
     }
 }
@@ -102,8 +105,11 @@ impl Default for Limits {
 pub struct App {
     /// Settings.
     pub config: Config,
-    /// HTTP/1 client to the engine (pooled keep-alive connections).
+    /// HTTP/1 client to the engine (pooled keep-alive connections) for the
+    /// sidecar's own calls (health, metrics, adapters).
     pub client: Client<HttpConnector, Full<Bytes>>,
+    /// The proxy's connections to the engine (crate::upstream).
+    pub engine: Arc<crate::upstream::Pool>,
     /// Metrics.
     pub metrics: Metrics,
     /// True while the engine answers its health check.
@@ -156,9 +162,18 @@ impl App {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(4)
             .build(connector);
+        let engine = Arc::new(crate::upstream::Pool::new(
+            &config.engine_url,
+            crate::upstream::PoolLimits {
+                max_idle: config.limits.max_idle_engine_connections,
+                ..crate::upstream::PoolLimits::default()
+            },
+        ));
         Self {
             client,
+            engine,
             metrics,
             engine_ready: AtomicBool::new(false),
             adapters: tokio::sync::RwLock::new(BTreeMap::new()),

@@ -22,3 +22,4 @@ pub mod proxy;
 pub mod request;
 pub mod server;
 pub mod sse;
+pub mod upstream;

@@ -105,6 +105,10 @@ struct Cli {
     /// Largest non-streamed answer read for its token counts, bytes.
     #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
     max_response_parse_bytes: u64,
+    /// Idle connections to the engine kept for the next requests at most
+    /// (closed after 30 s idle).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    max_idle_engine_connections: u64,
     /// PEM certificate of the admin port (TLS; with --admin-tls-key-file).
     #[arg(long, requires = "admin_tls_key_file")]
     admin_tls_cert_file: Option<PathBuf>,
@@ -171,6 +175,7 @@ async fn main() -> ExitCode {
                     header_read_timeout: secs(cli.header_read_timeout),
                     ..ServerLimits::default()
                 },
+                max_idle_engine_connections: size(cli.max_idle_engine_connections),
             },
             admin_tls: match (cli.admin_tls_cert_file, cli.admin_tls_key_file) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -179,6 +184,10 @@ async fn main() -> ExitCode {
         },
         metrics,
     ));
+    if let Err(e) = app.engine.check() {
+        tracing::error!("--engine-url: {e}");
+        return ExitCode::FAILURE;
+    }
     let (api, admin) = match (
         server::bind(cli.listen).await,
         server::bind(cli.admin_listen).await,

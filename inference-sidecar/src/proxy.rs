@@ -10,26 +10,27 @@
 //! stream_options: crate::request), the engine's silence, and one event's
 //! size.
 
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use http::{HeaderMap, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Body as _;
-use serde_json::Value;
+use http_body_util::Full;
 use strata_net::body::{self, BodyLimits, Held};
 use strata_net::openai::{self, Endpoint, Route};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::App;
-use crate::measure::{ChunkKind, Measurement, StreamMeasure, usage_of};
+use crate::measure::{ChunkKind, Measurement, StreamMeasure, summarize};
 use crate::request;
-use crate::sse::Splitter;
+use crate::sse::{EventTooLarge, Splitter};
 
 fn error(status: StatusCode, message: String, kind: &str) -> Response {
     let body = openai::error_body(status, kind, &message);
@@ -300,17 +301,11 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
         strip_usage = true;
     }
 
-    let mut recorder = Recorder::new(app.clone(), slot, served.clone(), adapter, label, start);
-    let mut headers = parts.headers.clone();
+    let mut recorder = Recorder::new(app.clone(), slot, served, adapter, label, start);
+    let mut headers = parts.headers;
     strata_net::headers::strip_hop_by_hop(&mut headers);
-    let mut builder = http::Request::builder()
-        .method(parts.method.clone())
-        .uri(format!("{}{upstream}", app.config.engine_url));
-    if let Some(h) = builder.headers_mut() {
-        *h = headers;
-    }
-    let upstream_req = match builder.body(Full::new(body)) {
-        Ok(r) => r,
+    let uri = match app.engine.uri(&upstream) {
+        Ok(u) => u,
         Err(e) => {
             recorder.finish(None, "client_error");
             return error(
@@ -320,57 +315,85 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
             );
         }
     };
+    let mut upstream_req = http::Request::new(Full::new(body));
+    *upstream_req.method_mut() = parts.method;
+    *upstream_req.uri_mut() = uri;
+    *upstream_req.headers_mut() = headers;
     let engine_timeout = app.config.limits.engine_timeout;
-    let resp = match tokio::time::timeout(engine_timeout, app.client.request(upstream_req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            recorder.finish(None, "engine_unavailable");
-            return error(
-                StatusCode::BAD_GATEWAY,
-                format!("the engine is unreachable: {e}"),
-                "engine_unavailable",
-            );
-        }
-        Err(_) => {
-            recorder.finish(None, "engine_error");
-            app.metrics
-                .engine_response_errors
-                .with_label_values(&["timeout"])
-                .inc();
-            return error(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("the engine did not answer within {engine_timeout:?}"),
-                "engine_error",
-            );
-        }
-    };
+    let (resp, exchange) =
+        match tokio::time::timeout(engine_timeout, app.engine.send(upstream_req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                recorder.finish(None, "engine_unavailable");
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the engine is unreachable: {e}"),
+                    "engine_unavailable",
+                );
+            }
+            Err(_) => {
+                recorder.finish(None, "engine_error");
+                app.metrics
+                    .engine_response_errors
+                    .with_label_values(&["timeout"])
+                    .inc();
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("the engine did not answer within {engine_timeout:?}"),
+                    "engine_error",
+                );
+            }
+        };
     // The body is with the engine now.
     drop(held);
-    let status = resp.status();
-    let mut headers = resp.headers().clone();
-    let length = resp.headers().get(header::CONTENT_LENGTH).cloned();
-    strata_net::headers::strip_hop_by_hop(&mut headers);
-    let is_sse = resp
-        .headers()
+    let (head, body) = resp.into_parts();
+    let status = head.status;
+    let mut headers = head.headers;
+    let length = headers.get(header::CONTENT_LENGTH).cloned();
+    let is_sse = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    strata_net::headers::strip_hop_by_hop(&mut headers);
     let limits = app.config.limits;
-    let pass = Pass {
-        body: resp.into_body(),
+    let mut pass = Pass {
+        body,
+        exchange,
         idle: engine_timeout,
+        silence: Box::pin(tokio::time::sleep(engine_timeout)),
+        armed: false,
         recorder,
         status,
     };
     let stream_body = if stream && is_sse && status.is_success() {
-        sse_stream(pass, Splitter::new(limits.max_sse_event_bytes), strip_usage)
+        SseStream {
+            pass,
+            splitter: Splitter::new(limits.max_sse_event_bytes),
+            measure: StreamMeasure::default(),
+            strip_usage,
+            out: BytesMut::new(),
+            failed: None,
+            done: false,
+        }
+        .boxed()
     } else {
         // Passed through unchanged: the engine's length stays true (and
         // spares the client a chunked encoding).
         if let Some(v) = length {
             headers.insert(header::CONTENT_LENGTH, v);
         }
-        whole_stream(pass, limits.max_response_parse_bytes).await
+        // The first piece is awaited before the head is sent (see
+        // WholeStream).
+        let first = poll_fn(|cx| pass.poll_data(cx)).await;
+        WholeStream {
+            pass,
+            first: Some(first),
+            copy: Some(Vec::new()),
+            held: Held::default(),
+            keep: limits.max_response_parse_bytes,
+            done: false,
+        }
+        .boxed()
     };
     let mut out = Response::new(Body::from_stream(stream_body));
     *out.status_mut() = status;
@@ -378,42 +401,61 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
     out
 }
 
+/// Most bytes gathered for one write to the client: pieces that are
+/// already there are forwarded together up to this much.
+const MAX_GATHER_BYTES: usize = 64 * 1024;
+
 /// An engine answer on its way to the client.
 struct Pass {
     body: hyper::body::Incoming,
+    /// The engine connection, polled with the body.
+    exchange: crate::upstream::Exchange,
     idle: std::time::Duration,
+    /// The engine's silence: armed when no piece is there.
+    silence: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
     recorder: Recorder,
     status: StatusCode,
 }
 
-/// The next data frame: Ok(None) at the end, Err on failure or silence.
-async fn next_data(p: &mut Pass) -> Result<Option<Bytes>, std::io::Error> {
-    loop {
-        match tokio::time::timeout(p.idle, p.body.frame()).await {
-            Err(_) => {
-                p.recorder
-                    .app
-                    .metrics
-                    .engine_response_errors
-                    .with_label_values(&["timeout"])
-                    .inc();
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the engine went silent",
-                ));
-            }
-            Ok(None) => return Ok(None),
-            Ok(Some(Err(e))) => return Err(std::io::Error::other(e)),
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    return Ok(Some(data));
+impl Pass {
+    /// The next data frame: None at the end, an error on failure or when
+    /// the engine stays silent longer than allowed.
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, std::io::Error>> {
+        loop {
+            match self.exchange.poll_frame(&mut self.body, cx) {
+                Poll::Ready(None) => return Poll::Ready(Ok(None)),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(std::io::Error::other(e))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.armed = false;
+                        return Poll::Ready(Ok(Some(data)));
+                    }
+                }
+                Poll::Pending => {
+                    if !self.armed {
+                        self.armed = true;
+                        let deadline = tokio::time::Instant::now() + self.idle;
+                        self.silence.as_mut().reset(deadline);
+                    }
+                    if self.silence.as_mut().poll(cx).is_ready() {
+                        self.recorder
+                            .app
+                            .metrics
+                            .engine_response_errors
+                            .with_label_values(&["timeout"])
+                            .inc();
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the engine went silent",
+                        )));
+                    }
+                    return Poll::Pending;
                 }
             }
         }
     }
 }
-
-type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>;
 
 /// A non-streamed answer: passed through as it comes; a copy of at most
 /// `keep` bytes (drawn from the memory budget) gives the token counts.
@@ -423,140 +465,183 @@ type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, std::io::Err
 /// write, as the engine sent it) instead of two writes and two wake-ups of
 /// the client; an engine sends a non-streamed answer's head and body
 /// together, so nothing is held back.
-async fn whole_stream(mut pass: Pass, keep: usize) -> ByteStream {
-    struct St {
-        pass: Pass,
-        first: Option<Result<Option<Bytes>, std::io::Error>>,
-        copy: Option<Vec<u8>>,
-        held: Held,
-        keep: usize,
+struct WholeStream {
+    pass: Pass,
+    first: Option<Result<Option<Bytes>, std::io::Error>>,
+    copy: Option<Vec<u8>>,
+    held: Held,
+    keep: usize,
+    done: bool,
+}
+
+impl WholeStream {
+    /// Records the answer's measurement (token counts from the copy, or
+    /// from `whole`, the answer in one piece, not copied).
+    fn finish(&mut self, last: Option<&[u8]>) {
+        self.done = true;
+        let whole = last.or(self.copy.as_deref());
+        let usage = whole.and_then(summarize).and_then(|s| s.usage);
+        let m = Measurement {
+            ttft: None,
+            itl: None,
+            e2e: self.pass.recorder.start.elapsed(),
+            prompt_tokens: usage.map_or(0, |u| u.prompt),
+            completion_tokens: usage.map_or(0, |u| u.completion),
+        };
+        let status = self.pass.status;
+        self.pass.recorder.finish(Some(m), outcome(status));
     }
-    impl St {
-        /// Records the answer's measurement (token counts from the copy).
-        fn finish(&mut self) {
-            let usage = self
-                .copy
-                .as_deref()
-                .and_then(|c| serde_json::from_slice::<Value>(c).ok())
-                .and_then(|v| usage_of(&v));
-            let m = Measurement {
-                ttft: None,
-                itl: None,
-                e2e: self.pass.recorder.start.elapsed(),
-                prompt_tokens: usage.map_or(0, |u| u.prompt),
-                completion_tokens: usage.map_or(0, |u| u.completion),
-            };
-            let status = self.pass.status;
-            self.pass.recorder.finish(Some(m), outcome(status));
+
+    /// Keeps a copy of `data` for the counts, within the limits.
+    fn copy(&mut self, data: &[u8]) {
+        let Some(copy) = &mut self.copy else {
+            return;
+        };
+        let fits = copy.len() + data.len() <= self.keep;
+        let more = fits
+            .then(|| self.pass.recorder.app.budget.try_take(data.len()))
+            .flatten();
+        match more {
+            Some(h) => {
+                copy.extend_from_slice(data);
+                self.held.absorb(h);
+            }
+            None => {
+                // Too large to read for its counts: pass it on unmeasured.
+                self.pass
+                    .recorder
+                    .app
+                    .metrics
+                    .engine_response_errors
+                    .with_label_values(&["unmeasured_large"])
+                    .inc();
+                self.copy = None;
+                self.held = Held::default();
+            }
         }
     }
-    let first = next_data(&mut pass).await;
-    let st = St {
-        pass,
-        first: Some(first),
-        copy: Some(Vec::new()),
-        held: Held::default(),
-        keep,
-    };
-    futures::stream::unfold(Some(st), |st| async move {
-        let mut st = st?;
+}
+
+impl futures::Stream for WholeStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let st = &mut *self;
+        if st.done {
+            return Poll::Ready(None);
+        }
         let next = match st.first.take() {
             Some(r) => r,
-            None => next_data(&mut st.pass).await,
+            None => match st.pass.poll_data(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => return Poll::Pending,
+            },
         };
         match next {
             Ok(Some(data)) => {
-                if let Some(copy) = &mut st.copy {
-                    let fits = copy.len() + data.len() <= st.keep;
-                    let more = fits
-                        .then(|| st.pass.recorder.app.budget.try_take(data.len()))
-                        .flatten();
-                    match more {
-                        Some(h) => {
-                            copy.extend_from_slice(&data);
-                            st.held.absorb(h);
-                        }
-                        None => {
-                            // Too large to read for its counts: pass it on unmeasured.
-                            st.pass
-                                .recorder
-                                .app
-                                .metrics
-                                .engine_response_errors
-                                .with_label_values(&["unmeasured_large"])
-                                .inc();
-                            st.copy = None;
-                            st.held = Held::default();
-                        }
-                    }
-                }
                 // The engine's length is reached: measured now, before the
                 // last bytes go out (the client, told the length, may not
                 // wait for more, and the server stops polling this stream).
-                if st.pass.body.is_end_stream() {
-                    st.finish();
-                    return Some((Ok(data), None));
+                // An answer in one piece is read where it is, not copied.
+                if hyper::body::Body::is_end_stream(&st.pass.body) {
+                    let one_piece =
+                        st.copy.as_ref().is_some_and(Vec::is_empty) && data.len() <= st.keep;
+                    if !one_piece {
+                        st.copy(&data);
+                    }
+                    st.finish(one_piece.then_some(&data[..]));
+                } else {
+                    st.copy(&data);
                 }
-                Some((Ok(data), Some(st)))
+                Poll::Ready(Some(Ok(data)))
             }
             Ok(None) => {
-                st.finish();
-                None
+                st.finish(None);
+                Poll::Ready(None)
             }
             Err(e) => {
+                st.done = true;
                 st.pass.recorder.finish(None, "engine_error");
-                Some((Err(e), None))
+                Poll::Ready(Some(Err(e)))
             }
         }
-    })
-    .boxed()
+    }
 }
 
-/// A streamed answer, event by event, measured.
-fn sse_stream(pass: Pass, splitter: Splitter, strip_usage: bool) -> ByteStream {
-    struct St {
-        pass: Pass,
-        splitter: Splitter,
-        measure: StreamMeasure,
-        strip_usage: bool,
-    }
-    impl St {
-        fn process(&mut self, events: Vec<crate::sse::SseEvent>) -> Vec<u8> {
-            let mut out = Vec::new();
-            for ev in events {
-                if let Some(data) = &ev.data
-                    && data.trim() != "[DONE]"
-                    && let Ok(v) = serde_json::from_str::<Value>(data)
-                {
-                    let at = self.pass.recorder.start.elapsed();
-                    let kind = self.measure.chunk(&v, at);
-                    if kind == ChunkKind::Usage && self.strip_usage {
-                        continue;
-                    }
-                }
-                out.extend_from_slice(&ev.raw);
-            }
-            out
+/// A streamed answer, event by event, measured. The events that are
+/// there when the client's connection asks for more (all those one read
+/// from the engine brought) leave together, in one write; none waits for
+/// a later one.
+struct SseStream {
+    pass: Pass,
+    splitter: Splitter,
+    measure: StreamMeasure,
+    strip_usage: bool,
+    /// Complete events not yet forwarded.
+    out: BytesMut,
+    /// An error to give once what came before it is forwarded.
+    failed: Option<std::io::Error>,
+    done: bool,
+}
+
+impl SseStream {
+    /// Measures one event; whether it goes on to the client.
+    fn keep(measure: &mut StreamMeasure, start: Instant, strip_usage: bool, raw: &[u8]) -> bool {
+        let Some(data) = crate::sse::data_bytes(raw) else {
+            return true;
+        };
+        if data.trim_ascii() == b"[DONE]" {
+            return true;
         }
+        let Some(chunk) = summarize(&data) else {
+            return true;
+        };
+        let kind = measure.summary(&chunk, start.elapsed());
+        !(kind == ChunkKind::Usage && strip_usage)
     }
-    let st = St {
-        pass,
-        splitter,
-        measure: StreamMeasure::default(),
-        strip_usage,
-    };
-    futures::stream::unfold(Some(st), |st| async move {
-        let mut st = st?;
-        loop {
-            match next_data(&mut st.pass).await {
-                Ok(Some(data)) => match st.splitter.feed(&data) {
-                    Ok(events) => {
-                        let out = st.process(events);
-                        if !out.is_empty() {
-                            return Some((Ok(Bytes::from(out)), Some(st)));
-                        }
-                    }
-                    Err(e) => {
+
+    /// Splits `data` into events, measures them and gathers those kept.
+    fn feed(&mut self, data: &[u8]) -> Result<(), EventTooLarge> {
+        let (measure, out, strip, start) = (
+            &mut self.measure,
+            &mut self.out,
+            self.strip_usage,
+            self.pass.recorder.start,
+        );
+        self.splitter.feed_each(data, |raw| {
+            if Self::keep(measure, start, strip, raw) {
+                out.extend_from_slice(raw);
+            }
+        })
+    }
+
+    fn end(&mut self, outcome: &str) {
+        self.done = true;
+        let m = self.measure.finish(self.pass.recorder.start.elapsed());
+        self.pass.recorder.finish(Some(m), outcome);
+    }
+
+    /// What is gathered, if anything.
+    fn gathered(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        (!self.out.is_empty()).then(|| Ok(self.out.split().freeze()))
+    }
+}
+
+impl futures::Stream for SseStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let st = &mut *self;
+        if let Some(e) = st.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if st.done {
+            return Poll::Ready(st.gathered());
+        }
+        while st.out.len() < MAX_GATHER_BYTES {
+            match st.pass.poll_data(cx) {
+                Poll::Ready(Ok(Some(data))) => {
+                    if let Err(e) = st.feed(&data) {
                         st.pass
                             .recorder
                             .app
@@ -564,29 +649,50 @@ fn sse_stream(pass: Pass, splitter: Splitter, strip_usage: bool) -> ByteStream {
                             .engine_response_errors
                             .with_label_values(&["event_too_large"])
                             .inc();
-                        let m = st.measure.finish(st.pass.recorder.start.elapsed());
-                        st.pass.recorder.finish(Some(m), "engine_error");
-                        return Some((Err(std::io::Error::other(e)), None));
+                        st.end("engine_error");
+                        st.failed = Some(std::io::Error::other(e));
+                        break;
                     }
-                },
-                Err(e) => {
-                    let m = st.measure.finish(st.pass.recorder.start.elapsed());
-                    st.pass.recorder.finish(Some(m), "engine_error");
-                    return Some((Err(e), None));
                 }
-                Ok(None) => {
-                    let rest: Vec<_> = st.splitter.finish().into_iter().collect();
-                    let out = st.process(rest);
-                    let m = st.measure.finish(st.pass.recorder.start.elapsed());
-                    st.pass.recorder.finish(Some(m), "success");
-                    return if out.is_empty() {
-                        None
-                    } else {
-                        Some((Ok(Bytes::from(out)), None))
+                Poll::Ready(Ok(None)) => {
+                    let rest = st.splitter.finish();
+                    if let Some(ev) = rest
+                        && Self::keep(
+                            &mut st.measure,
+                            st.pass.recorder.start,
+                            st.strip_usage,
+                            &ev.raw,
+                        )
+                    {
+                        st.out.extend_from_slice(&ev.raw);
+                    }
+                    st.end("success");
+                    break;
+                }
+                Poll::Ready(Err(e)) => {
+                    st.end("engine_error");
+                    st.failed = Some(e);
+                    break;
+                }
+                Poll::Pending => {
+                    return match st.gathered() {
+                        Some(out) => Poll::Ready(Some(out)),
+                        None => Poll::Pending,
                     };
                 }
             }
         }
-    })
-    .boxed()
+        match st.gathered() {
+            Some(out) => Poll::Ready(Some(out)),
+            None => match st.failed.take() {
+                Some(e) => Poll::Ready(Some(Err(e))),
+                None if st.done => Poll::Ready(None),
+                // The gathering cap: more at the next poll.
+                None => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            },
+        }
+    }
 }

@@ -4,6 +4,8 @@
 //! `max_event` bytes: a larger one is an engine error, not a reason to grow
 //! without bound. Each byte is scanned for the separator once.
 
+use std::borrow::Cow;
+
 /// Default cap of one event (an OpenAI chunk is well under 1 KiB; with
 /// logprobs a few KiB).
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 256 * 1024;
@@ -40,39 +42,64 @@ pub struct EventTooLarge(pub usize);
 
 /// Where the first separator ends, searching from `from`.
 fn separator_end(buf: &[u8], from: usize) -> Option<usize> {
-    // An event ends with "\n\n", "\r\n\r\n" or "\r\r".
+    // An event ends with "\n\n", "\r\n\r\n" or "\r\r": each starts at a
+    // line end.
     let mut i = from;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
-            return Some(i + 2);
+    while i < buf.len() {
+        let j = i + line_end(&buf[i..])?;
+        match (buf[j], buf.get(j + 1), buf.get(j + 2), buf.get(j + 3)) {
+            (a, Some(b), ..) if a == *b => return Some(j + 2),
+            (b'\r', Some(b'\n'), Some(b'\r'), Some(b'\n')) => return Some(j + 4),
+            _ => i = j + 1,
         }
-        if buf[i] == b'\r' && buf[i + 1] == b'\r' {
-            return Some(i + 2);
-        }
-        if i + 3 < buf.len() && &buf[i..i + 4] == b"\r\n\r\n" {
-            return Some(i + 4);
-        }
-        i += 1;
     }
     None
 }
 
+/// Where the first line end ('\n' or '\r') is.
+fn line_end(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|b| *b == b'\n' || *b == b'\r')
+}
+
 fn parse_data(raw: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(raw);
-    let mut data: Option<String> = None;
-    for line in text.split(['\n', '\r']) {
-        if let Some(rest) = line.strip_prefix("data:") {
-            let rest = rest.strip_prefix(' ').unwrap_or(rest);
-            match &mut data {
+    data_of(raw).map(Cow::into_owned)
+}
+
+/// The `data:` payload of one raw event (its `data:` lines joined with
+/// '\n'; invalid UTF-8 replaced), borrowed from `raw` when the event has
+/// one `data:` line and is valid UTF-8 (an engine's chunk always is).
+pub fn data_of(raw: &[u8]) -> Option<Cow<'_, str>> {
+    Some(match data_bytes(raw)? {
+        Cow::Borrowed(b) => String::from_utf8_lossy(b),
+        Cow::Owned(v) => Cow::Owned(String::from_utf8_lossy(&v).into_owned()),
+    })
+}
+
+/// [`data_of`] as bytes, not checked for UTF-8 (lines end at '\n' or '\r',
+/// which no UTF-8 sequence holds, so replacing invalid UTF-8 in the result
+/// gives [`data_of`]); borrowed when the event has one `data:` line.
+pub fn data_bytes(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    let mut rest = raw;
+    loop {
+        let end = line_end(rest).unwrap_or(rest.len());
+        if let Some(payload) = rest[..end].strip_prefix(b"data:") {
+            let payload = payload.strip_prefix(b" ").unwrap_or(payload);
+            data = Some(match data {
+                None => Cow::Borrowed(payload),
                 Some(d) => {
-                    d.push('\n');
-                    d.push_str(rest);
+                    let mut joined = d.into_owned();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(payload);
+                    Cow::Owned(joined)
                 }
-                None => data = Some(rest.to_string()),
-            }
+            });
         }
+        if end == rest.len() {
+            return data;
+        }
+        rest = &rest[end + 1..];
     }
-    data
 }
 
 impl Splitter {
@@ -88,25 +115,78 @@ impl Splitter {
     /// Feeds bytes; returns the events they complete, or an error when an
     /// event outgrows the cap (the stream cannot go on).
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<SseEvent>, EventTooLarge> {
-        self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        // A separator may straddle the previous read: look 3 bytes back.
-        while let Some(end) = separator_end(&self.buf, self.scanned.saturating_sub(3)) {
-            if end > self.max_event {
+        self.feed_each(bytes, |raw| {
+            out.push(SseEvent {
+                raw: raw.to_vec(),
+                data: parse_data(raw),
+            });
+        })?;
+        Ok(out)
+    }
+
+    /// Feeds bytes and calls `each` with the raw bytes (separator
+    /// included) of every event they complete, in order, without copying
+    /// them out: what [`Splitter::feed`] returns, without an allocation per
+    /// event. The bytes are buffered only when they end in an incomplete
+    /// event (its part is kept, nothing else). Errors as `feed`; events
+    /// complete before the one over the cap are still visited.
+    pub fn feed_each(
+        &mut self,
+        bytes: &[u8],
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), EventTooLarge> {
+        if self.buf.is_empty() {
+            // Nothing held: the events are visited in `bytes` itself.
+            let mut from = 0;
+            let mut scan = 0;
+            while let Some(end) = separator_end(bytes, scan) {
+                if end - from > self.max_event {
+                    return Err(EventTooLarge(self.max_event));
+                }
+                each(&bytes[from..end]);
+                from = end;
+                scan = end;
+            }
+            let rest = &bytes[from..];
+            if rest.len() > self.max_event {
                 return Err(EventTooLarge(self.max_event));
             }
-            let raw: Vec<u8> = self.buf.drain(..end).collect();
-            self.scanned = 0;
-            let data = parse_data(&raw);
-            out.push(SseEvent { raw, data });
+            self.buf.extend_from_slice(rest);
+            self.scanned = self.buf.len();
+            return Ok(());
         }
+        self.buf.extend_from_slice(bytes);
+        // A separator may straddle the previous read: look 3 bytes back.
+        let mut from = 0;
+        let mut scan = self.scanned.saturating_sub(3);
+        let mut result = Ok(());
+        while let Some(end) = separator_end(&self.buf, scan) {
+            if end - from > self.max_event {
+                result = Err(EventTooLarge(self.max_event));
+                break;
+            }
+            each(&self.buf[from..end]);
+            from = end;
+            scan = end;
+        }
+        if result.is_err() {
+            self.buf = Vec::new();
+            self.scanned = 0;
+            return result;
+        }
+        self.buf.drain(..from);
         self.scanned = self.buf.len();
         if self.buf.len() > self.max_event {
             self.buf = Vec::new();
             self.scanned = 0;
             return Err(EventTooLarge(self.max_event));
         }
-        Ok(out)
+        if self.buf.is_empty() && self.buf.capacity() > 4096 {
+            // A long event passed: do not keep its room for the whole stream.
+            self.buf = Vec::new();
+        }
+        Ok(())
     }
 
     /// What is left at the end of the stream (an unterminated event).
@@ -174,6 +254,96 @@ mod tests {
         // A separator that arrives in the same read as the overflow.
         let mut s = Splitter::new(8);
         assert_eq!(s.feed(b"data: 0123456789\n\n"), Err(EventTooLarge(8)));
+    }
+}
+
+#[cfg(test)]
+mod in_place_tests {
+    use super::*;
+
+    #[test]
+    fn events_are_visited_in_place_and_their_data_borrowed() {
+        let mut s = Splitter::default();
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        s.feed_each(b"data: {\"a\":1}\n\n: c\r\n\r\ndata: x", |raw| {
+            seen.push(raw.to_vec())
+        })
+        .expect("small");
+        assert_eq!(seen, [&b"data: {\"a\":1}\n\n"[..], b": c\r\n\r\n"]);
+        assert!(matches!(
+            data_of(&seen[0]),
+            Some(Cow::Borrowed("{\"a\":1}"))
+        ));
+        assert_eq!(data_of(&seen[1]), None);
+        // The tail was kept; the rest of it completes it.
+        s.feed_each(b"yz\n\n", |raw| seen.push(raw.to_vec()))
+            .expect("small");
+        assert_eq!(seen[2], b"data: xyz\n\n");
+        assert!(s.finish().is_none());
+    }
+
+    #[test]
+    fn data_lines_are_joined_and_bad_utf8_replaced() {
+        for (raw, want) in [
+            (&b"data: a\ndata:b\r\ndata:  c\n\n"[..], Some("a\nb\n c")),
+            (b"event: x\nid: 1\n\n", None),
+            (b"data:\n\n", Some("")),
+            (b"data: caf\xc3\n\n", Some("caf\u{fffd}")),
+            (b"datum: x\n\n", None),
+            (b"data: [DONE]\r\r", Some("[DONE]")),
+        ] {
+            assert_eq!(data_of(raw).as_deref(), want, "{raw:?}");
+            assert_eq!(data_of(raw).map(Cow::into_owned), reference_data(raw));
+        }
+    }
+
+    #[test]
+    fn an_event_over_the_cap_in_one_read_is_an_error() {
+        let mut s = Splitter::new(16);
+        let mut n = 0;
+        let r = s.feed_each(b"data: 1\n\ndata: 0123456789abcdef\n\n", |_| n += 1);
+        assert_eq!(r, Err(EventTooLarge(16)));
+        assert_eq!(n, 1, "the event before it was visited");
+        let mut s = Splitter::new(16);
+        assert_eq!(s.feed_each(&[b'a'; 17], |_| {}), Err(EventTooLarge(16)));
+    }
+
+    /// The former `data:` parser: the event as (lossy) text, split into
+    /// lines.
+    pub(super) fn reference_data(raw: &[u8]) -> Option<String> {
+        let text = String::from_utf8_lossy(raw);
+        let mut data: Option<String> = None;
+        for line in text.split(['\n', '\r']) {
+            if let Some(rest) = line.strip_prefix("data:") {
+                let rest = rest.strip_prefix(' ').unwrap_or(rest);
+                match &mut data {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(rest);
+                    }
+                    None => data = Some(rest.to_string()),
+                }
+            }
+        }
+        data
+    }
+
+    /// The former separator search: byte by byte.
+    pub(super) fn reference_separator_end(buf: &[u8], from: usize) -> Option<usize> {
+        let mut i = from;
+        while i + 1 < buf.len() {
+            if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if buf[i] == b'\r' && buf[i + 1] == b'\r' {
+                return Some(i + 2);
+            }
+            if i + 3 < buf.len() && &buf[i..i + 4] == b"\r\n\r\n" {
+                return Some(i + 4);
+            }
+            i += 1;
+        }
+        None
     }
 }
 
@@ -265,6 +435,22 @@ mod proptests {
                     prop_assert_eq!(got, reference);
                 }
             }
+        }
+
+        #[test]
+        fn the_in_place_parts_agree_with_the_former_ones(
+            stream in stream(),
+            from in 0usize..64,
+        ) {
+            let from = from.min(stream.len());
+            prop_assert_eq!(
+                separator_end(&stream, from),
+                super::in_place_tests::reference_separator_end(&stream, from)
+            );
+            prop_assert_eq!(
+                data_of(&stream).map(Cow::into_owned),
+                super::in_place_tests::reference_data(&stream)
+            );
         }
 
         #[test]

@@ -1,0 +1,328 @@
+//! The proxy's own connections to the engine (strata_sidecar::upstream),
+//! against a raw TCP engine that behaves as engines do: keep-alive
+//! connections reused, idle ones the engine closed without a word not an
+//! error for the next request, at most `max_idle` kept, a stream's events
+//! that arrive together forwarded together, an engine gone mid-answer a cut
+//! stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use strata_sidecar::app::{App, Config, Limits};
+use strata_sidecar::engine::EngineKind;
+use strata_sidecar::metrics::Metrics;
+use strata_sidecar::server::{self, Intervals};
+
+/// How the raw engine treats a connection after an answer.
+#[derive(Clone, Copy, PartialEq)]
+enum After {
+    /// Waits for the next request.
+    KeepAlive,
+    /// Closes it, though the answer did not say so (as an engine whose
+    /// keep-alive timeout passed).
+    Close,
+}
+
+/// What the engine saw of the proxy's requests (the sidecar's own health
+/// and metrics calls, on connections of their own, are not counted).
+#[derive(Default)]
+struct Seen {
+    connections: AtomicUsize,
+    open: AtomicUsize,
+    requests: AtomicUsize,
+}
+
+const ANSWER: &str = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+/// Reads one request (head and Content-Length body): its head, None at
+/// the end.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                buf.drain(..end + 4 + len);
+                return Some(head);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// An engine on raw TCP: every request gets `answer` (after `delay`); a
+/// connection it closes is closed `linger` after the answer.
+async fn engine(
+    after: After,
+    delay: Duration,
+    linger: Duration,
+    answer: &'static [u8],
+) -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut counted = false;
+                while let Some(head) = read_request(&mut conn, &mut buf).await {
+                    if !head.starts_with("post /v1/chat/completions") {
+                        // The sidecar's health check or metrics scrape.
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                        continue;
+                    }
+                    if !counted {
+                        counted = true;
+                        s.connections.fetch_add(1, Ordering::SeqCst);
+                        s.open.fetch_add(1, Ordering::SeqCst);
+                    }
+                    s.requests.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    if conn.write_all(answer).await.is_err() || after == After::Close {
+                        tokio::time::sleep(linger).await;
+                        break;
+                    }
+                }
+                drop(conn);
+                if counted {
+                    s.open.fetch_sub(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn whole_answer() -> &'static [u8] {
+    let s = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ANSWER}",
+        ANSWER.len()
+    );
+    Box::leak(s.into_bytes().into_boxed_slice())
+}
+
+struct Sidecar {
+    app: Arc<App>,
+    api: SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn sidecar(engine: SocketAddr, max_idle: usize) -> Sidecar {
+    let app = Arc::new(App::new(
+        Config {
+            engine_url: format!("http://{engine}"),
+            engine: EngineKind::Vllm,
+            health_path: "/health".into(),
+            metrics_path: "/metrics".into(),
+            served_model: "m".into(),
+            adapter_token_file: None,
+            adapter_dir: None,
+            hf_endpoint: "http://127.0.0.1:9".into(),
+            limits: Limits {
+                max_idle_engine_connections: max_idle,
+                engine_timeout: Duration::from_secs(5),
+                ..Limits::default()
+            },
+            admin_tls: None,
+        },
+        Metrics::new().expect("metrics"),
+    ));
+    let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = api.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let intervals = Intervals {
+        // The background loops stay out of the way (their own client).
+        health: Duration::from_secs(3600),
+        engine_metrics: Duration::from_secs(3600),
+        adapters: Duration::from_secs(3600),
+    };
+    tokio::spawn(server::run(
+        app.clone(),
+        api,
+        admin,
+        intervals,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Sidecar {
+        app,
+        api: addr,
+        _stop: tx,
+    }
+}
+
+/// One request on a new client connection: the status and the body.
+async fn post(addr: SocketAddr, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answered")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test]
+async fn engine_connections_are_reused() {
+    let (engine, seen) = engine(
+        After::KeepAlive,
+        Duration::ZERO,
+        Duration::ZERO,
+        whole_answer(),
+    )
+    .await;
+    let sc = sidecar(engine, 8).await;
+    for _ in 0..20 {
+        let (status, body) = post(sc.api, CHAT).await;
+        assert_eq!((status, body.as_str()), (200, ANSWER));
+    }
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1, "one connection");
+    assert_eq!(sc.app.engine.idle_count(), 1);
+}
+
+#[tokio::test]
+async fn connections_the_engine_closed_while_idle_are_not_an_error() {
+    let (engine, seen) = engine(After::Close, Duration::ZERO, Duration::ZERO, whole_answer()).await;
+    let sc = sidecar(engine, 8).await;
+    for i in 0..10 {
+        let (status, body) = post(sc.api, CHAT).await;
+        assert_eq!((status, body.as_str()), (200, ANSWER), "request {i}");
+        // The engine's close reaches the sidecar while the connection idles.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 10);
+    assert_eq!(sc.app.engine.idle_count(), 1, "the last, not yet taken");
+    // Taken again: found closed and replaced.
+    assert_eq!(post(sc.api, CHAT).await.0, 200);
+}
+
+#[tokio::test]
+async fn at_most_max_idle_connections_are_kept() {
+    let (engine, seen) = engine(
+        After::KeepAlive,
+        Duration::from_millis(300),
+        Duration::ZERO,
+        whole_answer(),
+    )
+    .await;
+    let sc = sidecar(engine, 2).await;
+    let all: Vec<_> = (0..8).map(|_| tokio::spawn(post(sc.api, CHAT))).collect();
+    for r in all {
+        assert_eq!(r.await.expect("joined").0, 200);
+    }
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 8, "8 at once");
+    assert_eq!(sc.app.engine.idle_count(), 2);
+    // The engine sees the others closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while seen.open.load(Ordering::SeqCst) > 2 {
+        assert!(tokio::time::Instant::now() < deadline, "closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn stream_answer(events: &[&str], end: bool) -> &'static [u8] {
+    let mut s =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_string();
+    for e in events {
+        let ev = format!("data: {e}\n\n");
+        s.push_str(&format!("{:x}\r\n{ev}\r\n", ev.len()));
+    }
+    if end {
+        s.push_str("0\r\n\r\n");
+    }
+    Box::leak(s.into_bytes().into_boxed_slice())
+}
+
+const STREAM: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test]
+async fn a_stream_sent_at_once_leaves_at_once_and_is_measured() {
+    let events = [
+        r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+        r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+        r#"{"choices":[{"index":0,"delta":{"content":"b"}}]}"#,
+        r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+        "[DONE]",
+    ];
+    let (engine, _) = engine(
+        After::KeepAlive,
+        Duration::ZERO,
+        Duration::ZERO,
+        stream_answer(&events, true),
+    )
+    .await;
+    let sc = sidecar(engine, 8).await;
+    let (status, body) = post(sc.api, STREAM).await;
+    assert_eq!(status, 200);
+    // The usage chunk the sidecar asked for is not forwarded; one chunk
+    // of the chunked encoding carries every other event.
+    let want: String = [events[0], events[1], events[2], events[4]]
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect();
+    assert_eq!(body, format!("{:X}\r\n{want}\r\n0\r\n\r\n", want.len()));
+    let text = sc.app.metrics.render();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("strata_request_generation_tokens_total") && l.ends_with(" 2")),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_engine_gone_mid_stream_cuts_the_stream_and_the_connection_is_not_kept() {
+    let events = [r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#];
+    // The engine closes 200 ms after its first event (what came before an
+    // error is forwarded only if the client's connection got to write it).
+    let (engine, _) = engine(
+        After::Close,
+        Duration::ZERO,
+        Duration::from_millis(200),
+        stream_answer(&events, false),
+    )
+    .await;
+    let sc = sidecar(engine, 8).await;
+    let (status, body) = post(sc.api, STREAM).await;
+    assert_eq!(status, 200);
+    assert!(body.contains(events[0]), "{body}");
+    assert!(!body.ends_with("0\r\n\r\n"), "the stream is cut: {body}");
+    assert_eq!(sc.app.engine.idle_count(), 0);
+}
