@@ -7,7 +7,7 @@
 # Where the product images are published (the chart's defaults).
 STRATA_REGISTRY="ghcr.io/strata-ai"
 # The images users get, and the test-only ones (never released).
-PRODUCT_IMAGES=(strata-operator strata-sidecar strata-node-agent)
+PRODUCT_IMAGES=(strata-operator strata-sidecar strata-node-agent strata-gateway)
 TEST_IMAGES=(strata-engine-sim)
 
 # shellcheck disable=SC2034 # used by the scripts that source this file

@@ -45,3 +45,16 @@ node-agent
 sidecar
 {{- end -}}
 {{- end -}}
+
+{{- define "strata.gatewayLabels" -}}
+app.kubernetes.io/name: strata-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "strata.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: strata-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
