@@ -388,13 +388,9 @@ impl Gateway {
             let (bytes, held) =
                 strata_net::body::read(body, declared, self.settings.body, Some(&self.budget))
                     .await
-                    .map_err(|e| (fixed.clone().unwrap_or_default(), e.into()))?;
-            let json: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                (
-                    fixed.clone().unwrap_or_default(),
-                    GatewayError::BadJson(e.to_string()),
-                )
-            })?;
+                    .map_err(|e| none(e.into()))?;
+            let json: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| none(GatewayError::BadJson(e.to_string())))?;
             (bytes, held, Some(json))
         } else {
             (Bytes::new(), strata_net::body::Held::default(), None)
@@ -499,9 +495,14 @@ impl Gateway {
     async fn forward(&self, ask: &Asked, start: Instant) -> Result<Response, GatewayError> {
         let deadline = Instant::now() + self.settings.wait_timeout;
         let mut tried: Vec<String> = Vec::new();
-        let mut last: Option<Result<Response, GatewayError>> = None;
+        // The previous attempt, answered to the client when no other
+        // replica is left to try.
+        let mut last: Option<Kept> = None;
         loop {
-            let (routes, i) = self.ready(&ask.key, deadline).await?;
+            let (routes, i) = match self.ready(&ask.key, deadline).await {
+                Ok(r) => r,
+                Err(e) => return last.map_or(Err(e), |k| self.finish(ask, k, start)),
+            };
             let m = &routes.snapshot.models[i];
             let counts: Vec<Arc<AtomicU32>> = m
                 .replicas
@@ -535,10 +536,10 @@ impl Gateway {
                 &self.settings.routing,
                 self.ticks.fetch_add(1, Ordering::Relaxed),
             );
-            let (j, reason) = match (pick, last) {
+            let (j, reason) = match (pick, last.take()) {
                 (Ok(p), _) => p,
                 // Nobody left to retry on: what the last attempt got.
-                (Err(_), Some(last)) => return last,
+                (Err(_), Some(k)) => return self.finish(ask, k, start),
                 (Err(Refusal::NoReplica), None) => {
                     return Err(GatewayError::NoReplica(ask.key.clone()));
                 }
@@ -568,11 +569,21 @@ impl Gateway {
             if retry::again(outcome, tried.len(), self.settings.retries, going) {
                 self.metrics.retries.with_label_values(&[&ask.key]).inc();
                 tracing::info!(model = %ask.key, replica = %replica.name, ?outcome, "trying another replica");
-                last = Some(result.map(|r| self.pass(ask, r, reason, flight, start)));
+                last = Some((result, reason, flight));
                 continue;
             }
-            return result.map(|r| self.pass(ask, r, reason, flight, start));
+            return self.finish(ask, (result, reason, flight), start);
         }
+    }
+
+    /// An attempt's result for the client.
+    fn finish(
+        &self,
+        ask: &Asked,
+        (result, reason, flight): Kept,
+        start: Instant,
+    ) -> Result<Response, GatewayError> {
+        result.map(|r| self.pass(ask, r, reason, flight, start))
     }
 
     /// One attempt on one replica.
@@ -709,6 +720,14 @@ impl Gateway {
         }
     }
 }
+
+/// An attempt kept for the client: its result, how its replica was
+/// picked, and its in-flight count.
+type Kept = (
+    Result<hyper::Response<Incoming>, GatewayError>,
+    routing::Reason,
+    InFlight,
+);
 
 /// A request ready to forward.
 struct Asked {

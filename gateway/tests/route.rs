@@ -27,8 +27,11 @@ use tokio::sync::{Notify, watch};
 #[derive(Clone, Default)]
 struct Seen {
     hits: Arc<Mutex<Vec<String>>>,
-    /// Released by the test between a streamed answer's two chunks.
+    /// Released by the test between a streamed answer's two chunks, or
+    /// before a draining replica's 503.
     go_on: Arc<Notify>,
+    /// Told when a draining replica has a request.
+    arrived: Arc<Notify>,
 }
 
 async fn upstream_handler(
@@ -46,6 +49,17 @@ async fn upstream_handler(
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if let Ok(mut h) = seen.hits.lock() {
         h.push(name.clone());
+    }
+    // A replica going away: holds the request until the test has taken it
+    // out of the table, then answers 503 as a draining sidecar would.
+    if name.starts_with("r-going") && v["drain"] == json!(true) {
+        seen.arrived.notify_one();
+        seen.go_on.notified().await;
+        return Response::builder()
+            .status(503)
+            .header("x-replica", name)
+            .body(Body::from("draining"))
+            .expect("response");
     }
     if v["stream"] == json!(true) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
@@ -106,11 +120,12 @@ struct World {
     url: String,
     client: Client<HttpConnector, Full<Bytes>>,
     metrics: Metrics,
-    _table: watch::Sender<Arc<Snapshot>>,
+    table: watch::Sender<Arc<Snapshot>>,
 }
 
-async fn gateway(replicas: Vec<Replica>) -> World {
-    let snapshot = Snapshot {
+/// The one Model's table.
+fn table(replicas: Vec<Replica>) -> Snapshot {
+    Snapshot {
         models: vec![ModelRoutes {
             namespace: "ns".into(),
             name: "llama".into(),
@@ -120,8 +135,11 @@ async fn gateway(replicas: Vec<Replica>) -> World {
             replicas,
         }],
         synced: true,
-    };
-    let (tx, rx) = watch::channel(Arc::new(snapshot));
+    }
+}
+
+async fn gateway(replicas: Vec<Replica>) -> World {
+    let (tx, rx) = watch::channel(Arc::new(table(replicas)));
     let metrics = Metrics::new().expect("metrics");
     let wake: WakeFn = Arc::new(|_, _| Box::pin(async { Ok(()) }));
     let g = Gateway::new(rx, wake, Settings::default(), metrics.clone());
@@ -132,7 +150,7 @@ async fn gateway(replicas: Vec<Replica>) -> World {
         url,
         client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         metrics,
-        _table: tx,
+        table: tx,
     }
 }
 
@@ -276,6 +294,44 @@ async fn a_connection_failure_is_tried_on_another_replica() {
         retried > 0,
         "some requests were picked for the dead one first"
     );
+}
+
+#[tokio::test]
+async fn a_503_from_a_replica_going_away_is_tried_on_another() {
+    let (going, seen) = upstream("r-going").await;
+    let (stays, _) = upstream("r-stays").await;
+    let both = vec![
+        replica("r-going", going, &[]),
+        replica("r-stays", stays, &[]),
+    ];
+    let w = Arc::new(gateway(both.clone()).await);
+    // A prompt whose replica is r-going: the others are answered by r-stays.
+    for i in 0..64 {
+        let w2 = w.clone();
+        let mut req = tokio::spawn(async move {
+            w2.post(
+                "/v1/completions",
+                json!({"model": "meta/llama", "prompt": format!("p{i}"), "drain": true}),
+            )
+            .await
+        });
+        tokio::select! {
+            done = &mut req => {
+                assert_eq!(done.expect("request").0, 200);
+                continue;
+            }
+            _ = seen.arrived.notified() => {}
+        }
+        // r-going has it and leaves the ready set before it answers 503.
+        w.table.send_replace(Arc::new(table(vec![both[1].clone()])));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen.go_on.notify_one();
+        let (status, by) = req.await.expect("request");
+        assert_eq!((status, by.as_str()), (200, "r-stays"));
+        assert_eq!(w.metrics.retries.with_label_values(&["ns/llama"]).get(), 1);
+        return;
+    }
+    panic!("no prompt of 64 went to r-going first");
 }
 
 #[tokio::test]
