@@ -139,10 +139,14 @@ fn table(replicas: Vec<Replica>) -> Snapshot {
 }
 
 async fn gateway(replicas: Vec<Replica>) -> World {
-    let (tx, rx) = watch::channel(Arc::new(table(replicas)));
-    let metrics = Metrics::new().expect("metrics");
     let wake: WakeFn = Arc::new(|_, _| Box::pin(async { Ok(()) }));
-    let g = Gateway::new(rx, wake, Settings::default(), metrics.clone());
+    gateway_with(table(replicas), Settings::default(), wake).await
+}
+
+async fn gateway_with(snapshot: Snapshot, settings: Settings, wake: WakeFn) -> World {
+    let (tx, rx) = watch::channel(Arc::new(snapshot));
+    let metrics = Metrics::new().expect("metrics");
+    let g = Gateway::new(rx, wake, settings, metrics.clone());
     let (l, addr) = loopback().await;
     let url = format!("http://{addr}");
     tokio::spawn(strata_gateway::proxy::serve(l, g, std::future::pending()));
@@ -332,6 +336,62 @@ async fn a_503_from_a_replica_going_away_is_tried_on_another() {
         return;
     }
     panic!("no prompt of 64 went to r-going first");
+}
+
+#[tokio::test]
+async fn a_model_at_zero_is_woken_and_its_requests_wait_within_the_caps() {
+    let woken: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = woken.clone();
+    let wake: WakeFn = Arc::new(move |ns, name| {
+        if let Ok(mut w) = log.lock() {
+            w.push(format!("{ns}/{name}"));
+        }
+        Box::pin(async { Ok(()) })
+    });
+    let mut zero = table(vec![]);
+    zero.models[0].wakeable = true;
+    let settings = Settings {
+        max_waiting_per_model: 1,
+        ..Settings::default()
+    };
+    let w = Arc::new(gateway_with(zero.clone(), settings, wake).await);
+    let w2 = w.clone();
+    let waiting = tokio::spawn(async move {
+        w2.post(
+            "/v1/completions",
+            json!({"model": "meta/llama", "prompt": "hi"}),
+        )
+        .await
+    });
+    // It asked for a replica, once; a second request finds the Model's one
+    // waiting place taken: 503 at once.
+    for _ in 0..100 {
+        if woken.lock().map(|w| !w.is_empty()).unwrap_or(false) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _) = w
+        .post(
+            "/v1/completions",
+            json!({"model": "meta/llama", "prompt": "x"}),
+        )
+        .await;
+    assert_eq!(status, 503, "beyond the cap");
+    assert_eq!(
+        woken.lock().map(|w| w.clone()).unwrap_or_default(),
+        ["ns/llama"]
+    );
+    // A replica becomes ready: the waiting request goes there.
+    let (addr, _) = upstream("r-new").await;
+    zero.models[0].replicas = vec![replica("r-new", addr, &[])];
+    w.table.send_replace(Arc::new(zero));
+    let (status, by) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("in time")
+        .expect("request");
+    assert_eq!((status, by.as_str()), (200, "r-new"));
+    assert_eq!(w.metrics.wakes.get(), 1);
 }
 
 #[tokio::test]
