@@ -51,6 +51,9 @@ use crate::metrics::Metrics;
 use crate::retry::{self, Outcome};
 use crate::table::{self, ResolveError, Routes, Snapshot};
 
+/// How long one wake request (a PATCH) may take.
+const WAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Asks for a replica of `(namespace, name)`.
 pub type WakeFn =
     Arc<dyn Fn(String, String) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
@@ -712,11 +715,20 @@ impl Gateway {
             return;
         }
         self.metrics.wakes.inc();
-        match (self.wake)(ns.to_string(), name.to_string()).await {
-            Ok(()) => {
+        // Bounded: a stalled API server does not hold the waiting requests
+        // past their own deadline (the next wake is WAKE_EVERY later).
+        match tokio::time::timeout(WAKE_TIMEOUT, (self.wake)(ns.to_string(), name.to_string()))
+            .await
+        {
+            Ok(Ok(())) => {
                 tracing::info!(namespace = %ns, model = %name, "no ready replica: asked for one; requests wait")
             }
-            Err(e) => tracing::warn!(namespace = %ns, model = %name, "asking for a replica: {e}"),
+            Ok(Err(e)) => {
+                tracing::warn!(namespace = %ns, model = %name, "asking for a replica: {e}")
+            }
+            Err(_) => {
+                tracing::warn!(namespace = %ns, model = %name, "asking for a replica: no answer within {WAKE_TIMEOUT:?}")
+            }
         }
     }
 }
