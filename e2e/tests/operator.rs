@@ -1027,6 +1027,56 @@ async fn the_inference_pool_follows_its_model(client: &Client) {
     .await
     .expect("the pool comes back");
 
+    // The CRD uninstalled under a running operator: its watch stops, and
+    // the Model says so again; installed again: the pool is back.
+    crds.delete(
+        "inferencepools.inference.networking.k8s.io",
+        &DeleteParams::default(),
+    )
+    .await
+    .expect("uninstall the CRD");
+    wait_for(
+        crds.clone(),
+        "inferencepools.inference.networking.k8s.io",
+        TIMEOUT,
+        |c: Option<&CustomResourceDefinition>| c.is_none(),
+    )
+    .await
+    .expect("the CRD is gone");
+    wait_model(
+        &models,
+        "routed",
+        "Degraded InferencePoolUnavailable once the CRD is gone",
+        |m| condition(m, "Degraded").is_some_and(|c| c.1 == "InferencePoolUnavailable"),
+    )
+    .await;
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("install the InferencePool CRD again");
+    wait_for(
+        crds.clone(),
+        "inferencepools.inference.networking.k8s.io",
+        TIMEOUT,
+        |c: Option<&CustomResourceDefinition>| {
+            c.and_then(|c| c.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        },
+    )
+    .await
+    .expect("the CRD is established again");
+    wait_for(
+        pools.clone(),
+        "routed",
+        TIMEOUT,
+        |p: Option<&InferencePool>| p.is_some(),
+    )
+    .await
+    .expect("the pool is back with the CRD");
+
     // Garbage-collected with the Model.
     models
         .delete("routed", &DeleteParams::default())

@@ -84,8 +84,76 @@ enum State {
     Unknown,
     /// Not served when last asked.
     Absent(Instant),
-    /// Served: the cache of Strata's InferencePools.
-    Present(Store<InferencePool>),
+    /// Served: the cache of Strata's InferencePools, kept by its watch.
+    Present(Watched),
+}
+
+/// The cache of Strata's InferencePools and the task that keeps it.
+struct Watched {
+    store: Store<InferencePool>,
+    /// Set by the task when the API server answers that InferencePools are
+    /// not served any more (the CRD was deleted).
+    gone: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the watch of Strata's InferencePools. A failing watch is said
+/// once at warn level (then at debug until it recovers); a 404 (the CRD
+/// deleted) marks it gone, and [`InferencePools::store`] drops it.
+fn watch(client: &Client) -> Watched {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    use std::sync::atomic::Ordering;
+    let (store, writer) = kube::runtime::reflector::store();
+    let api = Api::<InferencePool>::all(client.clone());
+    let config =
+        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let stream = kube::runtime::reflector::reflector(
+        writer,
+        watcher(api, config)
+            .backoff(crate::watch::backoff())
+            .modify(crate::watch::drop_managed_fields),
+    );
+    let gone = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = gone.clone();
+    let task = tokio::spawn(async move {
+        tokio::pin!(stream);
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => failing = false,
+                Err(e) => {
+                    if not_found(&e) {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    if failing {
+                        tracing::debug!("InferencePool watch: {e}");
+                    } else {
+                        tracing::warn!("InferencePool watch: {e}");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    });
+    Watched { store, gone, task }
+}
+
+/// Whether a watch error says the resource is not served (HTTP 404).
+fn not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
 }
 
 /// The operator's view of InferencePools (one per process).
@@ -128,8 +196,18 @@ impl InferencePools {
     /// is older than [`RECHECK`].
     pub async fn store(&self, client: &Client, want: bool) -> Result<Option<Store<InferencePool>>> {
         let mut state = self.state.lock().await;
+        if let State::Present(w) = &*state
+            && w.gone.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(
+                "the API server does not serve {} {} any more: watch stopped",
+                pool::API_VERSION,
+                pool::PLURAL
+            );
+            *state = State::Absent(Instant::now());
+        }
         match &*state {
-            State::Present(store) => return Ok(Some(store.clone())),
+            State::Present(w) => return Ok(Some(w.store.clone())),
             State::Absent(at) if !want || at.elapsed() < RECHECK => return Ok(None),
             State::Absent(_) | State::Unknown => {}
         }
@@ -144,16 +222,8 @@ impl InferencePools {
             *state = State::Absent(Instant::now());
             return Ok(None);
         }
-        let store = crate::watch::spawn_store(
-            Api::<InferencePool>::all(client.clone()),
-            watcher::Config::default().labels(&format!(
-                "{}={}",
-                labels::MANAGED_BY,
-                labels::MANAGER
-            )),
-            crate::watch::drop_managed_fields,
-            || {},
-        );
+        let watched = watch(client);
+        let store = watched.store.clone();
         match tokio::time::timeout(SYNC_TIMEOUT, store.wait_until_ready()).await {
             Ok(Ok(())) => {}
             _ => {
@@ -167,7 +237,7 @@ impl InferencePools {
             pool::API_VERSION,
             pool::PLURAL
         );
-        *state = State::Present(store.clone());
+        *state = State::Present(watched);
         Ok(Some(store))
     }
 }
