@@ -22,6 +22,12 @@
 //! A replica's load is the requests this gateway has in flight to it plus
 //! the requests its engine reports waiting (the sidecar's queue, which
 //! includes other gateways' requests).
+//!
+//! [`Policy`] can replace the pick above by what a plain load balancer
+//! does, for benchmarks and debugging: a uniformly random candidate (what
+//! a Kubernetes Service's kube-proxy does) or round-robin. Both still keep
+//! to adapter carriers and skip the replicas a retry already tried, and
+//! ignore load, KV use and the prompt.
 
 use std::collections::BTreeSet;
 
@@ -58,6 +64,8 @@ pub struct Settings {
     pub kv_saturated: f64,
     /// Points per replica on the ring.
     pub virtual_points: u32,
+    /// How the replica is chosen among the candidates.
+    pub policy: Policy,
 }
 
 impl Default for Settings {
@@ -66,7 +74,59 @@ impl Default for Settings {
             load_factor: 1.25,
             kv_saturated: 0.95,
             virtual_points: 128,
+            policy: Policy::Strata,
         }
+    }
+}
+
+/// How the replica is chosen among the candidates (the adapter's carriers,
+/// less those a retry already tried).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Policy {
+    /// Prefix affinity with bounded load, else the least loaded (the
+    /// module's pick; production's).
+    #[default]
+    Strata,
+    /// A uniformly random candidate, as a Service's kube-proxy picks
+    /// (seeded by `tiebreak`, so reproducible).
+    Random,
+    /// The candidates in turn (`tiebreak` modulo their number).
+    RoundRobin,
+}
+
+impl Policy {
+    /// Every policy, in a fixed order.
+    pub const ALL: [Policy; 3] = [Policy::Strata, Policy::Random, Policy::RoundRobin];
+
+    /// Its name on command lines and in reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Strata => "strata",
+            Self::Random => "random",
+            Self::RoundRobin => "round-robin",
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A policy name that is none of [`Policy::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown routing policy {0:?}: strata, random or round-robin")]
+pub struct UnknownPolicy(pub String);
+
+impl std::str::FromStr for Policy {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.label() == s)
+            .ok_or_else(|| UnknownPolicy(s.to_string()))
     }
 }
 
@@ -122,6 +182,10 @@ pub enum Reason {
     SpilledOver,
     /// No prefix: the least loaded.
     LeastLoaded,
+    /// [`Policy::Random`].
+    Random,
+    /// [`Policy::RoundRobin`].
+    RoundRobin,
 }
 
 impl Reason {
@@ -131,6 +195,8 @@ impl Reason {
             Self::Prefix => "prefix",
             Self::SpilledOver => "spilled_over",
             Self::LeastLoaded => "least_loaded",
+            Self::Random => "random",
+            Self::RoundRobin => "round_robin",
         }
     }
 }
@@ -147,7 +213,8 @@ pub enum Refusal {
 /// Picks the replica for `ask` among `replicas` (`ring` built from their
 /// names in the same order), leaving out the indexes in `exclude` (replicas
 /// a retry already tried). `tiebreak` rotates ties (e.g. a request
-/// counter).
+/// counter); with [`Policy::Random`] it seeds the draw and with
+/// [`Policy::RoundRobin`] it is the turn.
 pub fn pick(
     replicas: &[Replica],
     ring: &Ring,
@@ -169,6 +236,16 @@ pub fn pick(
     if carrying.is_empty() {
         return Err(Refusal::NoAdapter);
     }
+    match settings.policy {
+        Policy::Strata => {}
+        Policy::Random => return Ok((carrying[draw(tiebreak, carrying.len())], Reason::Random)),
+        Policy::RoundRobin => {
+            return Ok((
+                carrying[(tiebreak % carrying.len() as u64) as usize],
+                Reason::RoundRobin,
+            ));
+        }
+    }
     let roomy: Vec<usize> = carrying
         .iter()
         .copied()
@@ -184,6 +261,16 @@ pub fn pick(
         least_loaded(replicas, &candidates, tiebreak),
         Reason::LeastLoaded,
     ))
+}
+
+/// A uniform draw in `0..n` (`n` > 0) from a seed: splitmix64 of the seed,
+/// then Lemire's multiply-shift (no modulo bias worth the name).
+fn draw(seed: u64, n: usize) -> usize {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    ((u128::from(z) * n as u128) >> 64) as usize
 }
 
 /// Consistent hashing with bounded loads over `candidates`.
@@ -522,6 +609,80 @@ mod tests {
         let (home, _) = pick(&r, &g, &a, &[], &s, 0).expect("home");
         let (again, _) = pick(&r, &g, &a, &[home], &s, 0).expect("again");
         assert_ne!(again, home);
+    }
+
+    #[test]
+    fn policies_parse_and_print() {
+        for p in Policy::ALL {
+            assert_eq!(p.label().parse::<Policy>(), Ok(p));
+        }
+        assert_eq!(Policy::default(), Policy::Strata);
+        assert_eq!(Settings::default().policy, Policy::Strata);
+        assert_eq!(
+            "kube-proxy".parse::<Policy>(),
+            Err(UnknownPolicy("kube-proxy".into()))
+        );
+    }
+
+    #[test]
+    fn round_robin_takes_the_candidates_in_turn_and_ignores_prefix_and_load() {
+        let mut r = replicas(3);
+        let g = ring(&r);
+        let s = Settings {
+            policy: Policy::RoundRobin,
+            ..Settings::default()
+        };
+        r[0].in_flight = 100;
+        r[0].kv_usage = 0.99;
+        let a = ask("shared system prompt");
+        let turns: Vec<(usize, Reason)> = (0..6)
+            .map(|t| pick(&r, &g, &a, &[], &s, t).expect("picked"))
+            .collect();
+        assert_eq!(
+            turns.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [0, 1, 2, 0, 1, 2]
+        );
+        assert!(turns.iter().all(|x| x.1 == Reason::RoundRobin));
+        // Retries skip what was tried; adapters still decide.
+        assert_eq!(pick(&r, &g, &a, &[1], &s, 1).map(|x| x.0), Ok(2));
+        r[2].adapters.insert("sql".into());
+        let sql = Ask {
+            adapter: Some("sql"),
+            prefix: None,
+        };
+        for t in 0..4 {
+            assert_eq!(pick(&r, &g, &sql, &[], &s, t).map(|x| x.0), Ok(2));
+        }
+        assert_eq!(pick(&r, &g, &sql, &[2], &s, 0), Err(Refusal::NoAdapter));
+    }
+
+    #[test]
+    fn random_is_uniform_reproducible_and_ignores_the_prefix() {
+        let r = replicas(4);
+        let g = ring(&r);
+        let s = Settings {
+            policy: Policy::Random,
+            ..Settings::default()
+        };
+        let a = ask("shared system prompt");
+        let mut counts = [0usize; 4];
+        for t in 0..4000 {
+            let (i, why) = pick(&r, &g, &a, &[], &s, t).expect("picked");
+            assert_eq!(why, Reason::Random);
+            counts[i] += 1;
+        }
+        // One prefix, yet every replica gets about a quarter (±10 %).
+        assert!(
+            counts.iter().all(|&c| (900..=1100).contains(&c)),
+            "{counts:?}"
+        );
+        assert_eq!(pick(&r, &g, &a, &[], &s, 42), pick(&r, &g, &a, &[], &s, 42));
+        assert!((0..100).all(|t| pick(&r, &g, &a, &[3], &s, t).is_ok_and(|x| x.0 != 3)));
+        assert_eq!(
+            pick(&r, &g, &a, &[0, 1, 2, 3], &s, 0),
+            Err(Refusal::NoReplica)
+        );
+        assert!((0..1000).all(|t| draw(t, 1) == 0 && draw(t, 7) < 7));
     }
 
     #[test]

@@ -40,6 +40,11 @@ struct Cli {
     /// factor of the mean (at least 1).
     #[arg(long, default_value_t = 1.25)]
     load_factor: f64,
+    /// How the replica is picked: strata (prefix affinity with bounded
+    /// load, else least loaded), or, for benchmarks and debugging, random
+    /// (as a Service) or round-robin.
+    #[arg(long, default_value_t = strata_core::routing::Policy::Strata)]
+    policy: strata_core::routing::Policy,
     /// Other replicas tried after a connection failure, or a 502/503 from
     /// a replica going away (only before anything reached the client).
     #[arg(long, default_value_t = 2)]
@@ -144,6 +149,7 @@ async fn run(cli: Cli) -> Result<(), MainError> {
         prefix_chars: cli.prefix_chars,
         routing: strata_core::routing::Settings {
             load_factor: cli.load_factor.max(1.0),
+            policy: cli.policy,
             ..strata_core::routing::Settings::default()
         },
         retries: cli.retries,
@@ -189,7 +195,7 @@ async fn run(cli: Cli) -> Result<(), MainError> {
             tracing::error!("the metrics port failed: {e}");
         }
     });
-    tracing::info!(addr = %cli.addr, "serving /v1/... for every Model and /models/<namespace>/<model>/v1/...");
+    tracing::info!(addr = %cli.addr, policy = %cli.policy, "serving /v1/... for every Model and /models/<namespace>/<model>/v1/...");
     proxy::serve(listener, gateway, stopped())
         .await
         .map_err(MainError::Serve)
