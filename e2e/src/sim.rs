@@ -11,6 +11,11 @@
 //! - after admission, prefill takes `uncached_tokens * prefill_ms_per_token / speed`,
 //!   where the uncached tokens are the prompt's tokens less those found in
 //!   the prefix cache (all of them when prefix caching is off);
+//! - with `prefill_concurrency` N > 0, at most N sequences prefill at once
+//!   and the others wait for their turn, first in first out (a GPU's
+//!   prefill is compute-bound: its prompt tokens per second are shared, as
+//!   vLLM's per-step token budget shares them); 0 (the default) lets every
+//!   admitted sequence prefill at once;
 //! - then each output token takes
 //!   `itl_ms * (1 + itl_batch_factor * (running - 1)) / speed`, where `running` is the
 //!   number of sequences running at that step, so inter-token latency grows
@@ -108,6 +113,9 @@ pub struct SimConfig {
     /// Most blocks the prefix cache holds (vLLM's KV cache size,
     /// `--num-gpu-blocks-override`).
     pub prefix_cache_blocks: usize,
+    /// Most sequences prefilling at once (0: no limit); the others wait
+    /// their turn after admission, first in first out.
+    pub prefill_concurrency: usize,
 }
 
 /// The prefix cache's default size in blocks: 16,384 blocks of 16 tokens,
@@ -134,6 +142,7 @@ impl SimConfig {
             prefix_caching: false,
             block_size: 16,
             prefix_cache_blocks: DEFAULT_PREFIX_CACHE_BLOCKS,
+            prefill_concurrency: 0,
         }
     }
 
@@ -643,6 +652,8 @@ struct Inner {
     config: SimConfig,
     /// FIFO admission: one permit per running sequence.
     admission: Arc<Semaphore>,
+    /// FIFO turns at prefill, when [`SimConfig::prefill_concurrency`] is set.
+    prefill: Option<Arc<Semaphore>>,
     /// Running sequences; watched by the load publisher.
     running: watch::Sender<usize>,
     waiting: AtomicUsize,
@@ -667,6 +678,8 @@ impl Simulator {
         Ok(Self {
             inner: Arc::new(Inner {
                 admission: Arc::new(Semaphore::new(config.max_batch)),
+                prefill: (config.prefill_concurrency > 0)
+                    .then(|| Arc::new(Semaphore::new(config.prefill_concurrency))),
                 prefix_cache: Mutex::new(PrefixCache::new(
                     config.block_size,
                     config.prefix_cache_blocks,
@@ -926,6 +939,18 @@ async fn run_sequence(
         return;
     }
     let config = &sim.inner.config;
+    // Its turn at prefill (held until its prefill is done), when prefills
+    // share the GPU.
+    let turn = match &sim.inner.prefill {
+        Some(p) => tokio::select! {
+            t = p.clone().acquire_owned() => match t {
+                Ok(t) => Some(t),
+                Err(_) => return,
+            },
+            () = tx.closed() => return,
+        },
+        None => None,
+    };
     // As vLLM's scheduler: the cached prefix is looked up when the
     // sequence is scheduled, and only the rest is prefilled.
     let cached = if config.prefix_caching {
@@ -946,6 +971,7 @@ async fn run_sequence(
     if config.prefix_caching {
         lock(&sim.inner.prefix_cache).insert(&prompt.blocks);
     }
+    drop(turn);
     lock(&sim.inner.metrics).prompt_tokens += u64::from(prompt_tokens);
     let mut previous: Option<Instant> = None;
     for index in 0..completion_tokens {

@@ -963,3 +963,34 @@ async fn prefix_caching_prefills_only_the_uncached_part_and_counts_hits_in_token
     );
     assert_eq!(plain.sim.prefix_cache_len(), 0);
 }
+
+#[tokio::test]
+async fn prefill_concurrency_makes_prefills_take_turns() {
+    // 400 characters = 100 tokens = 200 ms of prefill each.
+    let config = SimConfig {
+        prefill_ms_per_token: 2.0,
+        itl_ms: 1.0,
+        ..SimConfig::new("llama")
+    };
+    let prompt = "y".repeat(400);
+    let both = |addr: SocketAddr| {
+        let p = prompt.clone();
+        async move {
+            let sent = Instant::now();
+            let (a, b) = tokio::join!(timed_chat(addr, &p), timed_chat(addr, &p));
+            (a.max(b), sent.elapsed())
+        }
+    };
+    // No limit (the default): two prefills overlap.
+    let free = start(config.clone()).await;
+    let (slowest, _) = both(free.addr).await;
+    assert!(slowest < Duration::from_millis(350), "{slowest:?}");
+    // One at a time: the second waits for the first.
+    let serial = start(SimConfig {
+        prefill_concurrency: 1,
+        ..config
+    })
+    .await;
+    let (slowest, _) = both(serial.addr).await;
+    assert!(slowest >= Duration::from_millis(400), "{slowest:?}");
+}

@@ -86,6 +86,11 @@ struct Cli {
     /// Most sequences running at once; the others queue, first in first out.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// Most sequences prefilling at once (0: no limit); the others wait
+    /// their turn, first in first out (1: the GPU's prompt tokens per
+    /// second are shared, as on a real GPU).
+    #[arg(long, default_value_t = 0)]
+    prefill_concurrency: usize,
     /// Prefill time per prompt token, in milliseconds (at speed 1).
     #[arg(long, default_value_t = 0.2)]
     prefill_ms_per_token: f64,
@@ -197,6 +202,7 @@ async fn main() -> ExitCode {
         prefix_caching: cli.enable_prefix_caching && !cli.no_enable_prefix_caching,
         block_size: cli.block_size,
         prefix_cache_blocks: cli.num_gpu_blocks_override,
+        prefill_concurrency: cli.prefill_concurrency,
     };
     if let Err(e) = config.validate() {
         tracing::error!("invalid configuration: {e}");
