@@ -38,7 +38,8 @@ pub struct Replica {
     pub name: String,
     /// Requests this gateway has in flight to it.
     pub in_flight: u32,
-    /// Requests its engine reports waiting (0 when unknown).
+    /// Requests it holds from elsewhere (other gateways, direct clients),
+    /// as it last reported them (0 when unknown).
     pub waiting: u32,
     /// Its KV cache use, 0..=1 (0 when unknown).
     pub kv_usage: f64,
@@ -47,7 +48,7 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Its load: in flight from here plus waiting at the engine.
+    /// Its load: in flight from here plus held from elsewhere.
     pub fn load(&self) -> u64 {
         u64::from(self.in_flight) + u64::from(self.waiting)
     }

@@ -7,6 +7,7 @@
 //!
 //! - [`table`]: the routing table and `model` resolution, pure;
 //! - [`retry`]: when an attempt is tried on another replica, pure;
+//! - [`signals`]: the load replicas report on their answers, pure;
 //! - [`proxy`]: the request path;
 //! - [`cluster`]: the table from watches of Models, Adapters and pods;
 //! - [`metrics`]: the `strata_gateway_*` metrics.
@@ -15,4 +16,5 @@ pub mod cluster;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;
+pub mod signals;
 pub mod table;

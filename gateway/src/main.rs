@@ -49,6 +49,9 @@ struct Cli {
     /// a replica going away (only before anything reached the client).
     #[arg(long, default_value_t = 2)]
     retries: usize,
+    /// Seconds a replica's reported load (on its answers) is used; 0: never.
+    #[arg(long, default_value_t = 3.0)]
+    replica_load_ttl_seconds: f64,
     /// Seconds a request may wait for a replica of a Model at zero.
     #[arg(long, default_value_t = 600)]
     wait_timeout_seconds: u64,
@@ -163,6 +166,8 @@ async fn run(cli: Cli) -> Result<(), MainError> {
         body_budget: cli.body_budget_bytes,
         upstream_timeout: Duration::from_secs(cli.upstream_timeout_seconds),
         idle_timeout: Duration::from_secs(cli.idle_timeout_seconds),
+        signal_ttl: Duration::try_from_secs_f64(cli.replica_load_ttl_seconds)
+            .unwrap_or(Duration::ZERO),
         server: strata_net::server::ServerLimits {
             max_connections: cli.max_connections,
             ..strata_net::server::ServerLimits::default()

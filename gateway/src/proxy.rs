@@ -41,6 +41,7 @@ use prometheus::{Histogram, IntGauge};
 use serde_json::{Value, json};
 use strata_core::routing::{self, Ask, Refusal};
 use strata_net::body::{BodyError, BodyLimits, ByteBudget};
+use strata_net::load::ReplicaLoad;
 use strata_net::openai::{self, Endpoint, Route};
 use strata_net::server::ServerLimits;
 use strata_operator::activator::{WAKE_EVERY, Waiting, split_path};
@@ -49,6 +50,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
 use crate::retry::{self, Outcome};
+use crate::signals::Reported;
 use crate::table::{self, ResolveError, Routes, Snapshot};
 
 /// How long one wake request (a PATCH) may take.
@@ -86,6 +88,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// The listener's bounds.
     pub server: ServerLimits,
+    /// How long a replica's reported load ([`crate::signals`]) is used.
+    pub signal_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -105,6 +109,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(300),
+            signal_ttl: Duration::from_secs(3),
             server: ServerLimits {
                 max_connections: 8192,
                 ..ServerLimits::default()
@@ -257,6 +262,8 @@ pub struct Gateway {
     budget: ByteBudget,
     /// Requests this gateway has in flight, per `namespace/pod`.
     in_flight: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
+    /// The replicas' last reports, per `namespace/pod`, and when.
+    reports: Arc<Mutex<HashMap<String, (Reported, Instant)>>>,
     waiting: Mutex<Waiting>,
     /// When this process last asked for a replica of a Model.
     woken: Mutex<HashMap<String, Instant>>,
@@ -277,6 +284,8 @@ impl Gateway {
         let in_flight: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>> = Arc::default();
         let points = settings.routing.virtual_points;
         let counts = in_flight.clone();
+        let reports: Arc<Mutex<HashMap<String, (Reported, Instant)>>> = Arc::default();
+        let reported = reports.clone();
         tokio::spawn(async move {
             loop {
                 let snapshot = (**snapshots.borrow_and_update()).clone();
@@ -295,6 +304,9 @@ impl Gateway {
                         })
                         .collect();
                     c.retain(|k, n| live.contains(k) || n.load(Ordering::Relaxed) > 0);
+                    if let Ok(mut r) = reported.lock() {
+                        r.retain(|k, _| c.contains_key(k));
+                    }
                 }
                 if tx.send(Arc::new(next)).is_err() || snapshots.changed().await.is_err() {
                     return;
@@ -313,6 +325,7 @@ impl Gateway {
             settings,
             metrics,
             in_flight,
+            reports,
             waiting: Mutex::new(Waiting::default()),
             woken: Mutex::new(HashMap::new()),
             wake,
@@ -494,6 +507,39 @@ impl Gateway {
         }
     }
 
+    /// What each of `replicas` last reported, `(waiting, kv_usage)` for
+    /// the pick ([`Reported::current`]).
+    fn reported(&self, ns: &str, replicas: &[table::Replica]) -> Vec<(u32, f64)> {
+        let now = Instant::now();
+        let Ok(reports) = self.reports.lock() else {
+            return vec![(0, 0.0); replicas.len()];
+        };
+        replicas
+            .iter()
+            .map(|r| {
+                let found = reports
+                    .get(&format!("{ns}/{}", r.name))
+                    .map(|(rep, at)| (*rep, now.saturating_duration_since(*at)));
+                Reported::current(found.as_ref(), self.settings.signal_ttl)
+            })
+            .collect()
+    }
+
+    /// Takes the replica's load report off an answer's head (the client
+    /// does not see it) and keeps it.
+    fn note_report(&self, ns: &str, pod: &str, headers: &mut HeaderMap, ours: &AtomicU32) {
+        let Some(value) = headers.remove(strata_net::load::HEADER) else {
+            return;
+        };
+        let Some(load) = value.to_str().ok().and_then(ReplicaLoad::parse) else {
+            return;
+        };
+        let report = Reported::new(load, ours.load(Ordering::Relaxed));
+        if let Ok(mut r) = self.reports.lock() {
+            r.insert(format!("{ns}/{pod}"), (report, Instant::now()));
+        }
+    }
+
     /// Picks, forwards and retries.
     async fn forward(&self, ask: &Asked, start: Instant) -> Result<Response, GatewayError> {
         let deadline = Instant::now() + self.settings.wait_timeout;
@@ -512,17 +558,18 @@ impl Gateway {
                 .iter()
                 .map(|r| self.counter(&m.namespace, &r.name))
                 .collect();
-            // Sidecars' queue and KV signals are not read yet: waiting and
-            // kv_usage stay 0 (docs/routing.md).
+            let reported = self.reported(&m.namespace, &m.replicas);
             let replicas: Vec<routing::Replica> = m
                 .replicas
                 .iter()
                 .zip(&counts)
-                .map(|(r, c)| routing::Replica {
+                .zip(reported)
+                .map(|((r, c), (waiting, kv_usage))| routing::Replica {
                     name: r.name.clone(),
                     in_flight: c.load(Ordering::Relaxed),
+                    waiting,
+                    kv_usage,
                     adapters: r.adapters.clone(),
-                    ..routing::Replica::default()
                 })
                 .collect();
             let exclude: Vec<usize> = (0..replicas.len())
@@ -559,7 +606,10 @@ impl Gateway {
                 counts[j].clone(),
                 self.metrics.in_flight.with_label_values(&[&ask.key]),
             );
-            let (outcome, result) = self.attempt(ask, replica.addr, &replica.name).await;
+            let (outcome, mut result) = self.attempt(ask, replica.addr, &replica.name).await;
+            if let Ok(resp) = &mut result {
+                self.note_report(&m.namespace, &replica.name, resp.headers_mut(), &counts[j]);
+            }
             let going = {
                 let now = self.routes.borrow();
                 !now.find(&ask.key).is_some_and(|k| {

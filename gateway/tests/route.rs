@@ -1,6 +1,7 @@
 //! The gateway's router against fake replicas on 127.0.0.1, fed a routing
 //! table directly (no Kubernetes): prefix affinity, spread, adapters,
-//! retries after a connection failure, streaming passed through.
+//! retries after a connection failure, streaming passed through, the load
+//! replicas report.
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -78,8 +79,16 @@ async fn upstream_handler(
             .body(Body::from_stream(stream))
             .expect("response");
     }
+    // As a sidecar reports its load: a busy replica holds 40 requests
+    // from elsewhere.
+    let load = if name.starts_with("r-busy") {
+        "in-flight=41; kv=0.5"
+    } else {
+        "in-flight=1; kv=0.1"
+    };
     Response::builder()
         .header("x-replica", name.clone())
+        .header(strata_net::load::HEADER, load)
         .body(Body::from(json!({"replica": name}).to_string()))
         .expect("response")
 }
@@ -478,4 +487,55 @@ async fn what_is_not_routable_is_answered_here() {
         .map(|s| s.hits.lock().map(|h| h.len()).unwrap_or(0))
         .sum();
     assert_eq!(total, 0, "none of these reached a replica");
+}
+
+#[tokio::test]
+async fn the_load_a_replica_reports_steers_picks_while_it_is_fresh() {
+    let (busy, _) = upstream("r-busy").await;
+    let (idle, _) = upstream("r-idle").await;
+    let replicas = vec![replica("r-busy", busy, &[]), replica("r-idle", idle, &[])];
+    let wake: WakeFn = Arc::new(|_, _| Box::pin(async { Ok(()) }));
+    // No prefix affinity: the least loaded takes each request.
+    let fresh = Settings {
+        prefix_chars: 0,
+        ..Settings::default()
+    };
+    let w = gateway_with(table(replicas.clone()), fresh, wake.clone()).await;
+    // Nothing reported yet: both loads are 0, ties rotate, so the first
+    // two requests reach both and each reports.
+    let first = w
+        .answered_by("/v1/completions", 2, prompts("meta/llama"))
+        .await;
+    assert_eq!(
+        first.iter().collect::<BTreeSet<_>>().len(),
+        2,
+        "ties rotate: {first:?}"
+    );
+    // Then the busy one's 40 other requests keep ours off it.
+    let then = w
+        .answered_by("/v1/completions", 12, prompts("meta/llama"))
+        .await;
+    assert!(then.iter().all(|r| r == "r-idle"), "{then:?}");
+    // The report is the gateway's: the client never sees it.
+    let req = hyper::Request::post(format!("{}/v1/completions", w.url))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(prompts("meta/llama")(0).to_string())))
+        .expect("request");
+    let resp = w.client.request(req).await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key(strata_net::load::HEADER));
+
+    // Reports older than the TTL are forgotten: the loads read 0 again
+    // and the two replicas share the requests.
+    let stale = Settings {
+        prefix_chars: 0,
+        signal_ttl: Duration::ZERO,
+        ..Settings::default()
+    };
+    let w = gateway_with(table(replicas), stale, wake).await;
+    let spread = w
+        .answered_by("/v1/completions", 12, prompts("meta/llama"))
+        .await;
+    let on_busy = spread.iter().filter(|r| *r == "r-busy").count();
+    assert_eq!(on_busy, 6, "{spread:?}");
 }

@@ -395,10 +395,28 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
         }
         .boxed()
     };
+    report_load(&app, &mut headers);
     let mut out = Response::new(Body::from_stream(stream_body));
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
+}
+
+/// This replica's load on the answer's head, for the gateway
+/// ([`strata_net::load`]): requests held now (this one included) and the
+/// engine's KV-cache use as last scraped. Whatever the engine put under
+/// that name is replaced.
+fn report_load(app: &App, headers: &mut HeaderMap) {
+    let limit = app.config.limits.max_concurrent_requests.max(1);
+    let held = limit.saturating_sub(app.slots.available_permits());
+    let kv = app.metrics.engine_kv_cache.get();
+    let load = strata_net::load::ReplicaLoad {
+        in_flight: u32::try_from(held).unwrap_or(u32::MAX),
+        kv_usage: kv.is_finite().then_some(kv),
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&load.encode()) {
+        headers.insert(strata_net::load::HEADER, v);
+    }
 }
 
 /// Most bytes gathered for one write to the client: pieces that are

@@ -241,6 +241,25 @@ impl Harness {
     async fn metrics(&self) -> String {
         self.send("GET", self.admin, "/metrics", None, None).await.1
     }
+
+    /// A chat request's status and the load its answer reported.
+    async fn load_reported(&self) -> (u16, Option<String>) {
+        let req = http::Request::post(format!("http://{}/v1/chat/completions", self.api))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                json!({"model": "llama", "messages": []}).to_string(),
+            )))
+            .expect("req");
+        let resp = self.client.request(req).await.expect("response");
+        let load = resp
+            .headers()
+            .get(strata_net::load::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let status = resp.status().as_u16();
+        let _ = resp.into_body().collect().await;
+        (status, load)
+    }
 }
 
 fn metric(text: &str, prefix: &str) -> Option<f64> {
@@ -533,21 +552,22 @@ async fn readiness_follows_the_engine_and_bad_engine_metrics_read_as_unknown() {
     let m = h.metrics().await;
     assert_eq!(metric(&m, "strata_engine_kv_cache_usage_ratio"), Some(0.5));
     assert_eq!(metric(&m, "strata_engine_metrics_up"), Some(1.0));
+    // The load reported to the gateway on each answer: this request, and
+    // the KV-cache use last scraped.
+    assert_eq!(
+        h.load_reported().await,
+        (200, Some("in-flight=1; kv=0.500".to_string()))
+    );
     h.engine.good_metrics.store(false, Ordering::SeqCst);
     until("unknown", async || {
         metric(&h.metrics().await, "strata_engine_metrics_up") == Some(0.0)
     })
     .await;
-    let (status, _) = h
-        .send(
-            "POST",
-            h.api,
-            "/v1/chat/completions",
-            Some(json!({"model": "llama", "messages": []})),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "the proxy keeps working");
+    // The proxy keeps working; the unknown KV use is left out.
+    assert_eq!(
+        h.load_reported().await,
+        (200, Some("in-flight=1".to_string()))
+    );
 }
 
 #[tokio::test]

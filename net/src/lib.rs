@@ -8,9 +8,11 @@
 //! - [`server`]: a bounded HTTP/1.1 server (connections, head size and time,
 //!   idle keep-alive, optional TLS);
 //! - [`body`]: body reads bounded in size, time and shared memory;
-//! - [`headers`]: hop-by-hop header stripping.
+//! - [`headers`]: hop-by-hop header stripping;
+//! - [`load`]: the load a replica reports to the gateway on its answers.
 
 pub mod body;
 pub mod headers;
+pub mod load;
 pub mod openai;
 pub mod server;
