@@ -1068,3 +1068,87 @@ async fn gpu_nodes_allocate_devices_and_serve_the_podresources_api() {
         .await
         .expect("cleanup");
 }
+
+#[tokio::test]
+async fn the_charts_network_policies_with_the_gateway_pass_the_api_servers_validation() {
+    let _shared = FAULTS.read().await;
+    let w = the_world();
+    ensure_chart(w);
+    let client = w.client().await;
+    let ns = test_namespace(&client, "netpol").await.expect("namespace");
+    let chart = repo_path("charts/strata");
+    let chart = chart.to_string_lossy();
+    let models = format!("networkPolicy.modelNamespaces={{{ns}}}");
+    let values = [
+        "gateway.enabled=true",
+        "networkPolicy.enabled=true",
+        &models,
+        "networkPolicy.clientsFrom[0].namespaceSelector.matchLabels.team=a",
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.monitoring=yes",
+    ];
+    let mut args = vec!["template", "strata", &chart, "--namespace", "strata-system"];
+    for v in &values {
+        args.extend(["--set", v]);
+    }
+    let out = w.helm(&args);
+    assert!(out.status.success(), "helm template: {}", text(&out));
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Every object the chart renders with these values is one the API
+    // server accepts (validation and admission, nothing stored).
+    let out = w.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered);
+    assert!(out.status.success(), "dry-run apply: {}", text(&out));
+
+    let policies: Vec<Value> = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml_ng::from_str::<Value>(doc).ok())
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    let named = |name: &str| {
+        policies
+            .iter()
+            .find(|p| p["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no NetworkPolicy {name}: {policies:?}"))
+    };
+    // The gateway's pods: its OpenAI port from the clients' peers only,
+    // its metrics port from the metrics peers only.
+    let gateway = named("strata-gateway");
+    assert_eq!(
+        gateway["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "strata-gateway"
+    );
+    let ingress = gateway["spec"]["ingress"].as_array().expect("ingress");
+    let from_port = |port: u64| {
+        ingress
+            .iter()
+            .find(|r| r["ports"][0]["port"] == port)
+            .map(|r| r["from"].clone())
+            .unwrap_or_else(|| panic!("no rule for {port}: {ingress:?}"))
+    };
+    assert_eq!(
+        from_port(8080),
+        json!([{"namespaceSelector": {"matchLabels": {"team": "a"}}}])
+    );
+    assert_eq!(
+        from_port(9090),
+        json!([{"namespaceSelector": {"matchLabels": {"monitoring": "yes"}}}])
+    );
+    // The model pods take 8080 from the gateway as well as the clients.
+    let pods = named("strata-models");
+    assert_eq!(pods["metadata"]["namespace"], ns.as_str());
+    let api = pods["spec"]["ingress"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["ports"][0]["port"] == 8080))
+        .expect("8080 rule");
+    let peers: Vec<&Value> = api["from"].as_array().expect("from").iter().collect();
+    assert!(
+        peers.iter().any(
+            |p| p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "strata-gateway"
+                && p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                    == "strata-system"
+        ),
+        "{peers:?}"
+    );
+    delete_namespace(&client, &ns, TIMEOUT)
+        .await
+        .expect("namespace deleted");
+}
