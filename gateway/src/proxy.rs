@@ -90,6 +90,11 @@ pub struct Settings {
     pub server: ServerLimits,
     /// How long a replica's reported load ([`crate::signals`]) is used.
     pub signal_ttl: Duration,
+    /// How long a 502 (or a 503 without `Retry-After`) from a replica
+    /// still in the view waits for the view to drop it (its pod deleted:
+    /// the node stops the engine about when the watch tells this gateway);
+    /// if it does, the request is tried on another ([`retry::settle`]).
+    pub settle: Duration,
 }
 
 impl Default for Settings {
@@ -110,6 +115,7 @@ impl Default for Settings {
             upstream_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(300),
             signal_ttl: Duration::from_secs(3),
+            settle: Duration::from_secs(1),
             server: ServerLimits {
                 max_connections: 8192,
                 ..ServerLimits::default()
@@ -610,15 +616,19 @@ impl Gateway {
             if let Ok(resp) = &mut result {
                 self.note_report(&m.namespace, &replica.name, resp.headers_mut(), &counts[j]);
             }
-            let going = {
-                let now = self.routes.borrow();
-                !now.find(&ask.key).is_some_and(|k| {
-                    now.snapshot.models[k]
-                        .replicas
-                        .iter()
-                        .any(|r| r.name == replica.name)
-                })
-            };
+            let mut going = self.going(&ask.key, &replica.name);
+            let retry_after = result
+                .as_ref()
+                .is_ok_and(|r| r.headers().contains_key(header::RETRY_AFTER));
+            if retry::settle(
+                outcome,
+                retry_after,
+                tried.len(),
+                self.settings.retries,
+                going,
+            ) {
+                going = self.gone_within(&ask.key, &replica.name).await;
+            }
             if retry::again(outcome, tried.len(), self.settings.retries, going) {
                 self.metrics.retries.with_label_values(&[&ask.key]).inc();
                 tracing::info!(model = %ask.key, replica = %replica.name, ?outcome, "trying another replica");
@@ -626,6 +636,34 @@ impl Gateway {
                 continue;
             }
             return self.finish(ask, (result, reason, flight), start);
+        }
+    }
+
+    /// Whether `replica` has left the Model's ready replicas in the view.
+    fn going(&self, key: &str, replica: &str) -> bool {
+        let now = self.routes.borrow();
+        !now.find(key).is_some_and(|k| {
+            now.snapshot.models[k]
+                .replicas
+                .iter()
+                .any(|r| r.name == replica)
+        })
+    }
+
+    /// Waits up to `settings.settle` for the view to drop `replica`;
+    /// whether it did.
+    async fn gone_within(&self, key: &str, replica: &str) -> bool {
+        let deadline = Instant::now() + self.settings.settle;
+        let mut changes = self.routes.clone();
+        loop {
+            changes.borrow_and_update();
+            if self.going(key, replica) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.going(key, replica),
+            }
         }
     }
 

@@ -37,9 +37,55 @@ pub fn again(outcome: Outcome, attempts: usize, retries: usize, going: bool) -> 
     }
 }
 
+/// Whether to wait (briefly, bounded) for the view to say if the replica
+/// is going before deciding: a 502, or a 503 without `Retry-After`, from a
+/// replica the view still lists, which would be tried again were it going.
+/// A deleted pod's node stops its engine about when this gateway's watch
+/// learns of the deletion, so the sidecar can answer "engine unreachable"
+/// before the view drops the replica. A 503 with `Retry-After` is a live
+/// replica shedding load: passed on at once.
+pub fn settle(
+    outcome: Outcome,
+    retry_after: bool,
+    attempts: usize,
+    retries: usize,
+    going: bool,
+) -> bool {
+    let status_settles = match outcome {
+        Outcome::Answered(StatusCode::BAD_GATEWAY) => true,
+        Outcome::Answered(StatusCode::SERVICE_UNAVAILABLE) => !retry_after,
+        _ => false,
+    };
+    status_settles && !going && again(outcome, attempts, retries, true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_502_from_a_replica_still_listed_waits_for_the_view() {
+        let bad = Outcome::Answered(StatusCode::BAD_GATEWAY);
+        let gone = Outcome::Answered(StatusCode::SERVICE_UNAVAILABLE);
+        assert!(settle(bad, false, 1, 2, false), "502, still listed");
+        assert!(settle(gone, false, 1, 2, false), "503 without Retry-After");
+        assert!(
+            !settle(gone, true, 1, 2, false),
+            "503 shedding load: at once"
+        );
+        assert!(!settle(bad, false, 1, 2, true), "already going: no wait");
+        assert!(!settle(bad, false, 3, 2, false), "no retry left: no wait");
+        assert!(!settle(bad, false, 1, 0, false), "retries off: no wait");
+        for other in [
+            Outcome::Connect,
+            Outcome::Failed,
+            Outcome::Answered(StatusCode::OK),
+            Outcome::Answered(StatusCode::INTERNAL_SERVER_ERROR),
+            Outcome::Answered(StatusCode::TOO_MANY_REQUESTS),
+        ] {
+            assert!(!settle(other, false, 1, 2, false), "{other:?}");
+        }
+    }
 
     #[test]
     fn retried_only_where_the_replica_cannot_have_started() {

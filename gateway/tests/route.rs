@@ -62,6 +62,26 @@ async fn upstream_handler(
             .body(Body::from("draining"))
             .expect("response");
     }
+    // A replica whose pod was deleted: the node stopped its engine, so
+    // its sidecar answers 502 at once, before the gateway's view has
+    // dropped it.
+    if name.starts_with("r-stopping") {
+        seen.arrived.notify_one();
+        return Response::builder()
+            .status(502)
+            .header("x-replica", name)
+            .body(Body::from("the engine is unreachable"))
+            .expect("response");
+    }
+    // A live replica shedding load.
+    if name.starts_with("r-full") {
+        return Response::builder()
+            .status(503)
+            .header("x-replica", name)
+            .header("retry-after", "1")
+            .body(Body::from("too many requests in flight"))
+            .expect("response");
+    }
     if v["stream"] == json!(true) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
         let go_on = seen.go_on.clone();
@@ -345,6 +365,88 @@ async fn a_503_from_a_replica_going_away_is_tried_on_another() {
         return;
     }
     panic!("no prompt of 64 went to r-going first");
+}
+
+#[tokio::test]
+async fn a_502_from_a_replica_the_view_still_lists_is_retried_once_the_view_drops_it() {
+    let (stopping, seen) = upstream("r-stopping").await;
+    let (stays, _) = upstream("r-stays").await;
+    let both = vec![
+        replica("r-stopping", stopping, &[]),
+        replica("r-stays", stays, &[]),
+    ];
+    let w = Arc::new(gateway(both.clone()).await);
+    for i in 0..64 {
+        let w2 = w.clone();
+        let mut req = tokio::spawn(async move {
+            w2.post(
+                "/v1/completions",
+                json!({"model": "meta/llama", "prompt": format!("p{i}")}),
+            )
+            .await
+        });
+        tokio::select! {
+            done = &mut req => {
+                assert_eq!(done.expect("request"), (200, "r-stays".to_string()));
+                continue;
+            }
+            _ = seen.arrived.notified() => {}
+        }
+        // r-stopping has answered 502; the view drops it 100 ms later
+        // (the watch learning of the deletion), within the settle window.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        w.table.send_replace(Arc::new(table(vec![both[1].clone()])));
+        let (status, by) = req.await.expect("request");
+        assert_eq!((status, by.as_str()), (200, "r-stays"));
+        assert_eq!(w.metrics.retries.with_label_values(&["ns/llama"]).get(), 1);
+        return;
+    }
+    panic!("no prompt of 64 went to r-stopping first");
+}
+
+#[tokio::test]
+async fn a_502_from_a_replica_that_stays_is_answered_after_the_settle_window_and_a_shedding_503_at_once()
+ {
+    let wake: WakeFn = Arc::new(|_, _| Box::pin(async { Ok(()) }));
+    let settle = Duration::from_millis(300);
+    let (stopping, _) = upstream("r-stopping").await;
+    let w = gateway_with(
+        table(vec![replica("r-stopping", stopping, &[])]),
+        Settings {
+            settle,
+            ..Settings::default()
+        },
+        wake.clone(),
+    )
+    .await;
+    let t = std::time::Instant::now();
+    let (status, by) = w.post("/v1/completions", prompts("meta/llama")(0)).await;
+    assert_eq!((status, by.as_str()), (502, "r-stopping"));
+    assert!(
+        t.elapsed() >= settle,
+        "waited for the view: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(w.metrics.retries.with_label_values(&["ns/llama"]).get(), 0);
+
+    let (full, _) = upstream("r-full").await;
+    let w = gateway_with(
+        table(vec![replica("r-full", full, &[])]),
+        Settings {
+            settle: Duration::from_secs(5),
+            ..Settings::default()
+        },
+        wake,
+    )
+    .await;
+    let t = std::time::Instant::now();
+    let (status, by) = w.post("/v1/completions", prompts("meta/llama")(0)).await;
+    assert_eq!((status, by.as_str()), (503, "r-full"));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "a 503 with Retry-After is passed on at once: {:?}",
+        t.elapsed()
+    );
 }
 
 #[tokio::test]
