@@ -6,17 +6,18 @@
 //! port 8080, never to a Service.
 //!
 //! One scenario, in order, sharing one world:
-//! 1. A Model with two replicas and an Adapter with `replicas: 1`: requests
-//!    for the adapter's served name reach only the replica that carries it
-//!    (counted by each replica's sidecar, `strata_requests_total` on its
-//!    admin port), requests for the Model's served name reach both, and
-//!    `GET /v1/models` lists the Model and the adapter.
+//! 1. A Model with three replicas and an Adapter with `replicas: 1`:
+//!    requests for the adapter's served name reach only the replica that
+//!    carries it (counted by each replica's sidecar, `strata_requests_total`
+//!    on its admin port), requests for the Model's served name reach all
+//!    three, and `GET /v1/models` lists the Model and the adapter.
 //! 2. Meanwhile a Model at zero replicas that may scale from zero: one
 //!    request through the gateway wakes it and is answered.
-//! 3. A steady stream of concurrent requests (streamed and not) while one
-//!    replica's pod is deleted: every request that had not started
-//!    streaming when the replica went succeeds (the gateway retries it on
-//!    the other); streams that had started may be cut, and are counted.
+//! 3. A steady stream of concurrent requests (streamed and not) while two
+//!    replicas without the adapter are deleted, one after the other: every
+//!    request that had not started streaming when its replica went
+//!    succeeds (the gateway retries it on another); streams that had
+//!    started may be cut, and are counted.
 //!
 //! Needs the images: `scripts/images --profile dev strata-operator
 //! strata-sidecar strata-node-agent strata-engine-sim strata-gateway`
@@ -50,13 +51,15 @@ use strata_e2e::runner::RUN_LABEL;
 const PODS: &str = "gateway-system";
 /// The runner profile of the model pods.
 const PROFILE: &str = "gateway-replica";
-/// The Model with two replicas, and the name clients use for it.
+/// The Model with [`REPLICAS`] replicas, and the name clients use for it.
 const MODEL: &str = "chat";
 const SERVED: &str = "acme/chat-8b";
 /// Its adapter (served under its name), carried by one replica.
 const ADAPTER: &str = "sql";
 /// The Model at zero.
 const SLEEPY: &str = "sleepy";
+/// The Model's replicas.
+const REPLICAS: usize = 3;
 /// Concurrent clients while a replica goes (half of them streaming).
 const CLIENTS: usize = 16;
 /// Replicas deleted under the load, one after the other.
@@ -329,18 +332,18 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
     let models: Api<Model> = Api::namespaced(client.clone(), &ns);
     let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    // Two replicas that take adapters; an Adapter for one of them.
+    // Three replicas that take adapters; an Adapter for one of them.
     models
         .create(
             &PostParams::default(),
             &model(
                 MODEL,
-                json!({"servedName": SERVED, "replicas": 2, "minReplicas": 1,
+                json!({"servedName": SERVED, "replicas": REPLICAS, "minReplicas": 1,
                        "adapters": {"maxPerReplica": 2}}),
             ),
         )
         .await
-        .expect("the two-replica Model");
+        .expect("the Model with replicas");
     // At zero, allowed to scale from zero (SLA mode; idle window long
     // enough that it stays up for the rest of the test once woken).
     models
@@ -406,18 +409,18 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
         })
     };
 
-    // The adapter on one replica of two.
+    // The adapter on one replica of three.
     wait_for(
         models.clone(),
         MODEL,
         Duration::from_secs(120),
         |m: Option<&Model>| {
             m.and_then(|m| m.status.as_ref())
-                .is_some_and(|s| s.ready_replicas == 2)
+                .is_some_and(|s| s.ready_replicas == REPLICAS as i32)
         },
     )
     .await
-    .expect("two ready replicas");
+    .expect("the Model's replicas ready");
     wait_for(
         adapters.clone(),
         ADAPTER,
@@ -433,18 +436,19 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
     .await
     .expect("the adapter loaded on one replica");
     let all = replicas(&pods, MODEL).await;
-    assert_eq!(all.len(), 2, "two ready replicas");
+    assert_eq!(all.len(), REPLICAS, "the Model's replicas ready");
     let label = format!("adapter.strata.ai/{ADAPTER}");
-    let (carrier, other): (Vec<&Pod>, Vec<&Pod>) = all
+    let (carrier, others): (Vec<&Pod>, Vec<&Pod>) = all
         .iter()
         .partition(|p| p.labels().get(&label).map(String::as_str) == Some("loaded"));
-    assert_eq!((carrier.len(), other.len()), (1, 1), "one carrier");
-    let (carrier, other) = (ip(carrier[0]), ip(other[0]));
-    let other_pod = all
+    assert_eq!(carrier.len(), 1, "one carrier");
+    // The carrier first, then the others, by pod name and IP.
+    let order: Vec<(String, String)> = carrier
         .iter()
-        .find(|p| ip(p) == other)
-        .map(|p| p.name_any())
-        .expect("the other replica");
+        .chain(&others)
+        .map(|p| (p.name_any(), ip(p)))
+        .collect();
+    let carrier = order[0].1.clone();
 
     // Each gateway learns the carrier from the pod's label: until then an
     // adapter request is a 503 that reaches no replica.
@@ -462,19 +466,23 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
             if status == 200 {
                 break;
             }
-            assert_eq!(status, 503, "before the gateway sees the carrier: {body}");
+            assert!(
+                status == 503 || status == 404,
+                "before the gateway sees the adapter and its carrier: {status} {body}"
+            );
             assert!(Instant::now() < deadline, "{gw} routes {ADAPTER}: {body}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let before = [
-        served_by(&carrier, ADAPTER).await,
-        served_by(&other, ADAPTER).await,
-    ];
-    let base_before = [
-        served_by(&carrier, "").await.0,
-        served_by(&other, "").await.0,
-    ];
+    let counts = || async {
+        let mut v = Vec::new();
+        for (_, ip) in &order {
+            let (adapter, refused) = served_by(ip, ADAPTER).await;
+            v.push((adapter, refused, served_by(ip, "").await.0));
+        }
+        v
+    };
+    let before = counts().await;
     const N: u64 = 20;
     for i in 0..N {
         let gw = gws[i as usize % gws.len()];
@@ -488,8 +496,9 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
         .await;
         assert_eq!(status, 200, "{ADAPTER} through {gw}: {body}");
     }
-    // The base model's name: spread over both replicas by prefix.
-    for i in 0..N {
+    // The base model's name: spread over every replica by prefix.
+    const BASE: u64 = 30;
+    for i in 0..BASE {
         let gw = gws[i as usize % gws.len()];
         let prompt = format!("{i}: a prompt of its own, to spread by prefix");
         let (status, body) = post(
@@ -514,36 +523,36 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
     )
     .await;
     assert_eq!(status, 200, "the per-Model path: {body}");
-    let after = [
-        served_by(&carrier, ADAPTER).await,
-        served_by(&other, ADAPTER).await,
-    ];
-    let base_after = [
-        served_by(&carrier, "").await.0,
-        served_by(&other, "").await.0,
-    ];
+    let after = counts().await;
+    let delta: Vec<(u64, u64, u64)> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a.0 - b.0, a.1 - b.1, a.2 - b.2))
+        .collect();
     assert_eq!(
-        after[0].0 - before[0].0,
-        N,
-        "every {ADAPTER} request reached the carrier {carrier}"
+        delta[0].0, N,
+        "every {ADAPTER} request reached the carrier {carrier}: {delta:?}"
     );
+    for (d, (pod, _)) in delta.iter().zip(&order).skip(1) {
+        assert_eq!(
+            (d.0, d.1),
+            (0, 0),
+            "no {ADAPTER} request reached {pod}, which does not carry it"
+        );
+    }
+    let base: Vec<u64> = delta.iter().map(|d| d.2).collect();
     assert_eq!(
-        (after[1].0 - before[1].0, after[1].1 - before[1].1),
-        (0, 0),
-        "no {ADAPTER} request reached the other replica {other}"
+        base.iter().sum::<u64>(),
+        BASE + 1,
+        "every base request answered once: {base:?}"
     );
-    let base = [
-        base_after[0] - base_before[0],
-        base_after[1] - base_before[1],
-    ];
-    assert_eq!(base[0] + base[1], N + 1, "every base request answered once");
     assert!(
-        base[0] > 0 && base[1] > 0,
-        "base requests reach both replicas: {base:?}"
+        base.iter().all(|n| *n > 0),
+        "base requests reach every replica: {base:?}"
     );
     println!(
-        "adapter {ADAPTER}: {N} of {N} on the carrier, 0 on the other; {SERVED}: {} and {} (and the per-Model path's one)",
-        base[0], base[1]
+        "adapter {ADAPTER}: {N} of {N} on the carrier, 0 on the {} others; {SERVED}: {base:?} (the per-Model path's one included)",
+        REPLICAS - 1
     );
     // GET /v1/models lists both names (and the Model at zero).
     let (status, body) = get(gws[0], "/v1/models").await;
@@ -554,7 +563,7 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
     let m = find(SERVED).unwrap_or_else(|| panic!("{SERVED} listed: {body}"));
     assert_eq!(m["strata"]["namespace"], json!(ns), "{m}");
     assert_eq!(m["strata"]["name"], json!(MODEL), "{m}");
-    assert_eq!(m["strata"]["readyReplicas"], json!(2), "{m}");
+    assert_eq!(m["strata"]["readyReplicas"], json!(REPLICAS), "{m}");
     let a = find(ADAPTER).unwrap_or_else(|| panic!("{ADAPTER} listed: {body}"));
     assert_eq!(a["parent"], json!(SERVED), "{a}");
     assert!(find(SLEEPY).is_some(), "{SLEEPY} listed: {body}");
@@ -615,45 +624,48 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
             }
         }));
     }
-    // Load on both replicas, then the one without the adapter goes; the
+    // Load on every replica, then one without the adapter goes; the
     // operator replaces it, and once the newcomer has answered some of the
-    // load, the newcomer goes in turn.
-    let mut victim = (other_pod.clone(), other.clone());
+    // load, another one without the adapter goes.
+    let mut known: Vec<String> = order.iter().map(|(n, _)| n.clone()).collect();
     let mut rounds: Vec<(String, Instant, Instant)> = Vec::new();
     let mut sent_before = Vec::new();
-    for _ in 0..ROUNDS {
-        let (pod, victim_ip) = victim.clone();
+    for (pod, victim_ip) in order.iter().skip(1).take(ROUNDS) {
         let start = (
             served_by(&carrier, "").await.0,
-            served_by(&victim_ip, "").await.0,
+            served_by(victim_ip, "").await.0,
         );
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (a, b) = (
                 served_by(&carrier, "").await.0,
-                served_by(&victim_ip, "").await.0,
+                served_by(victim_ip, "").await.0,
             );
             if a >= start.0 + 10 && b >= start.1 + 10 {
                 break;
             }
-            assert!(Instant::now() < deadline, "the load reaches both replicas");
+            assert!(Instant::now() < deadline, "the load reaches {pod}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let deleted_at = Instant::now();
         sent_before.push(sent.load(Ordering::Relaxed));
-        pods.delete(&pod, &DeleteParams::default())
+        pods.delete(pod, &DeleteParams::default())
             .await
             .expect("delete a replica");
         let deadline = Instant::now() + Duration::from_secs(120);
         let newcomer = loop {
             let now = replicas(&pods, MODEL).await;
-            if let Some(p) = now.iter().find(|p| p.name_any() != pod && ip(p) != carrier) {
+            if let Some(p) = now.iter().find(|p| !known.contains(&p.name_any())) {
                 break (p.name_any(), ip(p));
             }
-            assert!(Instant::now() < deadline, "a new replica within 120 s");
+            assert!(
+                Instant::now() < deadline,
+                "a replica replacing {pod} within 120 s"
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         };
         let replaced_at = Instant::now();
+        known.push(newcomer.0.clone());
         let deadline = Instant::now() + Duration::from_secs(60);
         while served_by(&newcomer.1, "").await.0 < 10 {
             assert!(
@@ -662,8 +674,7 @@ async fn the_gateway_routes_by_adapter_wakes_a_model_at_zero_and_retries_a_repli
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        rounds.push((pod, deleted_at, replaced_at));
-        victim = newcomer;
+        rounds.push((pod.clone(), deleted_at, replaced_at));
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {

@@ -52,6 +52,11 @@ struct Cli {
     /// Seconds a replica's reported load (on its answers) is used; 0: never.
     #[arg(long, default_value_t = 3.0)]
     replica_load_ttl_seconds: f64,
+    /// Seconds a 502 (or a 503 without Retry-After) from a replica still
+    /// listed waits for the view to drop it before it is answered; if the
+    /// view does, the request is tried on another replica. 0: no wait.
+    #[arg(long, default_value_t = 1.0)]
+    settle_seconds: f64,
     /// Seconds a request may wait for a replica of a Model at zero.
     #[arg(long, default_value_t = 600)]
     wait_timeout_seconds: u64,
@@ -168,6 +173,7 @@ async fn run(cli: Cli) -> Result<(), MainError> {
         idle_timeout: Duration::from_secs(cli.idle_timeout_seconds),
         signal_ttl: Duration::try_from_secs_f64(cli.replica_load_ttl_seconds)
             .unwrap_or(Duration::ZERO),
+        settle: Duration::try_from_secs_f64(cli.settle_seconds).unwrap_or(Duration::ZERO),
         server: strata_net::server::ServerLimits {
             max_connections: cli.max_connections,
             ..strata_net::server::ServerLimits::default()
