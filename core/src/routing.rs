@@ -82,7 +82,8 @@ impl Default for Settings {
 
 /// How the replica is chosen among the candidates (the adapter's carriers,
 /// less those a retry already tried).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Policy {
     /// Prefix affinity with bounded load, else the least loaded (the
     /// module's pick; production's).

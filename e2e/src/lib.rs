@@ -19,6 +19,7 @@ pub mod bench;
 pub mod bench_cli;
 pub mod bench_memory;
 pub mod bench_placement;
+pub mod bench_routing;
 pub mod bench_scale;
 pub mod bench_sidecar;
 pub mod cluster;
