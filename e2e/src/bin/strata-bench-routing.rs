@@ -6,8 +6,8 @@
 //! the Markdown tables of docs/benchmarks.md. Every address is loopback.
 //!
 //! cargo build --release -p strata-e2e --bin strata-engine-sim --bin strata-bench-routing
-//! target/release/strata-bench-routing            # the full run (~15 min)
-//! target/release/strata-bench-routing --quick    # a smoke (~2 min)
+//! target/release/strata-bench-routing            # the full run (~11 min)
+//! target/release/strata-bench-routing --quick    # a smoke (~1.5 min)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
