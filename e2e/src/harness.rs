@@ -1039,3 +1039,29 @@ pub fn sidecar_fast_injection() -> crate::pod_images::Injection {
         ..crate::pod_images::Injection::default()
     }
 }
+
+/// The ready, not terminating pods of the Model named `model` in `pods`'
+/// namespace (label `strata.ai/model`).
+pub async fn ready_model_pods(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    model: &str,
+) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    pods.list(&kube::api::ListParams::default().labels(&format!("strata.ai/model={model}")))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && strata_core::view::pod_ready(p))
+        .collect()
+}
+
+/// A pod's IP, which in the local world must be a loopback address.
+pub fn loopback_pod_ip(p: &k8s_openapi::api::core::v1::Pod) -> String {
+    let ip = p
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP");
+    assert!(crate::http::is_loopback_str(&ip), "{ip}");
+    ip
+}

@@ -270,24 +270,10 @@ async fn chat(ip: &str, model: &str) -> (u16, String) {
 }
 
 async fn ready_pods(pods: &Api<Pod>) -> Vec<Pod> {
-    pods.list(&ListParams::default().labels("strata.ai/model=chat"))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
-        .collect()
+    strata_e2e::harness::ready_model_pods(pods, "chat").await
 }
 
-fn ip(p: &Pod) -> String {
-    let ip = p
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .expect("pod IP");
-    assert!(strata_e2e::http::is_loopback_str(&ip), "{ip}");
-    ip
-}
+use strata_e2e::harness::loopback_pod_ip as ip;
 
 fn adapter(name: &str) -> Adapter {
     let mut source = json!({"uri": format!("hf://strata-test/{name}-lora")});

@@ -39,7 +39,6 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use strata_core::view::pod_ready;
 use strata_crds::{GPUPool, Model};
 use strata_e2e::fake_nvml::{self, FakeGpuConfig};
 use strata_e2e::harness::{
@@ -289,13 +288,7 @@ async fn held_gpus(nodes: &[GpuNode], ns: &str, pods: &[Pod]) -> BTreeMap<String
 }
 
 async fn ready_pods(pods: &Api<Pod>) -> Vec<Pod> {
-    pods.list(&ListParams::default().labels("strata.ai/model=chat"))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
-        .collect()
+    strata_e2e::harness::ready_model_pods(pods, "chat").await
 }
 
 fn pod_ip(p: &Pod) -> String {

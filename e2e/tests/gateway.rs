@@ -165,24 +165,10 @@ async fn gateways(client: &kube::Client, n: usize) -> Vec<SocketAddr> {
 
 /// The Model's ready, not terminating replicas.
 async fn replicas(pods: &Api<Pod>, model: &str) -> Vec<Pod> {
-    pods.list(&ListParams::default().labels(&format!("strata.ai/model={model}")))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
-        .collect()
+    strata_e2e::harness::ready_model_pods(pods, model).await
 }
 
-fn ip(p: &Pod) -> String {
-    let ip = p
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .expect("pod IP");
-    assert!(is_loopback_str(&ip), "{ip}");
-    ip
-}
+use strata_e2e::harness::loopback_pod_ip as ip;
 
 /// Requests a replica's sidecar answered with success for `adapter` (""
 /// for the base model), from its `strata_requests_total` (admin port 9090,
