@@ -16,12 +16,19 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 /// write after this long has lost it (it re-lists), and the cache rules.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// How long a pod the watch showed before its creation was recorded here
+/// (the watch event can beat the API server's answer to the create) is
+/// remembered, so that the creation is not expected again.
+pub const EARLY: Duration = Duration::from_secs(10);
+
 /// A Model's pods created or deleted by this process and not yet shown so
 /// by the cache.
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
     created: Vec<(Pod, Instant)>,
     deleted: HashMap<String, Instant>,
+    /// Pods the watch showed while no creation of theirs was expected.
+    early: HashMap<String, Instant>,
 }
 
 fn name(p: &Pod) -> &str {
@@ -30,8 +37,28 @@ fn name(p: &Pod) -> &str {
 
 impl Expectations {
     /// Records pods this process created (as the API server returned them).
+    /// Pods the watch has shown already are not expected again.
     pub fn created(&mut self, pods: impl IntoIterator<Item = Pod>, now: Instant) {
-        self.created.extend(pods.into_iter().map(|p| (p, now)));
+        for p in pods {
+            if self.early.remove(name(&p)).is_none() {
+                self.created.push((p, now));
+            }
+        }
+    }
+
+    /// Records that the watch showed the pod `pod_name` (created, changed
+    /// or deleted): its creation is met. A pod the cache showed and lost
+    /// between two reconciles (deleted at once: a force delete, an
+    /// eviction) would otherwise count as alive until [`MAX_WAIT`], and
+    /// its Model would stay a replica short that long.
+    pub fn observed(&mut self, pod_name: &str, now: Instant) {
+        let before = self.created.len();
+        self.created.retain(|(p, _)| name(p) != pod_name);
+        self.early
+            .retain(|_, at| now.saturating_duration_since(*at) < EARLY);
+        if self.created.len() == before {
+            self.early.insert(pod_name.to_owned(), now);
+        }
     }
 
     /// Records pods this process deleted, by name.
@@ -132,5 +159,40 @@ mod tests {
         assert_eq!(e.apply(Vec::new(), t0 + MAX_WAIT / 2, &ts).len(), 1);
         assert_eq!(e.apply(Vec::new(), t0 + MAX_WAIT, &ts).len(), 0);
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_pod_the_watch_showed_and_lost_between_reconciles_is_not_expected() {
+        let t0 = Instant::now();
+        let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut e = Expectations::default();
+        e.created([pod("m-a"), pod("m-b")], t0);
+        // The watch shows a created, then deleted, before the next
+        // reconcile reads the cache (which lacks it): a is gone, b is
+        // still on its way.
+        e.observed("m-a", t0);
+        let seen = e.apply(Vec::new(), t0, &ts);
+        assert_eq!(names(&seen), vec![("m-b".into(), false)]);
+    }
+
+    #[test]
+    fn a_pod_the_watch_showed_before_its_create_returned_is_not_expected() {
+        let t0 = Instant::now();
+        let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut e = Expectations::default();
+        e.observed("m-a", t0);
+        e.created([pod("m-a"), pod("m-b")], t0);
+        let seen = e.apply(Vec::new(), t0, &ts);
+        assert_eq!(names(&seen), vec![("m-b".into(), false)]);
+        // A name seen long before is an older pod's: a new creation under
+        // it is expected as usual.
+        e.observed("m-c", t0);
+        e.observed("m-x", t0 + EARLY);
+        e.created([pod("m-c")], t0 + EARLY);
+        let seen = e.apply(Vec::new(), t0 + EARLY, &ts);
+        assert_eq!(
+            names(&seen),
+            vec![("m-b".into(), false), ("m-c".into(), false)]
+        );
     }
 }

@@ -103,6 +103,98 @@ fn condition(m: &Model, t: &str) -> Option<(String, String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// A replica deleted as soon as it exists, three times in a row (force
+/// deletes: no Terminating state, the watch shows the pod and then its
+/// removal), is replaced each time. Before the pod watch met the
+/// operator's expectations, a pod created and lost between two reconciles
+/// counted as alive until the expectation expired (60 s), and the Model
+/// stayed a replica short that long; the 40 s deadline below is under that
+/// expiry and far above a replacement's seconds.
+async fn young_replicas_are_replaced(client: &Client, models: &Api<Model>, ns: &str) {
+    let pods_api = Api::<Pod>::namespaced(client.clone(), ns);
+    let mut known: BTreeSet<String> = model_pods(client, ns, "fallback")
+        .await
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    let mut doomed = known.iter().next().cloned().expect("a replica");
+    let mut deleted = BTreeSet::new();
+    let young_deadline = Duration::from_secs(40);
+    for round in 0..3 {
+        force_delete(&pods_api, &doomed).await;
+        deleted.insert(doomed.clone());
+        let newest = Arc::new(Mutex::new(None::<String>));
+        let (c, seen, found) = (client.clone(), known.clone(), newest.clone());
+        let ns2 = ns.to_owned();
+        poll_until(
+            &format!("round {round}: a replacement for {doomed}"),
+            young_deadline,
+            Duration::from_millis(100),
+            move || {
+                let (c, seen, found, ns2) = (c.clone(), seen.clone(), found.clone(), ns2.clone());
+                async move {
+                    let fresh = model_pods(&c, &ns2, "fallback")
+                        .await
+                        .into_iter()
+                        .map(|p| p.name_any())
+                        .find(|n| !seen.contains(n));
+                    let done = fresh.is_some();
+                    *found.lock().expect("lock") = fresh;
+                    Ok(done)
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        doomed = newest.lock().expect("lock").clone().expect("found");
+        known.insert(doomed.clone());
+    }
+    force_delete(&pods_api, &doomed).await;
+    deleted.insert(doomed.clone());
+    let gone = deleted;
+    let healed = wait_for(
+        models.clone(),
+        "fallback",
+        young_deadline,
+        move |m: Option<&Model>| {
+            m.and_then(|m| m.status.as_ref()).is_some_and(|s| {
+                s.ready_replicas == 2 && s.placement.iter().all(|p| !gone.contains(&p.pod))
+            })
+        },
+    )
+    .await;
+    if let Err(e) = healed {
+        let s = model_status(models, "fallback").await;
+        let pods: Vec<(String, bool)> = model_pods(client, ns, "fallback")
+            .await
+            .iter()
+            .map(|p| (p.name_any(), pod_ready(p)))
+            .collect();
+        panic!(
+            "two ready replicas again after young ones were deleted: {e}; status: {} ready, placement {:?}, conditions {:?}; pods (name, ready): {pods:?}",
+            s.ready_replicas,
+            s.placement.iter().map(|p| &p.pod).collect::<Vec<_>>(),
+            s.conditions
+                .iter()
+                .map(|c| (&c.type_, &c.status, &c.reason))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Deletes a pod at once (grace period 0); one already gone is fine.
+async fn force_delete(api: &Api<Pod>, name: &str) {
+    let force = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &force).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => panic!("delete {name}: {e}"),
+    }
+}
+
 async fn model_pods(client: &Client, ns: &str, model: &str) -> Vec<Pod> {
     Api::<Pod>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels(&format!("strata.ai/model={model}")))
@@ -476,6 +568,10 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
         },
     )
     .await;
+
+    // A replica deleted as soon as it exists is replaced at once (boxed:
+    // this scenario's future is too large for a test thread's stack).
+    Box::pin(young_replicas_are_replaced(&client, &models, &ns)).await;
 
     // A node disappears: its replica is placed again.
     let status = model_status(&models, "fallback").await;

@@ -3,11 +3,12 @@
 //! `on_change` called after every event (the activator wakes its waiting
 //! requests with it). Used by the controllers and the activator.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Api;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::{WatchStreamExt, watcher};
 
@@ -105,8 +106,17 @@ where
 }
 
 /// A cache whose changes several controllers are woken by: one watch, one
-/// store, and a stream per subscriber, each event delivered after the
-/// store has it.
+/// store, and a stream per subscriber, each change delivered after the
+/// store has it: objects added or modified, objects deleted (as last seen)
+/// and, after a re-list, every object listed and every one the re-list no
+/// longer shows.
+///
+/// kube-runtime's own shared reflector (`reflect_shared`) is not used:
+/// it hands its subscribers a reference that they look up in the store,
+/// so it never reports a deletion, and an object deleted before its
+/// subscriber reads the earlier event is skipped as well. A pod deleted at
+/// once (a force delete, KWOK) then woke no Model, and a replica created
+/// and lost between two reconciles went unnoticed until the resync.
 pub struct Shared<K: kube::Resource + Clone + 'static>
 where
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -115,11 +125,65 @@ where
     pub store: Store<K>,
     /// One stream per consumer, taken once each (a consumer must keep
     /// reading its stream: a full buffer holds the watch back).
-    pub subscribers: Vec<reflector::ReflectHandle<K>>,
+    pub subscribers: Vec<futures::stream::BoxStream<'static, Arc<K>>>,
 }
 
-/// How many events a slow subscriber of a [`Shared`] cache may lag behind.
+/// How many changes a slow subscriber of a [`Shared`] cache may lag behind.
 const SHARED_BUFFER: usize = 4096;
+
+/// What a [`Shared`] cache's subscribers are told for each watch event
+/// (after the store has applied it). Pure but for the store it reads.
+#[derive(Debug)]
+pub struct Changes<K: kube::Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    /// The store's objects when a re-list began: those it no longer lists
+    /// are reported as deleted when it is done.
+    before: Option<Vec<Arc<K>>>,
+}
+
+impl<K> Default for Changes<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    fn default() -> Self {
+        Self { before: None }
+    }
+}
+
+impl<K> Changes<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    /// The objects to report for `event`, which `store` has applied.
+    pub fn of(&mut self, event: watcher::Event<K>, store: &Store<K>) -> Vec<Arc<K>> {
+        match event {
+            watcher::Event::Apply(o) | watcher::Event::Delete(o) => vec![Arc::new(o)],
+            watcher::Event::Init => {
+                self.before = Some(store.state());
+                Vec::new()
+            }
+            watcher::Event::InitApply(_) => Vec::new(),
+            watcher::Event::InitDone => {
+                let now = store.state();
+                let listed: std::collections::HashSet<ObjectRef<K>> = now
+                    .iter()
+                    .map(|o| ObjectRef::from_obj(o.as_ref()))
+                    .collect();
+                let gone = self
+                    .before
+                    .take()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|o| !listed.contains(&ObjectRef::from_obj(o.as_ref())));
+                now.iter().cloned().chain(gone).collect()
+            }
+        }
+    }
+}
 
 /// Spawns a shared watch ([`Shared`]) with `subscribers` streams.
 pub fn spawn_shared_store<K>(
@@ -138,25 +202,45 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store_shared(SHARED_BUFFER);
-    let subscribers = (0..subscribers)
-        .filter_map(|_| writer.subscribe())
-        .collect();
+    let (reader, writer) = reflector::store();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..subscribers)
+        .map(|_| tokio::sync::mpsc::channel::<Arc<K>>(SHARED_BUFFER))
+        .unzip();
     let stream = watcher(api, config)
         .backoff(backoff())
         .modify(trim)
-        .reflect_shared(writer);
+        .reflect(writer);
+    let store = reader.clone();
     tokio::spawn(async move {
         tokio::pin!(stream);
+        let mut changes = Changes::default();
         while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!("watch: {e}");
+            match ev {
+                Ok(ev) => {
+                    for o in changes.of(ev, &store) {
+                        for tx in &senders {
+                            // A subscriber that is gone (its controller
+                            // stopped) is no reason to stop the others.
+                            let _ = tx.send(o.clone()).await;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("watch: {e}"),
             }
         }
     });
     Shared {
         store: reader,
-        subscribers,
+        subscribers: receivers
+            .into_iter()
+            .map(|rx| {
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|o| (o, rx)) },
+                )
+                .boxed()
+            })
+            .collect(),
     }
 }
 
@@ -168,6 +252,66 @@ pub fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pod(name: &str) -> k8s_openapi::api::core::v1::Pod {
+        let mut p = k8s_openapi::api::core::v1::Pod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("ns".into());
+        p
+    }
+
+    /// Feeds `events` to a store and to [`Changes`] as the shared watch
+    /// does, and returns the names reported for each.
+    fn reported(events: Vec<watcher::Event<k8s_openapi::api::core::v1::Pod>>) -> Vec<Vec<String>> {
+        let (store, mut writer) = reflector::store();
+        let mut changes = Changes::default();
+        events
+            .into_iter()
+            .map(|ev| {
+                writer.apply_watcher_event(&ev);
+                let mut names: Vec<String> = changes
+                    .of(ev, &store)
+                    .iter()
+                    .filter_map(|p| p.metadata.name.clone())
+                    .collect();
+                names.sort();
+                names
+            })
+            .collect()
+    }
+
+    #[test]
+    fn subscribers_hear_of_deletions_and_of_what_a_relist_dropped() {
+        use watcher::Event::*;
+        let got = reported(vec![
+            Init,
+            InitApply(pod("a")),
+            InitApply(pod("b")),
+            InitDone,
+            Apply(pod("c")),
+            // Deleted at once: kube-runtime's shared reflector reported
+            // neither this nor, had it been read late, the Apply above.
+            Delete(pod("c")),
+            // A re-list after a lost watch: b was deleted meanwhile.
+            Init,
+            InitApply(pod("a")),
+            InitApply(pod("d")),
+            InitDone,
+        ]);
+        let want: Vec<Vec<&str>> = vec![
+            vec![],
+            vec![],
+            vec![],
+            vec!["a", "b"],
+            vec!["c"],
+            vec!["c"],
+            vec![],
+            vec![],
+            vec![],
+            vec!["a", "b", "d"],
+        ];
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn watch_retries_double_to_eight_seconds_and_reset() {

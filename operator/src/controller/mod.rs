@@ -367,6 +367,8 @@ fn model_controller(
         std::sync::Mutex::new(HashMap::new());
     let pool_generations: std::sync::Mutex<HashMap<String, i64>> =
         std::sync::Mutex::new(HashMap::new());
+    let observer = ctx.clone();
+    let pods = pods.inspect(move |pod| model::observe_pod(&observer, pod));
     let stream = controller
         .owns_shared_stream(pods)
         .owns_shared_stream(services)

@@ -147,6 +147,30 @@ fn recent(at: Option<Instant>) -> bool {
     at.is_some_and(|t| t.elapsed() < RECHECK)
 }
 
+/// Tells the Model that owns `pod` that the pod watch showed it (created,
+/// changed or deleted): see [`strata_core::expect::Expectations::observed`].
+/// Called for every event of the shared pod cache, before the event wakes
+/// the Model; a Model this process has not reconciled yet has nothing to
+/// meet.
+pub fn observe_pod(ctx: &Context, pod: &Pod) {
+    let (Some(ns), Some(pod_name)) = (
+        pod.metadata.namespace.as_deref(),
+        pod.metadata.name.as_deref(),
+    ) else {
+        return;
+    };
+    let mut memos = ctx
+        .memos
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
+    for owner in pod.owner_references().iter().filter(|o| o.kind == "Model") {
+        if let Some(m) = memos.get_mut(&memo_key(&format!("{ns}/{}", owner.name), &owner.uid)) {
+            m.pods.observed(pod_name, now);
+        }
+    }
+}
+
 /// The memo's key: a Model re-created under the same name starts afresh.
 fn memo_key(key: &str, uid: &str) -> String {
     format!("{key}#{uid}")
