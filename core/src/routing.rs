@@ -9,8 +9,9 @@
 //!   KubeAI's CHWBL, after Mirrokni, Thorup and Zadimoghaddam): the prefix
 //!   is hashed onto a ring of the replicas' virtual points, and the first
 //!   candidate clockwise takes the request unless its load would exceed
-//!   `load_factor` times the mean load; then the next one on the ring does
-//!   (a spill-over). Requests that share a prefix (a system prompt, a few
+//!   `load_factor` times the mean load (and, for a prefix routed
+//!   recently, holds at least `spill_floor` requests); then the next one
+//!   on the ring does (a spill-over). Requests that share a prefix (a system prompt, a few
 //!   shot examples) land on the replica that has it cached, and no replica
 //!   takes more than its bounded share. The ring depends only on the
 //!   replicas' names and the hash is fixed (FNV-1a with a 64-bit
@@ -60,6 +61,14 @@ pub struct Settings {
     /// A replica takes a prefix's request while its load stays within this
     /// factor of the mean (KubeAI's default, 1.25); at least 1.
     pub load_factor: f64,
+    /// A replica holding fewer requests than this always takes the
+    /// request of a recurring prefix ([`Ask::recurring`]), whatever the
+    /// mean: on an engine that batches, a few requests more cost little,
+    /// while a spill costs the other replica a whole prefill of the
+    /// prefix. Without it the bound over small totals is 1 or 2
+    /// (`ceil(1.25 × 2 / 4)` = 1), and at low rates a quarter of the
+    /// requests spilled, each a cache miss.
+    pub spill_floor: u32,
     /// KV cache use from which a replica is passed over while another is
     /// below it.
     pub kv_saturated: f64,
@@ -73,6 +82,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             load_factor: 1.25,
+            spill_floor: 8,
             kv_saturated: 0.95,
             virtual_points: 128,
             policy: Policy::Strata,
@@ -173,6 +183,40 @@ pub struct Ask<'a> {
     pub adapter: Option<&'a str>,
     /// The hash of its prompt's prefix ([`prefix_key`]), if it has one.
     pub prefix: Option<u64>,
+    /// Whether the prefix was routed recently ([`Recent`]): only then may
+    /// a replica have it cached, and only then does the spill floor keep
+    /// it on its replica. A prefix never seen (a unique prompt, a new
+    /// system prompt) is cached nowhere: the load-factor bound alone.
+    pub recurring: bool,
+}
+
+/// The prefixes routed recently, in a fixed table of `u64` slots (one per
+/// key, by its hash; a newer key takes an older one's slot): bounded in
+/// memory whatever the traffic, lock-free, and forgetful only of the
+/// least shared prefixes under a flood of unique ones.
+#[derive(Debug)]
+pub struct Recent {
+    slots: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Recent {
+    /// A table of `slots` keys (at least 1).
+    pub fn new(slots: usize) -> Self {
+        Self {
+            slots: (0..slots.max(1))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Whether `key` was recorded before; records it.
+    pub fn seen(&self, key: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        // 0 marks an empty slot.
+        let key = key.max(1);
+        let slot = &self.slots[(key % self.slots.len() as u64) as usize];
+        slot.swap(key, Ordering::Relaxed) == key
+    }
 }
 
 /// Why a replica was picked (a metric label).
@@ -255,7 +299,7 @@ pub fn pick(
         .collect();
     let candidates = if roomy.is_empty() { carrying } else { roomy };
     if let Some(key) = ask.prefix
-        && let Some(found) = bounded(replicas, ring, key, &candidates, settings)
+        && let Some(found) = bounded(replicas, ring, key, ask.recurring, &candidates, settings)
     {
         return Ok(found);
     }
@@ -280,13 +324,16 @@ fn bounded(
     replicas: &[Replica],
     ring: &Ring,
     key: u64,
+    recurring: bool,
     candidates: &[usize],
     settings: &Settings,
 ) -> Option<(usize, Reason)> {
+    let floor = if recurring { settings.spill_floor } else { 0 };
     let total: u64 = candidates.iter().map(|&i| replicas[i].load()).sum();
     // The bound counts the request being placed (the paper's m + 1).
-    let bound = (settings.load_factor.max(1.0) * (total + 1) as f64 / candidates.len() as f64)
-        .ceil() as u64;
+    let bound = ((settings.load_factor.max(1.0) * (total + 1) as f64 / candidates.len() as f64)
+        .ceil() as u64)
+        .max(u64::from(floor));
     let mut first = true;
     for i in ring.walk(key).filter(|i| candidates.contains(i)) {
         if replicas[i].load() < bound {
@@ -449,7 +496,24 @@ mod tests {
         Ask {
             adapter: None,
             prefix: prefix_key("m", prefix, 100),
+            recurring: true,
         }
+    }
+
+    #[test]
+    fn recent_prefixes_are_remembered_in_a_fixed_table() {
+        let r = Recent::new(4);
+        assert!(!r.seen(5));
+        assert!(r.seen(5));
+        // 9 takes 5's slot (9 % 4 == 5 % 4); 6 has its own.
+        assert!(!r.seen(6));
+        assert!(!r.seen(9));
+        assert!(!r.seen(5));
+        assert!(r.seen(6));
+        // Key 0 is remembered too (as 1).
+        assert!(!r.seen(0));
+        assert!(r.seen(0));
+        assert_eq!(r.slots.len(), 4);
     }
 
     #[test]
@@ -517,7 +581,11 @@ mod tests {
     fn a_loaded_prefix_replica_spills_to_the_next_on_the_ring() {
         let mut r = replicas(4);
         let g = ring(&r);
-        let s = Settings::default();
+        // The load-factor bound alone (no floor).
+        let s = Settings {
+            spill_floor: 0,
+            ..Settings::default()
+        };
         let a = ask("shared system prompt");
         let (home, _) = pick(&r, &g, &a, &[], &s, 0).expect("home");
         // Load 10 at home, 0 elsewhere: mean (10 + 1) / 4, bound
@@ -534,6 +602,41 @@ mod tests {
             x.waiting = 0;
         }
         assert_eq!(pick(&r, &g, &a, &[], &s, 0), Ok((home, Reason::Prefix)));
+    }
+
+    #[test]
+    fn a_replica_under_the_spill_floor_keeps_its_prefix_at_low_load() {
+        let mut r = replicas(4);
+        let g = ring(&r);
+        let a = ask("shared system prompt");
+        let s = Settings::default();
+        let (home, _) = pick(&r, &g, &a, &[], &s, 0).expect("home");
+        // 7 at home, none elsewhere: the load-factor bound alone,
+        // ceil(1.25 * 8 / 4) = 3, would spill; the floor (8) keeps it home.
+        r[home].in_flight = 7;
+        assert_eq!(pick(&r, &g, &a, &[], &s, 0), Ok((home, Reason::Prefix)));
+        let without = Settings {
+            spill_floor: 0,
+            ..Settings::default()
+        };
+        assert_eq!(
+            pick(&r, &g, &a, &[], &without, 0).map(|(_, why)| why),
+            Ok(Reason::SpilledOver)
+        );
+        // A prefix not seen before is cached nowhere: no floor for it.
+        let new = Ask {
+            recurring: false,
+            ..a
+        };
+        assert_eq!(
+            pick(&r, &g, &new, &[], &s, 0).map(|(_, why)| why),
+            Ok(Reason::SpilledOver)
+        );
+        // At the floor it spills.
+        r[home].in_flight = 8;
+        let (next, why) = pick(&r, &g, &a, &[], &s, 0).expect("next");
+        assert_ne!(next, home);
+        assert_eq!(why, Reason::SpilledOver);
     }
 
     #[test]
@@ -568,6 +671,7 @@ mod tests {
         let sql = Ask {
             adapter: Some("sql"),
             prefix: prefix_key("m/sql", "select", 100),
+            recurring: false,
         };
         assert_eq!(pick(&r, &g, &sql, &[], &s, 0).map(|x| x.0), Ok(2));
         // Even when it is the busiest.
@@ -577,6 +681,7 @@ mod tests {
         let other = Ask {
             adapter: Some("nope"),
             prefix: None,
+            recurring: false,
         };
         assert_eq!(pick(&r, &g, &other, &[], &s, 0), Err(Refusal::NoAdapter));
         assert_eq!(
@@ -651,6 +756,7 @@ mod tests {
         let sql = Ask {
             adapter: Some("sql"),
             prefix: None,
+            recurring: false,
         };
         for t in 0..4 {
             assert_eq!(pick(&r, &g, &sql, &[], &s, t).map(|x| x.0), Ok(2));

@@ -224,6 +224,8 @@ pub struct Options {
     pub engine: Engine,
     /// The gateway's `--load-factor`.
     pub load_factor: f64,
+    /// The gateway's `--spill-floor`.
+    pub spill_floor: u32,
     /// The gateway's `--prefix-chars`.
     pub prefix_chars: usize,
     /// Requests of each kind in the overhead measurement (0: skipped).
@@ -732,6 +734,7 @@ impl GatewayRun {
         };
         settings.routing.policy = policy;
         settings.routing.load_factor = opts.load_factor.max(1.0);
+        settings.routing.spill_floor = opts.spill_floor;
         let wake: WakeFn = Arc::new(|_, _| Box::pin(async { Ok(()) }));
         let gateway = Gateway::new(rx, wake, settings, metrics.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1197,6 +1200,8 @@ pub struct Report {
     pub engine: Engine,
     /// The gateway's load factor.
     pub load_factor: f64,
+    /// The gateway's spill floor.
+    pub spill_floor: u32,
     /// The seed.
     pub seed: u64,
     /// Every cell of the grid.
@@ -1298,6 +1303,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         shape: opts.shape,
         engine: opts.engine,
         load_factor: opts.load_factor,
+        spill_floor: opts.spill_floor,
         seed: opts.seed,
         cells,
         needed,
@@ -1359,7 +1365,7 @@ impl Report {
         let e = &self.engine;
         let sh = &self.shape;
         let mut s = format!(
-            "{}; {}; load average {} before, {} after; {:.1} min. {} replicas of strata-engine-sim (prefix caching on, {} blocks of {} tokens each; --max-batch {}, --prefill-ms-per-token {}, --prefill-concurrency {}, --itl-ms {}, --itl-batch-factor {}); gateway load factor {}; streamed chat completions, {} output tokens; shared-prefix: {} system prompts of {} characters (~{} tokens) and a {}-character question; unique: the same lengths; Poisson arrivals, seed {}; {} s warm-up then {} s measured per cell; SLA: TTFT p95 ≤ {} ms and no errors.\n\n",
+            "{}; {}; load average {} before, {} after; {:.1} min. {} replicas of strata-engine-sim (prefix caching on, {} blocks of {} tokens each; --max-batch {}, --prefill-ms-per-token {}, --prefill-concurrency {}, --itl-ms {}, --itl-batch-factor {}); gateway load factor {}, spill floor {}; streamed chat completions, {} output tokens; shared-prefix: {} system prompts of {} characters (~{} tokens) and a {}-character question; unique: the same lengths; Poisson arrivals, seed {}; {} s warm-up then {} s measured per cell; SLA: TTFT p95 ≤ {} ms and no errors.\n\n",
             self.date,
             self.machine,
             self.load_before,
@@ -1374,6 +1380,7 @@ impl Report {
             e.itl_ms,
             e.itl_batch_factor,
             self.load_factor,
+            self.spill_floor,
             sh.output_tokens,
             sh.system_prompts,
             sh.system_chars,

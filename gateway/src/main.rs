@@ -40,6 +40,10 @@ struct Cli {
     /// factor of the mean (at least 1).
     #[arg(long, default_value_t = 1.25)]
     load_factor: f64,
+    /// A replica holding fewer requests than this always takes its
+    /// prefix's requests, whatever the mean (0: the load factor alone).
+    #[arg(long, default_value_t = 8)]
+    spill_floor: u32,
     /// How the replica is picked: strata (prefix affinity with bounded
     /// load, else least loaded), or, for benchmarks and debugging, random
     /// (as a Service) or round-robin.
@@ -157,6 +161,7 @@ async fn run(cli: Cli) -> Result<(), MainError> {
         prefix_chars: cli.prefix_chars,
         routing: strata_core::routing::Settings {
             load_factor: cli.load_factor.max(1.0),
+            spill_floor: cli.spill_floor,
             policy: cli.policy,
             ..strata_core::routing::Settings::default()
         },

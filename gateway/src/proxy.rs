@@ -275,7 +275,13 @@ pub struct Gateway {
     woken: Mutex<HashMap<String, Instant>>,
     wake: WakeFn,
     ticks: AtomicU64,
+    /// The prefixes routed recently (a prefix seen before may be cached
+    /// on its replica: see [`routing::Ask::recurring`]).
+    recent: routing::Recent,
 }
+
+/// Prefixes [`Gateway`] remembers (8 bytes each: 512 KiB).
+const RECENT_PREFIXES: usize = 65_536;
 
 impl Gateway {
     /// A gateway routing by the views `snapshots` sends (the cluster's
@@ -336,6 +342,7 @@ impl Gateway {
             woken: Mutex::new(HashMap::new()),
             wake,
             ticks: AtomicU64::new(0),
+            recent: routing::Recent::new(RECENT_PREFIXES),
         })
     }
 
@@ -445,6 +452,7 @@ impl Gateway {
             key,
             adapter,
             prefix,
+            recurring: prefix.is_some_and(|k| self.recent.seen(k)),
             method: parts.method,
             headers: parts.headers,
             upstream,
@@ -587,6 +595,7 @@ impl Gateway {
                 &Ask {
                     adapter: ask.adapter.as_deref(),
                     prefix: ask.prefix,
+                    recurring: ask.recurring,
                 },
                 &exclude,
                 &self.settings.routing,
@@ -834,6 +843,8 @@ struct Asked {
     key: String,
     adapter: Option<String>,
     prefix: Option<u64>,
+    /// Whether this gateway routed the prefix recently.
+    recurring: bool,
     method: Method,
     headers: HeaderMap,
     upstream: String,

@@ -15,6 +15,7 @@ use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -297,6 +298,62 @@ async fn a_shared_prefix_lands_on_one_replica_and_different_ones_spread() {
         .post("/v1/completions", json!({"model": "llama", "prompt": "x"}))
         .await;
     assert_eq!(status, 200);
+}
+
+impl World {
+    /// Opens a streamed chat request and keeps it in flight (the fake
+    /// replica holds its stream after the first event): the replica that
+    /// took it, and the answer to drop when done.
+    async fn hold(&self, system: &str, user: &str) -> (String, hyper::Response<Incoming>) {
+        let mut body = chat("meta/llama", system, user);
+        body["stream"] = json!(true);
+        let req = hyper::Request::post(format!("{}/v1/chat/completions", self.url))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+            .await
+            .expect("in time")
+            .expect("answer");
+        assert_eq!(resp.status(), 200);
+        let replica = resp
+            .headers()
+            .get("x-replica")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        (replica, resp)
+    }
+}
+
+#[tokio::test]
+async fn a_recurring_prefix_stays_on_its_replica_under_the_spill_floor() {
+    // A prefix routed before: six requests of it held at once all stay on
+    // its replica (fewer than the floor's 8 there); without the floor the
+    // load factor alone (ceil(1.25 * (in flight + 1) / 3)) spills them.
+    // (That a prefix never routed gets no floor is routing.rs's unit test.)
+    let system = "You answer questions about the ACME handbook. ".repeat(8);
+    for floor in [8, 0] {
+        let (reps, _) = three().await;
+        let mut settings = Settings::default();
+        settings.routing.spill_floor = floor;
+        let wake: WakeFn = Arc::new(|_, _| Box::pin(async { Ok(()) }));
+        let w = gateway_with(table(reps), settings, wake).await;
+        let (status, home) = w
+            .post("/v1/chat/completions", chat("meta/llama", &system, "first"))
+            .await;
+        assert_eq!(status, 200);
+        let mut held = Vec::new();
+        for i in 0..6 {
+            held.push(w.hold(&system, &format!("user {i}")).await);
+        }
+        let on: BTreeSet<&str> = held.iter().map(|(r, _)| r.as_str()).collect();
+        if floor > 0 {
+            assert_eq!(on, BTreeSet::from([home.as_str()]), "floor {floor}");
+        } else {
+            assert!(on.len() > 1, "floor 0 spills: {on:?}");
+        }
+    }
 }
 
 #[tokio::test]

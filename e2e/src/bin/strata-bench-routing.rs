@@ -94,6 +94,9 @@ struct Cli {
     /// The gateway's --load-factor.
     #[arg(long, default_value_t = 1.25)]
     load_factor: f64,
+    /// The gateway's --spill-floor.
+    #[arg(long, default_value_t = 8)]
+    spill_floor: u32,
     /// The gateway's --prefix-chars.
     #[arg(long, default_value_t = 256)]
     prefix_chars: usize,
@@ -182,6 +185,7 @@ async fn main() -> ExitCode {
             cache_blocks: cli.cache_blocks,
         },
         load_factor: cli.load_factor,
+        spill_floor: cli.spill_floor,
         prefix_chars: cli.prefix_chars,
         overhead_requests: cli.overhead_requests,
         seed: cli.seed,
