@@ -189,27 +189,39 @@ async fn gateway_with(snapshot: Snapshot, settings: Settings, wake: WakeFn) -> W
 }
 
 impl World {
-    /// POSTs `body`; the status and the replica that answered.
-    async fn post(&self, path: &str, body: Value) -> (u16, String) {
+    /// POSTs `body` (with a hop-by-hop header that must not be forwarded);
+    /// the answer's head, its body still to read.
+    async fn send(&self, path: &str, body: Value) -> hyper::Response<Incoming> {
         let req = hyper::Request::post(format!("{}{path}", self.url))
             .header("content-type", "application/json")
             .header("connection", "x-secret")
             .header("x-secret", "hop")
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("request");
-        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+        tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
             .expect("in time")
-            .expect("answer");
+            .expect("answer")
+    }
+
+    /// POSTs `body`; the status and the replica that answered.
+    async fn post(&self, path: &str, body: Value) -> (u16, String) {
+        let resp = self.send(path, body).await;
         let status = resp.status().as_u16();
-        let replica = resp
-            .headers()
-            .get("x-replica")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let replica = replica_of(&resp);
         let _ = resp.into_body().collect().await;
         (status, replica)
+    }
+
+    /// Opens a streamed chat request and keeps it in flight (the fake
+    /// replica holds its stream after the first event): the replica that
+    /// took it, and the answer to drop when done.
+    async fn hold(&self, system: &str, user: &str) -> (String, hyper::Response<Incoming>) {
+        let mut body = chat("meta/llama", system, user);
+        body["stream"] = json!(true);
+        let resp = self.send("/v1/chat/completions", body).await;
+        assert_eq!(resp.status(), 200);
+        (replica_of(&resp), resp)
     }
 
     /// Sends `n` requests, the i-th with `body(i)`, each answered 200; the
@@ -238,6 +250,15 @@ impl World {
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
+}
+
+/// The replica an answer names (`x-replica`, set by the fake replicas).
+fn replica_of(resp: &hyper::Response<Incoming>) -> String {
+    resp.headers()
+        .get("x-replica")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Completions for `model`, each with its own prompt.
@@ -298,32 +319,6 @@ async fn a_shared_prefix_lands_on_one_replica_and_different_ones_spread() {
         .post("/v1/completions", json!({"model": "llama", "prompt": "x"}))
         .await;
     assert_eq!(status, 200);
-}
-
-impl World {
-    /// Opens a streamed chat request and keeps it in flight (the fake
-    /// replica holds its stream after the first event): the replica that
-    /// took it, and the answer to drop when done.
-    async fn hold(&self, system: &str, user: &str) -> (String, hyper::Response<Incoming>) {
-        let mut body = chat("meta/llama", system, user);
-        body["stream"] = json!(true);
-        let req = hyper::Request::post(format!("{}/v1/chat/completions", self.url))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("request");
-        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
-            .await
-            .expect("in time")
-            .expect("answer");
-        assert_eq!(resp.status(), 200);
-        let replica = resp
-            .headers()
-            .get("x-replica")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        (replica, resp)
-    }
 }
 
 #[tokio::test]
