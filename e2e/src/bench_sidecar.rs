@@ -121,6 +121,27 @@ pub struct Options {
     pub dir: PathBuf,
     /// Skip the per-chunk runs.
     pub skip_chunks: bool,
+    /// More flags for the sidecar, after the benchmark's own.
+    pub sidecar_args: Vec<String>,
+    /// Environment of the sidecar beyond its image's: each replaces the
+    /// image's variable of the same name, and an empty value removes it.
+    pub sidecar_env: Vec<(String, String)>,
+}
+
+/// The sidecar's environment: its image's ([`SIDECAR_IMAGE_ENV`]) with
+/// `overrides` applied (a variable replaced, or removed by an empty value).
+pub fn sidecar_env(overrides: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = SIDECAR_IMAGE_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (k, v) in overrides {
+        env.retain(|(key, _)| key != k);
+        if !v.is_empty() {
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    env
 }
 
 /// What the load goes through.
@@ -497,6 +518,11 @@ fn sim_args(port: u16, itl_ms: f64) -> Vec<String> {
     .collect()
 }
 
+/// The environment `images/strata-sidecar/Containerfile` sets (`ENV`), given
+/// to the sidecar here as a pod's container gets it (a test holds the two
+/// equal).
+pub const SIDECAR_IMAGE_ENV: &[(&str, &str)] = &[("MALLOC_ARENA_MAX", "2")];
+
 async fn start_sim(opts: &Options, port: u16, itl_ms: f64) -> Result<Component> {
     let mut sim = Component::spawn(
         "strata-engine-sim",
@@ -533,8 +559,12 @@ async fn start(opts: &Options) -> Result<Procs> {
         "--hf-endpoint".into(),
         "http://127.0.0.1:9".into(),
     ]
-    .into();
-    let mut sidecar = Component::spawn("strata-sidecar", &opts.sidecar, &args, &[], &opts.dir)?;
+    .into_iter()
+    .chain(opts.sidecar_args.iter().cloned())
+    .collect();
+    // The environment the sidecar's image gives it (its Containerfile's ENV).
+    let env = sidecar_env(&opts.sidecar_env);
+    let mut sidecar = Component::spawn("strata-sidecar", &opts.sidecar, &args, &env, &opts.dir)?;
     wait_ready(&mut sidecar, loopback(admin_port), "/readyz").await?;
 
     let conf = opts.dir.join("nginx.conf");
@@ -970,7 +1000,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             opts.tokens,
             opts.chunk_tokens,
             opts.chunk_itl_ms
-        ),
+        ) + &sidecar_settings(opts),
         cells,
         chunks,
         memory,
@@ -1240,9 +1270,55 @@ impl Report {
     }
 }
 
+/// The sidecar's flags and environment beyond the defaults, for the
+/// report's settings line (empty when there are none).
+fn sidecar_settings(opts: &Options) -> String {
+    let env = sidecar_env(&opts.sidecar_env);
+    let mut s = String::new();
+    if !opts.sidecar_args.is_empty() {
+        s.push_str(&format!("; sidecar flags: {}", opts.sidecar_args.join(" ")));
+    }
+    if !opts.sidecar_env.is_empty() {
+        let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        s.push_str(&format!("; sidecar environment: {}", vars.join(" ")));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sidecar_runs_with_its_images_environment() {
+        let file = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../images/strata-sidecar/Containerfile"
+        );
+        let text = std::fs::read_to_string(file).expect("the sidecar's Containerfile");
+        let env: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("ENV "))
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let ours: Vec<(String, String)> = SIDECAR_IMAGE_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(env, ours, "{file}'s ENV lines and SIDECAR_IMAGE_ENV differ");
+    }
+
+    #[test]
+    fn the_sidecar_environment_takes_overrides() {
+        let o = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(sidecar_env(&[]), vec![o("MALLOC_ARENA_MAX", "2")]);
+        assert_eq!(
+            sidecar_env(&[o("MALLOC_ARENA_MAX", "1"), o("RUST_LOG", "warn")]),
+            vec![o("MALLOC_ARENA_MAX", "1"), o("RUST_LOG", "warn")]
+        );
+        assert!(sidecar_env(&[o("MALLOC_ARENA_MAX", "")]).is_empty());
+    }
 
     #[test]
     fn the_wrk_line_is_parsed() {

@@ -91,6 +91,13 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+
+    /// Worker threads of the async runtime (0: one per CPU available to
+    /// the container; without a CPU limit, every CPU of the node).
+    /// The gateway carries every Model's traffic: by default it uses every
+    /// CPU it may (give its container a CPU limit to bound it).
+    #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: u16,
 }
 
 async fn stopped() {
@@ -217,9 +224,19 @@ async fn run(cli: Cli) -> Result<(), MainError> {
         .map_err(MainError::Serve)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match strata_net::runtime::build(usize::from(cli.worker_threads)) {
+        Ok(rt) => rt.block_on(start(cli)),
+        Err(e) => {
+            eprintln!("starting the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs, then [`run`], its error logged.
+async fn start(cli: Cli) -> ExitCode {
     let logs = tracing_subscriber::fmt().with_env_filter(
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
     );

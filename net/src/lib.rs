@@ -9,10 +9,13 @@
 //!   idle keep-alive, optional TLS);
 //! - [`body`]: body reads bounded in size, time and shared memory;
 //! - [`headers`]: hop-by-hop header stripping;
-//! - [`load`]: the load a replica reports to the gateway on its answers.
+//! - [`load`]: the load a replica reports to the gateway on its answers;
+//! - [`runtime`]: the tokio runtime of every Strata binary, its worker
+//!   threads bounded (`--worker-threads`).
 
 pub mod body;
 pub mod headers;
 pub mod load;
 pub mod openai;
+pub mod runtime;
 pub mod server;

@@ -45,6 +45,13 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+
+    /// Worker threads of the async runtime (0: one per CPU available to
+    /// the container; without a CPU limit, every CPU of the node).
+    /// The agent's work (NVML and the kubelet every few seconds, scrapes)
+    /// fits in two threads.
+    #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: u16,
 }
 
 fn seconds(flag: &str, v: f64, min: f64, max: f64) -> Result<Duration, String> {
@@ -80,9 +87,18 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match strata_net::runtime::build(usize::from(cli.worker_threads)) {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("starting the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     match cli.log_format {

@@ -47,6 +47,14 @@ struct Cli {
     /// Skip the per-chunk runs.
     #[arg(long)]
     skip_chunks: bool,
+    /// A flag for the sidecar after the benchmark's own (repeatable; e.g.
+    /// `--sidecar-arg=--worker-threads=16`).
+    #[arg(long = "sidecar-arg", allow_hyphen_values = true)]
+    sidecar_args: Vec<String>,
+    /// KEY=VALUE for the sidecar's environment, replacing its image's
+    /// (repeatable; `MALLOC_ARENA_MAX=` removes the image's variable).
+    #[arg(long = "sidecar-env", value_parser = parse_env)]
+    sidecar_env: Vec<(String, String)>,
     /// The sidecar binary (default: target/release/strata-sidecar).
     #[arg(long)]
     sidecar: Option<PathBuf>,
@@ -59,6 +67,14 @@ struct Cli {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// `KEY=VALUE` (the value may be empty).
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s}: not KEY=VALUE")),
+    }
 }
 
 #[tokio::main]
@@ -110,6 +126,8 @@ async fn main() -> ExitCode {
         chunk_itl_ms: cli.chunk_itl_ms,
         dir,
         skip_chunks: cli.skip_chunks,
+        sidecar_args: cli.sidecar_args,
+        sidecar_env: cli.sidecar_env,
     };
     match run(&opts).await {
         Ok(report) => bench_cli::report(
