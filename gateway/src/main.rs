@@ -92,12 +92,13 @@ struct Cli {
     #[arg(long, default_value = "text")]
     log_format: String,
 
-    /// Worker threads of the async runtime (0: one per CPU available to
-    /// the container; without a CPU limit, every CPU of the node).
+    /// Worker threads of the async runtime, as asked.
+    /// Default: one per CPU the container may use (without a CPU limit,
+    /// every CPU of the node); 0 says the same.
     /// The gateway carries every Model's traffic: by default it uses every
     /// CPU it may (give its container a CPU limit to bound it).
-    #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 0)]
-    worker_threads: u16,
+    #[arg(long, env = "STRATA_WORKER_THREADS")]
+    worker_threads: Option<u16>,
 }
 
 async fn stopped() {
@@ -226,7 +227,7 @@ async fn run(cli: Cli) -> Result<(), MainError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match strata_net::runtime::build(usize::from(cli.worker_threads)) {
+    match strata_net::runtime::build(cli.worker_threads.map(usize::from), 0) {
         Ok(rt) => rt.block_on(start(cli)),
         Err(e) => {
             eprintln!("starting the async runtime: {e}");

@@ -116,17 +116,18 @@ struct Cli {
     #[arg(long, requires = "admin_tls_cert_file")]
     admin_tls_key_file: Option<PathBuf>,
 
-    /// Worker threads of the async runtime (0: one per CPU available to
-    /// the container; without a CPU limit, every CPU of the node).
+    /// Worker threads of the async runtime, as asked.
+    /// Default: 2, or one per CPU when the container may use fewer; 0:
+    /// one per CPU (without a CPU limit, every CPU of the node).
     /// A sidecar's work (one engine's requests) fits in two threads: 20,000
     /// proxied requests a second on this project's 2-core benchmark machine.
-    #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 2)]
-    worker_threads: u16,
+    #[arg(long, env = "STRATA_WORKER_THREADS")]
+    worker_threads: Option<u16>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match strata_net::runtime::build(usize::from(cli.worker_threads)) {
+    match strata_net::runtime::build(cli.worker_threads.map(usize::from), 2) {
         Ok(rt) => rt.block_on(run(cli)),
         Err(e) => {
             eprintln!("starting the async runtime: {e}");

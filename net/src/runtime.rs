@@ -6,22 +6,26 @@
 //! may use every CPU of its node: on a GPU node that is 100 to 200 worker
 //! threads in every sidecar and in the node agent. Each worker that
 //! allocates gets a glibc malloc arena of its own, which keeps what it
-//! freed: the sidecar at 512 clients peaked at 78 MiB with 16 workers and
-//! 90 MiB with 64, against 41 MiB with 2 (`docs/benchmarks.md`, P2). A
+//! freed: the sidecar at 512 clients peaked at 84 MiB with 16 workers and
+//! 101 MiB with 64, against 40 MiB with 2 (`docs/benchmarks.md`, P2). A
 //! sidecar's or node agent's work fits in two threads, so each binary has a
-//! `--worker-threads` flag with a small default, `0` meaning one per CPU
-//! available (which the standard library reads from the cgroup's CPU
-//! limit, when there is one).
+//! `--worker-threads` flag: without it, a small default per binary, never
+//! more than one thread per CPU available; with it, the number asked for,
+//! `0` meaning one per CPU available (which the standard library reads
+//! from the cgroup's CPU limit, when there is one).
 
 use std::num::NonZeroUsize;
 
-/// Worker threads for a request of `requested` when `available` CPUs may
-/// be used: `requested`, or one per CPU for 0 (never none).
-pub fn worker_threads(requested: usize, available: usize) -> usize {
-    if requested == 0 {
-        available.max(1)
-    } else {
-        requested
+/// Worker threads: `requested` as asked (0: one per CPU); without a
+/// request, the binary's `default` but never more than one per CPU
+/// (`default` 0: one per CPU). Never none.
+pub fn worker_threads(requested: Option<usize>, default: usize, available: usize) -> usize {
+    let available = available.max(1);
+    match requested {
+        Some(0) => available,
+        Some(n) => n,
+        None if default == 0 => available,
+        None => default.min(available),
     }
 }
 
@@ -31,11 +35,11 @@ pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
 }
 
-/// A multi-threaded runtime with [`worker_threads`]`(requested,
+/// A multi-threaded runtime with [`worker_threads`]`(requested, default,
 /// available_cpus())` workers, I/O and timers enabled.
-pub fn build(requested: usize) -> std::io::Result<tokio::runtime::Runtime> {
+pub fn build(requested: Option<usize>, default: usize) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(worker_threads(requested, available_cpus()))
+        .worker_threads(worker_threads(requested, default, available_cpus()))
         .enable_all()
         .build()
 }
@@ -46,20 +50,22 @@ mod tests {
 
     #[test]
     fn zero_means_one_per_cpu() {
-        assert_eq!(worker_threads(0, 192), 192);
-        assert_eq!(worker_threads(0, 2), 2);
+        assert_eq!(worker_threads(Some(0), 2, 192), 192);
+        assert_eq!(worker_threads(None, 0, 192), 192);
+        assert_eq!(worker_threads(Some(0), 4, 0), 1);
     }
 
     #[test]
-    fn a_request_is_taken_as_it_is_and_never_none() {
-        assert_eq!(worker_threads(2, 192), 2);
-        assert_eq!(worker_threads(8, 2), 8);
-        assert_eq!(worker_threads(0, 0), 1);
+    fn the_default_never_exceeds_the_cpus_and_a_request_is_taken_as_it_is() {
+        assert_eq!(worker_threads(None, 2, 192), 2);
+        assert_eq!(worker_threads(None, 4, 2), 2);
+        assert_eq!(worker_threads(None, 4, 0), 1);
+        assert_eq!(worker_threads(Some(16), 2, 2), 16);
     }
 
     #[test]
     fn the_runtime_runs_with_the_bounded_workers() {
-        let rt = build(1).expect("runtime");
+        let rt = build(Some(1), 4).expect("runtime");
         assert_eq!(rt.metrics().num_workers(), 1);
         assert_eq!(rt.block_on(async { 40 + 2 }), 42);
     }

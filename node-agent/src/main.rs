@@ -46,12 +46,13 @@ struct Cli {
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 
-    /// Worker threads of the async runtime (0: one per CPU available to
-    /// the container; without a CPU limit, every CPU of the node).
+    /// Worker threads of the async runtime, as asked.
+    /// Default: 2, or one per CPU when the container may use fewer; 0:
+    /// one per CPU (without a CPU limit, every CPU of the node).
     /// The agent's work (NVML and the kubelet every few seconds, scrapes)
     /// fits in two threads.
-    #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 2)]
-    worker_threads: u16,
+    #[arg(long, env = "STRATA_WORKER_THREADS")]
+    worker_threads: Option<u16>,
 }
 
 fn seconds(flag: &str, v: f64, min: f64, max: f64) -> Result<Duration, String> {
@@ -89,7 +90,7 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match strata_net::runtime::build(usize::from(cli.worker_threads)) {
+    match strata_net::runtime::build(cli.worker_threads.map(usize::from), 2) {
         Ok(rt) => rt.block_on(run(cli)),
         Err(e) => {
             eprintln!("starting the async runtime: {e}");

@@ -118,12 +118,13 @@ struct Cli {
     #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
     log_format: String,
 
-    /// Worker threads of the async runtime (0: one per CPU available to
-    /// the container; without a CPU limit, every CPU of the node).
+    /// Worker threads of the async runtime, as asked.
+    /// Default: 4, or one per CPU when the container may use fewer; 0:
+    /// one per CPU (without a CPU limit, every CPU of the node).
     /// The operator's work (reconciles reading caches, API requests) fits in
     /// a few threads: 1,000 Models converged on two.
-    #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 4)]
-    worker_threads: u16,
+    #[arg(long, env = "STRATA_WORKER_THREADS")]
+    worker_threads: Option<u16>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -177,7 +178,7 @@ async fn clients(fence: &Fence, limit: &RateLimit) -> Result<(Client, Client), k
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match strata_net::runtime::build(usize::from(cli.worker_threads)) {
+    match strata_net::runtime::build(cli.worker_threads.map(usize::from), 4) {
         Ok(rt) => rt.block_on(run(cli)),
         Err(e) => {
             eprintln!("starting the async runtime: {e}");
