@@ -1,5 +1,6 @@
 //! What every benchmark binary does around its run: logs on stderr, the
-//! report's Markdown on stdout, and its JSON in a file when asked.
+//! report's Markdown on stdout, its JSON in a file when asked, and a stop
+//! on SIGINT or SIGTERM that still shuts its processes down.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -34,4 +35,35 @@ pub fn report<R: serde::Serialize>(markdown: &str, report: &R, json: Option<&Pat
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Waits for SIGINT or SIGTERM and names it (never resolves when the
+/// handlers cannot be installed).
+pub async fn stopped() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Runs `run` unless the process is told to stop first ([`stopped`]): then
+/// `run` is dropped (the processes it started are killed on drop) and the
+/// answer is `None`. Without this, a benchmark stopped by hand or by
+/// `timeout` died at once and left its world (etcd, kube-apiserver, the
+/// operator, simulators) running.
+pub async fn unless_stopped<F: std::future::Future>(run: F) -> Option<F::Output> {
+    tokio::select! {
+        r = run => Some(r),
+        s = stopped() => {
+            tracing::warn!("{s}: stopping the benchmark");
+            None
+        }
+    }
 }

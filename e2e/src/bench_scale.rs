@@ -600,6 +600,9 @@ pub struct Options {
     pub node_lost_grace_seconds: u64,
     /// The operator's --resync-seconds.
     pub resync_seconds: u64,
+    /// More flags for the operator, after the benchmark's own (e.g.
+    /// `--kube-api-qps=200`).
+    pub operator_args: Vec<String>,
     /// The operator binary (default: target/release/strata-operator).
     pub operator: Option<PathBuf>,
     /// Skip the Deployment controller's phases.
@@ -747,6 +750,7 @@ impl Operator {
                 format!("--resync-seconds={}", opts.resync_seconds),
                 format!("--node-lost-grace-seconds={}", opts.node_lost_grace_seconds),
             ])
+            .args(&opts.operator_args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -947,6 +951,8 @@ pub struct Report {
     pub gpus: u64,
     /// Seed.
     pub seed: u64,
+    /// The operator's flags beyond the benchmark's own.
+    pub operator_args: Vec<String>,
     /// The mix: `GPUs×replicas` → Models.
     pub mix: BTreeMap<String, usize>,
     /// Strata.
@@ -1017,6 +1023,12 @@ impl Report {
             self.machine,
             self.date
         ));
+        if !self.operator_args.is_empty() {
+            s.push_str(&format!(
+                "The operator's flags beyond the benchmark's own: `{}`.\n\n",
+                self.operator_args.join(" ")
+            ));
+        }
         s.push_str(&format!(
             "Mix (GPUs per replica × replicas: Models): {}.\n\n",
             self.mix
@@ -2200,6 +2212,7 @@ impl Bench {
                 .map(|w| u64::from(w.gpus * w.replicas))
                 .sum(),
             seed: self.opts.seed,
+            operator_args: self.opts.operator_args.clone(),
             mix,
             strata,
             deployments,

@@ -635,6 +635,28 @@ impl Procs {
     }
 }
 
+impl Drop for Procs {
+    /// A run stopped by a signal drops its processes, each killed on drop;
+    /// nginx's workers would outlive their master that way, so they are
+    /// killed here too (after [`Procs::stop`] there are none).
+    fn drop(&mut self) {
+        let Some(master) = self.nginx.pid() else {
+            return;
+        };
+        let path = format!("/proc/{master}/task/{master}/children");
+        let Ok(children) = std::fs::read_to_string(path) else {
+            return;
+        };
+        // The master first: alive, it would start a worker for each killed.
+        let master = master.to_string();
+        let pids = std::iter::once(master.as_str()).chain(children.split_whitespace());
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .args(pids)
+            .status();
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Load
 // ---------------------------------------------------------------------------

@@ -108,15 +108,21 @@ async fn main() -> ExitCode {
         operator_env: cli.operator_env,
         fresh_runs: if cli.smoke { 1 } else { cli.fresh_runs },
     };
-    let mut bench = match Bench::start(opts).await {
+    let Some(started) = bench_cli::unless_stopped(Bench::start(opts)).await else {
+        return ExitCode::FAILURE;
+    };
+    let mut bench = match started {
         Ok(b) => b,
         Err(e) => {
             tracing::error!("the benchmark's world did not start: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let result = bench.run().await;
+    let result = bench_cli::unless_stopped(bench.run()).await;
     bench.shutdown().await;
+    let Some(result) = result else {
+        return ExitCode::FAILURE;
+    };
     match result {
         Ok(report) => bench_cli::report(&report.markdown(), &report, cli.json.as_deref()),
         Err(e) => {

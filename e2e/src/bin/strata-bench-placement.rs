@@ -77,7 +77,10 @@ async fn main() -> ExitCode {
         keep: cli.keep,
         timeout: Duration::from_secs(cli.timeout),
     };
-    match run(&opts).await {
+    let Some(result) = bench_cli::unless_stopped(run(&opts)).await else {
+        return ExitCode::FAILURE;
+    };
+    match result {
         Ok(report) => bench_cli::report(&report.markdown(), &report, cli.json.as_deref()),
         Err(e) => {
             tracing::error!("{e}");

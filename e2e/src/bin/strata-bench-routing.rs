@@ -190,7 +190,10 @@ async fn main() -> ExitCode {
         overhead_requests: cli.overhead_requests,
         seed: cli.seed,
     };
-    match run(&opts).await {
+    let Some(result) = bench_cli::unless_stopped(run(&opts)).await else {
+        return ExitCode::FAILURE;
+    };
+    match result {
         Ok(report) => bench_cli::report(&report.markdown(), &report, cli.json.as_deref()),
         Err(e) => {
             eprintln!("strata-bench-routing: {e}");

@@ -52,6 +52,10 @@ struct Cli {
     /// The operator's --resync-seconds (production's default).
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
+    /// A flag for the operator after the benchmark's own (repeatable; e.g.
+    /// `--operator-arg=--kube-api-qps=200`).
+    #[arg(long = "operator-arg", allow_hyphen_values = true)]
+    operator_args: Vec<String>,
     /// The operator binary (default: target/release/strata-operator).
     #[arg(long)]
     operator: Option<PathBuf>,
@@ -96,21 +100,28 @@ async fn main() -> ExitCode {
         churn_nodes: cli.churn_nodes,
         node_lost_grace_seconds: cli.node_lost_grace_seconds,
         resync_seconds: cli.resync_seconds,
+        operator_args: cli.operator_args,
         operator: cli.operator,
         skip_deployments: cli.skip_deployments,
         dir: cli.dir,
         keep: cli.keep,
         timeout: Duration::from_secs(cli.timeout),
     };
-    let mut bench = match Bench::start(opts).await {
+    let Some(started) = bench_cli::unless_stopped(Bench::start(opts)).await else {
+        return ExitCode::FAILURE;
+    };
+    let mut bench = match started {
         Ok(b) => b,
         Err(e) => {
             tracing::error!("the benchmark's world did not start: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let result = bench.run(cli.kubeai).await;
+    let result = bench_cli::unless_stopped(bench.run(cli.kubeai)).await;
     bench.shutdown().await;
+    let Some(result) = result else {
+        return ExitCode::FAILURE;
+    };
     match result {
         Ok(report) => bench_cli::report(&report.markdown(), &report, cli.json.as_deref()),
         Err(e) => {

@@ -129,7 +129,10 @@ async fn main() -> ExitCode {
         sidecar_args: cli.sidecar_args,
         sidecar_env: cli.sidecar_env,
     };
-    match run(&opts).await {
+    let Some(result) = bench_cli::unless_stopped(run(&opts)).await else {
+        return ExitCode::FAILURE;
+    };
+    match result {
         Ok(report) => bench_cli::report(
             &format!("{}\n", report.markdown()),
             &report,
