@@ -227,13 +227,7 @@ async fn run(cli: Cli) -> Result<(), MainError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match strata_net::runtime::build(cli.worker_threads.map(usize::from), 0) {
-        Ok(rt) => rt.block_on(start(cli)),
-        Err(e) => {
-            eprintln!("starting the async runtime: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    strata_net::runtime::block_on(cli.worker_threads.map(usize::from), 0, start(cli))
 }
 
 /// Logs, then [`run`], its error logged.

@@ -44,6 +44,22 @@ pub fn build(requested: Option<usize>, default: usize) -> std::io::Result<tokio:
         .build()
 }
 
+/// Runs a binary's `main` future on [`build`]`(requested, default)`: its
+/// exit code, or a failure when the runtime cannot start.
+pub fn block_on(
+    requested: Option<usize>,
+    default: usize,
+    main: impl std::future::Future<Output = std::process::ExitCode>,
+) -> std::process::ExitCode {
+    match build(requested, default) {
+        Ok(rt) => rt.block_on(main),
+        Err(e) => {
+            eprintln!("starting the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

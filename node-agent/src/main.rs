@@ -90,13 +90,7 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match strata_net::runtime::build(cli.worker_threads.map(usize::from), 2) {
-        Ok(rt) => rt.block_on(run(cli)),
-        Err(e) => {
-            eprintln!("starting the async runtime: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    strata_net::runtime::block_on(cli.worker_threads.map(usize::from), 2, run(cli))
 }
 
 async fn run(cli: Cli) -> ExitCode {

@@ -178,13 +178,7 @@ async fn clients(fence: &Fence, limit: &RateLimit) -> Result<(Client, Client), k
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match strata_net::runtime::build(cli.worker_threads.map(usize::from), 4) {
-        Ok(rt) => rt.block_on(run(cli)),
-        Err(e) => {
-            eprintln!("starting the async runtime: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    strata_net::runtime::block_on(cli.worker_threads.map(usize::from), 4, run(cli))
 }
 
 async fn run(cli: Cli) -> ExitCode {
