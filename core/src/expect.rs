@@ -16,19 +16,19 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 /// write after this long has lost it (it re-lists), and the cache rules.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
-/// How long a pod the watch showed before its creation was recorded here
-/// (the watch event can beat the API server's answer to the create) is
-/// remembered, so that the creation is not expected again.
-pub const EARLY: Duration = Duration::from_secs(10);
-
 /// A Model's pods created or deleted by this process and not yet shown so
 /// by the cache.
+///
+/// Writes go in the background (the reconcile does not wait for the API
+/// server), so a creation is expected from the moment it is decided
+/// ([`Expectations::creating`]: the pod is named here, not by the server),
+/// and never expires while its request is on its way, however long the
+/// client's rate limiter holds it; [`MAX_WAIT`] counts from the answer.
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
-    created: Vec<(Pod, Instant)>,
+    /// Each with when the API server confirmed it (None: on its way).
+    created: Vec<(Pod, Option<Instant>)>,
     deleted: HashMap<String, Instant>,
-    /// Pods the watch showed while no creation of theirs was expected.
-    early: HashMap<String, Instant>,
 }
 
 fn name(p: &Pod) -> &str {
@@ -36,13 +36,41 @@ fn name(p: &Pod) -> &str {
 }
 
 impl Expectations {
-    /// Records pods this process created (as the API server returned them).
-    /// Pods the watch has shown already are not expected again.
-    pub fn created(&mut self, pods: impl IntoIterator<Item = Pod>, now: Instant) {
+    /// Records pods whose creation is decided and on its way (named here):
+    /// expected until [`Expectations::created`] or
+    /// [`Expectations::not_created`] says how it went.
+    pub fn creating(&mut self, pods: impl IntoIterator<Item = Pod>) {
         for p in pods {
-            if self.early.remove(name(&p)).is_none() {
-                self.created.push((p, now));
+            self.created.retain(|(c, _)| name(c) != name(&p));
+            self.created.push((p, None));
+        }
+    }
+
+    /// The API server created `names` (announced by
+    /// [`Expectations::creating`]): expected for [`MAX_WAIT`] from `now`
+    /// unless the watch has shown them already (then nothing is expected:
+    /// the watch can beat the answer).
+    pub fn created<'a>(&mut self, names: impl IntoIterator<Item = &'a str>, now: Instant) {
+        for n in names {
+            for (c, at) in &mut self.created {
+                if name(c) == n {
+                    *at = Some(now);
+                }
             }
+        }
+    }
+
+    /// The creations of `names` failed: nothing to expect.
+    pub fn not_created<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        for n in names {
+            self.created.retain(|(c, _)| name(c) != n);
+        }
+    }
+
+    /// The deletions of `names` failed: the pods are as the cache shows.
+    pub fn not_deleted<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        for n in names {
+            self.deleted.remove(n);
         }
     }
 
@@ -51,14 +79,8 @@ impl Expectations {
     /// between two reconciles (deleted at once: a force delete, an
     /// eviction) would otherwise count as alive until [`MAX_WAIT`], and
     /// its Model would stay a replica short that long.
-    pub fn observed(&mut self, pod_name: &str, now: Instant) {
-        let before = self.created.len();
+    pub fn observed(&mut self, pod_name: &str) {
         self.created.retain(|(p, _)| name(p) != pod_name);
-        self.early
-            .retain(|_, at| now.saturating_duration_since(*at) < EARLY);
-        if self.created.len() == before {
-            self.early.insert(pod_name.to_owned(), now);
-        }
     }
 
     /// Records pods this process deleted, by name.
@@ -79,8 +101,9 @@ impl Expectations {
     /// cache has met, or older than [`MAX_WAIT`], are dropped.
     pub fn apply(&mut self, cached: Vec<Pod>, now: Instant, now_time: &Time) -> Vec<Pod> {
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < MAX_WAIT;
-        self.created
-            .retain(|(p, at)| fresh(at) && !cached.iter().any(|c| name(c) == name(p)));
+        self.created.retain(|(p, at)| {
+            at.as_ref().is_none_or(fresh) && !cached.iter().any(|c| name(c) == name(p))
+        });
         self.deleted.retain(|n, at| {
             fresh(at)
                 && cached
@@ -125,7 +148,8 @@ mod tests {
         let t0 = Instant::now();
         let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let mut e = Expectations::default();
-        e.created([pod("m-c")], t0);
+        e.creating([pod("m-c")]);
+        e.created(["m-c"], t0);
         e.deleted(["m-a".to_owned()], t0);
         // The cache still shows a alive and lacks c.
         let seen = e.apply(vec![pod("m-a"), pod("m-b")], t0, &ts);
@@ -155,10 +179,41 @@ mod tests {
         assert!(e.apply(vec![pod("m-b")], t0, &ts).len() == 1);
         assert!(e.is_empty());
         // A creation the watch never shows is forgotten after MAX_WAIT.
-        e.created([pod("m-x")], t0);
+        e.creating([pod("m-x")]);
+        e.created(["m-x"], t0);
         assert_eq!(e.apply(Vec::new(), t0 + MAX_WAIT / 2, &ts).len(), 1);
         assert_eq!(e.apply(Vec::new(), t0 + MAX_WAIT, &ts).len(), 0);
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_creation_on_its_way_never_expires_and_a_failed_one_is_dropped() {
+        let t0 = Instant::now();
+        let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut e = Expectations::default();
+        e.creating([pod("m-a"), pod("m-b"), pod("m-c")]);
+        // Held by the rate limiter for longer than MAX_WAIT: still expected.
+        let later = t0 + MAX_WAIT * 3;
+        assert_eq!(e.apply(Vec::new(), later, &ts).len(), 3);
+        // a is created (counted once, from its answer), b failed.
+        e.created(["m-a"], later);
+        e.not_created(["m-b"]);
+        assert_eq!(
+            names(&e.apply(Vec::new(), later, &ts)),
+            vec![("m-a".into(), false), ("m-c".into(), false)]
+        );
+        // a's answer was MAX_WAIT ago: the watch lost it; c still on its way.
+        assert_eq!(
+            names(&e.apply(Vec::new(), later + MAX_WAIT, &ts)),
+            vec![("m-c".into(), false)]
+        );
+        // A deletion that failed leaves the pod as the cache shows it.
+        e.deleted(["m-x".to_owned()], later);
+        e.not_deleted(["m-x"]);
+        assert_eq!(
+            names(&e.apply(vec![pod("m-x")], later, &ts)),
+            vec![("m-c".into(), false), ("m-x".into(), false)]
+        );
     }
 
     #[test]
@@ -166,11 +221,12 @@ mod tests {
         let t0 = Instant::now();
         let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let mut e = Expectations::default();
-        e.created([pod("m-a"), pod("m-b")], t0);
+        e.creating([pod("m-a"), pod("m-b")]);
+        e.created(["m-a", "m-b"], t0);
         // The watch shows a created, then deleted, before the next
         // reconcile reads the cache (which lacks it): a is gone, b is
         // still on its way.
-        e.observed("m-a", t0);
+        e.observed("m-a");
         let seen = e.apply(Vec::new(), t0, &ts);
         assert_eq!(names(&seen), vec![("m-b".into(), false)]);
     }
@@ -180,19 +236,11 @@ mod tests {
         let t0 = Instant::now();
         let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let mut e = Expectations::default();
-        e.observed("m-a", t0);
-        e.created([pod("m-a"), pod("m-b")], t0);
+        e.creating([pod("m-a"), pod("m-b")]);
+        e.observed("m-a");
+        // The answer comes after the watch event: a stays met.
+        e.created(["m-a", "m-b"], t0);
         let seen = e.apply(Vec::new(), t0, &ts);
         assert_eq!(names(&seen), vec![("m-b".into(), false)]);
-        // A name seen long before is an older pod's: a new creation under
-        // it is expected as usual.
-        e.observed("m-c", t0);
-        e.observed("m-x", t0 + EARLY);
-        e.created([pod("m-c")], t0 + EARLY);
-        let seen = e.apply(Vec::new(), t0 + EARLY, &ts);
-        assert_eq!(
-            names(&seen),
-            vec![("m-b".into(), false), ("m-c".into(), false)]
-        );
     }
 }

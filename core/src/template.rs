@@ -553,6 +553,27 @@ impl ReplicaTemplate<'_> {
     }
 }
 
+/// A name for a pod whose `metadata.generateName` is `prefix`, as the API
+/// server would make it (the prefix cut to 58 bytes, then five characters
+/// of its alphabet, which has no vowels), from five random bytes. The
+/// operator names its replicas itself: it records a creation before the
+/// request is sent, so the name must be known then. Pure.
+pub fn pod_name(prefix: &str, random: [u8; 5]) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    const MAX_PREFIX: usize = 58;
+    let mut end = prefix.len().min(MAX_PREFIX);
+    while !prefix.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut name = prefix[..end].to_string();
+    name.extend(
+        random
+            .iter()
+            .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()])),
+    );
+    name
+}
+
 /// The owner reference of an object Strata makes for one of its own (a
 /// Model's pods, Service and token Secret; an Adapter's Service): deleting
 /// the owner deletes it.
@@ -958,5 +979,15 @@ mod tests {
         // FNV-1a test vectors: the hash must never change between releases.
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn pod_names_are_made_as_the_api_server_makes_them() {
+        assert_eq!(pod_name("chat-0123abcd-", [0, 1, 2, 26, 27]), "chat-0123abcd-bcd9b");
+        let long = format!("{}-", "m".repeat(70));
+        let n = pod_name(&long, [255; 5]);
+        assert_eq!(n.len(), 63);
+        assert!(n.starts_with(&"m".repeat(58)));
+        assert!(n[58..].bytes().all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)));
     }
 }

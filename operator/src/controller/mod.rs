@@ -6,12 +6,14 @@ pub mod energy;
 pub mod inference_pool;
 pub mod janitor;
 pub mod model;
+pub mod model_writes;
 pub mod pool;
 pub mod prometheus;
 pub mod reconcile;
 pub mod report;
 pub mod scale;
 pub mod service_create;
+pub mod status_write;
 pub mod telemetry;
 
 use std::collections::{BTreeMap, HashMap};
@@ -107,6 +109,14 @@ pub struct Context {
     /// New Models' Services being created in the background (see
     /// [`service_create`]).
     pub service_creates: Arc<service_create::Background>,
+    /// Wakes a Model (the Model controller's `reconcile_on`): its
+    /// background writes failed or a failure it reported is over.
+    pub wake_models: futures::channel::mpsc::UnboundedSender<ObjectRef<Model>>,
+    /// Model reconciles' writes on their way (at most
+    /// [`model_writes::IN_FLIGHT`] sending at once).
+    pub write_slots: Arc<tokio::sync::Semaphore>,
+    /// Model statuses, written in the background and coalesced.
+    pub model_status: Arc<status_write::Writer>,
     /// What the Model controller did to each Model's children (see
     /// [`model::Memo`]), by `namespace/name#uid`.
     pub memos: std::sync::Mutex<HashMap<String, model::Memo>>,
@@ -588,7 +598,10 @@ pub async fn run(
     // Wakes a Model whose background Service create failed.
     let (wake_models, woken_models) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(Context {
-        service_creates: Arc::new(service_create::Background::new(wake_models)),
+        service_creates: Arc::new(service_create::Background::new(wake_models.clone())),
+        wake_models,
+        write_slots: Arc::new(tokio::sync::Semaphore::new(model_writes::IN_FLIGHT)),
+        model_status: status_write::Writer::new(client.clone(), metrics.status_writes.clone()),
         event_slots: Arc::new(tokio::sync::Semaphore::new(reconcile::EVENTS_IN_FLIGHT)),
         client: client.clone(),
         events,

@@ -46,6 +46,7 @@ use strata_core::{labels, view};
 use strata_crds::GPUPool;
 use strata_crds::model::{AutoscalingMode, Model, ModelStatus, ScaleDecision};
 
+use super::model_writes::{self, Writes};
 use super::reconcile::{self, publish};
 use super::service_create;
 use super::{Context, Planned};
@@ -59,47 +60,65 @@ pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action> {
     .await
 }
 
-async fn phases(model: &Model, ctx: &Context) -> Result<Action> {
+async fn phases(model: &Arc<Model>, ctx: &Arc<Context>) -> Result<Action> {
     if model.metadata.deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove pods and the Service.
         return Ok(Action::await_change());
     }
-    let seen = dereference(ctx, model).await?;
+    let mut writes = Writes::default();
+    let seen = dereference(ctx, model, &mut writes).await?;
+    let memo = memo_key(&seen.key, &seen.uid);
+    // A background write of an earlier reconcile failed: this reconcile
+    // reports it as its own and writes nothing (the error policy backs
+    // off before the next try, so a refused write never turns into a
+    // loop).
+    let failed = with_memo(ctx, &memo, |m| m.failure.take());
     let desire = desire(ctx, model, &seen).await;
     let plan = plan(ctx, model, &seen, desire.replicas)?;
-    // The apply phases record what they did as they go; the status is
-    // written even when one fails (so that it never shows a condition the
-    // cluster has moved past), and then the failure is returned for the
-    // error reporter (ReconcileError, a Warning Event, backoff).
+    // The apply phases decide and record as they go; the status is
+    // submitted even when one fails (so that it never shows a condition
+    // the cluster has moved past), and then the failure is returned for
+    // the error reporter (ReconcileError, a Warning Event, backoff).
     let mut deleted = Deleted::default();
     let mut created = Created::default();
     let mut children = Children::default();
-    let applied = async {
-        delete_replicas(ctx, model, &seen, &plan, &mut deleted).await?;
-        // The replicas, the Service and the InferencePool do not wait for
-        // each other.
-        let (placed, service, pool) = futures::join!(
-            place_and_create(ctx, model, &seen, &plan, &deleted, &mut created),
-            apply_service(ctx, model, &seen),
-            apply_inference_pool(ctx, model, &seen),
-        );
-        children.service_conflict = service?;
-        children.inference_pool = pool?;
-        placed?;
-        Ok::<(), Error>(())
+    let applied = match failed {
+        Some(e) => Err(e),
+        None => {
+            async {
+                delete_replicas(ctx, &seen, &plan, &mut deleted, &mut writes).await;
+                let placed =
+                    place_and_create(ctx, model, &seen, &plan, &deleted, &mut created, &mut writes)
+                        .await;
+                // The Service and the InferencePool do not wait for each other.
+                let (service, pool) = futures::join!(
+                    apply_service(ctx, model, &seen),
+                    apply_inference_pool(ctx, model, &seen),
+                );
+                children.service_conflict = service?;
+                children.inference_pool = pool?;
+                placed
+            }
+            .await
+        }
+    };
+    if !writes.is_empty() {
+        // What the cache will show in a moment counts from now on, before
+        // the requests are sent.
+        with_memo(ctx, &memo, |m| {
+            m.pods.deleted(deleted.pods.iter().cloned(), Instant::now());
+            m.pods.creating(writes.creates.iter().map(|c| c.pod.clone()));
+            m.writes += 1;
+        });
+        model_writes::spawn(ctx, model, memo.clone(), writes);
     }
-    .await;
-    // What the cache will show in a moment counts from now on.
-    with_memo(ctx, &memo_key(&seen.key, &seen.uid), |m| {
-        let now = Instant::now();
-        m.pods.deleted(deleted.pods.iter().cloned(), now);
-        m.pods.created(created.pods.iter().cloned(), now);
-    });
     let (status, pace) = status(model, &seen, &desire, &plan, &deleted, &created, &children);
     record_metrics(ctx, model, &seen, &desire, &status);
-    let written = reconcile::write_status(ctx, model, &status).await;
+    match serde_json::to_value(&status) {
+        Ok(status) => ctx.model_status.submit(model, &memo, status),
+        Err(e) => tracing::error!(model = %seen.key, "serializing the Model's status: {e}"),
+    }
     applied?;
-    written?;
     Ok(Action::requeue(next_look(ctx, model, pace)))
 }
 
@@ -141,6 +160,21 @@ pub struct Memo {
     secret_ok_at: Option<Instant>,
     /// When the source's credentials Secret was last found.
     credentials_ok_at: Option<Instant>,
+    /// The Model's own Secret must be looked at before it is written (a
+    /// create found one, or failed).
+    look_at_secret: bool,
+    /// Background writes of this Model on their way ([`model_writes`]).
+    pub writes: u32,
+    /// A background write that failed, for the next reconcile to report.
+    pub failure: Option<Error>,
+}
+
+impl Memo {
+    /// The Model's Secret is to be looked at (GET) before any write.
+    pub fn look_at_secret(&mut self) {
+        self.secret_ok_at = None;
+        self.look_at_secret = true;
+    }
 }
 
 fn recent(at: Option<Instant>) -> bool {
@@ -163,15 +197,28 @@ pub fn observe_pod(ctx: &Context, pod: &Pod) {
         .memos
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let now = Instant::now();
     for owner in pod.owner_references().iter().filter(|o| o.kind == "Model") {
         if let Some(m) = memos.get_mut(&memo_key(&format!("{ns}/{}", owner.name), &owner.uid)) {
-            m.pods.observed(pod_name, now);
+            m.pods.observed(pod_name);
         }
     }
 }
 
 /// The memo's key: a Model re-created under the same name starts afresh.
+/// Whether writes of `model`'s reconciles are on their way: its last
+/// reconcile's outcome is known only when they have gone.
+pub fn writes_on_their_way(ctx: &Context, model: &Model) -> bool {
+    let (Some(ns), Some(uid)) = (model.namespace(), model.uid()) else {
+        return false;
+    };
+    let key = memo_key(&format!("{ns}/{}", model.name_any()), &uid);
+    ctx.memos
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+        .is_some_and(|m| m.writes > 0)
+}
+
 fn memo_key(key: &str, uid: &str) -> String {
     format!("{key}#{uid}")
 }
@@ -197,12 +244,12 @@ struct Seen {
 }
 
 /// Phase 1: the Model's Secret, its pods, nodes and pools.
-async fn dereference(ctx: &Context, model: &Model) -> Result<Seen> {
+async fn dereference(ctx: &Context, model: &Model, writes: &mut Writes) -> Result<Seen> {
     let ns = model.namespace().ok_or(Error::MissingKey("namespace"))?;
     let name = model.name_any();
     let uid = model.uid().ok_or(Error::MissingKey("uid"))?;
     let memo = memo_key(&format!("{ns}/{name}"), &uid);
-    ensure_secret(ctx, model, &ns, &uid, &memo).await?;
+    writes.secret = ensure_secret(ctx, model, &ns, &uid, &memo).await?;
     let cached: Vec<Pod> = ctx
         .pods
         .state()
@@ -273,7 +320,7 @@ async fn missing_secret(
 }
 
 /// Runs `f` on the Model's memo (made if missing).
-fn with_memo<T>(ctx: &Context, key: &str, f: impl FnOnce(&mut Memo) -> T) -> T {
+pub(super) fn with_memo<T>(ctx: &Context, key: &str, f: impl FnOnce(&mut Memo) -> T) -> T {
     let mut memos = ctx
         .memos
         .lock()
@@ -575,17 +622,17 @@ struct Deleted {
     failures: usize,
 }
 
-/// Phase 4a: the deletions of the plan, each with an Event saying why.
+/// Phase 4a: the deletions of the plan, each with an Event saying why
+/// (sent in the background: [`model_writes`]).
 async fn delete_replicas(
     ctx: &Context,
-    model: &Model,
     seen: &Seen,
     plan: &Plan<'_>,
     deleted: &mut Deleted,
-) -> Result<()> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &seen.ns);
+    writes: &mut Writes,
+) {
     for (pod, reason) in &plan.rollout.delete {
-        let dp = if *reason == DeleteReason::NodeGone {
+        let params = if *reason == DeleteReason::NodeGone {
             // No kubelet will confirm the deletion of a pod on a vanished node.
             DeleteParams {
                 grace_period_seconds: Some(0),
@@ -594,26 +641,16 @@ async fn delete_replicas(
         } else {
             DeleteParams::default()
         };
-        match api.delete(pod, &dp).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(source) => {
-                return Err(Error::DeletePod {
-                    pod: pod.clone(),
-                    source,
-                });
-            }
-        }
         deleted.pods.insert(pod.clone());
-        ctx.metrics
-            .deletions
-            .with_label_values(&[reason.as_str()])
-            .inc();
         if *reason == DeleteReason::Failed {
             deleted.failures += 1;
         }
-        let (ty, note) = deletion_note(pod, *reason, plan.desired);
-        publish(ctx, model, ty, reason.as_str(), "Delete", note).await;
+        writes.deletes.push(model_writes::Delete {
+            pod: pod.clone(),
+            reason: *reason,
+            params,
+            event: deletion_note(pod, *reason, plan.desired),
+        });
     }
     if !plan.rollout.avoid_nodes.is_empty() {
         let mut avoid = ctx.avoid.lock().await;
@@ -622,7 +659,6 @@ async fn delete_replicas(
             entry.push((n.clone(), Instant::now()));
         }
     }
-    Ok(())
 }
 
 /// The Event of a deletion. Pure.
@@ -665,15 +701,15 @@ struct Created {
     unplaced: Option<String>,
 }
 
-/// Phase 4b: place the plan's new replicas and create their pods. Placement
+/// Phase 4b: place the plan's new replicas and decide their pods. Placement
 /// is decided one Model at a time under the placement lock, and the chosen
-/// GPUs are reserved in its ledger before the lock is released; the pods
-/// are then created without holding it (an API round trip per pod under
-/// one lock serialized every Model's creations: at 1,000 Models the
-/// convergence took as long as 1,176 sequential POSTs). A reservation is
-/// re-keyed to its pod's name once created (the ledger counts pods created
-/// but not yet in the cache) and dropped if the create failed. A Model's
-/// new pods are created at once, and its Events go in the background.
+/// GPUs are reserved in its ledger, under the pod's name (chosen here),
+/// before the lock is released (the ledger counts pods decided but not yet
+/// in the cache). The pods are created at once in the background
+/// ([`model_writes`]), which drops the reservation of a pod whose create
+/// failed; no lock is held meanwhile (an API round trip per pod under one
+/// lock serialized every Model's creations: at 1,000 Models the
+/// convergence took as long as 1,176 sequential POSTs).
 async fn place_and_create(
     ctx: &Context,
     model: &Model,
@@ -681,6 +717,7 @@ async fn place_and_create(
     plan: &Plan<'_>,
     deleted: &Deleted,
     created: &mut Created,
+    writes: &mut Writes,
 ) -> Result<()> {
     ctx.metrics
         .unplaceable
@@ -701,30 +738,10 @@ async fn place_and_create(
         .iter()
         .map(|t| view::pool_view(&t.pool))
         .collect();
-    let (outcome, reserved) = decide_and_reserve(ctx, seen, plan, &pool_views, &request).await;
-    let (names, failed) = create_pods(ctx, model, seen, &reserved, created).await;
-    settle_reservations(ctx, &reserved, &names).await;
-    for (key, pod_name) in &names {
-        let Some((_, _, a)) = reserved.iter().find(|(k, _, _)| k == key) else {
-            continue;
-        };
-        ctx.metrics.placements.with_label_values(&[&a.pool]).inc();
-        publish(
-            ctx,
-            model,
-            EventType::Normal,
-            "Placed",
-            "Create",
-            format!(
-                "replica {pod_name} on node {} (pool {}, {} GPU(s))",
-                a.node, a.pool, a.gpus
-            ),
-        )
-        .await;
-    }
-    if let Some(e) = failed {
-        return Err(e);
-    }
+    let (outcome, creates) =
+        decide_and_reserve(ctx, model, seen, plan, &pool_views, &request).await?;
+    created.pods = creates.iter().map(|c| c.pod.clone()).collect();
+    writes.creates = creates;
     if outcome.unplaced > 0 {
         let msg = unplaced_message(model, plan, &outcome);
         ctx.metrics
@@ -745,19 +762,17 @@ async fn place_and_create(
     Ok(())
 }
 
-/// A placement decision's GPUs, reserved in the ledger until the pod
-/// exists: (provisional key, template, assignment).
-type Reservation<'p> = (String, &'p PoolTemplate<'p>, placement::Assignment);
-
-/// Decides where the new replicas go, under the placement lock, and
-/// reserves their GPUs in the ledger before releasing it.
-async fn decide_and_reserve<'p>(
+/// Decides where the new replicas go, under the placement lock, makes
+/// their pods (named) and reserves their GPUs in the ledger before
+/// releasing it. A pod that cannot be made reserves nothing.
+async fn decide_and_reserve(
     ctx: &Context,
+    model: &Model,
     seen: &Seen,
-    plan: &'p Plan<'p>,
+    plan: &Plan<'_>,
     pool_views: &[placement::PoolView],
     request: &Request,
-) -> (placement::Outcome, Vec<Reservation<'p>>) {
+) -> Result<(placement::Outcome, Vec<model_writes::Create>)> {
     let mut ledger = ctx.placement.lock().await;
     let cached = ctx.gpu_pods.state();
     let cached_names: HashSet<String> = cached
@@ -766,120 +781,61 @@ async fn decide_and_reserve<'p>(
         .collect();
     let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
     // Forget pods the cache has caught up with, this Model's pods that
-    // are gone (the list above is fresh), and anything old. (Another
-    // reconcile's reservations are another Model's: kept.)
+    // are gone (the list above has those on their way too), and anything
+    // old. (Another reconcile's reservations are another Model's: kept.)
     ledger.retain(|pod, p| {
         !cached_names.contains(pod)
             && (p.model != seen.key || own_names.contains(pod))
             && p.at.elapsed() < Duration::from_secs(60)
     });
-    let node_views = node_views(seen, &cached, ledger.values());
+    let node_views = node_views(seen, &cached, ledger.iter());
     let outcome = placement::place(&node_views, pool_views, request);
-    let mut reserved = Vec::with_capacity(outcome.assignments.len());
+    let mut creates = Vec::with_capacity(outcome.assignments.len());
     for a in &outcome.assignments {
         let Some(t) = plan.templates.iter().find(|t| t.pref.name == a.pool) else {
             continue;
         };
-        let key = reservation_key(&seen.key);
-        ledger.insert(
-            key.clone(),
-            Planned {
-                model: seen.key.clone(),
-                node: a.node.clone(),
-                resource: t.pool.spec.gpu_resource_name.clone(),
-                gpus: a.gpus,
-                at: Instant::now(),
-            },
-        );
-        reserved.push((key, t, a.clone()));
+        let mut pod = t
+            .template(model, &ctx.config.template)
+            .pod(&a.node)
+            .map_err(|source| Error::Template {
+                model: seen.name.clone(),
+                pool: a.pool.clone(),
+                source,
+            })?;
+        let mut random = [0u8; 5];
+        getrandom::fill(&mut random).map_err(|e| Error::Random(e.into()))?;
+        let prefix = pod.metadata.generate_name.take().unwrap_or_default();
+        pod.metadata.name = Some(template::pod_name(&prefix, random));
+        creates.push((t, pod, a.clone()));
     }
-    (outcome, reserved)
-}
-
-/// Creates the reserved replicas' pods at once (outside the placement
-/// lock): the (reservation key, pod name) of those created, and the first
-/// failure.
-async fn create_pods(
-    ctx: &Context,
-    model: &Model,
-    seen: &Seen,
-    reserved: &[Reservation<'_>],
-    created: &mut Created,
-) -> (Vec<(String, String)>, Option<Error>) {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &seen.ns);
-    let mut names: Vec<(String, String)> = Vec::with_capacity(reserved.len());
-    let mut failed = None;
-    let mut pods = Vec::with_capacity(reserved.len());
-    for (_, t, a) in reserved {
-        match t.template(model, &ctx.config.template).pod(&a.node) {
-            Ok(pod) => pods.push(pod),
-            Err(source) => {
-                failed = Some(Error::Template {
-                    model: seen.name.clone(),
-                    pool: a.pool.clone(),
-                    source,
-                });
-                break;
-            }
-        }
-    }
-    if failed.is_none() {
-        // A Model's new replicas are created at once, not one after another.
-        let results = futures::future::join_all(
-            pods.iter()
-                .map(|pod| async { api.create(&PostParams::default(), pod).await }),
-        )
-        .await;
-        for ((key, _, a), result) in reserved.iter().zip(results) {
-            match result {
-                Ok(pod) => {
-                    names.push((key.clone(), pod.name_any()));
-                    created.pods.push(pod);
-                }
-                Err(source) => {
-                    failed.get_or_insert(Error::CreatePod {
-                        model: seen.name.clone(),
-                        node: a.node.clone(),
-                        source,
-                    });
-                }
-            }
-        }
-    }
-    (names, failed)
-}
-
-/// Re-keys each reservation to its pod's name, or drops it when its pod
-/// was not created.
-async fn settle_reservations(
-    ctx: &Context,
-    reserved: &[Reservation<'_>],
-    names: &[(String, String)],
-) {
-    // Every reservation becomes its pod's entry, or goes.
-    let mut ledger = ctx.placement.lock().await;
-    for (key, _, _) in reserved {
-        let entry = ledger.remove(key);
-        if let (Some(entry), Some((_, name))) = (entry, names.iter().find(|(k, _)| k == key)) {
-            ledger.insert(name.clone(), entry);
-        }
-    }
-}
-
-/// A placement reservation's ledger key until its pod exists: unique in
-/// this process, and never a pod's name (those have no `/`).
-fn reservation_key(model_key: &str) -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{model_key}/reserved-{n}")
+    let now = Instant::now();
+    let creates = creates
+        .into_iter()
+        .map(|(t, pod, a)| {
+            ledger.insert(
+                pod.name_any(),
+                Planned {
+                    model: seen.key.clone(),
+                    node: a.node.clone(),
+                    resource: t.pool.spec.gpu_resource_name.clone(),
+                    gpus: a.gpus,
+                    at: now,
+                },
+            );
+            model_writes::Create { pod, assignment: a }
+        })
+        .collect();
+    Ok((outcome, creates))
 }
 
 /// The nodes as placement sees them: every cached pod's GPUs (this Model's
-/// from the fresh list) plus those of pods created but not yet cached.
+/// from its own list, which has those on their way too) plus those of
+/// other Models' pods decided but not yet cached.
 fn node_views<'a>(
     seen: &Seen,
     cached: &[Arc<PodGpus>],
-    planned: impl Iterator<Item = &'a Planned>,
+    planned: impl Iterator<Item = (&'a String, &'a Planned)>,
 ) -> Vec<placement::NodeView> {
     let own_uids: HashSet<String> = seen.own.iter().filter_map(|p| p.uid()).collect();
     let pods: Vec<GpuClaim> = cached
@@ -888,8 +844,9 @@ fn node_views<'a>(
         .map(|p| p.claim.clone())
         .chain(seen.own.iter().map(GpuClaim::of))
         .collect();
+    let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
     let mut views = view::node_views(seen.nodes.iter().map(|n| n.as_ref()), pods);
-    for p in planned {
+    for (_, p) in planned.filter(|(name, _)| !own_names.contains(*name)) {
         if let Some(v) = views.iter_mut().find(|v| v.name == p.node) {
             *v.used.entry(p.resource.clone()).or_default() += p.gpus;
         }
@@ -1316,13 +1273,24 @@ async fn ensure_secret(
     ns: &str,
     uid: &str,
     memo: &str,
-) -> Result<()> {
-    if with_memo(ctx, memo, |m| recent(m.secret_ok_at)) {
+) -> Result<Option<Secret>> {
+    let (recent_ok, look) = with_memo(ctx, memo, |m| (recent(m.secret_ok_at), m.look_at_secret));
+    if recent_ok {
         ctx.metrics
             .child_applies
             .with_label_values(&["Secret", "unchanged"])
             .inc();
-        return Ok(());
+        return Ok(None);
+    }
+    // A Model never reconciled before (no status) has no Secret yet: it is
+    // created in the background with the first replicas, before them,
+    // without looking first (one request instead of two for each new
+    // Model; if it does exist, the create's conflict makes the next
+    // reconcile look).
+    if model.status.is_none() && !look {
+        let secret = new_secret(ctx, model, ns, uid)?;
+        with_memo(ctx, memo, |m| m.secret_ok_at = Some(Instant::now()));
+        return Ok(Some(secret));
     }
     let settled = ensure_secret_now(ctx, model, ns, uid).await?;
     ctx.metrics
@@ -1330,83 +1298,39 @@ async fn ensure_secret(
         .with_label_values(&["Secret", "checked"])
         .inc();
     if settled {
-        with_memo(ctx, memo, |m| m.secret_ok_at = Some(Instant::now()));
+        with_memo(ctx, memo, |m| {
+            m.secret_ok_at = Some(Instant::now());
+            m.look_at_secret = false;
+        });
     }
-    Ok(())
+    Ok(None)
 }
 
-/// [`ensure_secret`]'s check and write, always; false when a concurrent
-/// write got in the way (looked at again next time).
-async fn ensure_secret_now(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Result<bool> {
-    let name = template::adapter_token_secret(&model.name_any());
+/// A random token for the sidecars' admin API.
+fn new_token() -> Result<k8s_openapi::ByteString> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.into()))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(k8s_openapi::ByteString(token.into_bytes()))
+}
+
+/// The Model's Secret's TLS entries, issued now by the operator's CA.
+fn issue_tls(ctx: &Context, model: &Model, ns: &str) -> Result<BTreeMap<String, k8s_openapi::ByteString>> {
     let server_name = template::sidecar_server_name(ns, &model.name_any());
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let ca = &ctx.config.ca;
-    let now = std::time::SystemTime::now();
-    let new_token = || -> Result<k8s_openapi::ByteString> {
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-            .map_err(Error::Random)?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Ok(k8s_openapi::ByteString(token.into_bytes()))
-    };
-    let issue = || {
-        crate::pki::sidecar_entries(ca, &server_name, now).map_err(|source| Error::Pki {
+    crate::pki::sidecar_entries(&ctx.config.ca, &server_name, std::time::SystemTime::now())
+        .map_err(|source| Error::Pki {
             name: server_name.clone(),
             source,
         })
-    };
-    let write_err = |source| Error::Write {
-        kind: "Secret",
-        name: name.clone(),
-        source,
-    };
-    // A Model never reconciled before (no status) has no Secret yet: create
-    // it without looking first (one request instead of two for each new
-    // Model; if it does exist, the create's conflict sends the next
-    // reconcile to look).
-    let existing = if model.status.is_none() {
-        None
-    } else {
-        api.get_opt(&name).await.map_err(|source| Error::Get {
-            kind: "Secret",
-            name: name.clone(),
-            source,
-        })?
-    };
-    if let Some(mut existing) = existing {
-        let data = existing.data.get_or_insert_with(BTreeMap::new);
-        let has_token = data
-            .get(template::ADAPTER_TOKEN_KEY)
-            .is_some_and(|t| !t.0.is_empty());
-        let reissue = crate::pki::needs_reissue(ca, data, &server_name, now);
-        if has_token && !reissue {
-            return Ok(true);
-        }
-        if !has_token {
-            data.insert(template::ADAPTER_TOKEN_KEY.into(), new_token()?);
-        }
-        if reissue {
-            data.extend(issue()?);
-        }
-        existing.string_data = None;
-        // Optimistic concurrency (resourceVersion): on a conflict the next
-        // reconcile looks again.
-        return match api.replace(&name, &PostParams::default(), &existing).await {
-            Ok(_) => {
-                tracing::info!(model = %model.name_any(), namespace = %ns, secret = %name, "issued the sidecars' admin TLS certificate");
-                Ok(true)
-            }
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-            Err(e) => Err(write_err(e)),
-        };
-    }
-    let mut data = issue()?;
+}
+
+/// A new Model's Secret: the sidecars' admin token and TLS certificate.
+fn new_secret(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Result<Secret> {
+    let mut data = issue_tls(ctx, model, ns)?;
     data.insert(template::ADAPTER_TOKEN_KEY.into(), new_token()?);
-    let secret = Secret {
+    Ok(Secret {
         metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
+            name: Some(template::adapter_token_secret(&model.name_any())),
             namespace: Some(ns.to_string()),
             labels: Some(BTreeMap::from([
                 (labels::MANAGED_BY.to_string(), labels::MANAGER.to_string()),
@@ -1422,9 +1346,58 @@ async fn ensure_secret_now(ctx: &Context, model: &Model, ns: &str, uid: &str) ->
         type_: Some("Opaque".into()),
         data: Some(data),
         ..Secret::default()
+    })
+}
+
+/// [`ensure_secret`]'s look and write: reads the Secret, fills in a missing
+/// token and renews the certificate when due, or creates it when missing;
+/// false when a concurrent write got in the way (looked at again next
+/// time).
+async fn ensure_secret_now(ctx: &Context, model: &Model, ns: &str, uid: &str) -> Result<bool> {
+    let name = template::adapter_token_secret(&model.name_any());
+    let server_name = template::sidecar_server_name(ns, &model.name_any());
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let write_err = |source| Error::Write {
+        kind: "Secret",
+        name: name.clone(),
+        source,
     };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(true),
+    let existing = api.get_opt(&name).await.map_err(|source| Error::Get {
+        kind: "Secret",
+        name: name.clone(),
+        source,
+    })?;
+    let Some(mut existing) = existing else {
+        let secret = new_secret(ctx, model, ns, uid)?;
+        return match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(write_err(e)),
+        };
+    };
+    let data = existing.data.get_or_insert_with(BTreeMap::new);
+    let has_token = data
+        .get(template::ADAPTER_TOKEN_KEY)
+        .is_some_and(|t| !t.0.is_empty());
+    let reissue =
+        crate::pki::needs_reissue(&ctx.config.ca, data, &server_name, std::time::SystemTime::now());
+    if has_token && !reissue {
+        return Ok(true);
+    }
+    if !has_token {
+        data.insert(template::ADAPTER_TOKEN_KEY.into(), new_token()?);
+    }
+    if reissue {
+        data.extend(issue_tls(ctx, model, ns)?);
+    }
+    existing.string_data = None;
+    // Optimistic concurrency (resourceVersion): on a conflict the next
+    // reconcile looks again.
+    match api.replace(&name, &PostParams::default(), &existing).await {
+        Ok(_) => {
+            tracing::info!(model = %model.name_any(), namespace = %ns, secret = %name, "issued the sidecars' admin TLS certificate");
+            Ok(true)
+        }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(write_err(e)),
     }

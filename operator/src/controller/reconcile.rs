@@ -37,6 +37,12 @@ pub trait Reconciled:
     /// Status fields that other writers own (the energy accountant): left
     /// out when the controller's status is compared with the cached one.
     const FOREIGN_STATUS_FIELDS: &'static [&'static str];
+    /// Whether a reconcile's writes are still on their way in the
+    /// background: its success is not reported until they have gone (a
+    /// failure is reported by the reconcile after it).
+    fn settling(&self, _ctx: &Context) -> bool {
+        false
+    }
 }
 
 impl Reconciled for Model {
@@ -53,6 +59,9 @@ impl Reconciled for Model {
         self.status
             .as_ref()
             .and_then(|s| serde_json::to_value(s).ok())
+    }
+    fn settling(&self, ctx: &Context) -> bool {
+        super::model::writes_on_their_way(ctx, self)
     }
 }
 
@@ -112,7 +121,9 @@ where
         .observe(start.elapsed().as_secs_f64());
     let result = if res.is_ok() { "success" } else { "error" };
     m.reconciles.with_label_values(&[controller, result]).inc();
-    if obj.meta().deletion_timestamp.is_none() {
+    // A success whose writes are on their way is not reported yet.
+    let settling = res.is_ok() && obj.settling(&ctx);
+    if obj.meta().deletion_timestamp.is_none() && !settling {
         let outcome = res.as_ref().map(|_| ());
         super::report::report(&ctx, obj.as_ref(), outcome).await;
     }

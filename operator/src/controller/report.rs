@@ -76,7 +76,7 @@ async fn apply_condition<K: Reconciled>(ctx: &Context, obj: &K, set: Set) {
     }
 }
 
-fn key_of<K: Reconciled>(obj: &K) -> String {
+pub fn key_of<K: Reconciled>(obj: &K) -> String {
     format!(
         "{}/{}/{}",
         K::CONTROLLER,
