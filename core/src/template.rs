@@ -983,11 +983,18 @@ mod tests {
 
     #[test]
     fn pod_names_are_made_as_the_api_server_makes_them() {
-        assert_eq!(pod_name("chat-0123abcd-", [0, 1, 2, 26, 27]), "chat-0123abcd-bcd9b");
+        assert_eq!(
+            pod_name("chat-0123abcd-", [0, 1, 2, 26, 27]),
+            "chat-0123abcd-bcd9b"
+        );
         let long = format!("{}-", "m".repeat(70));
         let n = pod_name(&long, [255; 5]);
         assert_eq!(n.len(), 63);
         assert!(n.starts_with(&"m".repeat(58)));
-        assert!(n[58..].bytes().all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)));
+        assert!(
+            n[58..]
+                .bytes()
+                .all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b))
+        );
     }
 }

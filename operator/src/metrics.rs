@@ -18,8 +18,9 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     /// Reconcile duration by controller.
     pub reconcile_duration: HistogramVec,
-    /// Status writes by controller and result (`written`, or `unchanged`:
-    /// the cache already showed it, nothing sent).
+    /// Status writes by controller and result (`written`; `unchanged`: the
+    /// cache already showed it, nothing sent; Models only: `coalesced`,
+    /// waiting behind a write on its way; `failed`, retried).
     pub status_writes: IntCounterVec,
     /// Child objects (Services, Secrets) by kind and result (`applied`,
     /// `created`, `checked`, `unchanged`: not sent).
@@ -154,7 +155,7 @@ impl Metrics {
         let status_writes = IntCounterVec::new(
             Opts::new(
                 "strata_status_writes_total",
-                "Status writes by controller and result (written; unchanged: the cache already showed it, nothing sent).",
+                "Status writes by controller and result (written; unchanged: the cache already showed it, nothing sent; coalesced: waits behind a write on its way, replacing any other; failed: retried).",
             ),
             &["controller", "result"],
         )?;

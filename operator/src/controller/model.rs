@@ -1,21 +1,24 @@
 //! The Model controller: a pipeline of phases, each a function whose
 //! failure names the call that failed ([`crate::error`]):
 //!
-//! 1. [`dereference`]: the Model's Secret (made or renewed first: the
-//!    sidecars mount it), its pods (the shared pod cache, with what this
-//!    process created or deleted and the cache does not show yet), the node
-//!    and pool caches;
+//! 1. [`dereference`]: the Model's Secret (checked, renewed, or for a new
+//!    Model made in the background before its replicas), its pods (the
+//!    shared pod cache, with what this process created or deleted and the
+//!    cache does not show yet), the node and pool caches;
 //! 2. [`desire`]: how many replicas, from the spec or the SLA autoscaler
 //!    ([`super::scale`]);
 //! 3. [`plan`] (pure: `strata_core::rollout`): the pool templates, what to
 //!    delete and how many to create;
-//! 4. apply: [`delete_replicas`], [`place_and_create`] (placement is
-//!    `strata_core::placement`, one Model at a time), [`apply_service`];
-//! 5. [`status`] (pure: `strata_core::status`), written once by
-//!    [`super::reconcile::write_status`].
+//! 4. apply: [`delete_replicas`] and [`place_and_create`] decide (placement
+//!    is `strata_core::placement`, one Model at a time) and hand the
+//!    requests to [`super::model_writes`], which sends them in the
+//!    background; [`apply_service`], [`apply_inference_pool`];
+//! 5. [`status`] (pure: `strata_core::status`), handed to
+//!    [`super::status_write`] (written in the background, coalesced).
 //!
 //! [`reconcile`] runs them inside the shared wrapper (metrics, the error
-//! reporter); [`super::reconcile::error_policy`] backs off on failure.
+//! reporter); [`super::reconcile::error_policy`] backs off on failure, and
+//! a background write that failed is reported by the next reconcile.
 //!
 //! A reconcile that finds nothing to change sends nothing: pods come from
 //! the cache, the Service is compared with the cached one, the Secrets are
@@ -87,9 +90,16 @@ async fn phases(model: &Arc<Model>, ctx: &Arc<Context>) -> Result<Action> {
         None => {
             async {
                 delete_replicas(ctx, &seen, &plan, &mut deleted, &mut writes).await;
-                let placed =
-                    place_and_create(ctx, model, &seen, &plan, &deleted, &mut created, &mut writes)
-                        .await;
+                let placed = place_and_create(
+                    ctx,
+                    model,
+                    &seen,
+                    &plan,
+                    &deleted,
+                    &mut created,
+                    &mut writes,
+                )
+                .await;
                 // The Service and the InferencePool do not wait for each other.
                 let (service, pool) = futures::join!(
                     apply_service(ctx, model, &seen),
@@ -107,7 +117,8 @@ async fn phases(model: &Arc<Model>, ctx: &Arc<Context>) -> Result<Action> {
         // the requests are sent.
         with_memo(ctx, &memo, |m| {
             m.pods.deleted(deleted.pods.iter().cloned(), Instant::now());
-            m.pods.creating(writes.creates.iter().map(|c| c.pod.clone()));
+            m.pods
+                .creating(writes.creates.iter().map(|c| c.pod.clone()));
             m.writes += 1;
         });
         model_writes::spawn(ctx, model, memo.clone(), writes);
@@ -1315,13 +1326,18 @@ fn new_token() -> Result<k8s_openapi::ByteString> {
 }
 
 /// The Model's Secret's TLS entries, issued now by the operator's CA.
-fn issue_tls(ctx: &Context, model: &Model, ns: &str) -> Result<BTreeMap<String, k8s_openapi::ByteString>> {
+fn issue_tls(
+    ctx: &Context,
+    model: &Model,
+    ns: &str,
+) -> Result<BTreeMap<String, k8s_openapi::ByteString>> {
     let server_name = template::sidecar_server_name(ns, &model.name_any());
-    crate::pki::sidecar_entries(&ctx.config.ca, &server_name, std::time::SystemTime::now())
-        .map_err(|source| Error::Pki {
+    crate::pki::sidecar_entries(&ctx.config.ca, &server_name, std::time::SystemTime::now()).map_err(
+        |source| Error::Pki {
             name: server_name.clone(),
             source,
-        })
+        },
+    )
 }
 
 /// A new Model's Secret: the sidecars' admin token and TLS certificate.
@@ -1379,8 +1395,12 @@ async fn ensure_secret_now(ctx: &Context, model: &Model, ns: &str, uid: &str) ->
     let has_token = data
         .get(template::ADAPTER_TOKEN_KEY)
         .is_some_and(|t| !t.0.is_empty());
-    let reissue =
-        crate::pki::needs_reissue(&ctx.config.ca, data, &server_name, std::time::SystemTime::now());
+    let reissue = crate::pki::needs_reissue(
+        &ctx.config.ca,
+        data,
+        &server_name,
+        std::time::SystemTime::now(),
+    );
     if has_token && !reissue {
         return Ok(true);
     }

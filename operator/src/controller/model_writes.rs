@@ -91,7 +91,9 @@ pub fn spawn(ctx: &Arc<Context>, model: &Arc<Model>, memo: String, writes: Write
             .unwrap_or(false);
         if wake || failing {
             // The receiver is gone only when the controller stopped.
-            let _ = ctx.wake_models.unbounded_send(ObjectRef::from_obj(model.as_ref()));
+            let _ = ctx
+                .wake_models
+                .unbounded_send(ObjectRef::from_obj(model.as_ref()));
         }
     });
 }
@@ -191,7 +193,10 @@ async fn create_pods(
             ledger.remove(n);
         }
     }
-    for c in creates.iter().filter(|c| created.contains(&c.pod.name_any())) {
+    for c in creates
+        .iter()
+        .filter(|c| created.contains(&c.pod.name_any()))
+    {
         let a = &c.assignment;
         ctx.metrics.placements.with_label_values(&[&a.pool]).inc();
         publish(
