@@ -70,8 +70,8 @@ pub struct TelemetryConfig {
     pub dcgm_url: Option<String>,
 }
 
-/// A replica pod created but not yet seen in the pod cache: placement must
-/// count its GPUs.
+/// A replica pod decided or created but not yet seen in the pod cache:
+/// placement must count its GPUs.
 #[derive(Debug, Clone)]
 pub struct Planned {
     /// The Model's key (namespace/name).
@@ -82,8 +82,20 @@ pub struct Planned {
     pub resource: String,
     /// GPUs.
     pub gpus: i64,
-    /// When it was created.
+    /// When it was decided, then when its create was answered.
     pub at: Instant,
+    /// Its create is on its way (kept however long that takes).
+    pub sending: bool,
+}
+
+impl Planned {
+    /// Whether the reservation still counts at `now`: while its create is
+    /// on its way, and for a minute after the answer unless the cache
+    /// (`cached`) shows the pod by then.
+    pub fn holds(&self, cached: bool, now: Instant) -> bool {
+        self.sending
+            || (!cached && now.saturating_duration_since(self.at) < Duration::from_secs(60))
+    }
 }
 
 /// Shared by every reconcile.
@@ -715,6 +727,32 @@ pub(crate) async fn apply_owned_service(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reservation_holds_while_its_create_is_on_its_way_and_briefly_after() {
+        let t0 = Instant::now();
+        let mut p = Planned {
+            model: "ns/m".into(),
+            node: "n".into(),
+            resource: "nvidia.com/gpu".into(),
+            gpus: 1,
+            at: t0,
+            sending: true,
+        };
+        let long = t0 + Duration::from_secs(600);
+        assert!(
+            p.holds(false, long),
+            "however long the rate limiter holds it"
+        );
+        p.sending = false;
+        p.at = long;
+        assert!(p.holds(false, long + Duration::from_secs(59)));
+        assert!(!p.holds(true, long), "the cache shows the pod");
+        assert!(
+            !p.holds(false, long + Duration::from_secs(60)),
+            "the watch lost it"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -252,6 +252,12 @@ struct Seen {
     pools: Vec<Arc<GPUPool>>,
     /// A Secret the replicas mount that does not exist (described).
     missing_secret: Option<String>,
+    /// The status this reconcile's follows: the one this process last
+    /// handed to the status writer while it is fresh (the cache may not
+    /// show it yet), else the cached one. Reconciles that run before the
+    /// cache catches up then compute the same status, not new transition
+    /// times (each a write).
+    prior: Option<ModelStatus>,
 }
 
 /// Phase 1: the Model's Secret, its pods, nodes and pools.
@@ -283,7 +289,12 @@ async fn dereference(ctx: &Context, model: &Model, writes: &mut Writes) -> Resul
         .filter_map(|n| Some((n.name_any(), view::node_not_ready_for(n, now.as_second())?)))
         .collect();
     let missing_secret = missing_secret(ctx, model, &ns, &memo).await?;
+    let prior = ctx
+        .model_status
+        .latest(&memo)
+        .or_else(|| model.status.clone());
     Ok(Seen {
+        prior,
         missing_secret,
         key: format!("{ns}/{name}"),
         ns,
@@ -776,6 +787,12 @@ async fn place_and_create(
 /// Decides where the new replicas go, under the placement lock, makes
 /// their pods (named) and reserves their GPUs in the ledger before
 /// releasing it. A pod that cannot be made reserves nothing.
+///
+/// The nodes' view is built from a snapshot of the pod cache before the
+/// lock (every pod's claim: the costly part), and under the lock only
+/// corrected by the pods that changed since (a second snapshot, compared
+/// by identity) and the ledger's reservations: the view placement sees is
+/// exact, and Models wait for each other only for the decision itself.
 async fn decide_and_reserve(
     ctx: &Context,
     model: &Model,
@@ -784,22 +801,44 @@ async fn decide_and_reserve(
     pool_views: &[placement::PoolView],
     request: &Request,
 ) -> Result<(placement::Outcome, Vec<model_writes::Create>)> {
-    let mut ledger = ctx.placement.lock().await;
-    let cached = ctx.gpu_pods.state();
-    let cached_names: HashSet<String> = cached
-        .iter()
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
+    let own_uids: HashSet<String> = seen.own.iter().filter_map(|p| p.uid()).collect();
     let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
+    let others = |p: &&Arc<PodGpus>| p.uid().is_none_or(|u| !own_uids.contains(&u));
+    let before = ctx.gpu_pods.state();
+    let before_ids: HashSet<usize> = before.iter().map(|p| Arc::as_ptr(p).addr()).collect();
+    let mut node_views = node_views(seen, &before, &own_uids);
+    let mut ledger = ctx.placement.lock().await;
+    let now_cached = ctx.gpu_pods.state();
+    let now_ids: HashSet<usize> = now_cached.iter().map(|p| Arc::as_ptr(p).addr()).collect();
+    // (Both snapshots hold their pods: an address names one pod version.)
+    for p in before.iter().filter(others) {
+        if !now_ids.contains(&Arc::as_ptr(p).addr()) {
+            view::count_claim(&mut node_views, &p.claim, -1);
+        }
+    }
+    for p in now_cached.iter().filter(others) {
+        if !before_ids.contains(&Arc::as_ptr(p).addr()) {
+            view::count_claim(&mut node_views, &p.claim, 1);
+        }
+    }
+    let cached_names: HashSet<&str> = now_cached
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
     // Forget pods the cache has caught up with, this Model's pods that
-    // are gone (the list above has those on their way too), and anything
-    // old. (Another reconcile's reservations are another Model's: kept.)
+    // are gone (its list has those on their way too), and anything old.
+    // (Another reconcile's reservations are another Model's: kept.)
+    let now = Instant::now();
     ledger.retain(|pod, p| {
-        !cached_names.contains(pod)
+        p.holds(cached_names.contains(pod.as_str()), now)
             && (p.model != seen.key || own_names.contains(pod))
-            && p.at.elapsed() < Duration::from_secs(60)
     });
-    let node_views = node_views(seen, &cached, ledger.iter());
+    // The reservations of other Models' pods (this Model's are in its list).
+    for (_, p) in ledger.iter().filter(|(name, _)| !own_names.contains(*name)) {
+        if let Some(v) = node_views.iter_mut().find(|v| v.name == p.node) {
+            *v.used.entry(p.resource.clone()).or_default() += p.gpus;
+        }
+    }
     let outcome = placement::place(&node_views, pool_views, request);
     let mut creates = Vec::with_capacity(outcome.assignments.len());
     for a in &outcome.assignments {
@@ -832,6 +871,7 @@ async fn decide_and_reserve(
                     resource: t.pool.spec.gpu_resource_name.clone(),
                     gpus: a.gpus,
                     at: now,
+                    sending: true,
                 },
             );
             model_writes::Create { pod, assignment: a }
@@ -840,29 +880,21 @@ async fn decide_and_reserve(
     Ok((outcome, creates))
 }
 
-/// The nodes as placement sees them: every cached pod's GPUs (this Model's
-/// from its own list, which has those on their way too) plus those of
-/// other Models' pods decided but not yet cached.
-fn node_views<'a>(
+/// The nodes as placement sees them from a pod cache snapshot: every
+/// other pod's GPUs, and this Model's from its own list (which has those
+/// on their way too).
+fn node_views(
     seen: &Seen,
     cached: &[Arc<PodGpus>],
-    planned: impl Iterator<Item = (&'a String, &'a Planned)>,
+    own_uids: &HashSet<String>,
 ) -> Vec<placement::NodeView> {
-    let own_uids: HashSet<String> = seen.own.iter().filter_map(|p| p.uid()).collect();
     let pods: Vec<GpuClaim> = cached
         .iter()
         .filter(|p| p.uid().is_none_or(|u| !own_uids.contains(&u)))
         .map(|p| p.claim.clone())
         .chain(seen.own.iter().map(GpuClaim::of))
         .collect();
-    let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
-    let mut views = view::node_views(seen.nodes.iter().map(|n| n.as_ref()), pods);
-    for (_, p) in planned.filter(|(name, _)| !own_names.contains(*name)) {
-        if let Some(v) = views.iter_mut().find(|v| v.name == p.node) {
-            *v.used.entry(p.resource.clone()).or_default() += p.gpus;
-        }
-    }
-    views
+    view::node_views(seen.nodes.iter().map(|n| n.as_ref()), pods)
 }
 
 /// What to ask placement for: the plan's new replicas over every listed
@@ -1151,7 +1183,9 @@ pub fn service_matches(
 }
 
 /// Phase 5 (pure): the Model's status from what the reconcile saw and did,
-/// and how soon to look again.
+/// and how soon to look again. Conditions keep their transition times, and
+/// the SLA its observation time, from the status it follows
+/// ([`Seen::prior`]).
 fn status(
     model: &Model,
     seen: &Seen,
@@ -1204,11 +1238,8 @@ fn status(
         stalled: status::stalled(&plan.replicas, &hashes, deadline),
         progress_deadline: model.spec.rollout.progress_deadline.clone(),
     };
-    let existing = model
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let prior = seen.prior.as_ref();
+    let existing = prior.map(|s| s.conditions.clone()).unwrap_or_default();
     let pace = facts.pace();
     let status = ModelStatus {
         observed_generation: model.metadata.generation,
@@ -1227,19 +1258,16 @@ fn status(
         sla: match &desire.evaluation {
             Some(e) => Some(sla::unchanged_keeps_time(
                 sla::sla_status(model, e),
-                model.status.as_ref().and_then(|s| s.sla.as_ref()),
+                prior.and_then(|s| s.sla.as_ref()),
                 sla::OBSERVED_AT_REFRESH,
             )),
-            None => model.status.as_ref().and_then(|s| s.sla.clone()),
+            None => prior.and_then(|s| s.sla.clone()),
         },
-        // The last change this process decided, else the one in status (the
-        // cached status can lag behind this process's own last write).
-        last_scale_decision: desire.last_decision.clone().or_else(|| {
-            model
-                .status
-                .as_ref()
-                .and_then(|s| s.last_scale_decision.clone())
-        }),
+        // The last change this process decided, else the one in status.
+        last_scale_decision: desire
+            .last_decision
+            .clone()
+            .or_else(|| prior.and_then(|s| s.last_scale_decision.clone())),
         // status.energy and status.cost belong to the energy accountant
         // (its own field manager): left out here, so neither overwrites the
         // other.

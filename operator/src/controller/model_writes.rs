@@ -187,6 +187,7 @@ async fn create_pods(
         for n in &created {
             if let Some(p) = ledger.get_mut(n) {
                 p.at = now;
+                p.sending = false;
             }
         }
         for n in &not_created {

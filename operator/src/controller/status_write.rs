@@ -130,6 +130,17 @@ impl Coalescer {
         }
     }
 
+    /// The newest status handed over for `key`: waiting, being written, or
+    /// written less than [`WRITTEN_FRESH`] ago.
+    pub fn latest(&self, key: &str, now: Instant) -> Option<&Value> {
+        let slot = self.slots.get(key)?;
+        slot.next.as_ref().or(slot.writing.as_ref()).or(slot
+            .written
+            .as_ref()
+            .filter(|(_, at)| now.saturating_duration_since(*at) < WRITTEN_FRESH)
+            .map(|(v, _)| v))
+    }
+
     /// Keys with a write on its way.
     pub fn in_flight(&self) -> usize {
         self.slots.values().filter(|s| s.writing.is_some()).count()
@@ -220,6 +231,12 @@ impl Writer {
         }
     }
 
+    /// See [`Coalescer::latest`], as the status type.
+    pub fn latest<S: serde::de::DeserializeOwned>(&self, key: &str) -> Option<S> {
+        let value = self.coalescer().latest(key, Instant::now())?.clone();
+        serde_json::from_value(value).ok()
+    }
+
     /// Models with a status write on its way (for tests and diagnostics).
     pub fn in_flight(&self) -> usize {
         self.coalescer().in_flight()
@@ -244,8 +261,11 @@ mod tests {
             c.done("a", Done::Written, t0),
             Some((json!(3), Duration::ZERO))
         );
+        assert_eq!(c.latest("a", t0), Some(&json!(3)));
         assert_eq!(c.done("a", Done::Written, t0), None);
         assert_eq!(c.in_flight(), 0);
+        assert_eq!(c.latest("a", t0), Some(&json!(3)), "written moments ago");
+        assert_eq!(c.latest("a", t0 + WRITTEN_FRESH), None);
         // Another key is independent.
         assert_eq!(c.submit("b", json!(1), false, t0), Submit::Start);
     }
