@@ -113,6 +113,13 @@ pub enum Error {
         /// Why.
         source: crate::pki::PkiError,
     },
+    /// A Model's background writes stopped without an answer (a panic: a
+    /// bug); what they would have done is taken back.
+    #[error("the writes of Model {model} stopped unexpectedly; they are taken back and retried")]
+    WritesAborted {
+        /// The Model.
+        model: String,
+    },
 }
 
 /// What the API server said, without the client's wrapping: its message
@@ -137,9 +144,11 @@ impl Error {
             | Self::Write { source, .. }
             | Self::WriteStatus { source, .. }
             | Self::Finalizer { source, .. } => Some(source),
-            Self::MissingKey(_) | Self::Template { .. } | Self::Random(_) | Self::Pki { .. } => {
-                None
-            }
+            Self::MissingKey(_)
+            | Self::Template { .. }
+            | Self::Random(_)
+            | Self::Pki { .. }
+            | Self::WritesAborted { .. } => None,
         }
     }
 

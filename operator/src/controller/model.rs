@@ -25,6 +25,7 @@
 //! checked at most every [`RECHECK`] ([`Memo`]), and the status is written
 //! only when it differs from the cached one.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -803,7 +804,7 @@ async fn decide_and_reserve(
 ) -> Result<(placement::Outcome, Vec<model_writes::Create>)> {
     let own_uids: HashSet<String> = seen.own.iter().filter_map(|p| p.uid()).collect();
     let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
-    let others = |p: &&Arc<PodGpus>| p.uid().is_none_or(|u| !own_uids.contains(&u));
+    let others = |p: &&Arc<PodGpus>| p.metadata.uid.as_ref().is_none_or(|u| !own_uids.contains(u));
     let before = ctx.gpu_pods.state();
     let before_ids: HashSet<usize> = before.iter().map(|p| Arc::as_ptr(p).addr()).collect();
     let mut node_views = node_views(seen, &before, &own_uids);
@@ -888,12 +889,17 @@ fn node_views(
     cached: &[Arc<PodGpus>],
     own_uids: &HashSet<String>,
 ) -> Vec<placement::NodeView> {
-    let pods: Vec<GpuClaim> = cached
+    // Borrowed from the snapshot (thousands of claims), not cloned.
+    let pods = cached
         .iter()
-        .filter(|p| p.uid().is_none_or(|u| !own_uids.contains(&u)))
-        .map(|p| p.claim.clone())
-        .chain(seen.own.iter().map(GpuClaim::of))
-        .collect();
+        .filter(|p| {
+            p.metadata
+                .uid
+                .as_ref()
+                .is_none_or(|u| !own_uids.contains(u))
+        })
+        .map(|p| Cow::Borrowed(&p.claim))
+        .chain(seen.own.iter().map(|p| Cow::Owned(GpuClaim::of(p))));
     view::node_views(seen.nodes.iter().map(|n| n.as_ref()), pods)
 }
 

@@ -15,8 +15,11 @@
 //! it as its own (`ReconcileError`, a Warning Event) and backs off, as a
 //! reconcile that had failed itself would (see [`super::model`]).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures::FutureExt;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, PostParams};
@@ -71,8 +74,32 @@ pub fn spawn(ctx: &Arc<Context>, model: &Arc<Model>, memo: String, writes: Write
     let (ctx, model) = (ctx.clone(), model.clone());
     tokio::spawn(async move {
         let slot = ctx.write_slots.clone().acquire_owned().await;
-        let failure = send(&ctx, &model, &memo, writes).await.err();
+        let deleting: Vec<String> = writes.deletes.iter().map(|d| d.pod.clone()).collect();
+        let creating: Vec<String> = writes.creates.iter().map(|c| c.pod.name_any()).collect();
+        let sent = AssertUnwindSafe(send(&ctx, &model, &memo, writes))
+            .catch_unwind()
+            .await;
         drop(slot);
+        let failure = match sent {
+            Ok(result) => result.err(),
+            // A panic (a bug) left expectations and reservations behind
+            // that no answer will settle: all are taken back, so the next
+            // reconcile starts from what the cache shows.
+            Err(_) => {
+                tracing::error!(model = %model.name_any(), "the writes task panicked; its writes are taken back");
+                super::model::with_memo(&ctx, &memo, |m| {
+                    m.pods.not_deleted(deleting.iter().map(String::as_str));
+                    m.pods.not_created(creating.iter().map(String::as_str));
+                });
+                let mut ledger = ctx.placement.lock().await;
+                for n in &creating {
+                    ledger.remove(n);
+                }
+                Some(Error::WritesAborted {
+                    model: model.name_any(),
+                })
+            }
+        };
         let wake = super::model::with_memo(&ctx, &memo, |m| {
             m.writes = m.writes.saturating_sub(1);
             let failed = failure.is_some();
