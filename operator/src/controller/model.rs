@@ -804,7 +804,12 @@ async fn decide_and_reserve(
 ) -> Result<(placement::Outcome, Vec<model_writes::Create>)> {
     let own_uids: HashSet<String> = seen.own.iter().filter_map(|p| p.uid()).collect();
     let own_names: HashSet<String> = seen.own.iter().map(|p| p.name_any()).collect();
-    let others = |p: &&Arc<PodGpus>| p.metadata.uid.as_ref().is_none_or(|u| !own_uids.contains(u));
+    let others = |p: &&Arc<PodGpus>| {
+        p.metadata
+            .uid
+            .as_ref()
+            .is_none_or(|u| !own_uids.contains(u))
+    };
     let before = ctx.gpu_pods.state();
     let before_ids: HashSet<usize> = before.iter().map(|p| Arc::as_ptr(p).addr()).collect();
     let mut node_views = node_views(seen, &before, &own_uids);
