@@ -87,14 +87,7 @@ pub fn spawn(ctx: &Arc<Context>, model: &Arc<Model>, memo: String, writes: Write
             // reconcile starts from what the cache shows.
             Err(_) => {
                 tracing::error!(model = %model.name_any(), "the writes task panicked; its writes are taken back");
-                super::model::with_memo(&ctx, &memo, |m| {
-                    m.pods.not_deleted(deleting.iter().map(String::as_str));
-                    m.pods.not_created(creating.iter().map(String::as_str));
-                });
-                let mut ledger = ctx.placement.lock().await;
-                for n in &creating {
-                    ledger.remove(n);
-                }
+                take_back(&ctx, &memo, &deleting, &creating).await;
                 Some(Error::WritesAborted {
                     model: model.name_any(),
                 })
@@ -132,20 +125,21 @@ async fn send(ctx: &Context, model: &Model, memo: &str, writes: Writes) -> Resul
         creates,
     } = writes;
     let ns = model.namespace().unwrap_or_default();
-    let undo = |from_delete: usize, e: Error| {
-        let names = deletes[from_delete..].iter().map(|d| d.pod.as_str());
-        let created = creates.iter().map(|c| c.pod.name_any()).collect::<Vec<_>>();
-        super::model::with_memo(ctx, memo, |m| {
-            m.pods.not_deleted(names);
-            m.pods.not_created(created.iter().map(String::as_str));
-        });
+    let creating: Vec<String> = creates.iter().map(|c| c.pod.name_any()).collect();
+    // What was not sent is taken back: the deletions from `from_delete`
+    // on and every create.
+    let undo = async |from_delete: usize, e: Error| {
+        let deleting: Vec<String> = deletes[from_delete..]
+            .iter()
+            .map(|d| d.pod.clone())
+            .collect();
+        take_back(ctx, memo, &deleting, &creating).await;
         e
     };
     if let Some(secret) = secret
         && let Err(e) = create_secret(ctx, memo, &ns, &secret).await
     {
-        unreserve(ctx, &creates).await;
-        return Err(undo(0, e));
+        return Err(undo(0, e).await);
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for (i, d) in deletes.iter().enumerate() {
@@ -153,14 +147,11 @@ async fn send(ctx: &Context, model: &Model, memo: &str, writes: Writes) -> Resul
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(source) => {
-                unreserve(ctx, &creates).await;
-                return Err(undo(
-                    i,
-                    Error::DeletePod {
-                        pod: d.pod.clone(),
-                        source,
-                    },
-                ));
+                let e = Error::DeletePod {
+                    pod: d.pod.clone(),
+                    source,
+                };
+                return Err(undo(i, e).await);
             }
         }
         ctx.metrics
@@ -246,11 +237,17 @@ async fn create_pods(
     failed.map_or(Ok(()), Err)
 }
 
-/// Drops the GPU reservations of replicas that will not be created.
-async fn unreserve(ctx: &Context, creates: &[Create]) {
+/// Takes back writes that will not be sent: their expectations (the
+/// pods `deleting` stay, the pods `creating` are not coming) and the GPU
+/// reservations of the pods `creating`.
+async fn take_back(ctx: &Context, memo: &str, deleting: &[String], creating: &[String]) {
+    super::model::with_memo(ctx, memo, |m| {
+        m.pods.not_deleted(deleting.iter().map(String::as_str));
+        m.pods.not_created(creating.iter().map(String::as_str));
+    });
     let mut ledger = ctx.placement.lock().await;
-    for c in creates {
-        ledger.remove(&c.pod.name_any());
+    for n in creating {
+        ledger.remove(n);
     }
 }
 

@@ -69,25 +69,22 @@ pub enum Done {
 #[derive(Debug, Default)]
 pub struct Coalescer {
     slots: HashMap<String, Slot>,
+    /// When the slots were last pruned.
+    pruned: Option<Instant>,
 }
 
 impl Coalescer {
     /// A reconcile's status for `key`; `shown` tells whether the cache
     /// already shows it.
     pub fn submit(&mut self, key: &str, status: Value, shown: bool, now: Instant) -> Submit {
-        // Slots with nothing on its way and nothing recent to remember.
-        self.slots.retain(|_, s| {
-            s.writing.is_some()
-                || s.written
-                    .as_ref()
-                    .is_some_and(|(_, at)| now.saturating_duration_since(*at) < WRITTEN_FRESH)
-        });
-        let slot = self.slots.entry(key.to_string()).or_default();
-        if let Some(writing) = &slot.writing {
+        self.prune(now);
+        if let Some(slot) = self.slots.get_mut(key)
+            && let Some(writing) = &slot.writing
+        {
             slot.next = (*writing != status).then_some(status);
             return Submit::Queued;
         }
-        let unchanged = match &slot.written {
+        let unchanged = match self.slots.get(key).and_then(|s| s.written.as_ref()) {
             // What this process wrote moments ago is what the object holds
             // for these fields, whatever the (possibly older) cache shows.
             Some((written, at)) if now.saturating_duration_since(*at) < WRITTEN_FRESH => {
@@ -96,10 +93,30 @@ impl Coalescer {
             _ => shown,
         };
         if unchanged {
+            // (No slot made for a status that needs nothing.)
             return Submit::Unchanged;
         }
-        slot.writing = Some(status);
+        self.slots.entry(key.to_string()).or_default().writing = Some(status);
         Submit::Start
+    }
+
+    /// Forgets slots with nothing on its way and nothing recent to
+    /// remember; at most once per [`WRITTEN_FRESH`] (a pass over every
+    /// Model's slot is not work for each submit).
+    fn prune(&mut self, now: Instant) {
+        if self
+            .pruned
+            .is_some_and(|at| now.saturating_duration_since(at) < WRITTEN_FRESH)
+        {
+            return;
+        }
+        self.pruned = Some(now);
+        self.slots.retain(|_, s| {
+            s.writing.is_some()
+                || s.written
+                    .as_ref()
+                    .is_some_and(|(_, at)| now.saturating_duration_since(*at) < WRITTEN_FRESH)
+        });
     }
 
     /// The write of `key` finished: the status to write next (after the
