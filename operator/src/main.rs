@@ -18,7 +18,7 @@ use strata_operator::controller::{self, Config};
 use strata_operator::fence::{Fence, FenceLayer};
 use strata_operator::leader::{Elector, LeaseConfig};
 use strata_operator::metrics::Metrics;
-use strata_operator::ratelimit::{RateLimit, RateLimitLayer};
+use strata_operator::ratelimit::{Lanes, RateLimit, RateLimitLayer};
 use strata_operator::server::{self, Health};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -219,6 +219,17 @@ async fn run(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Status writes and Events yield to the other requests while the
+    // bucket is busy (see strata_operator::ratelimit::Lanes).
+    let lanes = match Lanes::new(Some(limit.clone()))
+        .and_then(|l| l.register(&metrics.registry).map(|()| l))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let (client, lease_client) = match clients(&fence, &limit).await {
         Ok(c) => c,
         Err(e) => {
@@ -360,6 +371,7 @@ async fn run(cli: Cli) -> ExitCode {
         client.clone(),
         metrics.clone(),
         config,
+        lanes,
         identity,
         ready,
         stopped(stop_rx.clone()),

@@ -168,7 +168,7 @@ impl Metrics {
         )?;
         let events_dropped = IntCounter::new(
             "strata_events_dropped_total",
-            "Events not published because 256 were already on their way (an API server that does not answer).",
+            "Events not published because 2048 were already waiting or on their way (an API server that does not answer).",
         )?;
         let reconcile_duration = HistogramVec::new(
             HistogramOpts::new("strata_reconcile_duration_seconds", "Reconcile duration.").buckets(

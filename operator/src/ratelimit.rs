@@ -57,6 +57,13 @@ impl Bucket {
             Duration::from_secs_f64(-self.tokens / self.qps)
         }
     }
+
+    /// Whether a request made at `now` would go at once (a token is
+    /// there), without taking it.
+    pub fn free(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * self.qps).min(self.burst) >= 1.0
+    }
 }
 
 /// The layer's shared state: the bucket and its counters.
@@ -113,6 +120,140 @@ impl RateLimit {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take(now())
+    }
+
+    /// Whether a request made now would go at once. While requests queue
+    /// for the bucket it is never free: each takes the next token as soon
+    /// as the one before it has gone.
+    pub fn free(&self) -> bool {
+        self.bucket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .free(now())
+    }
+}
+
+/// Requests that can wait: a Model's status (coalesced while it waits: a
+/// status computed meanwhile replaces it) and Events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Status,
+    /// After the statuses waiting.
+    Event,
+}
+
+impl Lane {
+    fn as_str(self) -> &'static str {
+        match self {
+            Lane::Status => "status",
+            Lane::Event => "event",
+        }
+    }
+}
+
+/// How long a request of a [`Lane`] yields to the others, at most.
+pub const YIELD_AT_MOST: Duration = Duration::from_secs(30);
+/// How often the first request waiting in a lane looks at the bucket.
+const LOOK_EVERY: Duration = Duration::from_millis(50);
+/// Requests of the lanes on their way at once (in the client's queue or
+/// answered): however many waited, they join the queue a few at a time.
+pub const LANES_IN_FLIGHT: usize = 8;
+
+/// Lower-priority lanes in front of the token bucket: a status write or an
+/// Event waits while the bucket is busy (requests queue for it: pod
+/// creates, Secrets, Services of a thousand new Models), so that the
+/// writes that make replicas exist go first, for at most
+/// [`YIELD_AT_MOST`]; Events wait for the statuses too. A Model's status
+/// that waits is replaced by newer ones meanwhile, so a busy operator
+/// writes each Model's latest status once instead of every step on the
+/// way (the API server's Priority and Fairness does the same between
+/// clients; this is within one). Only the first request of each lane
+/// looks at the bucket (every [`LOOK_EVERY`]); the rest wait behind it in
+/// order.
+#[derive(Clone)]
+pub struct Lanes {
+    limit: Option<RateLimit>,
+    heads: Arc<[tokio::sync::Mutex<()>; 2]>,
+    /// Statuses waiting for their turn.
+    statuses: Arc<std::sync::atomic::AtomicUsize>,
+    slots: Arc<tokio::sync::Semaphore>,
+    /// `strata_kube_yield_seconds_total{lane}`.
+    yielded: prometheus::CounterVec,
+}
+
+/// Counts a status waiting while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Lanes {
+    /// Lanes in front of `limit` (None: no limit, nothing waits but the
+    /// [`LANES_IN_FLIGHT`] bound), and their metric, to register.
+    pub fn new(limit: Option<RateLimit>) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            limit,
+            heads: Arc::new([tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())]),
+            statuses: Arc::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(LANES_IN_FLIGHT)),
+            yielded: prometheus::CounterVec::new(
+                Opts::new(
+                    "strata_kube_yield_seconds_total",
+                    "Time status writes and Events waited for the operator's other requests to go first (the rate limiter busy), by lane.",
+                ),
+                &["lane"],
+            )?,
+        })
+    }
+
+    /// Registers the metric.
+    pub fn register(&self, registry: &prometheus::Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.yielded.clone()))
+    }
+
+    /// Waits for a request of `lane`'s turn; it goes while the returned
+    /// permit is held (keep it until the answer).
+    pub async fn turn(&self, lane: Lane) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let start = tokio::time::Instant::now();
+        let deadline = start + YIELD_AT_MOST;
+        let waiting = (lane == Lane::Status).then(|| Waiting::new(&self.statuses));
+        {
+            let head = match lane {
+                Lane::Status => &self.heads[0],
+                Lane::Event => &self.heads[1],
+            };
+            let _first = head.lock().await;
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let busy = self.limit.as_ref().is_some_and(|l| !l.free());
+                let statuses_first = lane == Lane::Event
+                    && self.statuses.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                if !busy && !statuses_first {
+                    break;
+                }
+                tokio::time::sleep(LOOK_EVERY.min(deadline - now)).await;
+            }
+        }
+        // (The semaphore is never closed.)
+        let permit = self.slots.clone().acquire_owned().await.ok();
+        drop(waiting);
+        self.yielded
+            .with_label_values(&[lane.as_str()])
+            .inc_by(start.elapsed().as_secs_f64());
+        permit
     }
 }
 
@@ -340,6 +481,71 @@ mod tests {
             "{}",
             limit.waited.get()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn statuses_wait_for_a_busy_bucket_and_events_for_the_statuses() {
+        let limit = RateLimit::new(10.0, 1).expect("limit");
+        let lanes = Lanes::new(Some(limit.clone())).expect("lanes");
+        let start = tokio::time::Instant::now();
+        // A free bucket: a status goes at once.
+        drop(lanes.turn(Lane::Status).await);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // Other requests keep the bucket busy for 1 s (one token every
+        // 0.1 s, each taken as it comes, as the client's queue does).
+        let busy = limit.clone();
+        let others = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(busy.take()).await;
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!limit.free());
+        let (l1, l2) = (lanes.clone(), lanes.clone());
+        let status = tokio::spawn(async move {
+            let _turn = l1.turn(Lane::Status).await;
+            let went = start.elapsed();
+            // Held a while: the Event waits for it too.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            went
+        });
+        tokio::task::yield_now().await;
+        let event = tokio::spawn(async move {
+            drop(l2.turn(Lane::Event).await);
+            start.elapsed()
+        });
+        let status_went = status.await.expect("status");
+        let event_went = event.await.expect("event");
+        others.await.expect("others");
+        // The status went once the others had (about 1 s), not before.
+        assert!(status_went >= Duration::from_millis(900), "{status_went:?}");
+        assert!(status_went < Duration::from_millis(1200), "{status_went:?}");
+        // The Event after the status had left its lane.
+        assert!(event_went >= status_went, "{event_went:?} {status_went:?}");
+        assert!(
+            lanes.yielded.with_label_values(&["status"]).get() >= 0.9,
+            "counted"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_waits_for_a_busy_bucket_at_most_its_bound() {
+        let limit = RateLimit::new(0.1, 1).expect("limit");
+        let lanes = Lanes::new(Some(limit.clone())).expect("lanes");
+        // One request takes the only token: the next would wait 10 s, and
+        // one that waits keeps it busy for as long as the test runs.
+        assert_eq!(limit.take(), Duration::ZERO);
+        for _ in 0..10 {
+            limit.take();
+        }
+        let start = tokio::time::Instant::now();
+        drop(lanes.turn(Lane::Status).await);
+        assert_eq!(start.elapsed(), YIELD_AT_MOST);
+        // Without a limit nothing waits.
+        let free = Lanes::new(None).expect("lanes");
+        let start = tokio::time::Instant::now();
+        drop(free.turn(Lane::Event).await);
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[test]

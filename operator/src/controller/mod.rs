@@ -104,9 +104,10 @@ pub struct Context {
     pub client: Client,
     /// Event recorders (one Event per distinct note; see [`reconcile::Recorders`]).
     pub events: reconcile::Recorders,
-    /// Events being published in the background (at most
-    /// [`reconcile::EVENTS_IN_FLIGHT`]; beyond, an Event is dropped, as
-    /// client-go's broadcaster drops when its queue is full).
+    /// Events being published in the background, waiting in their lane
+    /// or sent (at most [`reconcile::EVENTS_IN_FLIGHT`]; beyond, an Event
+    /// is dropped, as client-go's broadcaster drops when its queue is
+    /// full).
     pub event_slots: Arc<tokio::sync::Semaphore>,
     /// Metrics.
     pub metrics: Metrics,
@@ -129,6 +130,9 @@ pub struct Context {
     pub write_slots: Arc<tokio::sync::Semaphore>,
     /// Model statuses, written in the background and coalesced.
     pub model_status: Arc<status_write::Writer>,
+    /// The lanes in which status writes and Events yield to the other
+    /// requests (see [`crate::ratelimit::Lanes`]).
+    pub lanes: crate::ratelimit::Lanes,
     /// What the Model controller did to each Model's children (see
     /// [`model::Memo`]), by `namespace/name#uid`.
     pub memos: std::sync::Mutex<HashMap<String, model::Memo>>,
@@ -566,6 +570,7 @@ pub async fn run(
     client: Client,
     metrics: Metrics,
     config: Config,
+    lanes: crate::ratelimit::Lanes,
     identity: String,
     ready: Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
@@ -613,7 +618,12 @@ pub async fn run(
         service_creates: Arc::new(service_create::Background::new(wake_models.clone())),
         wake_models,
         write_slots: Arc::new(tokio::sync::Semaphore::new(model_writes::IN_FLIGHT)),
-        model_status: status_write::Writer::new(client.clone(), metrics.status_writes.clone()),
+        model_status: status_write::Writer::new(
+            client.clone(),
+            lanes.clone(),
+            metrics.status_writes.clone(),
+        ),
+        lanes,
         event_slots: Arc::new(tokio::sync::Semaphore::new(reconcile::EVENTS_IN_FLIGHT)),
         client: client.clone(),
         events,

@@ -310,15 +310,17 @@ impl Recorders {
     }
 }
 
-/// Events that may be in flight at once.
-pub const EVENTS_IN_FLIGHT: usize = 256;
+/// Events that may be in flight at once (waiting in their lane or sent).
+pub const EVENTS_IN_FLIGHT: usize = 2048;
 
 /// Publishes an Event on `obj` in the background: a reconcile never waits
 /// for an Event (as client-go's recorder, which queues them for a
-/// broadcaster). A failure to publish is logged, never fatal; with
-/// [`EVENTS_IN_FLIGHT`] already on their way (an API server that does not
-/// answer), the Event is dropped and counted
-/// (`strata_events_dropped_total`).
+/// broadcaster). The Event waits in its lane while the client's rate
+/// limiter is busy with other writes and statuses (at most
+/// [`crate::ratelimit::YIELD_AT_MOST`]; its time is when it is sent). A
+/// failure to publish is logged, never fatal; with [`EVENTS_IN_FLIGHT`]
+/// already waiting or on their way (an API server that does not answer),
+/// the Event is dropped and counted (`strata_events_dropped_total`).
 pub async fn publish<K: Reconciled>(
     ctx: &Context,
     obj: &K,
@@ -344,11 +346,13 @@ pub async fn publish<K: Reconciled>(
     let reference = obj.object_ref(&());
     let name = obj.name_any();
     let reason = reason.to_string();
+    let lanes = ctx.lanes.clone();
     tokio::spawn(async move {
+        let turn = lanes.turn(crate::ratelimit::Lane::Event).await;
         if let Err(e) = recorder.publish(&ev, &reference).await {
             tracing::debug!(%name, "publishing event {reason}: {e}");
         }
-        drop(slot);
+        drop((turn, slot));
     });
 }
 

@@ -11,6 +11,13 @@
 //! sent. A failed write is retried with backoff (1 s doubling to 1 minute)
 //! unless a newer status supersedes it; a Model that is gone drops it.
 //!
+//! A write waits for its turn in the status lane ([`Lanes`]): while the
+//! client's rate limiter is busy with the operator's other writes (the
+//! pods, Secrets and Services of a thousand new Models), statuses wait, up
+//! to [`crate::ratelimit::YIELD_AT_MOST`], and the one sent at the turn is
+//! the newest: a Model created in a busy minute gets one status write
+//! (its replicas Ready), not one per step on the way.
+//!
 //! [`Coalescer`] is the bookkeeping (pure: time is passed in); [`Writer`]
 //! runs the writes.
 
@@ -24,6 +31,7 @@ use serde_json::Value;
 use strata_crds::Model;
 
 use super::reconcile::{Reconciled, apply_status};
+use crate::ratelimit::{Lane, Lanes};
 
 /// How long a status this process wrote is taken as the truth about its
 /// own fields, while the cache catches up.
@@ -34,9 +42,12 @@ const MAX_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct Slot {
-    /// The status being written now.
+    /// A task writes this key's statuses (waiting for its turn, sending,
+    /// or backing off).
+    task: bool,
+    /// The status being sent now.
     writing: Option<Value>,
-    /// The newest status submitted while it was, to write next.
+    /// The newest status submitted, to send at the task's next turn.
     next: Option<Value>,
     /// The last status written, and when.
     written: Option<(Value, Instant)>,
@@ -44,15 +55,31 @@ struct Slot {
     failures: u32,
 }
 
+impl Slot {
+    /// Whether `status` is what the object holds: what this process wrote
+    /// moments ago, or else what the cache shows (`shown`).
+    fn holds(&self, status: &Value, shown: bool, now: Instant) -> bool {
+        match &self.written {
+            // What this process wrote moments ago is what the object holds
+            // for these fields, whatever the (possibly older) cache shows.
+            Some((written, at)) if now.saturating_duration_since(*at) < WRITTEN_FRESH => {
+                written == status
+            }
+            _ => shown,
+        }
+    }
+}
+
 /// What [`Coalescer::submit`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Submit {
     /// Already shown or written: nothing to send.
     Unchanged,
-    /// Start writing it (the caller starts the task).
+    /// Start a task for the key (it sends the newest status at its turn).
     Start,
-    /// A write is on its way: this status is written after it (replacing
-    /// any other waiting), or not at all if it is the one being written.
+    /// The key's task sends this status at its next turn (replacing any
+    /// other waiting), or not at all if it is what the object holds or
+    /// the one being sent.
     Queued,
 }
 
@@ -79,30 +106,34 @@ impl Coalescer {
     pub fn submit(&mut self, key: &str, status: Value, shown: bool, now: Instant) -> Submit {
         self.prune(now);
         if let Some(slot) = self.slots.get_mut(key)
-            && let Some(writing) = &slot.writing
+            && slot.task
         {
-            slot.next = (*writing != status).then_some(status);
+            slot.next = match &slot.writing {
+                // Being sent: this one after it, unless it is the same.
+                Some(writing) => (*writing != status).then_some(status),
+                // Still waiting for its turn (or backing off): this one
+                // instead, unless the object holds it already.
+                None => (!slot.holds(&status, shown, now)).then_some(status),
+            };
             return Submit::Queued;
         }
-        let unchanged = match self.slots.get(key).and_then(|s| s.written.as_ref()) {
-            // What this process wrote moments ago is what the object holds
-            // for these fields, whatever the (possibly older) cache shows.
-            Some((written, at)) if now.saturating_duration_since(*at) < WRITTEN_FRESH => {
-                *written == status
-            }
-            _ => shown,
-        };
-        if unchanged {
+        if self
+            .slots
+            .get(key)
+            .map_or(shown, |slot| slot.holds(&status, shown, now))
+        {
             // (No slot made for a status that needs nothing.)
             return Submit::Unchanged;
         }
-        self.slots.entry(key.to_string()).or_default().writing = Some(status);
+        let slot = self.slots.entry(key.to_string()).or_default();
+        slot.task = true;
+        slot.next = Some(status);
         Submit::Start
     }
 
-    /// Forgets slots with nothing on its way and nothing recent to
-    /// remember; at most once per [`WRITTEN_FRESH`] (a pass over every
-    /// Model's slot is not work for each submit).
+    /// Forgets slots with no task and nothing recent to remember; at most
+    /// once per [`WRITTEN_FRESH`] (a pass over every Model's slot is not
+    /// work for each submit).
     fn prune(&mut self, now: Instant) {
         if self
             .pruned
@@ -112,16 +143,32 @@ impl Coalescer {
         }
         self.pruned = Some(now);
         self.slots.retain(|_, s| {
-            s.writing.is_some()
+            s.task
                 || s.written
                     .as_ref()
                     .is_some_and(|(_, at)| now.saturating_duration_since(*at) < WRITTEN_FRESH)
         });
     }
 
-    /// The write of `key` finished: the status to write next (after the
-    /// returned delay), or None when the task is done.
-    pub fn done(&mut self, key: &str, how: Done, now: Instant) -> Option<(Value, Duration)> {
+    /// The key's task has its turn: the status to send now (the newest
+    /// submitted), or None when there is none left (the task ends).
+    pub fn sending(&mut self, key: &str) -> Option<Value> {
+        let slot = self.slots.get_mut(key)?;
+        match slot.next.take() {
+            Some(next) => {
+                slot.writing = Some(next.clone());
+                Some(next)
+            }
+            None => {
+                slot.task = false;
+                None
+            }
+        }
+    }
+
+    /// The write of `key` finished: how long the task waits before its
+    /// next turn, or None when it is done.
+    pub fn done(&mut self, key: &str, how: Done, now: Instant) -> Option<Duration> {
         let slot = self.slots.get_mut(key)?;
         let writing = slot.writing.take()?;
         match how {
@@ -132,17 +179,18 @@ impl Coalescer {
             Done::Written => {
                 slot.failures = 0;
                 slot.written = Some((writing, now));
-                let next = slot.next.take()?;
-                slot.writing = Some(next.clone());
-                Some((next, Duration::ZERO))
+                if slot.next.is_none() {
+                    slot.task = false;
+                    return None;
+                }
+                Some(Duration::ZERO)
             }
             Done::Failed => {
                 slot.failures = slot.failures.saturating_add(1);
                 slot.written = None;
-                let next = slot.next.take().unwrap_or(writing);
-                slot.writing = Some(next.clone());
+                slot.next.get_or_insert(writing);
                 let exp = slot.failures.saturating_sub(1).min(6);
-                Some((next, (Duration::from_secs(1) * (1 << exp)).min(MAX_RETRY)))
+                Some((Duration::from_secs(1) * (1 << exp)).min(MAX_RETRY))
             }
         }
     }
@@ -158,9 +206,9 @@ impl Coalescer {
             .map(|(v, _)| v))
     }
 
-    /// Keys with a write on its way.
+    /// Keys with a task (a write waiting, on its way or backing off).
     pub fn in_flight(&self) -> usize {
-        self.slots.values().filter(|s| s.writing.is_some()).count()
+        self.slots.values().filter(|s| s.task).count()
     }
 }
 
@@ -168,16 +216,19 @@ impl Coalescer {
 pub struct Writer {
     coalescer: Mutex<Coalescer>,
     client: Client,
+    /// Statuses wait for the operator's other writes (see [`Lanes`]).
+    lanes: Lanes,
     /// `strata_status_writes_total`.
     writes: IntCounterVec,
 }
 
 impl Writer {
     /// Writes with `client`, counting in `writes`.
-    pub fn new(client: Client, writes: IntCounterVec) -> Arc<Self> {
+    pub fn new(client: Client, lanes: Lanes, writes: IntCounterVec) -> Arc<Self> {
         Arc::new(Self {
             coalescer: Mutex::new(Coalescer::default()),
             client,
+            lanes,
             writes,
         })
     }
@@ -204,20 +255,25 @@ impl Writer {
         );
         match self
             .coalescer()
-            .submit(key, status.clone(), shown, Instant::now())
+            .submit(key, status, shown, Instant::now())
         {
             Submit::Unchanged => self.count("unchanged"),
             Submit::Queued => self.count("coalesced"),
             Submit::Start => {
                 let this = self.clone();
                 let (key, target) = (key.to_string(), model.clone());
-                tokio::spawn(async move { this.write(&key, &target, status).await });
+                tokio::spawn(async move { this.write(&key, &target).await });
             }
         }
     }
 
-    async fn write(&self, key: &str, model: &Model, mut status: Value) {
+    /// The key's task: at each turn, the newest status submitted.
+    async fn write(&self, key: &str, model: &Model) {
         loop {
+            let turn = self.lanes.turn(Lane::Status).await;
+            let Some(status) = self.coalescer().sending(key) else {
+                return;
+            };
             let how = match apply_status(
                 &self.client,
                 model,
@@ -237,14 +293,13 @@ impl Writer {
                     Done::Failed
                 }
             };
-            let next = self.coalescer().done(key, how, Instant::now());
-            let Some((next, delay)) = next else {
+            drop(turn);
+            let Some(delay) = self.coalescer().done(key, how, Instant::now()) else {
                 return;
             };
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            status = next;
         }
     }
 
@@ -270,18 +325,20 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Coalescer::default();
         assert_eq!(c.submit("a", json!(1), false, t0), Submit::Start);
-        // While 1 is written, 2 then 3 arrive: only 3 is written next.
+        // Before its turn, 2 replaces 1: only 2 is sent.
         assert_eq!(c.submit("a", json!(2), false, t0), Submit::Queued);
+        assert_eq!(c.latest("a", t0), Some(&json!(2)));
+        assert_eq!(c.sending("a"), Some(json!(2)));
+        // While 2 is sent, 3 then 4 arrive: only 4 is sent next.
         assert_eq!(c.submit("a", json!(3), false, t0), Submit::Queued);
+        assert_eq!(c.submit("a", json!(4), false, t0), Submit::Queued);
         assert_eq!(c.in_flight(), 1);
-        assert_eq!(
-            c.done("a", Done::Written, t0),
-            Some((json!(3), Duration::ZERO))
-        );
-        assert_eq!(c.latest("a", t0), Some(&json!(3)));
+        assert_eq!(c.done("a", Done::Written, t0), Some(Duration::ZERO));
+        assert_eq!(c.latest("a", t0), Some(&json!(4)));
+        assert_eq!(c.sending("a"), Some(json!(4)));
         assert_eq!(c.done("a", Done::Written, t0), None);
         assert_eq!(c.in_flight(), 0);
-        assert_eq!(c.latest("a", t0), Some(&json!(3)), "written moments ago");
+        assert_eq!(c.latest("a", t0), Some(&json!(4)), "written moments ago");
         assert_eq!(c.latest("a", t0 + WRITTEN_FRESH), None);
         // Another key is independent.
         assert_eq!(c.submit("b", json!(1), false, t0), Submit::Start);
@@ -292,10 +349,26 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Coalescer::default();
         c.submit("a", json!(1), false, t0);
+        assert_eq!(c.sending("a"), Some(json!(1)));
         c.submit("a", json!(2), false, t0);
         // Back to 1 (the one on its way): nothing more to write.
         assert_eq!(c.submit("a", json!(1), false, t0), Submit::Queued);
         assert_eq!(c.done("a", Done::Written, t0), None);
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_waiting_status_back_to_what_the_object_holds_is_not_sent() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::default();
+        // The cache shows 1; 2 waits for its turn, then 1 again.
+        assert_eq!(c.submit("a", json!(2), false, t0), Submit::Start);
+        assert_eq!(c.submit("a", json!(1), true, t0), Submit::Queued);
+        assert_eq!(c.latest("a", t0), None);
+        // At its turn there is nothing to send, and the task ends.
+        assert_eq!(c.sending("a"), None);
+        assert_eq!(c.in_flight(), 0);
+        assert_eq!(c.submit("a", json!(3), false, t0), Submit::Start);
     }
 
     #[test]
@@ -304,11 +377,13 @@ mod tests {
         let mut c = Coalescer::default();
         assert_eq!(c.submit("a", json!(1), true, t0), Submit::Unchanged);
         c.submit("a", json!(2), false, t0);
+        c.sending("a");
         c.done("a", Done::Written, t0);
         // The cache still shows 1 (so 2 is "not shown"): 2 is not sent again.
         assert_eq!(c.submit("a", json!(2), false, t0), Submit::Unchanged);
         // And 1, which the cache shows, is written back: the object holds 2.
         assert_eq!(c.submit("a", json!(1), true, t0), Submit::Start);
+        c.sending("a");
         c.done("a", Done::Written, t0);
         // Once the memory is stale the cache rules again.
         let later = t0 + WRITTEN_FRESH;
@@ -321,29 +396,36 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Coalescer::default();
         c.submit("a", json!(1), false, t0);
+        c.sending("a");
         assert_eq!(
             c.done("a", Done::Failed, t0),
-            Some((json!(1), Duration::from_secs(1)))
+            Some(Duration::from_secs(1))
         );
+        // During the backoff a newer status replaces the failed one.
         c.submit("a", json!(2), false, t0);
+        assert_eq!(c.sending("a"), Some(json!(2)));
         assert_eq!(
             c.done("a", Done::Failed, t0),
-            Some((json!(2), Duration::from_secs(2)))
+            Some(Duration::from_secs(2))
         );
         let mut delays = Vec::new();
         for _ in 0..8 {
-            delays.push(c.done("a", Done::Failed, t0).map(|(_, d)| d.as_secs()));
+            assert_eq!(c.sending("a"), Some(json!(2)), "the failed one again");
+            delays.push(c.done("a", Done::Failed, t0).map(|d| d.as_secs()));
         }
         assert_eq!(delays.last(), Some(&Some(60)), "{delays:?}");
         // A success resets the backoff; a failure after it forgets what
         // was written (the object may hold anything).
+        c.sending("a");
         assert!(c.done("a", Done::Written, t0).is_none());
         assert_eq!(c.submit("a", json!(2), false, t0), Submit::Unchanged);
         assert_eq!(c.submit("a", json!(3), false, t0), Submit::Start);
+        c.sending("a");
         assert_eq!(
             c.done("a", Done::Failed, t0),
-            Some((json!(3), Duration::from_secs(1)))
+            Some(Duration::from_secs(1))
         );
+        c.sending("a");
         assert_eq!(c.done("a", Done::Gone, t0), None);
         assert_eq!(c.in_flight(), 0);
         assert_eq!(c.submit("a", json!(3), true, t0), Submit::Unchanged);
