@@ -7,6 +7,7 @@
 //! (kube-controller-manager's ReplicaSet controller keeps the same).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -27,7 +28,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
     /// Each with when the API server confirmed it (None: on its way).
-    created: Vec<(Pod, Option<Instant>)>,
+    created: Vec<(Arc<Pod>, Option<Instant>)>,
     deleted: HashMap<String, Instant>,
 }
 
@@ -39,7 +40,7 @@ impl Expectations {
     /// Records pods whose creation is decided and on its way (named here):
     /// expected until [`Expectations::created`] or
     /// [`Expectations::not_created`] says how it went.
-    pub fn creating(&mut self, pods: impl IntoIterator<Item = Pod>) {
+    pub fn creating(&mut self, pods: impl IntoIterator<Item = Arc<Pod>>) {
         for p in pods {
             self.created.retain(|(c, _)| name(c) != name(&p));
             self.created.push((p, None));
@@ -99,7 +100,7 @@ impl Expectations {
     /// those deleted here marked terminating until the cache shows it, and
     /// those created here added until the cache has them. Expectations the
     /// cache has met, or older than [`MAX_WAIT`], are dropped.
-    pub fn apply(&mut self, cached: Vec<Pod>, now: Instant, now_time: &Time) -> Vec<Pod> {
+    pub fn apply(&mut self, cached: Vec<Arc<Pod>>, now: Instant, now_time: &Time) -> Vec<Arc<Pod>> {
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < MAX_WAIT;
         self.created.retain(|(p, at)| {
             at.as_ref().is_none_or(fresh) && !cached.iter().any(|c| name(c) == name(p))
@@ -110,11 +111,11 @@ impl Expectations {
                     .iter()
                     .any(|c| name(c) == n && c.metadata.deletion_timestamp.is_none())
         });
-        let mut out: Vec<Pod> = cached
+        let mut out: Vec<Arc<Pod>> = cached
             .into_iter()
             .map(|mut p| {
                 if self.deleted.contains_key(name(&p)) {
-                    p.metadata.deletion_timestamp = Some(now_time.clone());
+                    Arc::make_mut(&mut p).metadata.deletion_timestamp = Some(now_time.clone());
                 }
                 p
             })
@@ -128,13 +129,13 @@ impl Expectations {
 mod tests {
     use super::*;
 
-    fn pod(n: &str) -> Pod {
+    fn pod(n: &str) -> Arc<Pod> {
         let mut p = Pod::default();
         p.metadata.name = Some(n.into());
-        p
+        Arc::new(p)
     }
 
-    fn names(pods: &[Pod]) -> Vec<(String, bool)> {
+    fn names(pods: &[Arc<Pod>]) -> Vec<(String, bool)> {
         let mut v: Vec<(String, bool)> = pods
             .iter()
             .map(|p| (name(p).to_owned(), p.metadata.deletion_timestamp.is_some()))
@@ -164,7 +165,7 @@ mod tests {
         assert!(!e.is_empty());
         // The cache catches up: a terminating, c present; nothing expected.
         let mut a = pod("m-a");
-        a.metadata.deletion_timestamp = Some(ts.clone());
+        Arc::make_mut(&mut a).metadata.deletion_timestamp = Some(ts.clone());
         let seen = e.apply(vec![a, pod("m-b"), pod("m-c")], t0, &ts);
         assert_eq!(seen.len(), 3);
         assert!(e.is_empty());

@@ -70,6 +70,8 @@ impl Bucket {
 #[derive(Debug, Clone)]
 pub struct RateLimit {
     bucket: Arc<Mutex<Bucket>>,
+    /// Requests sent and not yet answered (their response headers).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     requests: IntCounterVec,
     waited: Counter,
     duration: HistogramVec,
@@ -83,6 +85,7 @@ impl RateLimit {
     pub fn new(qps: f64, burst: u32) -> Result<Self, prometheus::Error> {
         Ok(Self {
             bucket: Arc::new(Mutex::new(Bucket::new(qps, burst, now()))),
+            in_flight: Arc::default(),
             requests: IntCounterVec::new(
                 Opts::new(
                     "strata_kube_requests_total",
@@ -122,14 +125,19 @@ impl RateLimit {
             .take(now())
     }
 
-    /// Whether a request made now would go at once. While requests queue
-    /// for the bucket it is never free: each takes the next token as soon
-    /// as the one before it has gone.
-    pub fn free(&self) -> bool {
-        self.bucket
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .free(now())
+    /// Whether the client is busy: a request made now would wait for the
+    /// bucket (while requests queue for it, it is never free: each takes
+    /// the next token as soon as the one before it has gone), or more than
+    /// [`BUSY_IN_FLIGHT`] requests wait for the API server's answer (it is
+    /// slow to answer: at 1,000 new Models on a small control plane, pod
+    /// creates took it 1-2 s each while the bucket had tokens to spare).
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > BUSY_IN_FLIGHT
+            || !self
+                .bucket
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .free(now())
     }
 }
 
@@ -149,21 +157,28 @@ impl Lane {
             Lane::Event => "event",
         }
     }
+
+    /// How long a request of the lane yields to the others, at most.
+    pub fn at_most(self) -> Duration {
+        match self {
+            Lane::Status => Duration::from_secs(60),
+            Lane::Event => Duration::from_secs(120),
+        }
+    }
 }
 
-/// How long a request of a [`Lane`] yields to the others, at most.
-pub const YIELD_AT_MOST: Duration = Duration::from_secs(30);
 /// How often the first request waiting in a lane looks at the bucket.
 const LOOK_EVERY: Duration = Duration::from_millis(50);
 /// Requests of the lanes on their way at once (in the client's queue or
 /// answered): however many waited, they join the queue a few at a time.
 pub const LANES_IN_FLIGHT: usize = 8;
 
-/// Lower-priority lanes in front of the token bucket: a status write or an
-/// Event waits while the bucket is busy (requests queue for it: pod
-/// creates, Secrets, Services of a thousand new Models), so that the
-/// writes that make replicas exist go first, for at most
-/// [`YIELD_AT_MOST`]; Events wait for the statuses too. A Model's status
+/// Lower-priority lanes in front of the client: a status write or an
+/// Event waits while the client is busy ([`RateLimit::busy`]: requests
+/// queue for the bucket or wait long for the API server: the pod creates,
+/// Secrets and Services of a thousand new Models), so that the writes that
+/// make replicas exist go first, for at most [`Lane::at_most`] (a minute
+/// for a status, two for an Event); Events wait for the statuses too. A Model's status
 /// that waits is replaced by newer ones meanwhile, so a busy operator
 /// writes each Model's latest status once instead of every step on the
 /// way (the API server's Priority and Fairness does the same between
@@ -225,7 +240,7 @@ impl Lanes {
     /// permit is held (keep it until the answer).
     pub async fn turn(&self, lane: Lane) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let start = tokio::time::Instant::now();
-        let deadline = start + YIELD_AT_MOST;
+        let deadline = start + lane.at_most();
         let waiting = (lane == Lane::Status).then(|| Waiting::new(&self.statuses));
         {
             let head = match lane {
@@ -238,7 +253,7 @@ impl Lanes {
                 if now >= deadline {
                     break;
                 }
-                let busy = self.limit.as_ref().is_some_and(|l| !l.free());
+                let busy = self.limit.as_ref().is_some_and(RateLimit::busy);
                 let statuses_first = lane == Lane::Event
                     && self.statuses.load(std::sync::atomic::Ordering::Relaxed) > 0;
                 if !busy && !statuses_first {
@@ -260,6 +275,26 @@ impl Lanes {
 /// Now, on tokio's clock (which a test may pause and advance).
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// Requests waiting for the API server's answer beyond which the client
+/// counts as busy (see [`RateLimit::busy`]).
+pub const BUSY_IN_FLIGHT: usize = 2 * LANES_IN_FLIGHT;
+
+/// Counts a request in flight while it lives.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The tower layer of the rate-limited client.
@@ -339,10 +374,12 @@ where
         let labels = [req.method().as_str(), &resource_of(req.uri().path())];
         self.limit.requests.with_label_values(&labels).inc();
         let timer = self.limit.duration.with_label_values(&labels).start_timer();
+        let in_flight = InFlight::new(&self.limit.in_flight);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let answer = fut.await.map_err(Into::into);
             timer.observe_duration();
+            drop(in_flight);
             answer
         })
     }
@@ -500,7 +537,7 @@ mod tests {
             }
         });
         tokio::task::yield_now().await;
-        assert!(!limit.free());
+        assert!(limit.busy());
         let (l1, l2) = (lanes.clone(), lanes.clone());
         let status = tokio::spawn(async move {
             let _turn = l1.turn(Lane::Status).await;
@@ -540,7 +577,7 @@ mod tests {
         }
         let start = tokio::time::Instant::now();
         drop(lanes.turn(Lane::Status).await);
-        assert_eq!(start.elapsed(), YIELD_AT_MOST);
+        assert_eq!(start.elapsed(), Lane::Status.at_most());
         // Without a limit nothing waits.
         let free = Lanes::new(None).expect("lanes");
         let start = tokio::time::Instant::now();

@@ -245,7 +245,7 @@ struct Seen {
     now: Timestamp,
     /// The Model's pods (the cache, with this process's own creations and
     /// deletions that it does not show yet).
-    own: Vec<Pod>,
+    own: Vec<Arc<Pod>>,
     nodes: Vec<Arc<Node>>,
     node_names: HashSet<String>,
     /// Nodes not Ready, with for how many seconds.
@@ -268,16 +268,15 @@ async fn dereference(ctx: &Context, model: &Model, writes: &mut Writes) -> Resul
     let uid = model.uid().ok_or(Error::MissingKey("uid"))?;
     let memo = memo_key(&format!("{ns}/{name}"), &uid);
     writes.secret = ensure_secret(ctx, model, &ns, &uid, &memo).await?;
-    let cached: Vec<Pod> = ctx
+    let cached: Vec<Arc<Pod>> = ctx
         .pods
         .state()
-        .iter()
+        .into_iter()
         .filter(|p| {
             p.namespace().as_deref() == Some(ns.as_str())
                 && p.labels().get(labels::MODEL) == Some(&name)
                 && p.owner_references().iter().any(|o| o.uid == uid)
         })
-        .map(|p| p.as_ref().clone())
         .collect();
     let now = Timestamp::now();
     let own = with_memo(ctx, &memo, |m| {
@@ -382,6 +381,7 @@ async fn desire(ctx: &Context, model: &Model, seen: &Seen) -> Desire {
 fn ready_pods(seen: &Seen) -> Vec<&Pod> {
     seen.own
         .iter()
+        .map(AsRef::as_ref)
         .filter(|p| view::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
         .collect()
 }
@@ -719,7 +719,7 @@ fn deletion_note(pod: &str, reason: DeleteReason, desired: i32) -> (EventType, S
 /// What phase 4b created.
 #[derive(Default)]
 struct Created {
-    pods: Vec<Pod>,
+    pods: Vec<Arc<Pod>>,
     /// Why some replicas could not be placed.
     unplaced: Option<String>,
 }
@@ -880,7 +880,10 @@ async fn decide_and_reserve(
                     sending: true,
                 },
             );
-            model_writes::Create { pod, assignment: a }
+            model_writes::Create {
+                pod: Arc::new(pod),
+                assignment: a,
+            }
         })
         .collect();
     Ok((outcome, creates))
@@ -1214,6 +1217,7 @@ fn status(
             p.metadata.deletion_timestamp.is_none() && !deleted.pods.contains(&p.name_any())
         })
         .chain(created.pods.iter())
+        .map(AsRef::as_ref)
         .collect();
     let hashes = plan.hashes();
     let placement = status::placement(current.iter().copied());
@@ -1284,7 +1288,7 @@ fn status(
         // other.
         energy: None,
         cost: None,
-        adapters: status::adapters(seen.own.iter()),
+        adapters: status::adapters(seen.own.iter().map(AsRef::as_ref)),
         placement,
     };
     (status, pace)

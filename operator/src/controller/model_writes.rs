@@ -48,7 +48,8 @@ pub struct Delete {
 
 /// A new replica: its pod (named) and where placement put it.
 pub struct Create {
-    pub pod: Pod,
+    /// (Shared with the Model's expectations while it is on its way.)
+    pub pod: Arc<Pod>,
     pub assignment: Assignment,
 }
 
@@ -176,7 +177,7 @@ async fn create_pods(
     let results = futures::future::join_all(
         creates
             .iter()
-            .map(|c| async { api.create(&PostParams::default(), &c.pod).await }),
+            .map(|c| async { api.create(&PostParams::default(), c.pod.as_ref()).await }),
     )
     .await;
     let now = Instant::now();

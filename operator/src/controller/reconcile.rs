@@ -317,7 +317,7 @@ pub const EVENTS_IN_FLIGHT: usize = 2048;
 /// for an Event (as client-go's recorder, which queues them for a
 /// broadcaster). The Event waits in its lane while the client's rate
 /// limiter is busy with other writes and statuses (at most
-/// [`crate::ratelimit::YIELD_AT_MOST`]; its time is when it is sent). A
+/// two minutes; its time is when it is sent). A
 /// failure to publish is logged, never fatal; with [`EVENTS_IN_FLIGHT`]
 /// already waiting or on their way (an API server that does not answer),
 /// the Event is dropped and counted (`strata_events_dropped_total`).

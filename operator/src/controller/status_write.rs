@@ -14,7 +14,7 @@
 //! A write waits for its turn in the status lane ([`Lanes`]): while the
 //! client's rate limiter is busy with the operator's other writes (the
 //! pods, Secrets and Services of a thousand new Models), statuses wait, up
-//! to [`crate::ratelimit::YIELD_AT_MOST`], and the one sent at the turn is
+//! to a minute, and the one sent at the turn is
 //! the newest: a Model created in a busy minute gets one status write
 //! (its replicas Ready), not one per step on the way.
 //!
@@ -253,10 +253,7 @@ impl Writer {
             model.status_json().as_ref(),
             Model::FOREIGN_STATUS_FIELDS,
         );
-        match self
-            .coalescer()
-            .submit(key, status, shown, Instant::now())
-        {
+        match self.coalescer().submit(key, status, shown, Instant::now()) {
             Submit::Unchanged => self.count("unchanged"),
             Submit::Queued => self.count("coalesced"),
             Submit::Start => {
@@ -397,17 +394,11 @@ mod tests {
         let mut c = Coalescer::default();
         c.submit("a", json!(1), false, t0);
         c.sending("a");
-        assert_eq!(
-            c.done("a", Done::Failed, t0),
-            Some(Duration::from_secs(1))
-        );
+        assert_eq!(c.done("a", Done::Failed, t0), Some(Duration::from_secs(1)));
         // During the backoff a newer status replaces the failed one.
         c.submit("a", json!(2), false, t0);
         assert_eq!(c.sending("a"), Some(json!(2)));
-        assert_eq!(
-            c.done("a", Done::Failed, t0),
-            Some(Duration::from_secs(2))
-        );
+        assert_eq!(c.done("a", Done::Failed, t0), Some(Duration::from_secs(2)));
         let mut delays = Vec::new();
         for _ in 0..8 {
             assert_eq!(c.sending("a"), Some(json!(2)), "the failed one again");
@@ -421,10 +412,7 @@ mod tests {
         assert_eq!(c.submit("a", json!(2), false, t0), Submit::Unchanged);
         assert_eq!(c.submit("a", json!(3), false, t0), Submit::Start);
         c.sending("a");
-        assert_eq!(
-            c.done("a", Done::Failed, t0),
-            Some(Duration::from_secs(1))
-        );
+        assert_eq!(c.done("a", Done::Failed, t0), Some(Duration::from_secs(1)));
         c.sending("a");
         assert_eq!(c.done("a", Done::Gone, t0), None);
         assert_eq!(c.in_flight(), 0);
