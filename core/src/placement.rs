@@ -5,6 +5,7 @@
 //! how many replicas are missing, and returns a node per replica or the
 //! reason none fits. No Kubernetes client here; the controller feeds it.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -107,11 +108,12 @@ pub enum Policy {
 
 /// A node as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeView {
+pub struct NodeView<'a> {
     /// Name.
     pub name: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
+    /// Labels (borrowed from the node object when there is one: a view of
+    /// 200 nodes is built for every placement).
+    pub labels: Cow<'a, BTreeMap<String, String>>,
     /// Taints.
     pub taints: Vec<Taint>,
     /// Allocatable GPUs by resource name.
@@ -124,7 +126,7 @@ pub struct NodeView {
     pub unschedulable: bool,
 }
 
-impl NodeView {
+impl NodeView<'_> {
     /// Free GPUs of `resource`.
     pub fn free(&self, resource: &str) -> i64 {
         self.allocatable.get(resource).copied().unwrap_or(0)
@@ -264,7 +266,7 @@ fn node_unfit(
     None
 }
 
-fn describe(pool: &PoolView, nodes: &[&NodeView], gpus: i64, avoid: &[String]) -> String {
+fn describe(pool: &PoolView, nodes: &[&NodeView<'_>], gpus: i64, avoid: &[String]) -> String {
     if nodes.is_empty() {
         return "no node matches its nodeSelector".to_string();
     }
@@ -297,8 +299,8 @@ fn describe(pool: &PoolView, nodes: &[&NodeView], gpus: i64, avoid: &[String]) -
 
 /// Places `request.replicas` replicas. `nodes` must already count every
 /// bound or planned pod in `used`.
-pub fn place(nodes: &[NodeView], pools: &[PoolView], request: &Request) -> Outcome {
-    let mut nodes: Vec<NodeView> = nodes.to_vec();
+pub fn place(nodes: &[NodeView<'_>], pools: &[PoolView], request: &Request) -> Outcome {
+    let mut nodes: Vec<NodeView<'_>> = nodes.to_vec();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     let mut per_node = request.existing_per_node.clone();
     let mut outcome = Outcome::default();
@@ -353,7 +355,7 @@ pub fn place(nodes: &[NodeView], pools: &[PoolView], request: &Request) -> Outco
                     if pref.max_replicas.is_some_and(|max| count >= max) {
                         format!("holds its maximum of {} replica(s) for this Model", count)
                     } else {
-                        let matching: Vec<&NodeView> = nodes
+                        let matching: Vec<&NodeView<'_>> = nodes
                             .iter()
                             .filter(|n| pool.selector.matches(&n.labels))
                             .collect();
@@ -376,10 +378,13 @@ mod tests {
 
     const GPU: &str = "nvidia.com/gpu";
 
-    fn node(name: &str, product: &str, gpus: i64, used: i64) -> NodeView {
+    fn node(name: &str, product: &str, gpus: i64, used: i64) -> NodeView<'static> {
         NodeView {
             name: name.into(),
-            labels: BTreeMap::from([("nvidia.com/gpu.product".to_string(), product.to_string())]),
+            labels: Cow::Owned(BTreeMap::from([(
+                "nvidia.com/gpu.product".to_string(),
+                product.to_string(),
+            )])),
             taints: vec![Taint {
                 key: GPU.into(),
                 value: Some("present".into()),
@@ -439,7 +444,7 @@ mod tests {
     fn table() {
         struct Case {
             name: &'static str,
-            nodes: Vec<NodeView>,
+            nodes: Vec<NodeView<'static>>,
             pools: Vec<PoolView>,
             request: Request,
             expect_nodes: Vec<&'static str>,
@@ -710,7 +715,7 @@ mod more_tests {
     fn bin_pack_from_two_empty_nodes_uses_one() {
         let n = |name: &str| NodeView {
             name: name.into(),
-            labels: BTreeMap::from([("p".to_string(), "h".to_string())]),
+            labels: Cow::Owned(BTreeMap::from([("p".to_string(), "h".to_string())])),
             taints: vec![],
             allocatable: BTreeMap::from([("nvidia.com/gpu".to_string(), 8)]),
             used: BTreeMap::new(),

@@ -1,7 +1,7 @@
 //! From Kubernetes objects to the plain views placement and rollout work on.
 //! Pure functions over already-fetched objects.
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -120,7 +120,7 @@ pub fn pod_holds_resources(pod: &Pod) -> bool {
 /// (`sign` -1), as [`node_views`] counts the claims it is given: a view
 /// made from some claims and corrected this way equals one made from the
 /// corrected claims. Pure.
-pub fn count_claim(views: &mut [NodeView], claim: &GpuClaim, sign: i64) {
+pub fn count_claim(views: &mut [NodeView<'_>], claim: &GpuClaim, sign: i64) {
     if !claim.holds {
         return;
     }
@@ -145,7 +145,7 @@ pub fn count_claim(views: &mut [NodeView], claim: &GpuClaim, sign: i64) {
 pub fn node_views<'a, C: Borrow<GpuClaim>>(
     nodes: impl IntoIterator<Item = &'a Node>,
     claims: impl IntoIterator<Item = C>,
-) -> Vec<NodeView> {
+) -> Vec<NodeView<'a>> {
     let mut used: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for claim in claims {
         let claim = claim.borrow();
@@ -178,7 +178,11 @@ pub fn node_views<'a, C: Borrow<GpuClaim>>(
             Some(NodeView {
                 used: used.remove(&name).unwrap_or_default(),
                 name,
-                labels: n.metadata.labels.clone().unwrap_or_default(),
+                labels: n
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .map_or_else(Cow::default, Cow::Borrowed),
                 taints: spec
                     .and_then(|s| s.taints.as_ref())
                     .map(|ts| {

@@ -808,6 +808,12 @@ impl Operator {
     }
 }
 
+/// How long the operator sends nothing before a phase counts as done.
+const QUIET: Duration = Duration::from_secs(3);
+/// The longest wait for a quiet operator (the Event lane yields 2 minutes
+/// at most).
+const QUIET_AT_MOST: Duration = Duration::from_secs(150);
+
 /// What one controller did in one phase.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Phase {
@@ -861,6 +867,10 @@ pub struct Phase {
     /// Seconds requests waited for the operator's client-side rate limiter
     /// over the phase (summed over requests; Strata only).
     pub rate_limit_wait_seconds: Option<f64>,
+    /// Strata: seconds from every object ready until the operator had sent
+    /// its last request of the phase (what waited in the status and Event
+    /// lanes); the phase's counters run until then.
+    pub trailing_seconds: Option<f64>,
     /// Wall seconds of the phase (the idle window's length).
     pub wall_seconds: f64,
     /// Times the operator exited and was restarted in the phase.
@@ -1064,6 +1074,10 @@ impl Report {
         s.push_str(&row(
             "seconds from the last apply to all Ready/Available",
             &|x| f1(x.converge.converge_seconds),
+        ));
+        s.push_str(&row(
+            "seconds from all Ready until the operator's last request (converge)",
+            &|x| opt(x.converge.trailing_seconds, f1),
         ));
         s.push_str(&row("API requests sent per object (converge)", &|x| {
             format!("{:.2}", x.converge.requests_total() / n)
@@ -1951,6 +1965,14 @@ impl Bench {
         self.wait_ready(Kind::Models, updated, &gone, Some(&mut *op))
             .await?;
         let converged = Instant::now();
+        // The phase's work is not done until the operator has sent what it
+        // deferred (Events after a busy minute): counted in this phase, and
+        // the next one starts from a quiet operator.
+        let trailing = if first == last && gone.is_empty() {
+            None
+        } else {
+            Some(self.wait_quiet(op, converged).await?)
+        };
         let (m1, cpu1) = op.phase_end().await?;
         let a1 = self.apiserver_metrics().await?;
         let t1 = Timestamp::now();
@@ -1998,9 +2020,30 @@ impl Bench {
                 counter_sum(&m1, "strata_kube_rate_limit_wait_seconds_total", &[])
                     - counter_sum(&m0, "strata_kube_rate_limit_wait_seconds_total", &[]),
             ),
+            trailing_seconds: trailing,
             operator_restarts: op.restarts - restarts0,
             wall_seconds: w0.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Waits until the operator has sent no request for [`QUIET`]
+    /// (polling its counters every second, at most [`QUIET_AT_MOST`]):
+    /// seconds from `since` until its last request.
+    async fn wait_quiet(&self, op: &mut Operator, since: Instant) -> Result<f64> {
+        let mut last_change = since;
+        let mut sent = None;
+        while last_change.elapsed() < QUIET && since.elapsed() < QUIET_AT_MOST {
+            op.ensure().await?;
+            let now_sent = counter_sum(&op.metrics().await?, "strata_kube_requests_total", &[]);
+            if sent != Some(now_sent) {
+                if sent.is_some() {
+                    last_change = Instant::now();
+                }
+                sent = Some(now_sent);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Ok((last_change - since).as_secs_f64())
     }
 
     async fn model_values(&self) -> Result<Vec<Value>> {
@@ -2171,6 +2214,7 @@ impl Bench {
             rss_peak_mib: sampler.map(|s| s.take_peak() as f64 / 1024.0),
             operator_restarts: 0,
             rate_limit_wait_seconds: None,
+            trailing_seconds: None,
             control_plane_cpu_seconds: self.control_plane_cpu().zip(cp0).map(|(b, a)| b - a),
             cpu_seconds: match (cpu0, cpu1) {
                 (Some(a), Some(b)) => Some(b - a),

@@ -892,11 +892,11 @@ async fn decide_and_reserve(
 /// The nodes as placement sees them from a pod cache snapshot: every
 /// other pod's GPUs, and this Model's from its own list (which has those
 /// on their way too).
-fn node_views(
-    seen: &Seen,
+fn node_views<'a>(
+    seen: &'a Seen,
     cached: &[Arc<PodGpus>],
     own_uids: &HashSet<String>,
-) -> Vec<placement::NodeView> {
+) -> Vec<placement::NodeView<'a>> {
     // Borrowed from the snapshot (thousands of claims), not cloned.
     let pods = cached
         .iter()
