@@ -236,6 +236,13 @@ impl Lanes {
         registry.register(Box::new(self.yielded.clone()))
     }
 
+    /// Whether the client is busy (see [`RateLimit::busy`]): work that
+    /// can wait for a later round (the energy accountant's writes) skips
+    /// this one.
+    pub fn busy(&self) -> bool {
+        self.limit.as_ref().is_some_and(RateLimit::busy)
+    }
+
     /// Waits for a request of `lane`'s turn; it goes while the returned
     /// permit is held (keep it until the answer).
     pub async fn turn(&self, lane: Lane) -> Option<tokio::sync::OwnedSemaphorePermit> {
@@ -253,7 +260,7 @@ impl Lanes {
                 if now >= deadline {
                     break;
                 }
-                let busy = self.limit.as_ref().is_some_and(RateLimit::busy);
+                let busy = self.busy();
                 let statuses_first = lane == Lane::Event
                     && self.statuses.load(std::sync::atomic::Ordering::Relaxed) > 0;
                 if !busy && !statuses_first {

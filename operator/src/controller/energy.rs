@@ -43,7 +43,14 @@ pub struct Ledger {
     written: HashMap<String, (serde_json::Value, std::time::Instant)>,
     /// What was last written to each pool's status, by name.
     pools_written: HashMap<String, serde_json::Value>,
+    /// Rounds in a row that deferred a Model's write (the client busy).
+    deferred_rounds: u32,
 }
+
+/// Rounds in a row a Model's energy write may be deferred while the
+/// client is busy (see [`crate::ratelimit::Lanes::busy`]); the next one
+/// writes whatever the client's state.
+pub const MAX_DEFERRED_ROUNDS: u32 = 4;
 
 /// How often a Model's energy status is written while only its totals
 /// grow: every reading for short intervals, at most every minute (or every
@@ -191,6 +198,7 @@ pub async fn round(
     ledger
         .pools_written
         .retain(|name, _| live_pools.contains(name));
+    let mut deferred_any = false;
     for model in all_models.iter() {
         let (Some(ns), Some(uid)) = (model.namespace(), model.uid()) else {
             continue;
@@ -288,11 +296,21 @@ pub async fn round(
             status_every(ctx.config.energy_interval),
         );
         ledger.models.insert(uid.clone(), status);
+        // Energy and cost are no reason to delay the writes that make
+        // replicas exist: while the client is busy, the write waits for a
+        // later round (the totals keep counting here meanwhile).
+        let deferred = due && ledger.deferred_rounds < MAX_DEFERRED_ROUNDS && ctx.lanes.busy();
+        deferred_any |= deferred;
+        let result = match (due, deferred) {
+            (true, false) => "written",
+            (true, true) => "deferred",
+            (false, _) => "unchanged",
+        };
         ctx.metrics
             .status_writes
-            .with_label_values(&["energy", if due { "written" } else { "unchanged" }])
+            .with_label_values(&["energy", result])
             .inc();
-        if due {
+        if due && !deferred {
             match apply_status(
                 &ctx.client,
                 model.as_ref(),
@@ -349,6 +367,12 @@ pub async fn round(
             }
         }
     }
+
+    ledger.deferred_rounds = if deferred_any {
+        ledger.deferred_rounds.saturating_add(1)
+    } else {
+        0
+    };
 
     // Pools: everything placed on them.
     for pool in ctx.pools.state().iter() {
