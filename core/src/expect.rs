@@ -27,9 +27,18 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// client's rate limiter holds it; [`MAX_WAIT`] counts from the answer.
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
-    /// Each with when the API server confirmed it (None: on its way).
-    created: Vec<(Arc<Pod>, Option<Instant>)>,
+    created: Vec<Creation>,
     deleted: HashMap<String, Instant>,
+}
+
+/// A pod whose creation is expected.
+#[derive(Debug, Clone)]
+struct Creation {
+    pod: Arc<Pod>,
+    /// When the API server confirmed it (None: on its way).
+    answered: Option<Instant>,
+    /// When the watch first showed it (None: not yet).
+    observed: Option<Instant>,
 }
 
 fn name(p: &Pod) -> &str {
@@ -41,9 +50,13 @@ impl Expectations {
     /// expected until [`Expectations::created`] or
     /// [`Expectations::not_created`] says how it went.
     pub fn creating(&mut self, pods: impl IntoIterator<Item = Arc<Pod>>) {
-        for p in pods {
-            self.created.retain(|(c, _)| name(c) != name(&p));
-            self.created.push((p, None));
+        for pod in pods {
+            self.created.retain(|c| name(&c.pod) != name(&pod));
+            self.created.push(Creation {
+                pod,
+                answered: None,
+                observed: None,
+            });
         }
     }
 
@@ -53,9 +66,9 @@ impl Expectations {
     /// the watch can beat the answer).
     pub fn created<'a>(&mut self, names: impl IntoIterator<Item = &'a str>, now: Instant) {
         for n in names {
-            for (c, at) in &mut self.created {
-                if name(c) == n {
-                    *at = Some(now);
+            for c in &mut self.created {
+                if name(&c.pod) == n {
+                    c.answered = Some(now);
                 }
             }
         }
@@ -64,7 +77,7 @@ impl Expectations {
     /// The creations of `names` failed: nothing to expect.
     pub fn not_created<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
         for n in names {
-            self.created.retain(|(c, _)| name(c) != n);
+            self.created.retain(|c| name(&c.pod) != n);
         }
     }
 
@@ -76,12 +89,19 @@ impl Expectations {
     }
 
     /// Records that the watch showed the pod `pod_name` (created, changed
-    /// or deleted): its creation is met. A pod the cache showed and lost
-    /// between two reconciles (deleted at once: a force delete, an
-    /// eviction) would otherwise count as alive until [`MAX_WAIT`], and
-    /// its Model would stay a replica short that long.
-    pub fn observed(&mut self, pod_name: &str) {
-        self.created.retain(|(p, _)| name(p) != pod_name);
+    /// or deleted) at `now`, after the cache had it: its creation is met
+    /// for every cache snapshot taken after `now`. A pod the cache showed
+    /// and lost between two reconciles (deleted at once: a force delete,
+    /// an eviction) would otherwise count as alive until [`MAX_WAIT`], and
+    /// its Model would stay a replica short that long. (Not for a snapshot
+    /// taken before: that one may not have the pod yet, and a reconcile
+    /// that saw neither would create it again.)
+    pub fn observed(&mut self, pod_name: &str, now: Instant) {
+        for c in &mut self.created {
+            if name(&c.pod) == pod_name {
+                c.observed.get_or_insert(now);
+            }
+        }
     }
 
     /// Records pods this process deleted, by name.
@@ -98,12 +118,21 @@ impl Expectations {
 
     /// The Model's pods as the reconcile should see them: the cached ones,
     /// those deleted here marked terminating until the cache shows it, and
-    /// those created here added until the cache has them. Expectations the
-    /// cache has met, or older than [`MAX_WAIT`], are dropped.
-    pub fn apply(&mut self, cached: Vec<Arc<Pod>>, now: Instant, now_time: &Time) -> Vec<Arc<Pod>> {
+    /// those created here added until the cache has them. `cached` is a
+    /// snapshot of the cache taken at `snapshot`. Expectations the cache
+    /// has met, or older than [`MAX_WAIT`], are dropped.
+    pub fn apply(
+        &mut self,
+        cached: Vec<Arc<Pod>>,
+        snapshot: Instant,
+        now: Instant,
+        now_time: &Time,
+    ) -> Vec<Arc<Pod>> {
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < MAX_WAIT;
-        self.created.retain(|(p, at)| {
-            at.as_ref().is_none_or(fresh) && !cached.iter().any(|c| name(c) == name(p))
+        self.created.retain(|c| {
+            c.answered.as_ref().is_none_or(fresh)
+                && c.observed.is_none_or(|seen| seen >= snapshot)
+                && !cached.iter().any(|p| name(p) == name(&c.pod))
         });
         self.deleted.retain(|n, at| {
             fresh(at)
@@ -120,7 +149,7 @@ impl Expectations {
                 p
             })
             .collect();
-        out.extend(self.created.iter().map(|(p, _)| p.clone()));
+        out.extend(self.created.iter().map(|c| c.pod.clone()));
         out
     }
 }
@@ -153,7 +182,7 @@ mod tests {
         e.created(["m-c"], t0);
         e.deleted(["m-a".to_owned()], t0);
         // The cache still shows a alive and lacks c.
-        let seen = e.apply(vec![pod("m-a"), pod("m-b")], t0, &ts);
+        let seen = e.apply(vec![pod("m-a"), pod("m-b")], t0, t0, &ts);
         assert_eq!(
             names(&seen),
             vec![
@@ -166,7 +195,7 @@ mod tests {
         // The cache catches up: a terminating, c present; nothing expected.
         let mut a = pod("m-a");
         Arc::make_mut(&mut a).metadata.deletion_timestamp = Some(ts.clone());
-        let seen = e.apply(vec![a, pod("m-b"), pod("m-c")], t0, &ts);
+        let seen = e.apply(vec![a, pod("m-b"), pod("m-c")], t0, t0, &ts);
         assert_eq!(seen.len(), 3);
         assert!(e.is_empty());
     }
@@ -177,13 +206,20 @@ mod tests {
         let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let mut e = Expectations::default();
         e.deleted(["m-a".to_owned()], t0);
-        assert!(e.apply(vec![pod("m-b")], t0, &ts).len() == 1);
+        assert!(e.apply(vec![pod("m-b")], t0, t0, &ts).len() == 1);
         assert!(e.is_empty());
         // A creation the watch never shows is forgotten after MAX_WAIT.
         e.creating([pod("m-x")]);
         e.created(["m-x"], t0);
-        assert_eq!(e.apply(Vec::new(), t0 + MAX_WAIT / 2, &ts).len(), 1);
-        assert_eq!(e.apply(Vec::new(), t0 + MAX_WAIT, &ts).len(), 0);
+        assert_eq!(
+            e.apply(Vec::new(), t0 + MAX_WAIT / 2, t0 + MAX_WAIT / 2, &ts)
+                .len(),
+            1
+        );
+        assert_eq!(
+            e.apply(Vec::new(), t0 + MAX_WAIT, t0 + MAX_WAIT, &ts).len(),
+            0
+        );
         assert!(e.is_empty());
     }
 
@@ -195,24 +231,24 @@ mod tests {
         e.creating([pod("m-a"), pod("m-b"), pod("m-c")]);
         // Held by the rate limiter for longer than MAX_WAIT: still expected.
         let later = t0 + MAX_WAIT * 3;
-        assert_eq!(e.apply(Vec::new(), later, &ts).len(), 3);
+        assert_eq!(e.apply(Vec::new(), later, later, &ts).len(), 3);
         // a is created (counted once, from its answer), b failed.
         e.created(["m-a"], later);
         e.not_created(["m-b"]);
         assert_eq!(
-            names(&e.apply(Vec::new(), later, &ts)),
+            names(&e.apply(Vec::new(), later, later, &ts)),
             vec![("m-a".into(), false), ("m-c".into(), false)]
         );
         // a's answer was MAX_WAIT ago: the watch lost it; c still on its way.
         assert_eq!(
-            names(&e.apply(Vec::new(), later + MAX_WAIT, &ts)),
+            names(&e.apply(Vec::new(), later + MAX_WAIT, later + MAX_WAIT, &ts)),
             vec![("m-c".into(), false)]
         );
         // A deletion that failed leaves the pod as the cache shows it.
         e.deleted(["m-x".to_owned()], later);
         e.not_deleted(["m-x"]);
         assert_eq!(
-            names(&e.apply(vec![pod("m-x")], later, &ts)),
+            names(&e.apply(vec![pod("m-x")], later, later, &ts)),
             vec![("m-c".into(), false), ("m-x".into(), false)]
         );
     }
@@ -227,9 +263,29 @@ mod tests {
         // The watch shows a created, then deleted, before the next
         // reconcile reads the cache (which lacks it): a is gone, b is
         // still on its way.
-        e.observed("m-a");
-        let seen = e.apply(Vec::new(), t0, &ts);
+        e.observed("m-a", t0);
+        let after = t0 + Duration::from_millis(1);
+        let seen = e.apply(Vec::new(), after, after, &ts);
         assert_eq!(names(&seen), vec![("m-b".into(), false)]);
+    }
+
+    #[test]
+    fn a_snapshot_older_than_the_watch_event_still_counts_the_pod() {
+        let t0 = Instant::now();
+        let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut e = Expectations::default();
+        e.creating([pod("m-a")]);
+        e.created(["m-a"], t0);
+        // A reconcile snapshots the cache (without a) at t0; the watch adds
+        // a and says so just after, before the reconcile applies the
+        // expectations: a counts (it is not created twice).
+        e.observed("m-a", t0 + Duration::from_millis(1));
+        let seen = e.apply(Vec::new(), t0, t0, &ts);
+        assert_eq!(names(&seen), vec![("m-a".into(), false)]);
+        // The next snapshot has it: met.
+        let later = t0 + Duration::from_millis(2);
+        assert_eq!(e.apply(vec![pod("m-a")], later, later, &ts).len(), 1);
+        assert!(e.is_empty());
     }
 
     #[test]
@@ -238,10 +294,11 @@ mod tests {
         let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let mut e = Expectations::default();
         e.creating([pod("m-a"), pod("m-b")]);
-        e.observed("m-a");
+        e.observed("m-a", t0);
         // The answer comes after the watch event: a stays met.
         e.created(["m-a", "m-b"], t0);
-        let seen = e.apply(Vec::new(), t0, &ts);
+        let after = t0 + Duration::from_millis(1);
+        let seen = e.apply(Vec::new(), after, after, &ts);
         assert_eq!(names(&seen), vec![("m-b".into(), false)]);
     }
 }

@@ -205,13 +205,14 @@ pub fn observe_pod(ctx: &Context, pod: &Pod) {
     ) else {
         return;
     };
+    let now = Instant::now();
     let mut memos = ctx
         .memos
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     for owner in pod.owner_references().iter().filter(|o| o.kind == "Model") {
         if let Some(m) = memos.get_mut(&memo_key(&format!("{ns}/{}", owner.name), &owner.uid)) {
-            m.pods.observed(pod_name);
+            m.pods.observed(pod_name, now);
         }
     }
 }
@@ -268,6 +269,9 @@ async fn dereference(ctx: &Context, model: &Model, writes: &mut Writes) -> Resul
     let uid = model.uid().ok_or(Error::MissingKey("uid"))?;
     let memo = memo_key(&format!("{ns}/{name}"), &uid);
     writes.secret = ensure_secret(ctx, model, &ns, &uid, &memo).await?;
+    // (Taken before the cache is read: a watch event after it does not
+    // meet an expectation for this snapshot; see Expectations::observed.)
+    let snapshot = Instant::now();
     let cached: Vec<Arc<Pod>> = ctx
         .pods
         .state()
@@ -280,7 +284,7 @@ async fn dereference(ctx: &Context, model: &Model, writes: &mut Writes) -> Resul
         .collect();
     let now = Timestamp::now();
     let own = with_memo(ctx, &memo, |m| {
-        m.pods.apply(cached, Instant::now(), &Time(now))
+        m.pods.apply(cached, snapshot, Instant::now(), &Time(now))
     });
     let nodes = ctx.nodes.state();
     let node_names = nodes.iter().map(|n| n.name_any()).collect();
