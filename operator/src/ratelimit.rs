@@ -7,6 +7,9 @@
 //! spread out instead of starving the API server. The Lease has its own
 //! client, so renewals never wait behind the controllers' work.
 //!
+//! In front of it, [`Lanes`]: Model statuses and Events wait while the
+//! client is busy, so that the writes that make replicas exist go first.
+//!
 //! [`Bucket`] is pure (time is passed in); [`RateLimitLayer`] is the tower
 //! layer of the kube client, counting requests by verb and resource, the
 //! time spent waiting, and how long the API server took to answer each
