@@ -199,22 +199,6 @@ pub struct Lanes {
     yielded: prometheus::CounterVec,
 }
 
-/// Counts a status waiting while it lives.
-struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
-        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(n)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 impl Lanes {
     /// Lanes in front of `limit` (None: no limit, nothing waits but the
     /// [`LANES_IN_FLIGHT`] bound), and their metric, to register.
@@ -251,7 +235,7 @@ impl Lanes {
     pub async fn turn(&self, lane: Lane) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let start = tokio::time::Instant::now();
         let deadline = start + lane.at_most();
-        let waiting = (lane == Lane::Status).then(|| Waiting::new(&self.statuses));
+        let waiting = (lane == Lane::Status).then(|| Counted::new(&self.statuses));
         {
             let head = match lane {
                 Lane::Status => &self.heads[0],
@@ -291,17 +275,18 @@ fn now() -> Instant {
 /// counts as busy (see [`RateLimit::busy`]).
 pub const BUSY_IN_FLIGHT: usize = 2 * LANES_IN_FLIGHT;
 
-/// Counts a request in flight while it lives.
-struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+/// Counts one in `n` while it lives (a request in flight, a status
+/// waiting for its turn).
+struct Counted(Arc<std::sync::atomic::AtomicUsize>);
 
-impl InFlight {
+impl Counted {
     fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
         n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self(n.clone())
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -384,7 +369,7 @@ where
         let labels = [req.method().as_str(), &resource_of(req.uri().path())];
         self.limit.requests.with_label_values(&labels).inc();
         let timer = self.limit.duration.with_label_values(&labels).start_timer();
-        let in_flight = InFlight::new(&self.limit.in_flight);
+        let in_flight = Counted::new(&self.limit.in_flight);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let answer = fut.await.map_err(Into::into);
