@@ -276,6 +276,8 @@ pub fn desired(pod: &Pod, running: bool) -> Desired {
 
 struct RunningPod {
     ip: String,
+    namespace: String,
+    name: String,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
@@ -390,6 +392,16 @@ async fn run(
                         // new processes can bind.
                         let ip = PodVars::of(&pod).map(|v| v.ip).unwrap_or_default();
                         let stale: Vec<String> = running.iter().filter(|(_, r)| r.ip == ip).map(|(u, _)| u.clone()).collect();
+                        // Unless that pod still lives with this IP: then the
+                        // world handed one IP to two live pods, which no real
+                        // IPAM does; the new pod fails loudly (as a kubelet's
+                        // sandbox would) instead of killing the other's processes.
+                        if let Some(other) = live_owner(&client, &running, &stale, &ip).await {
+                            let message = format!("the world gave pod IP {ip} to two live pods ({other} and this one)");
+                            tracing::error!(pod = %pod.name_any(), %ip, %other, "duplicate pod IP");
+                            mark_failed_with(&client, &pod, "DuplicatePodIP", &message).await;
+                            continue;
+                        }
                         for u in stale {
                             if let Some(r) = running.remove(&u) {
                                 tracing::info!(ip = %ip, "stopping the processes of a previous pod with this IP");
@@ -405,7 +417,8 @@ async fn run(
                             run.await;
                             n.devices.release(&pod_uid);
                         });
-                        running.insert(uid, RunningPod { ip, stop, task });
+                        let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+                        running.insert(uid, RunningPod { ip, namespace, name, stop, task });
                     }
                     Desired::Stop => {
                         if let Some(r) = running.remove(&uid) {
@@ -1028,6 +1041,32 @@ async fn set_ready(client: &Client, pod: &Pod, ready: bool, restarts: &BTreeMap<
         }
     });
     patch_status(client, pod, &patch).await;
+}
+
+/// The first of `stale` (running pods with `ip`) that the API server still
+/// holds, undeleted and with that IP: its `namespace/name`.
+async fn live_owner(
+    client: &Client,
+    running: &HashMap<String, RunningPod>,
+    stale: &[String],
+    ip: &str,
+) -> Option<String> {
+    for uid in stale {
+        let Some(r) = running.get(uid) else { continue };
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &r.namespace);
+        // An error reading it: assume it is gone (the previous behaviour).
+        let Ok(Some(p)) = pods.get_opt(&r.name).await else {
+            continue;
+        };
+        let same_ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) == Some(ip);
+        if p.uid().as_deref() == Some(uid.as_str())
+            && p.metadata.deletion_timestamp.is_none()
+            && same_ip
+        {
+            return Some(format!("{}/{}", r.namespace, r.name));
+        }
+    }
+    None
 }
 
 async fn mark_failed(client: &Client, pod: &Pod, message: &str) {

@@ -10,6 +10,10 @@
 # InferencePool CRD (inference.networking.k8s.io_inferencepools.yaml) from its
 # Go module (downloaded and checked against e2e/tools/gie/go.sum) into the
 # same directory.
+# A component's patches (e2e/tools/<component>/patches/*.patch, each saying
+# why) are applied to a copy of its module, checked against go.sum first, and
+# the build replaces the module with that copy. Only fixes to upstream bugs
+# that make the local world unlike a real cluster belong there.
 # Cache root: $STRATA_CACHE_DIR, else ${XDG_CACHE_HOME:-$HOME/.cache}/strata.
 set -euo pipefail
 
@@ -23,9 +27,44 @@ mkdir -p "$bin_dir"
 
 log() { printf '[strata-tools] %s\n' "$*" >&2; }
 
-# The key covers the pinned modules and this script (its -ldflags).
-# Contents only (not paths), so that every checkout on a machine shares the cache.
-sum_key() { cat "$here/$1/go.mod" "$here/$1/go.sum" "$here/build.sh" | sha256sum | cut -c1-12; }
+# The key covers the pinned modules, their patches and this script (its
+# -ldflags). Contents only (not paths), so that every checkout on a machine
+# shares the cache.
+sum_key() {
+  { cat "$here/$1/go.mod" "$here/$1/go.sum" "$here/build.sh"; patches_of "$1"; } \
+    | sha256sum | cut -c1-12
+}
+patches_of() {
+  local p
+  for p in "$here/$1"/patches/*.patch; do if [[ -f "$p" ]]; then cat "$p"; fi; done
+}
+
+# module_dir <component> <module>: the module's source in the module cache,
+# downloaded if needed; -mod=readonly: its hash must be the one go.sum pins.
+module_dir() {
+  (cd "$here/$1" && GOFLAGS=-mod=readonly go mod download -json "$2" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+}
+
+# patched_modfile <component> <module> <dir>: copies the module into <dir>/src,
+# applies the component's patches and writes <dir>/go.mod (+ go.sum) replacing
+# the module with the copy. Prints the go.mod's path.
+patched_modfile() {
+  local comp="$1" module="$2" work="$3" src p
+  src="$(module_dir "$comp" "$module")"
+  [[ -n "$src" && -d "$src" ]] || { log "$comp: $module not downloaded"; exit 1; }
+  cp -r "$src" "$work/src"
+  chmod -R u+w "$work/src"
+  for p in "$here/$comp"/patches/*.patch; do
+    log "$comp: applying $(basename "$p")"
+    # Outside any repository: git apply works on plain directories.
+    (cd "$work/src" && GIT_CEILING_DIRECTORIES="$work" git apply -p1 "$p")
+  done
+  cp "$here/$comp/go.mod" "$work/go.mod"
+  cp "$here/$comp/go.sum" "$work/go.sum"
+  printf '\nreplace %s => %s\n' "$module" "$work/src" >>"$work/go.mod"
+  echo "$work/go.mod"
+}
 
 # build <component> <version> <binaries...> -- <go build args...>
 build() {
@@ -42,10 +81,16 @@ build() {
     log "$comp $version: cached in $dest"
   else
     log "$comp $version: building (this takes a while on a cold machine)"
-    local start tmp
+    local start tmp modfile=()
     start=$(date +%s)
     tmp="$(mktemp -d "$bin_dir/.build-$comp-XXXXXX")"
-    (cd "$here/$comp" && CGO_ENABLED=0 go build -trimpath -o "$tmp/" "$@")
+    if [[ -n "$(patches_of "$comp")" ]]; then
+      [[ -n "${PATCHED_MODULE:-}" ]] || { log "$comp has patches but names no module"; exit 2; }
+      mkdir -p "$tmp/patched"
+      modfile=("-modfile=$(patched_modfile "$comp" "$PATCHED_MODULE" "$tmp/patched")")
+    fi
+    (cd "$here/$comp" && CGO_ENABLED=0 go build -trimpath "${modfile[@]}" -o "$tmp/" "$@")
+    rm -rf "$tmp/patched"
     rm -rf "$dest"
     mv "$tmp" "$dest"
     log "$comp $version: built in $(( $(date +%s) - start ))s"
@@ -75,8 +120,7 @@ fetch_file() {
     log "$comp $version: fetching $module"
     local dir tmp
     # -mod=readonly: the module's hash must be the one go.sum pins.
-    dir="$(cd "$here/$comp" && GOFLAGS=-mod=readonly go mod download -json "$module" \
-      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
+    dir="$(module_dir "$comp" "$module")"
     if [[ -z "$dir" || ! -f "$dir/$path" ]]; then
       log "$comp $version: $path not found in $module (${dir:-not downloaded})"
       exit 1
@@ -115,7 +159,7 @@ for c in "${components[@]}"; do
             -ldflags "-s -w $k8s_ldflags" \
             k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
             k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl ;;
-    kwok) build kwok "$KWOK_VERSION" kwok -- \
+    kwok) PATCHED_MODULE=sigs.k8s.io/kwok build kwok "$KWOK_VERSION" kwok -- \
             -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok ;;
     helm) build helm "$HELM_VERSION" helm -- \
             -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION $helm_k8s" helm.sh/helm/v3/cmd/helm ;;
