@@ -204,7 +204,7 @@ fn model_pods(ctx: &Context, ns: &str, model: &Model) -> Vec<Pod> {
         .state()
         .iter()
         .filter(|p| {
-            p.namespace().as_deref() == Some(ns)
+            p.metadata.namespace.as_deref() == Some(ns)
                 && p.labels().get(labels::MODEL) == Some(&model.name_any())
                 && p.owner_references().iter().any(|o| o.uid == uid)
                 && p.metadata.deletion_timestamp.is_none()
@@ -783,7 +783,7 @@ async fn cleanup(a: &Adapter, ctx: &Context, ns: &str) -> Result<Action> {
         .pods
         .state()
         .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns) && p.labels().contains_key(&key))
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns) && p.labels().contains_key(&key))
         .map(|p| p.as_ref().clone())
         .collect();
     for p in &pods {

@@ -211,7 +211,7 @@ pub async fn round(
             .iter()
             .map(|p| p.as_ref())
             .filter(|p| {
-                p.namespace().as_deref() == Some(ns.as_str())
+                p.metadata.namespace.as_deref() == Some(ns.as_str())
                     && p.labels().get(labels::MODEL) == Some(&name)
                     && p.owner_references().iter().any(|o| o.uid == uid)
             })
@@ -329,11 +329,9 @@ pub async fn round(
         }
 
         // Adapters: their share by generated tokens.
-        for a in adapters
-            .state()
-            .iter()
-            .filter(|a| a.namespace().as_deref() == Some(ns.as_str()) && a.spec.model == name)
-        {
+        for a in adapters.state().iter().filter(|a| {
+            a.metadata.namespace.as_deref() == Some(ns.as_str()) && a.spec.model == name
+        }) {
             let served = a.spec.served_name.clone().unwrap_or_else(|| a.name_any());
             let aj = inc.adapter_joules.get(&served).copied().unwrap_or(0.0);
             let at = inc.adapter_tokens.get(&served).copied().unwrap_or(0.0);

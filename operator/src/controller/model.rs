@@ -26,7 +26,7 @@
 //! only when it differs from the cached one.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -248,9 +248,6 @@ struct Seen {
     /// deletions that it does not show yet).
     own: Vec<Arc<Pod>>,
     nodes: Vec<Arc<Node>>,
-    node_names: HashSet<String>,
-    /// Nodes not Ready, with for how many seconds.
-    not_ready: HashMap<String, u64>,
     pools: Vec<Arc<GPUPool>>,
     /// A Secret the replicas mount that does not exist (described).
     missing_secret: Option<String>,
@@ -277,7 +274,9 @@ async fn dereference(ctx: &Context, model: &Model, writes: &mut Writes) -> Resul
         .state()
         .into_iter()
         .filter(|p| {
-            p.namespace().as_deref() == Some(ns.as_str())
+            // (Borrowed, not `namespace()`: that clones a String per pod of
+            // the cluster, the reconcile's costliest line in a profile.)
+            p.metadata.namespace.as_deref() == Some(ns.as_str())
                 && p.labels().get(labels::MODEL) == Some(&name)
                 && p.owner_references().iter().any(|o| o.uid == uid)
         })
@@ -287,11 +286,6 @@ async fn dereference(ctx: &Context, model: &Model, writes: &mut Writes) -> Resul
         m.pods.apply(cached, snapshot, Instant::now(), &Time(now))
     });
     let nodes = ctx.nodes.state();
-    let node_names = nodes.iter().map(|n| n.name_any()).collect();
-    let not_ready = nodes
-        .iter()
-        .filter_map(|n| Some((n.name_any(), view::node_not_ready_for(n, now.as_second())?)))
-        .collect();
     let missing_secret = missing_secret(ctx, model, &ns, &memo).await?;
     let prior = ctx
         .model_status
@@ -307,8 +301,6 @@ async fn dereference(ctx: &Context, model: &Model, writes: &mut Writes) -> Resul
         now,
         own,
         nodes,
-        node_names,
-        not_ready,
         pools: ctx.pools.state(),
     })
 }
@@ -611,6 +603,13 @@ fn to_replica(pod: &Pod, seen: &Seen) -> Replica {
     let labels = pod.labels();
     let status = pod.status.as_ref();
     let node = view::pod_node(pod);
+    // The pod's node in the snapshot (a scan of a few hundred names per
+    // replica is cheaper than indexing every node per reconcile).
+    let on = node.as_deref().and_then(|n| {
+        seen.nodes
+            .iter()
+            .find(|x| x.metadata.name.as_deref() == Some(n))
+    });
     let unschedulable_for = status
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| {
@@ -633,8 +632,8 @@ fn to_replica(pod: &Pod, seen: &Seen) -> Replica {
             .and_then(|s| s.phase.clone())
             .unwrap_or_else(|| "Pending".into()),
         terminating: pod.metadata.deletion_timestamp.is_some(),
-        node_gone: node.as_ref().is_some_and(|n| !seen.node_names.contains(n)),
-        node_not_ready_for: node.as_ref().and_then(|n| seen.not_ready.get(n).copied()),
+        node_gone: node.is_some() && on.is_none(),
+        node_not_ready_for: on.and_then(|n| view::node_not_ready_for(n, now.as_second())),
         node,
         unschedulable_for,
         age: seconds_since(pod.metadata.creation_timestamp.as_ref(), now),
@@ -1059,11 +1058,7 @@ async fn apply_service(ctx: &Context, model: &Model, seen: &Seen) -> Result<bool
             ],
         },
     });
-    let cached = ctx
-        .services
-        .state()
-        .into_iter()
-        .find(|s| s.namespace().as_deref() == Some(ns) && s.name_any() == name);
+    let cached = ctx.services.get(&ObjectRef::new(name).within(ns));
     let key = format!("{ns}/{name}");
     if cached.is_some() {
         ctx.service_creates.seen(&key);
