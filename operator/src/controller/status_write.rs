@@ -9,7 +9,13 @@
 //! after a newer one. A status equal to what the cache shows, or to what
 //! this process wrote moments ago (the cache may not show it yet), is not
 //! sent. A failed write is retried with backoff (1 s doubling to 1 minute)
-//! unless a newer status supersedes it; a Model that is gone drops it.
+//! unless a newer status supersedes it; a Model that is gone drops it. A
+//! status the API server rejects as invalid (400, 422: e.g. an older CRD
+//! schema than this operator's) is not retried: it is logged with the
+//! server's message and counted (`result="rejected"`), and the same status
+//! submitted again counts as written for [`REJECTED_HOLD`] (a different
+//! one is sent at once; after the hold it is tried again, in case the CRD
+//! was upgraded meanwhile).
 //!
 //! A write waits for its turn in the status lane ([`Lanes`]): while the
 //! client's rate limiter is busy with the operator's other writes (the
@@ -40,6 +46,9 @@ pub const WRITTEN_FRESH: Duration = Duration::from_secs(30);
 /// Longest wait before retrying a failed write.
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
+/// How long a status the API server rejected is not sent again.
+pub const REJECTED_HOLD: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Default)]
 struct Slot {
     /// A task writes this key's statuses (waiting for its turn, sending,
@@ -53,12 +62,18 @@ struct Slot {
     written: Option<(Value, Instant)>,
     /// Failed writes in a row.
     failures: u32,
+    /// The last status the API server rejected as invalid, and when.
+    rejected: Option<(Value, Instant)>,
 }
 
 impl Slot {
     /// Whether `status` is what the object holds: what this process wrote
     /// moments ago, or else what the cache shows (`shown`).
     fn holds(&self, status: &Value, shown: bool, now: Instant) -> bool {
+        if self.rejected_lately(now).is_some_and(|r| r == status) {
+            // Sending it again would be rejected again.
+            return true;
+        }
         match &self.written {
             // What this process wrote moments ago is what the object holds
             // for these fields, whatever the (possibly older) cache shows.
@@ -67,6 +82,16 @@ impl Slot {
             }
             _ => shown,
         }
+    }
+}
+
+impl Slot {
+    /// The status rejected less than [`REJECTED_HOLD`] ago.
+    fn rejected_lately(&self, now: Instant) -> Option<&Value> {
+        self.rejected
+            .as_ref()
+            .filter(|(_, at)| now.saturating_duration_since(*at) < REJECTED_HOLD)
+            .map(|(v, _)| v)
     }
 }
 
@@ -88,6 +113,8 @@ pub enum Submit {
 pub enum Done {
     Written,
     Failed,
+    /// The API server refused the status as invalid: not retried.
+    Rejected,
     /// The object is gone.
     Gone,
 }
@@ -144,6 +171,7 @@ impl Coalescer {
         self.pruned = Some(now);
         self.slots.retain(|_, s| {
             s.task
+                || s.rejected_lately(now).is_some()
                 || s.written
                     .as_ref()
                     .is_some_and(|(_, at)| now.saturating_duration_since(*at) < WRITTEN_FRESH)
@@ -179,6 +207,15 @@ impl Coalescer {
             Done::Written => {
                 slot.failures = 0;
                 slot.written = Some((writing, now));
+                if slot.next.is_none() {
+                    slot.task = false;
+                    return None;
+                }
+                Some(Duration::ZERO)
+            }
+            Done::Rejected => {
+                slot.failures = 0;
+                slot.rejected = Some((writing, now));
                 if slot.next.is_none() {
                     slot.task = false;
                     return None;
@@ -284,6 +321,18 @@ impl Writer {
                     Done::Written
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => Done::Gone,
+                Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
+                    self.count("rejected");
+                    tracing::error!(
+                        model = %key,
+                        name = %model.name_any(),
+                        code = e.code,
+                        reason = %e.reason,
+                        "the API server rejected the Model's status (not retried while the status stays the same): {}",
+                        e.message
+                    );
+                    Done::Rejected
+                }
                 Err(e) => {
                     self.count("failed");
                     tracing::warn!(model = %key, name = %model.name_any(), "writing the Model's status failed (retried): {e}");
@@ -316,6 +365,42 @@ impl Writer {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_rejected_status_is_not_sent_again_until_it_changes_or_the_hold_passes() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::default();
+        assert_eq!(c.submit("a", json!(1), false, t0), Submit::Start);
+        assert_eq!(c.sending("a"), Some(json!(1)));
+        // Rejected: no retry, the task ends.
+        assert_eq!(c.done("a", Done::Rejected, t0), None);
+        assert_eq!(c.in_flight(), 0);
+        // The same status again (every reconcile computes it): nothing to
+        // send, even after the slots are pruned.
+        let later = t0 + WRITTEN_FRESH * 2;
+        assert_eq!(c.submit("a", json!(1), false, later), Submit::Unchanged);
+        // A different status is sent at once.
+        assert_eq!(c.submit("a", json!(2), false, later), Submit::Start);
+        assert_eq!(c.sending("a"), Some(json!(2)));
+        assert_eq!(c.done("a", Done::Written, later), None);
+        // After the hold, the rejected one is tried again (the CRD may have
+        // been upgraded).
+        assert_eq!(
+            c.submit("a", json!(1), false, t0 + REJECTED_HOLD),
+            Submit::Start
+        );
+    }
+
+    #[test]
+    fn a_rejected_status_gives_way_to_the_newer_one_waiting() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::default();
+        assert_eq!(c.submit("a", json!(1), false, t0), Submit::Start);
+        assert_eq!(c.sending("a"), Some(json!(1)));
+        assert_eq!(c.submit("a", json!(2), false, t0), Submit::Queued);
+        assert_eq!(c.done("a", Done::Rejected, t0), Some(Duration::ZERO));
+        assert_eq!(c.sending("a"), Some(json!(2)));
+    }
 
     #[test]
     fn one_write_at_a_time_and_only_the_newest_waits() {
