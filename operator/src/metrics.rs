@@ -20,7 +20,8 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     /// Status writes by controller and result (`written`; `unchanged`: the
     /// cache already showed it, nothing sent; Models only: `coalesced`,
-    /// waiting behind a write on its way; `failed`, retried).
+    /// waiting behind a write on its way; `failed`, retried; `rejected`,
+    /// refused as invalid, not retried while it stays the same).
     pub status_writes: IntCounterVec,
     /// Child objects (Services, Secrets) by kind and result (`applied`,
     /// `created`, `checked`, `unchanged`: not sent).

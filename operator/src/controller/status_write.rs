@@ -83,9 +83,7 @@ impl Slot {
             _ => shown,
         }
     }
-}
 
-impl Slot {
     /// The status rejected less than [`REJECTED_HOLD`] ago.
     fn rejected_lately(&self, now: Instant) -> Option<&Value> {
         self.rejected
