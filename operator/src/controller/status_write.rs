@@ -202,18 +202,16 @@ impl Coalescer {
                 self.slots.remove(key);
                 None
             }
-            Done::Written => {
+            // Settled either way (a rejection is not retried): the task
+            // goes on with a newer status at once, or ends.
+            Done::Written | Done::Rejected => {
                 slot.failures = 0;
-                slot.written = Some((writing, now));
-                if slot.next.is_none() {
-                    slot.task = false;
-                    return None;
+                let settled = Some((writing, now));
+                if how == Done::Written {
+                    slot.written = settled;
+                } else {
+                    slot.rejected = settled;
                 }
-                Some(Duration::ZERO)
-            }
-            Done::Rejected => {
-                slot.failures = 0;
-                slot.rejected = Some((writing, now));
                 if slot.next.is_none() {
                     slot.task = false;
                     return None;
