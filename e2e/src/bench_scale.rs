@@ -465,6 +465,11 @@ pub fn apiserver_requests(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// `apiserver_flowcontrol_rejected_requests_total`, every series summed.
+fn flow_control_rejected(text: &str) -> f64 {
+    crate::bench_memory::counter_sum(text, "apiserver_flowcontrol_rejected_requests_total", &[])
+}
+
 /// A counter's series summed by one label.
 fn by_label(text: &str, name: &str, by: &str) -> BTreeMap<String, f64> {
     let prefix = format!("{name}{{");
@@ -827,6 +832,12 @@ pub struct Phase {
     /// The API server's `apiserver_request_total` over the phase (every
     /// client, KWOK's node heartbeats included), by `VERB resource`.
     pub apiserver_requests: BTreeMap<String, f64>,
+    /// Requests the API server's flow control (API Priority and Fairness)
+    /// rejected with 429 over the phase, every client
+    /// (`apiserver_flowcontrol_rejected_requests_total`). kube-client
+    /// retries them beneath the operator's own request counter, which
+    /// does not see them.
+    pub flow_control_rejected: f64,
     /// Requests the controller sent (Strata: its own counter, by
     /// `VERB resource`; the
     /// Deployment controller: its writes from the audit log, its reads being
@@ -1091,6 +1102,10 @@ impl Report {
         s.push_str(&row(
             "apiserver_request_total, all clients (converge)",
             &|x| format!("{:.0}", x.converge.apiserver_requests.values().sum::<f64>()),
+        ));
+        s.push_str(&row(
+            "rejected by the API server's flow control (429), all clients (converge)",
+            &|x| format!("{:.0}", x.converge.flow_control_rejected),
         ));
         s.push_str(&row("reconciles (converge)", &|x| {
             opt(x.converge.reconciles, |r| format!("{r:.0}"))
@@ -1988,6 +2003,7 @@ impl Bench {
             apply_seconds: (last - first).as_secs_f64(),
             converge_seconds: (converged - last).as_secs_f64(),
             apiserver_requests: map_delta(&apiserver_requests(&a1), &apiserver_requests(&a0)),
+            flow_control_rejected: flow_control_rejected(&a1) - flow_control_rejected(&a0),
             apiserver_request_seconds: mean_delta(
                 &sum_and_count(&a1, "apiserver_request_duration_seconds"),
                 &sum_and_count(&a0, "apiserver_request_duration_seconds"),
@@ -2198,6 +2214,7 @@ impl Bench {
             apply_seconds: (last - first).as_secs_f64(),
             converge_seconds: (converged - last).as_secs_f64(),
             apiserver_requests: map_delta(&apiserver_requests(&a1), &apiserver_requests(&a0)),
+            flow_control_rejected: flow_control_rejected(&a1) - flow_control_rejected(&a0),
             apiserver_request_seconds: mean_delta(
                 &sum_and_count(&a1, "apiserver_request_duration_seconds"),
                 &sum_and_count(&a0, "apiserver_request_duration_seconds"),

@@ -342,7 +342,13 @@ async fn start_components(
                 // IPs, which are loopback, never through a ClusterIP.
                 s("--enable-aggregator-routing=true"),
                 s("--allow-privileged=false"),
-                s("--profiling=false"),
+                // Off, as a hardened control plane has it; the environment's
+                // STRATA_APISERVER_PROFILING=true turns it on to take a CPU
+                // profile of a benchmark (/debug/pprof, docs/testing.md).
+                format!(
+                    "--profiling={}",
+                    std::env::var("STRATA_APISERVER_PROFILING").is_ok_and(|v| v == "true")
+                ),
                 // Every write, at Metadata level (see crate::audit); appended
                 // across restarts, never rotated.
                 format!("--audit-policy-file={}", audit_policy.display()),

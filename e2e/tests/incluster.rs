@@ -62,6 +62,24 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
         .and_then(|l| l.spec?.holder_identity)
 }
 
+/// Requests the API server dispatched for the chart's FlowSchema
+/// `strata-leader-election` at priority level `leader-election`
+/// (`apiserver_flowcontrol_dispatched_requests_total`).
+async fn lease_requests_dispatched(client: &kube::Client) -> f64 {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("request");
+    let text = client.request_text(req).await.expect("API server metrics");
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_flowcontrol_dispatched_requests_total{"))
+        .filter(|l| {
+            l.contains(r#"flow_schema="strata-leader-election""#)
+                && l.contains(r#"priority_level="leader-election""#)
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn the_chart_runs_the_operator_from_its_image_with_leader_election() {
     let w = the_world();
@@ -150,6 +168,14 @@ async fn the_chart_runs_the_operator_from_its_image_with_leader_election() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    // The replicas' Lease requests are classified by the chart's FlowSchema
+    // into the `leader-election` priority level, not `workload-low` with
+    // their other requests (counted by the API server's flow control).
+    let dispatched = lease_requests_dispatched(&client).await;
+    assert!(
+        dispatched > 0.0,
+        "no request dispatched by FlowSchema strata-leader-election at priority level leader-election"
+    );
 
     // The leader serves a Model whose replica runs from images.
     let pool: GPUPool =

@@ -87,10 +87,13 @@ struct Cli {
     activator_max_request_bytes: u64,
     /// Requests per second the operator may send to the API server on
     /// average (the Lease's renewals excluded), like client-go's QPS.
-    #[arg(long, env = "STRATA_KUBE_API_QPS", default_value_t = 100.0, value_parser = qps)]
+    /// 200 and a burst of 300 are Karpenter's defaults, the other
+    /// controller that creates a fleet's pods at once; the API server's
+    /// flow control is what shares it between clients (docs/operator.md).
+    #[arg(long, env = "STRATA_KUBE_API_QPS", default_value_t = 200.0, value_parser = qps)]
     kube_api_qps: f64,
     /// Requests that may go at once before the QPS applies (client-go's burst).
-    #[arg(long, env = "STRATA_KUBE_API_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, env = "STRATA_KUBE_API_BURST", default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     kube_api_burst: u32,
     /// Model reconciles that may run at once (as kube-controller-manager's
     /// `--concurrent-deployment-syncs`): more Models wait in the queue, so
@@ -168,13 +171,28 @@ fn qps(s: &str) -> Result<f64, String> {
 
 /// The fenced, rate-limited client (everything but the Lease) and the
 /// elector's.
+///
+/// kube-client retries a 429, 503 or 504 answer inside its own stack, below
+/// any layer added here: a retried write would leave without passing the
+/// fence again (seconds later, perhaps after the lease was lost), without
+/// a token of the bucket and uncounted. So its retry is off and the same
+/// policy (server-aware: `Retry-After`, exponential backoff, 15 tries)
+/// wraps the fence and the bucket instead: every attempt is fenced,
+/// rate-limited and counted. (A buffer beneath makes the stack cloneable,
+/// as a retry needs.)
 async fn clients(fence: &Fence, limit: &RateLimit) -> Result<(Client, Client), kube::Error> {
     let config = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)?;
-    let fenced = kube::client::ClientBuilder::try_from(config.clone())?
+    let mut controllers = config.clone();
+    controllers.default_retry = false;
+    let fenced = kube::client::ClientBuilder::try_from(controllers)?
+        .with_layer(&tower::buffer::BufferLayer::new(1024))
         .with_layer(&FenceLayer(fence.clone()))
         .with_layer(&RateLimitLayer(limit.clone()))
+        .with_layer(&tower::retry::RetryLayer::new(
+            kube::client::retry::RetryPolicy::server_retry(),
+        ))
         .build();
     Ok((fenced, Client::try_from(config)?))
 }

@@ -328,6 +328,18 @@ pub struct RateLimited<S> {
     state: Gate,
 }
 
+/// A copy shares the bucket and the counters and holds no token yet (a
+/// retry's copy takes its own for each attempt).
+impl<S: Clone> Clone for RateLimited<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            limit: self.limit.clone(),
+            state: Gate::Closed,
+        }
+    }
+}
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<S, B> tower::Service<http::Request<B>> for RateLimited<S>
@@ -512,6 +524,125 @@ mod tests {
             (limit.waited.get() - 0.3).abs() < 0.01,
             "{}",
             limit.waited.get()
+        );
+    }
+
+    /// Answers 429 to its first request and 200 after, counting calls; closes
+    /// `fence` when it answers the first (a lease lost meanwhile).
+    #[derive(Clone)]
+    struct Busy {
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        fence: Option<crate::fence::Fence>,
+    }
+    impl tower::Service<http::Request<kube::client::Body>> for Busy {
+        type Response = http::Response<()>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<http::Response<()>, BoxError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<kube::client::Body>) -> Self::Future {
+            let first = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            if let Some(f) = self.fence.as_ref().filter(|_| first) {
+                f.close();
+            }
+            let status = if first { 429 } else { 200 };
+            std::future::ready(
+                http::Response::builder()
+                    .status(status)
+                    .body(())
+                    .map_err(Into::into),
+            )
+        }
+    }
+
+    fn create_pod() -> http::Request<kube::client::Body> {
+        http::Request::post("/api/v1/namespaces/ns/pods")
+            .body(kube::client::Body::from(b"{}".to_vec()))
+            .expect("request")
+    }
+
+    /// The operator's client stack (main.rs `clients`), over `inner`.
+    fn stack<S>(
+        inner: S,
+        fence: &crate::fence::Fence,
+        limit: &RateLimit,
+    ) -> impl tower::Service<
+        http::Request<kube::client::Body>,
+        Response = http::Response<()>,
+        Error = BoxError,
+    > + use<S>
+    where
+        S: tower::Service<
+                http::Request<kube::client::Body>,
+                Response = http::Response<()>,
+                Error = BoxError,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        use tower::Layer;
+        let fenced = crate::fence::FenceLayer(fence.clone()).layer(inner);
+        let limited = RateLimitLayer(limit.clone()).layer(fenced);
+        tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry())
+            .layer(limited)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_attempt_of_a_retried_request_takes_a_token_and_is_counted() {
+        use tower::{Service, ServiceExt};
+        let limit = RateLimit::new(10.0, 1).expect("limit");
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let busy = Busy {
+            calls: calls.clone(),
+            fence: None,
+        };
+        let mut svc = stack(busy, &crate::fence::Fence::open(), &limit);
+        let answer = svc
+            .ready()
+            .await
+            .expect("ready")
+            .call(create_pod())
+            .await
+            .expect("answer");
+        assert_eq!(answer.status(), 200, "the 429 was retried");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(
+            limit.requests.with_label_values(&["POST", "pods"]).get(),
+            2,
+            "both attempts counted"
+        );
+        assert!(
+            limit.waited.get() > 0.0,
+            "the retry waited for a token of the emptied bucket"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_retried_after_the_lease_was_lost_is_refused_by_the_fence() {
+        use tower::{Service, ServiceExt};
+        let limit = RateLimit::new(10.0, 10).expect("limit");
+        let fence = crate::fence::Fence::elected();
+        fence.open_until(std::time::Instant::now() + Duration::from_secs(60));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let busy = Busy {
+            calls: calls.clone(),
+            fence: Some(fence.clone()),
+        };
+        let mut svc = stack(busy, &fence, &limit);
+        let err = svc
+            .ready()
+            .await
+            .expect("ready")
+            .call(create_pod())
+            .await
+            .expect_err("the retry is fenced");
+        assert!(err.to_string().contains("leader lease"), "{err}");
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the retry was never sent"
         );
     }
 
