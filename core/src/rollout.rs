@@ -59,6 +59,10 @@ pub enum DeleteReason {
     Failed,
     /// Its node is gone.
     NodeGone,
+    /// It was being deleted when its node went: no kubelet will confirm
+    /// the deletion, so it is deleted again without grace (else it stays
+    /// Terminating until the pod garbage collector's 40-s quarantine).
+    Stranded,
     /// Its node has not been Ready for longer than the grace period.
     NodeNotReady,
     /// The scheduler could not bind it; place it elsewhere.
@@ -75,6 +79,7 @@ impl DeleteReason {
         match self {
             Self::Failed => "ReplicaFailed",
             Self::NodeGone => "NodeGone",
+            Self::Stranded => "Stranded",
             Self::NodeNotReady => "NodeNotReady",
             Self::Unschedulable => "Unschedulable",
             Self::Outdated => "Replaced",
@@ -110,7 +115,13 @@ impl Target {
 pub fn plan(replicas: &[Replica], target: &Target) -> Plan {
     let mut out = Plan::default();
     let mut live: Vec<&Replica> = Vec::new();
-    for r in replicas.iter().filter(|r| !r.terminating) {
+    for r in replicas {
+        if r.terminating {
+            if r.node_gone {
+                out.delete.push((r.name.clone(), DeleteReason::Stranded));
+            }
+            continue;
+        }
         if r.phase == "Failed" || r.phase == "Succeeded" {
             out.delete.push((r.name.clone(), DeleteReason::Failed));
         } else if r.node_gone {
@@ -325,6 +336,24 @@ mod tests {
         );
         assert_eq!(p.avoid_nodes, vec!["h100-1".to_string()]);
         assert_eq!(p.create, 2, "the pending one still counts");
+    }
+
+    #[test]
+    fn a_replica_being_deleted_whose_node_went_is_deleted_again_and_counts_for_nothing() {
+        let t = target(1, 1, 0);
+        let mut old = r("old", "old", true);
+        old.terminating = true;
+        old.node_gone = true;
+        let mut leaving = r("leaving", "old", false);
+        leaving.terminating = true;
+        let p = plan(&[old, leaving, r("new", "new", true)], &t);
+        assert_eq!(
+            deleted(&p),
+            vec![("old", DeleteReason::Stranded)],
+            "only the one whose node is gone; the other's kubelet confirms it"
+        );
+        assert_eq!(p.create, 0, "its replacement is there already");
+        assert_eq!((p.updated, p.ready), (1, 1));
     }
 
     #[test]

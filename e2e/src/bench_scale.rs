@@ -78,6 +78,43 @@ const DEPLOYMENT_USERS: [&str; 2] = [
 const SCHEDULER_USER: &str = "system:kube-scheduler";
 /// How often the waits LIST.
 const POLL: Duration = Duration::from_secs(2);
+/// How often a wait looks at its watched objects (a local read).
+const WATCH_CHECK: Duration = Duration::from_millis(100);
+
+/// A cache of the `K`s with `labels`, kept by a watch until the task is
+/// dropped.
+fn watch<K>(client: &Client, labels: &str) -> (kube::runtime::reflector::Store<K>, AbortOnDrop)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (reader, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(
+            Api::<K>::all(client.clone()),
+            watcher::Config::default().labels(labels),
+        ),
+    )
+    .default_backoff();
+    let task = tokio::spawn(stream.for_each(|_| async {}));
+    (reader, AbortOnDrop(task))
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// A GPU pool of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -1618,28 +1655,30 @@ impl Bench {
     ) -> Result<()> {
         let deadline = Instant::now() + self.opts.timeout;
         let mut last_log = Instant::now();
+        // Watched, as `kubectl wait` does: a LIST of every object each poll
+        // cost the API server more than a change sent once (and the poll's
+        // interval was the measurement's resolution).
+        let models = (kind == Kind::Models)
+            .then(|| watch::<Model>(&self.client, &format!("{BENCH_LABEL}=model")));
+        let deployments = (kind == Kind::Deployments)
+            .then(|| watch::<Deployment>(&self.client, &format!("{BENCH_LABEL}=deployment")));
+        let mut last_op = Instant::now();
         loop {
-            if let Some(op) = op.as_deref_mut() {
+            if let Some(op) = op.as_deref_mut()
+                && last_op.elapsed() >= POLL
+            {
                 op.ensure().await?;
                 op.observe().await;
+                last_op = Instant::now();
             }
-            let ready = match kind {
-                Kind::Models => Api::<Model>::all(self.client.clone())
-                    .list(&ListParams::default().labels(&format!("{BENCH_LABEL}=model")))
-                    .await
-                    .map_err(kube_err("listing Models"))?
-                    .items
+            let ready = match (&models, &deployments) {
+                (Some((m, _)), _) => m
+                    .state()
                     .iter()
                     .filter(|m| model_ready(m, updated))
                     .count(),
-                Kind::Deployments => Api::<Deployment>::all(self.client.clone())
-                    .list(&ListParams::default().labels(&format!("{BENCH_LABEL}=deployment")))
-                    .await
-                    .map_err(kube_err("listing Deployments"))?
-                    .items
-                    .iter()
-                    .filter(|d| deployment_ready(d))
-                    .count(),
+                (_, Some((d, _))) => d.state().iter().filter(|d| deployment_ready(d)).count(),
+                _ => 0,
             };
             let mut stranded = 0;
             if ready == self.workloads.len() && !gone.is_empty() {
@@ -1671,7 +1710,7 @@ impl Bench {
                     seconds: self.opts.timeout.as_secs(),
                 }));
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(WATCH_CHECK).await;
         }
     }
 

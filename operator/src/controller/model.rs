@@ -658,7 +658,7 @@ async fn delete_replicas(
     writes: &mut Writes,
 ) {
     for (pod, reason) in &plan.rollout.delete {
-        let params = if *reason == DeleteReason::NodeGone {
+        let params = if matches!(reason, DeleteReason::NodeGone | DeleteReason::Stranded) {
             // No kubelet will confirm the deletion of a pod on a vanished node.
             DeleteParams {
                 grace_period_seconds: Some(0),
@@ -697,6 +697,12 @@ fn deletion_note(pod: &str, reason: DeleteReason, desired: i32) -> (EventType, S
         DeleteReason::NodeGone => (
             EventType::Warning,
             format!("the node of replica {pod} is gone; placing it again"),
+        ),
+        DeleteReason::Stranded => (
+            EventType::Normal,
+            format!(
+                "replica {pod} was being deleted when its node went; removed without waiting for the node"
+            ),
         ),
         DeleteReason::NodeNotReady => (
             EventType::Warning,
@@ -1526,6 +1532,7 @@ mod tests {
         for (reason, warning, words) in [
             (DeleteReason::Failed, true, "failed"),
             (DeleteReason::NodeGone, true, "node"),
+            (DeleteReason::Stranded, false, "its node went"),
             (DeleteReason::NodeNotReady, true, "not been Ready"),
             (DeleteReason::Unschedulable, true, "scheduler"),
             (DeleteReason::Outdated, false, "old template"),
