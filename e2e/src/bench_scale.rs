@@ -1672,11 +1672,7 @@ impl Bench {
                 last_op = Instant::now();
             }
             let ready = match (&models, &deployments) {
-                (Some((m, _)), _) => m
-                    .state()
-                    .iter()
-                    .filter(|m| model_ready(m, updated))
-                    .count(),
+                (Some((m, _)), _) => m.state().iter().filter(|m| model_ready(m, updated)).count(),
                 (_, Some((d, _))) => d.state().iter().filter(|d| deployment_ready(d)).count(),
                 _ => 0,
             };
