@@ -179,7 +179,7 @@ fn qps(s: &str) -> Result<f64, String> {
 /// policy (server-aware: `Retry-After`, exponential backoff, 15 tries)
 /// wraps the fence and the bucket instead: every attempt is fenced,
 /// rate-limited and counted. (A buffer beneath makes the stack cloneable,
-/// as a retry needs.)
+/// as a retry needs. ratelimit's unit tests build the same order.)
 async fn clients(fence: &Fence, limit: &RateLimit) -> Result<(Client, Client), kube::Error> {
     let config = kube::Config::infer()
         .await

@@ -565,48 +565,31 @@ mod tests {
             .expect("request")
     }
 
-    /// The operator's client stack (main.rs `clients`), over `inner`.
-    fn stack<S>(
-        inner: S,
+    /// Sends one pod create through the operator's client stack (main.rs
+    /// `clients`: retry, then bucket, then fence) over `busy`.
+    async fn create_pod_through(
+        busy: Busy,
         fence: &crate::fence::Fence,
         limit: &RateLimit,
-    ) -> impl tower::Service<
-        http::Request<kube::client::Body>,
-        Response = http::Response<()>,
-        Error = BoxError,
-    > + use<S>
-    where
-        S: tower::Service<
-                http::Request<kube::client::Body>,
-                Response = http::Response<()>,
-                Error = BoxError,
-            > + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        use tower::Layer;
-        let fenced = crate::fence::FenceLayer(fence.clone()).layer(inner);
+    ) -> Result<http::Response<()>, BoxError> {
+        use tower::{Layer, Service, ServiceExt};
+        let fenced = crate::fence::FenceLayer(fence.clone()).layer(busy);
         let limited = RateLimitLayer(limit.clone()).layer(fenced);
-        tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry())
-            .layer(limited)
+        let mut svc =
+            tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry())
+                .layer(limited);
+        svc.ready().await?.call(create_pod()).await
     }
 
     #[tokio::test(start_paused = true)]
     async fn every_attempt_of_a_retried_request_takes_a_token_and_is_counted() {
-        use tower::{Service, ServiceExt};
         let limit = RateLimit::new(10.0, 1).expect("limit");
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let busy = Busy {
             calls: calls.clone(),
             fence: None,
         };
-        let mut svc = stack(busy, &crate::fence::Fence::open(), &limit);
-        let answer = svc
-            .ready()
-            .await
-            .expect("ready")
-            .call(create_pod())
+        let answer = create_pod_through(busy, &crate::fence::Fence::open(), &limit)
             .await
             .expect("answer");
         assert_eq!(answer.status(), 200, "the 429 was retried");
@@ -624,7 +607,6 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_write_retried_after_the_lease_was_lost_is_refused_by_the_fence() {
-        use tower::{Service, ServiceExt};
         let limit = RateLimit::new(10.0, 10).expect("limit");
         let fence = crate::fence::Fence::elected();
         fence.open_until(std::time::Instant::now() + Duration::from_secs(60));
@@ -633,12 +615,7 @@ mod tests {
             calls: calls.clone(),
             fence: Some(fence.clone()),
         };
-        let mut svc = stack(busy, &fence, &limit);
-        let err = svc
-            .ready()
-            .await
-            .expect("ready")
-            .call(create_pod())
+        let err = create_pod_through(busy, &fence, &limit)
             .await
             .expect_err("the retry is fenced");
         assert!(err.to_string().contains("leader lease"), "{err}");
