@@ -70,14 +70,14 @@ async fn lease_requests_dispatched(client: &kube::Client) -> f64 {
         .body(Vec::new())
         .expect("request");
     let text = client.request_text(req).await.expect("API server metrics");
-    text.lines()
-        .filter(|l| l.starts_with("apiserver_flowcontrol_dispatched_requests_total{"))
-        .filter(|l| {
-            l.contains(r#"flow_schema="strata-leader-election""#)
-                && l.contains(r#"priority_level="leader-election""#)
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
-        .sum()
+    strata_e2e::bench_memory::counter_sum(
+        &text,
+        "apiserver_flowcontrol_dispatched_requests_total",
+        &[
+            r#"flow_schema="strata-leader-election""#,
+            r#"priority_level="leader-election""#,
+        ],
+    )
 }
 
 #[tokio::test]
