@@ -28,7 +28,27 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
     created: Vec<Creation>,
-    deleted: HashMap<String, Instant>,
+    deleted: HashMap<String, Deletion>,
+}
+
+/// A pod whose deletion is expected.
+#[derive(Debug, Clone, Copy)]
+struct Deletion {
+    /// When it was decided.
+    at: Instant,
+    /// Deleted without grace (`gracePeriodSeconds: 0`): the API server
+    /// removes the pod without waiting for a kubelet.
+    forced: bool,
+}
+
+impl Deletion {
+    /// Whether the cached pod shows this deletion: terminating, and for a
+    /// forced one with no grace left (a forced deletion of a pod the cache
+    /// shows terminating gracefully is not met by that).
+    fn shown_by(&self, cached: &Pod) -> bool {
+        cached.metadata.deletion_timestamp.is_some()
+            && (!self.forced || cached.metadata.deletion_grace_period_seconds == Some(0))
+    }
 }
 
 /// A pod whose creation is expected.
@@ -104,10 +124,11 @@ impl Expectations {
         }
     }
 
-    /// Records pods this process deleted, by name.
-    pub fn deleted(&mut self, names: impl IntoIterator<Item = String>, now: Instant) {
-        for n in names {
-            self.deleted.insert(n, now);
+    /// Records pods this process deleted, by name, each with whether it
+    /// was deleted without grace (forced).
+    pub fn deleted(&mut self, names: impl IntoIterator<Item = (String, bool)>, now: Instant) {
+        for (n, forced) in names {
+            self.deleted.insert(n, Deletion { at: now, forced });
         }
     }
 
@@ -117,7 +138,10 @@ impl Expectations {
     }
 
     /// The Model's pods as the reconcile should see them: the cached ones,
-    /// those deleted here marked terminating until the cache shows it, and
+    /// those deleted here marked terminating until the cache shows it (and
+    /// those deleted without grace marked so, with a
+    /// `deletionGracePeriodSeconds` of 0, until the cache shows them gone
+    /// or so: a reconcile in between must not delete them again), and
     /// those created here added until the cache has them. `cached` is a
     /// snapshot of the cache taken at `snapshot`. Expectations the cache
     /// has met, or older than [`MAX_WAIT`], are dropped.
@@ -134,17 +158,18 @@ impl Expectations {
                 && c.observed.is_none_or(|seen| seen >= snapshot)
                 && !cached.iter().any(|p| name(p) == name(&c.pod))
         });
-        self.deleted.retain(|n, at| {
-            fresh(at)
-                && cached
-                    .iter()
-                    .any(|c| name(c) == n && c.metadata.deletion_timestamp.is_none())
-        });
+        self.deleted
+            .retain(|n, d| fresh(&d.at) && cached.iter().any(|c| name(c) == n && !d.shown_by(c)));
         let mut out: Vec<Arc<Pod>> = cached
             .into_iter()
             .map(|mut p| {
-                if self.deleted.contains_key(name(&p)) {
-                    Arc::make_mut(&mut p).metadata.deletion_timestamp = Some(now_time.clone());
+                if let Some(d) = self.deleted.get(name(&p)) {
+                    let meta = &mut Arc::make_mut(&mut p).metadata;
+                    meta.deletion_timestamp
+                        .get_or_insert_with(|| now_time.clone());
+                    if d.forced {
+                        meta.deletion_grace_period_seconds = Some(0);
+                    }
                 }
                 p
             })
@@ -180,7 +205,7 @@ mod tests {
         let mut e = Expectations::default();
         e.creating([pod("m-c")]);
         e.created(["m-c"], t0);
-        e.deleted(["m-a".to_owned()], t0);
+        e.deleted([("m-a".to_owned(), false)], t0);
         // The cache still shows a alive and lacks c.
         let seen = e.apply(vec![pod("m-a"), pod("m-b")], t0, t0, &ts);
         assert_eq!(
@@ -205,7 +230,7 @@ mod tests {
         let t0 = Instant::now();
         let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let mut e = Expectations::default();
-        e.deleted(["m-a".to_owned()], t0);
+        e.deleted([("m-a".to_owned(), false)], t0);
         assert!(e.apply(vec![pod("m-b")], t0, t0, &ts).len() == 1);
         assert!(e.is_empty());
         // A creation the watch never shows is forgotten after MAX_WAIT.
@@ -245,7 +270,7 @@ mod tests {
             vec![("m-c".into(), false)]
         );
         // A deletion that failed leaves the pod as the cache shows it.
-        e.deleted(["m-x".to_owned()], later);
+        e.deleted([("m-x".to_owned(), false)], later);
         e.not_deleted(["m-x"]);
         assert_eq!(
             names(&e.apply(vec![pod("m-x")], later, later, &ts)),
@@ -300,5 +325,44 @@ mod tests {
         let after = t0 + Duration::from_millis(1);
         let seen = e.apply(Vec::new(), after, after, &ts);
         assert_eq!(names(&seen), vec![("m-b".into(), false)]);
+    }
+
+    #[test]
+    fn a_forced_deletion_is_expected_until_the_cache_shows_it_without_grace_or_gone() {
+        let t0 = Instant::now();
+        let ts = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let grace = |p: &Arc<Pod>| p.metadata.deletion_grace_period_seconds;
+        let mut e = Expectations::default();
+        // a: forced while the cache shows it terminating with grace (a
+        // graceful deletion before it); b: forced while alive.
+        let mut a = pod("m-a");
+        {
+            let meta = &mut Arc::make_mut(&mut a).metadata;
+            meta.deletion_timestamp = Some(ts.clone());
+            meta.deletion_grace_period_seconds = Some(30);
+        }
+        e.deleted([("m-a".to_owned(), true), ("m-b".to_owned(), true)], t0);
+        let seen = e.apply(vec![a.clone(), pod("m-b")], t0, t0, &ts);
+        assert_eq!(
+            names(&seen),
+            vec![("m-a".into(), true), ("m-b".into(), true)]
+        );
+        assert!(
+            seen.iter().all(|p| grace(p) == Some(0)),
+            "both shown deleted without grace while the cache lags"
+        );
+        assert!(!e.is_empty());
+        // The cache shows a as before and b gone: a is still expected.
+        let seen = e.apply(vec![a], t0, t0, &ts);
+        assert_eq!(seen.iter().map(grace).collect::<Vec<_>>(), vec![Some(0)]);
+        // The cache shows a forced (it has finalizers): met.
+        let mut forced = pod("m-a");
+        {
+            let meta = &mut Arc::make_mut(&mut forced).metadata;
+            meta.deletion_timestamp = Some(ts.clone());
+            meta.deletion_grace_period_seconds = Some(0);
+        }
+        e.apply(vec![forced], t0, t0, &ts);
+        assert!(e.is_empty());
     }
 }

@@ -20,6 +20,10 @@ pub struct Replica {
     pub phase: String,
     /// Being deleted.
     pub terminating: bool,
+    /// Being deleted without grace (`deletionGracePeriodSeconds` 0): the
+    /// API server removes it without a kubelet, so deleting it again would
+    /// change nothing.
+    pub forced: bool,
     /// Node it is bound or pinned to.
     pub node: Option<String>,
     /// Its node no longer exists.
@@ -117,7 +121,7 @@ pub fn plan(replicas: &[Replica], target: &Target) -> Plan {
     let mut live: Vec<&Replica> = Vec::new();
     for r in replicas {
         if r.terminating {
-            if r.node_gone {
+            if r.node_gone && !r.forced {
                 out.delete.push((r.name.clone(), DeleteReason::Stranded));
             }
             continue;
@@ -221,6 +225,7 @@ mod tests {
             ready,
             phase: "Running".into(),
             terminating: false,
+            forced: false,
             node: Some("h100-0".into()),
             node_gone: false,
             node_not_ready_for: None,
@@ -346,11 +351,16 @@ mod tests {
         old.node_gone = true;
         let mut leaving = r("leaving", "old", false);
         leaving.terminating = true;
-        let p = plan(&[old, leaving, r("new", "new", true)], &t);
+        let mut forced = r("forced", "old", false);
+        forced.terminating = true;
+        forced.node_gone = true;
+        forced.forced = true;
+        let p = plan(&[old, leaving, forced, r("new", "new", true)], &t);
         assert_eq!(
             deleted(&p),
             vec![("old", DeleteReason::Stranded)],
-            "only the one whose node is gone; the other's kubelet confirms it"
+            "only the one whose node is gone and deleted with grace; the \
+             other's kubelet confirms it, the server removes the forced one"
         );
         assert_eq!(p.create, 0, "its replacement is there already");
         assert_eq!((p.updated, p.ready), (1, 1));

@@ -585,6 +585,7 @@ mod tests {
             ready,
             phase: "Running".into(),
             terminating: false,
+            forced: false,
             node: Some("n".into()),
             node_gone: false,
             node_not_ready_for: None,

@@ -117,7 +117,13 @@ async fn phases(model: &Arc<Model>, ctx: &Arc<Context>) -> Result<Action> {
         // What the cache will show in a moment counts from now on, before
         // the requests are sent.
         with_memo(ctx, &memo, |m| {
-            m.pods.deleted(deleted.pods.iter().cloned(), Instant::now());
+            m.pods.deleted(
+                deleted
+                    .pods
+                    .iter()
+                    .map(|p| (p.clone(), deleted.forced.contains(p))),
+                Instant::now(),
+            );
             m.pods
                 .creating(writes.creates.iter().map(|c| c.pod.clone()));
             m.writes += 1;
@@ -632,6 +638,7 @@ fn to_replica(pod: &Pod, seen: &Seen) -> Replica {
             .and_then(|s| s.phase.clone())
             .unwrap_or_else(|| "Pending".into()),
         terminating: pod.metadata.deletion_timestamp.is_some(),
+        forced: pod.metadata.deletion_grace_period_seconds == Some(0),
         node_gone: node.is_some() && on.is_none(),
         node_not_ready_for: on.and_then(|n| view::node_not_ready_for(n, now.as_second())),
         node,
@@ -644,6 +651,8 @@ fn to_replica(pod: &Pod, seen: &Seen) -> Replica {
 #[derive(Default)]
 struct Deleted {
     pods: HashSet<String>,
+    /// Those among them deleted without grace.
+    forced: HashSet<String>,
     /// Failed replicas among them.
     failures: usize,
 }
@@ -660,6 +669,7 @@ async fn delete_replicas(
     for (pod, reason) in &plan.rollout.delete {
         let params = if matches!(reason, DeleteReason::NodeGone | DeleteReason::Stranded) {
             // No kubelet will confirm the deletion of a pod on a vanished node.
+            deleted.forced.insert(pod.clone());
             DeleteParams {
                 grace_period_seconds: Some(0),
                 ..DeleteParams::default()
