@@ -27,8 +27,13 @@ use kube::runtime::reflector::ObjectRef;
 use strata_crds::Model;
 
 /// Service creates in flight at most (the API server does them one at a
-/// time anyway; beyond, tasks wait for a slot, not the reconciles).
-pub const IN_FLIGHT: usize = 64;
+/// time anyway; beyond, tasks wait for a slot, not the reconciles). More
+/// would not go faster, and each waits seconds there, holding a seat of
+/// the API server's priority level and counting as in flight for the
+/// client's [`busy`](crate::ratelimit::RateLimit::busy) signal: at 64 the
+/// trickling Service creates alone kept the client busy, and the status
+/// writes that say a Model is Ready yielded to them for 10 s.
+pub const IN_FLIGHT: usize = 8;
 
 /// How long a created Service may take to show in the cache before the
 /// Model looks for itself (it may have been deleted meanwhile).
