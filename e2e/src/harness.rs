@@ -618,12 +618,19 @@ where
     K::DynamicType: Default,
 {
     let what = format!("{} {name}", K::kind(&Default::default()));
-    crate::wait::within(&what, timeout, async {
-        await_condition(api, name, condition)
-            .await
-            .map_err(|e| Error::Kubeconfig(e.to_string()))?;
-        Ok(())
-    })
+    // (Boxed: a watch's future is large, and tests await many of these
+    // from deep stacks of futures; inline they overflowed a test thread's
+    // stack.)
+    crate::wait::within(
+        &what,
+        timeout,
+        Box::pin(async {
+            await_condition(api, name, condition)
+                .await
+                .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+            Ok(())
+        }),
+    )
     .await
 }
 

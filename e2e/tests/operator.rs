@@ -862,6 +862,71 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
     the_inference_pool_follows_its_model(&client).await;
 }
 
+/// Someone else edits the Model's InferencePool, or deletes it: the watch
+/// of Strata's InferencePools sees it (`strata_child_drift_total`) and
+/// wakes the Model, which puts it back.
+async fn an_edited_or_deleted_pool_is_put_back(
+    client: &Client,
+    pools: &Api<strata_operator::controller::inference_pool::InferencePool>,
+) {
+    use strata_operator::controller::inference_pool::InferencePool;
+    // What the leader's watch saw changed or deleted by someone else (this
+    // operator's resync, 10 s, would put the pool back too, if slower).
+    let drifted = || async {
+        let leader = operator_leader(client, TIMEOUT).await.expect("leader");
+        let m = strata_e2e::http::get(leader.metrics_addr(), "/metrics", Duration::from_secs(5))
+            .await
+            .expect("metrics");
+        strata_e2e::bench_memory::counter_sum(
+            &m.body,
+            "strata_child_drift_total",
+            &["kind=\"InferencePool\""],
+        )
+    };
+    let before = drifted().await;
+    pools
+        .patch(
+            "routed",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"targetPorts": [{"number": 9999}]}})),
+        )
+        .await
+        .expect("someone else edits the pool");
+    wait_for(
+        pools.clone(),
+        "routed",
+        TIMEOUT,
+        |p: Option<&InferencePool>| {
+            p.is_some_and(|p| p.spec["targetPorts"] == json!([{"number": 8080}]))
+        },
+    )
+    .await
+    .expect("the edit undone");
+    let edited = drifted().await;
+    assert!(
+        edited >= before + 1.0,
+        "the edit seen: {before} -> {edited}"
+    );
+    let uid = pools.get("routed").await.expect("pool").metadata.uid;
+    pools
+        .delete("routed", &DeleteParams::default())
+        .await
+        .expect("someone else deletes the pool");
+    wait_for(
+        pools.clone(),
+        "routed",
+        TIMEOUT,
+        move |p: Option<&InferencePool>| p.is_some_and(|p| p.metadata.uid != uid),
+    )
+    .await
+    .expect("the pool created again");
+    let deleted = drifted().await;
+    assert!(
+        deleted >= edited + 1.0,
+        "the deletion seen: {edited} -> {deleted}"
+    );
+}
+
 /// A Model with `spec.routing.inferencePool`: before the Gateway API
 /// Inference Extension's CRD is installed it is served and says
 /// Degraded/InferencePoolUnavailable (and a Warning Event); once the real
@@ -1088,6 +1153,8 @@ async fn the_inference_pool_follows_its_model(client: &Client) {
     )
     .await
     .expect("the pool follows the Model's picker");
+
+    an_edited_or_deleted_pool_is_put_back(client, &pools).await;
 
     // Not asked any more: deleted; asked again: back.
     models

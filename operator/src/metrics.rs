@@ -26,6 +26,9 @@ pub struct Metrics {
     /// Child objects (Services, Secrets) by kind and result (`applied`,
     /// `created`, `checked`, `unchanged`: not sent).
     pub child_applies: IntCounterVec,
+    /// Children found changed or deleted by someone else (each wakes its
+    /// Model, which puts it back), by kind (`InferencePool`).
+    pub child_drift: IntCounterVec,
     /// Events dropped because too many were on their way already.
     pub events_dropped: IntCounter,
     /// Reconcile errors by controller and category.
@@ -167,6 +170,13 @@ impl Metrics {
             ),
             &["kind", "result"],
         )?;
+        let child_drift = IntCounterVec::new(
+            Opts::new(
+                "strata_child_drift_total",
+                "Children of Models found changed or deleted by someone else, by kind (each wakes its Model, which puts it back).",
+            ),
+            &["kind"],
+        )?;
         let events_dropped = IntCounter::new(
             "strata_events_dropped_total",
             "Events not published because 2048 were already waiting or on their way (an API server that does not answer).",
@@ -225,6 +235,7 @@ impl Metrics {
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(status_writes.clone()))?;
         registry.register(Box::new(child_applies.clone()))?;
+        registry.register(Box::new(child_drift.clone()))?;
         registry.register(Box::new(events_dropped.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
@@ -394,6 +405,7 @@ impl Metrics {
             reconciles,
             status_writes,
             child_applies,
+            child_drift,
             events_dropped,
             reconcile_duration,
             errors,

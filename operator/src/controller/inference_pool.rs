@@ -13,7 +13,11 @@
 //! through its Service as always; nothing else is sent, and no watch fails.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+
+use futures::channel::mpsc::UnboundedSender;
+use prometheus::IntCounter;
 
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::core::{NamespaceResourceScope, ObjectMeta};
@@ -23,6 +27,7 @@ use kube::{Api, Client, Resource};
 use serde::{Deserialize, Serialize};
 use strata_core::inference_pool::{self as pool, Problem};
 use strata_core::labels;
+use strata_crds::Model;
 
 use crate::error::{Error, Result};
 
@@ -105,8 +110,10 @@ impl Drop for Watched {
 
 /// Starts the watch of Strata's InferencePools. A failing watch is said
 /// once at warn level (then at debug until it recovers); a 404 (the CRD
-/// deleted) marks it gone, and [`InferencePools::store`] drops it.
-fn watch(client: &Client) -> Watched {
+/// deleted) marks it gone, and [`InferencePools::store`] drops it. A pool
+/// changed or deleted by someone else wakes the Model that owns it (see
+/// [`Drift`]), which puts it back.
+fn watch(client: &Client, wake: UnboundedSender<ObjectRef<Model>>, drifted: IntCounter) -> Watched {
     use futures::StreamExt;
     use kube::runtime::WatchStreamExt;
     use std::sync::atomic::Ordering;
@@ -125,9 +132,22 @@ fn watch(client: &Client) -> Watched {
     let task = tokio::spawn(async move {
         tokio::pin!(stream);
         let mut failing = false;
+        let mut drift = Drift::default();
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => failing = false,
+                Ok(event) => {
+                    failing = false;
+                    for model in drift.event(&event) {
+                        tracing::info!(
+                            namespace = model.namespace.as_deref().unwrap_or_default(),
+                            model = model.name,
+                            "the Model's InferencePool was changed or deleted by someone else: putting it back"
+                        );
+                        drifted.inc();
+                        // (Closed only when the controllers stop.)
+                        let _ = wake.unbounded_send(model);
+                    }
+                }
                 Err(e) => {
                     if not_found(&e) {
                         flag.store(true, Ordering::Relaxed);
@@ -156,24 +176,127 @@ fn not_found(e: &watcher::Error) -> bool {
     }
 }
 
+/// Which watch events of Strata's InferencePools should wake their Model,
+/// pure: a pool deleted, or changed in what the Model decides (its spec,
+/// labels, annotations or owners) since the watch last showed it. A pool
+/// seen for the first time does not (the Model created it), nor does a
+/// change of its status (the gateways'). After a re-list, the pools the
+/// watch no longer shows count as deleted (a watch that lost its place
+/// sends no deletion for them).
+#[derive(Debug, Default)]
+pub(crate) struct Drift {
+    /// What each pool looked like, and its owning Model.
+    seen: HashMap<ObjectRef<InferencePool>, (u64, Option<ObjectRef<Model>>)>,
+    /// The pools a re-list in progress has shown.
+    relisted: Option<HashSet<ObjectRef<InferencePool>>>,
+}
+
+impl Drift {
+    /// The Models to wake for one watch event.
+    pub(crate) fn event(&mut self, event: &watcher::Event<InferencePool>) -> Vec<ObjectRef<Model>> {
+        match event {
+            watcher::Event::Apply(p) => self.applied(p).into_iter().collect(),
+            watcher::Event::InitApply(p) => {
+                if let Some(r) = self.relisted.as_mut() {
+                    r.insert(ObjectRef::from_obj(p));
+                }
+                self.applied(p).into_iter().collect()
+            }
+            watcher::Event::Delete(p) => self
+                .seen
+                .remove(&ObjectRef::from_obj(p))
+                .and_then(|(_, owner)| owner)
+                .or_else(|| owner(p))
+                .into_iter()
+                .collect(),
+            watcher::Event::Init => {
+                self.relisted = Some(HashSet::new());
+                Vec::new()
+            }
+            watcher::Event::InitDone => {
+                let Some(relisted) = self.relisted.take() else {
+                    return Vec::new();
+                };
+                let mut gone = Vec::new();
+                self.seen.retain(|k, (_, owner)| {
+                    let keep = relisted.contains(k);
+                    if !keep && let Some(o) = owner.take() {
+                        gone.push(o);
+                    }
+                    keep
+                });
+                gone
+            }
+        }
+    }
+
+    fn applied(&mut self, p: &InferencePool) -> Option<ObjectRef<Model>> {
+        let owner = owner(p);
+        let print = fingerprint(p);
+        match self
+            .seen
+            .insert(ObjectRef::from_obj(p), (print, owner.clone()))
+        {
+            Some((before, _)) if before != print => owner,
+            _ => None,
+        }
+    }
+}
+
+/// The Model that controls the pool, if any.
+fn owner(p: &InferencePool) -> Option<ObjectRef<Model>> {
+    let ns = p.metadata.namespace.as_deref()?;
+    p.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| {
+            o.controller == Some(true)
+                && o.kind == Model::kind(&())
+                && o.api_version == Model::api_version(&())
+        })
+        .map(|o| ObjectRef::new(&o.name).within(ns))
+}
+
+/// A hash of what the Model decides of a pool.
+fn fingerprint(p: &InferencePool) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::json!([
+        p.spec,
+        p.metadata.labels,
+        p.metadata.annotations,
+        p.metadata.owner_references
+    ])
+    .to_string()
+    .hash(&mut h);
+    h.finish()
+}
+
 /// The operator's view of InferencePools (one per process).
 pub struct InferencePools {
     state: tokio::sync::Mutex<State>,
     /// The problem each Model (by `namespace/name#uid`) was last warned
     /// about, so that it is told once, not at every reconcile.
-    warned: std::sync::Mutex<std::collections::HashMap<String, &'static str>>,
-}
-
-impl Default for InferencePools {
-    fn default() -> Self {
-        Self {
-            state: tokio::sync::Mutex::new(State::Unknown),
-            warned: std::sync::Mutex::new(std::collections::HashMap::new()),
-        }
-    }
+    warned: std::sync::Mutex<HashMap<String, &'static str>>,
+    /// Wakes the Model whose InferencePool someone else changed.
+    wake: UnboundedSender<ObjectRef<Model>>,
+    /// Counts those changes (`strata_child_drift_total`).
+    drifted: IntCounter,
 }
 
 impl InferencePools {
+    /// Nothing known yet; `wake` wakes a Model (the Model controller's
+    /// `reconcile_on`), `drifted` counts why.
+    pub fn new(wake: UnboundedSender<ObjectRef<Model>>, drifted: IntCounter) -> Self {
+        Self {
+            state: tokio::sync::Mutex::new(State::Unknown),
+            warned: std::sync::Mutex::new(HashMap::new()),
+            wake,
+            drifted,
+        }
+    }
+
     /// Whether the Model `key` should be warned about `problem` now: true
     /// the first time (and again after it went away). `None`: no problem
     /// (forgets the Model).
@@ -222,7 +345,7 @@ impl InferencePools {
             *state = State::Absent(Instant::now());
             return Ok(None);
         }
-        let watched = watch(client);
+        let watched = watch(client, self.wake.clone(), self.drifted.clone());
         let store = watched.store.clone();
         match tokio::time::timeout(SYNC_TIMEOUT, store.wait_until_ready()).await {
             Ok(Ok(())) => {}
@@ -352,7 +475,10 @@ mod tests {
 
     #[test]
     fn a_model_is_warned_once_per_problem() {
-        let pools = InferencePools::default();
+        let pools = InferencePools::new(
+            futures::channel::mpsc::unbounded().0,
+            IntCounter::new("drift", "drift").expect("counter"),
+        );
         let (a, b) = ("ns/a#1", "ns/b#2");
         assert!(pools.first_warning(a, Some(&Problem::NotInstalled)));
         assert!(!pools.first_warning(a, Some(&Problem::NotInstalled)));
@@ -393,5 +519,82 @@ mod tests {
         assert!(pool::owned_by(&read.to_json(), "u1"));
         assert!(pool::matches(&read.to_json(), &desired, "u1"));
         assert!(!pool::matches(&read.to_json(), &desired, "u2"));
+    }
+
+    fn owned(name: &str, model: &str, port: i64) -> InferencePool {
+        let routing = strata_crds::model::InferencePoolRouting::default();
+        let mut wire = pool::build("team", model, "u1", &routing);
+        wire["metadata"]["name"] = serde_json::json!(name);
+        wire["spec"]["targetPorts"] = serde_json::json!([{"number": port}]);
+        serde_json::from_value(wire).expect("pool")
+    }
+
+    fn names(models: Vec<ObjectRef<Model>>) -> Vec<String> {
+        models
+            .into_iter()
+            .map(|m| format!("{}/{}", m.namespace.unwrap_or_default(), m.name))
+            .collect()
+    }
+
+    #[test]
+    fn a_pool_changed_or_deleted_by_someone_else_wakes_its_model() {
+        use watcher::Event;
+        let mut d = Drift::default();
+        let a = owned("a", "llama", 8080);
+        assert!(
+            d.event(&Event::Apply(a.clone())).is_empty(),
+            "first seen: created by the Model"
+        );
+        let mut status_only = a.clone();
+        status_only.metadata.resource_version = Some("2".into());
+        assert!(
+            d.event(&Event::Apply(status_only)).is_empty(),
+            "nothing the Model decides changed"
+        );
+        let edited = owned("a", "llama", 9999);
+        assert_eq!(
+            names(d.event(&Event::Apply(edited.clone()))),
+            ["team/llama"]
+        );
+        let mut relabelled = edited.clone();
+        relabelled
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("x".into(), "y".into());
+        assert_eq!(names(d.event(&Event::Apply(relabelled))), ["team/llama"]);
+        assert_eq!(names(d.event(&Event::Delete(edited))), ["team/llama"]);
+        let mut foreign = owned("f", "llama", 8080);
+        foreign.metadata.owner_references = None;
+        d.event(&Event::Apply(foreign.clone()));
+        assert!(
+            d.event(&Event::Delete(foreign)).is_empty(),
+            "no Model owns it"
+        );
+    }
+
+    #[test]
+    fn after_a_relist_the_pools_not_shown_again_count_as_deleted() {
+        use watcher::Event;
+        let mut d = Drift::default();
+        for e in [
+            Event::Init,
+            Event::InitApply(owned("a", "llama", 8080)),
+            Event::InitApply(owned("b", "qwen", 8080)),
+            Event::InitDone,
+        ] {
+            assert!(d.event(&e).is_empty(), "the first list wakes nobody");
+        }
+        // The watch lost its place; b was deleted and a edited meanwhile.
+        assert!(d.event(&Event::Init).is_empty());
+        assert_eq!(
+            names(d.event(&Event::InitApply(owned("a", "llama", 9999)))),
+            ["team/llama"]
+        );
+        assert_eq!(names(d.event(&Event::InitDone)), ["team/qwen"]);
+        assert!(
+            d.event(&Event::Apply(owned("a", "llama", 9999))).is_empty(),
+            "a as the re-list showed it"
+        );
     }
 }

@@ -612,8 +612,13 @@ pub async fn run(
         agent_port: config.telemetry.agent_port,
         dcgm_url: config.telemetry.dcgm_url.clone(),
     };
-    // Wakes a Model whose background Service create failed.
+    // Wakes a Model whose background Service create failed, or whose
+    // InferencePool someone else changed.
     let (wake_models, woken_models) = futures::channel::mpsc::unbounded();
+    let inference_pools = inference_pool::InferencePools::new(
+        wake_models.clone(),
+        metrics.child_drift.with_label_values(&["InferencePool"]),
+    );
     let ctx = Arc::new(Context {
         service_creates: Arc::new(service_create::Background::new(wake_models.clone())),
         wake_models,
@@ -643,7 +648,7 @@ pub async fn run(
         failures: std::sync::Mutex::new(HashMap::new()),
         sidecars,
         telemetry,
-        inference_pools: inference_pool::InferencePools::default(),
+        inference_pools,
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);
