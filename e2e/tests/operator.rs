@@ -863,15 +863,17 @@ async fn the_operator_places_rolls_heals_and_cleans_up() {
 }
 
 /// Someone else edits the Model's InferencePool, or deletes it: the watch
-/// of Strata's InferencePools sees it (`strata_child_drift_total`) and
-/// wakes the Model, which puts it back.
+/// of Strata's InferencePools sees it (an edit by another field manager
+/// counts in `strata_child_drift_total`) and wakes the Model, which puts
+/// it back.
 async fn an_edited_or_deleted_pool_is_put_back(
     client: &Client,
     pools: &Api<strata_operator::controller::inference_pool::InferencePool>,
 ) {
     use strata_operator::controller::inference_pool::InferencePool;
-    // What the leader's watch saw changed or deleted by someone else (this
-    // operator's resync, 10 s, would put the pool back too, if slower).
+    // What the leader's watch saw changed by someone else (this operator's
+    // resync, 10 s, would put the pool back too, if slower: the counter
+    // tells the watch's wake-up apart).
     let drifted = || async {
         let leader = operator_leader(client, TIMEOUT).await.expect("leader");
         let m = strata_e2e::http::get(leader.metrics_addr(), "/metrics", Duration::from_secs(5))
@@ -920,11 +922,6 @@ async fn an_edited_or_deleted_pool_is_put_back(
     )
     .await
     .expect("the pool created again");
-    let deleted = drifted().await;
-    assert!(
-        deleted >= edited + 1.0,
-        "the deletion seen: {edited} -> {deleted}"
-    );
 }
 
 /// A Model with `spec.routing.inferencePool`: before the Gateway API

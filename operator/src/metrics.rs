@@ -26,7 +26,7 @@ pub struct Metrics {
     /// Child objects (Services, Secrets) by kind and result (`applied`,
     /// `created`, `checked`, `unchanged`: not sent).
     pub child_applies: IntCounterVec,
-    /// Children found changed or deleted by someone else (each wakes its
+    /// Children found changed by another field manager (each wakes its
     /// Model, which puts it back), by kind (`InferencePool`).
     pub child_drift: IntCounterVec,
     /// Events dropped because too many were on their way already.
@@ -173,7 +173,7 @@ impl Metrics {
         let child_drift = IntCounterVec::new(
             Opts::new(
                 "strata_child_drift_total",
-                "Children of Models found changed or deleted by someone else, by kind (each wakes its Model, which puts it back).",
+                "Children of Models found changed by another field manager than the operator's, by kind (each wakes its Model, which puts it back).",
             ),
             &["kind"],
         )?;

@@ -111,43 +111,58 @@ impl Drop for Watched {
 /// Starts the watch of Strata's InferencePools. A failing watch is said
 /// once at warn level (then at debug until it recovers); a 404 (the CRD
 /// deleted) marks it gone, and [`InferencePools::store`] drops it. A pool
-/// changed or deleted by someone else wakes the Model that owns it (see
-/// [`Drift`]), which puts it back.
+/// changed by another field manager, or deleted, wakes the Model that owns
+/// it (see [`Drift`]), which puts it back.
 fn watch(client: &Client, wake: UnboundedSender<ObjectRef<Model>>, drifted: IntCounter) -> Watched {
-    use futures::StreamExt;
+    use futures::{StreamExt, TryStreamExt};
     use kube::runtime::WatchStreamExt;
     use std::sync::atomic::Ordering;
     let (store, writer) = kube::runtime::reflector::store();
     let api = Api::<InferencePool>::all(client.clone());
     let config =
         watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    // (Each event is read for drift before its managed fields, which say
+    // who wrote it, are dropped for the cache.)
+    let mut drift = Drift::default();
     let stream = kube::runtime::reflector::reflector(
         writer,
         watcher(api, config)
             .backoff(crate::watch::backoff())
-            .modify(crate::watch::drop_managed_fields),
+            .map_ok(move |event| {
+                for (model, cause) in drift.event(&event) {
+                    let (ns, name) = (model.namespace.as_deref().unwrap_or_default(), &model.name);
+                    match &cause {
+                        Cause::EditedBy(manager) => {
+                            drifted.inc();
+                            tracing::info!(
+                                namespace = ns,
+                                model = %name,
+                                manager = %manager,
+                                "the Model's InferencePool was changed by someone else: putting it back"
+                            );
+                        }
+                        // (Debug: the garbage collector's deletion after the
+                        // Model's own is one too.)
+                        Cause::Deleted => tracing::debug!(
+                            namespace = ns,
+                            model = %name,
+                            "the Model's InferencePool was deleted: putting it back if the Model still asks for one"
+                        ),
+                    }
+                    // (Closed only when the controllers stop.)
+                    let _ = wake.unbounded_send(model);
+                }
+                event.modify(crate::watch::drop_managed_fields)
+            }),
     );
     let gone = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = gone.clone();
     let task = tokio::spawn(async move {
         tokio::pin!(stream);
         let mut failing = false;
-        let mut drift = Drift::default();
         while let Some(event) = stream.next().await {
             match event {
-                Ok(event) => {
-                    failing = false;
-                    for model in drift.event(&event) {
-                        tracing::info!(
-                            namespace = model.namespace.as_deref().unwrap_or_default(),
-                            model = model.name,
-                            "the Model's InferencePool was changed or deleted by someone else: putting it back"
-                        );
-                        drifted.inc();
-                        // (Closed only when the controllers stop.)
-                        let _ = wake.unbounded_send(model);
-                    }
-                }
+                Ok(_) => failing = false,
                 Err(e) => {
                     if not_found(&e) {
                         flag.store(true, Ordering::Relaxed);
@@ -177,23 +192,49 @@ fn not_found(e: &watcher::Error) -> bool {
 }
 
 /// Which watch events of Strata's InferencePools should wake their Model,
-/// pure: a pool deleted, or changed in what the Model decides (its spec,
-/// labels, annotations or owners) since the watch last showed it. A pool
-/// seen for the first time does not (the Model created it), nor does a
-/// change of its status (the gateways'). After a re-list, the pools the
-/// watch no longer shows count as deleted (a watch that lost its place
-/// sends no deletion for them).
+/// pure: a change of what the Model decides (its spec, labels, annotations
+/// or owners) written by another field manager than the operator's, or a
+/// deletion. A pool seen for the first time does not (the Model created
+/// it), nor do the operator's own writes (the reconcile that wrote them
+/// knows), nor a change of its status (the gateways'). After a re-list,
+/// the pools the watch no longer shows count as deleted (a watch that lost
+/// its place sends no deletion for them). A deletion is not told apart by
+/// who made it: the garbage collector's, after the Model's, looks the
+/// same.
 #[derive(Debug, Default)]
 pub(crate) struct Drift {
-    /// What each pool looked like, and its owning Model.
-    seen: HashMap<ObjectRef<InferencePool>, (u64, Option<ObjectRef<Model>>)>,
+    /// What each pool looked like: its fingerprint, owning Model and the
+    /// writers its managed fields name.
+    seen: HashMap<ObjectRef<InferencePool>, Seen>,
     /// The pools a re-list in progress has shown.
     relisted: Option<HashSet<ObjectRef<InferencePool>>>,
 }
 
+#[derive(Debug)]
+struct Seen {
+    print: u64,
+    owner: Option<ObjectRef<Model>>,
+    writers: Vec<Writer>,
+}
+
+/// A managed-fields entry: who wrote, how, and when (second resolution).
+type Writer = (String, String, String, Option<String>);
+
+/// Why a Model is woken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// Another field manager (named) changed the pool.
+    EditedBy(String),
+    /// The pool was deleted.
+    Deleted,
+}
+
 impl Drift {
-    /// The Models to wake for one watch event.
-    pub(crate) fn event(&mut self, event: &watcher::Event<InferencePool>) -> Vec<ObjectRef<Model>> {
+    /// The Models to wake for one watch event, and why.
+    pub(crate) fn event(
+        &mut self,
+        event: &watcher::Event<InferencePool>,
+    ) -> Vec<(ObjectRef<Model>, Cause)> {
         match event {
             watcher::Event::Apply(p) => self.applied(p).into_iter().collect(),
             watcher::Event::InitApply(p) => {
@@ -205,8 +246,9 @@ impl Drift {
             watcher::Event::Delete(p) => self
                 .seen
                 .remove(&ObjectRef::from_obj(p))
-                .and_then(|(_, owner)| owner)
+                .and_then(|s| s.owner)
                 .or_else(|| owner(p))
+                .map(|o| (o, Cause::Deleted))
                 .into_iter()
                 .collect(),
             watcher::Event::Init => {
@@ -218,10 +260,10 @@ impl Drift {
                     return Vec::new();
                 };
                 let mut gone = Vec::new();
-                self.seen.retain(|k, (_, owner)| {
+                self.seen.retain(|k, s| {
                     let keep = relisted.contains(k);
-                    if !keep && let Some(o) = owner.take() {
-                        gone.push(o);
+                    if !keep && let Some(o) = s.owner.take() {
+                        gone.push((o, Cause::Deleted));
                     }
                     keep
                 });
@@ -230,17 +272,44 @@ impl Drift {
         }
     }
 
-    fn applied(&mut self, p: &InferencePool) -> Option<ObjectRef<Model>> {
-        let owner = owner(p);
-        let print = fingerprint(p);
-        match self
-            .seen
-            .insert(ObjectRef::from_obj(p), (print, owner.clone()))
-        {
-            Some((before, _)) if before != print => owner,
-            _ => None,
+    fn applied(&mut self, p: &InferencePool) -> Option<(ObjectRef<Model>, Cause)> {
+        let now = Seen {
+            print: fingerprint(p),
+            owner: owner(p),
+            writers: writers(p),
+        };
+        let before = self.seen.insert(ObjectRef::from_obj(p), now);
+        let (before, now) = (before?, self.seen.get(&ObjectRef::from_obj(p))?);
+        if before.print == now.print {
+            return None;
         }
+        // Who wrote this change: the entries new or rewritten since.
+        let foreign = now
+            .writers
+            .iter()
+            .filter(|w| !before.writers.contains(w))
+            .find(|w| w.0 != labels::FIELD_MANAGER)?;
+        Some((now.owner.clone()?, Cause::EditedBy(foreign.0.clone())))
     }
+}
+
+/// The writers of an object's main resource (not its status) in its
+/// managed fields.
+fn writers(p: &InferencePool) -> Vec<Writer> {
+    p.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default(),
+                m.api_version.clone().unwrap_or_default(),
+                m.time.as_ref().map(|t| t.0.to_string()),
+            )
+        })
+        .collect()
 }
 
 /// The Model that controls the pool, if any.
@@ -521,56 +590,95 @@ mod tests {
         assert!(!pool::matches(&read.to_json(), &desired, "u2"));
     }
 
-    fn owned(name: &str, model: &str, port: i64) -> InferencePool {
+    /// A pool of `model`, last written by `by` at second `at` (after the
+    /// operator's apply at second 0).
+    fn owned(name: &str, model: &str, port: i64, by: &str, at: i64) -> InferencePool {
         let routing = strata_crds::model::InferencePoolRouting::default();
         let mut wire = pool::build("team", model, "u1", &routing);
         wire["metadata"]["name"] = serde_json::json!(name);
         wire["spec"]["targetPorts"] = serde_json::json!([{"number": port}]);
+        let entry = |manager: &str, op: &str, at: i64| {
+            serde_json::json!({"manager": manager, "operation": op, "apiVersion": "inference.networking.k8s.io/v1",
+                "time": format!("2026-12-05T12:00:{at:02}Z"), "fieldsType": "FieldsV1", "fieldsV1": {}})
+        };
+        let mut fields = vec![entry(labels::FIELD_MANAGER, "Apply", 0)];
+        if by == labels::FIELD_MANAGER {
+            fields[0] = entry(by, "Apply", at);
+        } else if !by.is_empty() {
+            fields.push(entry(by, "Update", at));
+        }
+        // A gateway's status write: never a reason.
+        let mut status = entry("gateway", "Update", at);
+        status["subresource"] = serde_json::json!("status");
+        fields.push(status);
+        wire["metadata"]["managedFields"] = serde_json::json!(fields);
         serde_json::from_value(wire).expect("pool")
     }
 
-    fn names(models: Vec<ObjectRef<Model>>) -> Vec<String> {
-        models
+    fn woken(wakes: Vec<(ObjectRef<Model>, Cause)>) -> Vec<(String, Cause)> {
+        wakes
             .into_iter()
-            .map(|m| format!("{}/{}", m.namespace.unwrap_or_default(), m.name))
+            .map(|(m, c)| (format!("{}/{}", m.namespace.unwrap_or_default(), m.name), c))
             .collect()
     }
 
+    const OURS: &str = labels::FIELD_MANAGER;
+
     #[test]
-    fn a_pool_changed_or_deleted_by_someone_else_wakes_its_model() {
+    fn a_pool_changed_by_someone_else_or_deleted_wakes_its_model() {
         use watcher::Event;
+        let edited_by = |m: &str| vec![("team/llama".to_string(), Cause::EditedBy(m.into()))];
         let mut d = Drift::default();
-        let a = owned("a", "llama", 8080);
+        let a = owned("a", "llama", 8080, "", 0);
         assert!(
             d.event(&Event::Apply(a.clone())).is_empty(),
             "first seen: created by the Model"
         );
-        let mut status_only = a.clone();
+        let mut status_only = owned("a", "llama", 8080, "", 5);
         status_only.metadata.resource_version = Some("2".into());
         assert!(
             d.event(&Event::Apply(status_only)).is_empty(),
-            "nothing the Model decides changed"
+            "a status write changes nothing the Model decides"
         );
-        let edited = owned("a", "llama", 9999);
         assert_eq!(
-            names(d.event(&Event::Apply(edited.clone()))),
-            ["team/llama"]
+            woken(d.event(&Event::Apply(owned("a", "llama", 9999, "kubectl-patch", 6)))),
+            edited_by("kubectl-patch")
         );
-        let mut relabelled = edited.clone();
+        assert!(
+            d.event(&Event::Apply(owned("a", "llama", 8080, OURS, 7)))
+                .is_empty(),
+            "the operator putting it back wakes nobody (its other writer left as it was)"
+        );
+        let mut relabelled = owned("a", "llama", 8080, "argocd-controller", 8);
         relabelled
             .metadata
             .labels
             .get_or_insert_default()
             .insert("x".into(), "y".into());
-        assert_eq!(names(d.event(&Event::Apply(relabelled))), ["team/llama"]);
-        assert_eq!(names(d.event(&Event::Delete(edited))), ["team/llama"]);
-        let mut foreign = owned("f", "llama", 8080);
+        assert_eq!(
+            woken(d.event(&Event::Apply(relabelled.clone()))),
+            edited_by("argocd-controller")
+        );
+        assert_eq!(
+            woken(d.event(&Event::Delete(relabelled))),
+            vec![("team/llama".to_string(), Cause::Deleted)]
+        );
+        // The operator's own change (a new picker for the Model) wakes nobody.
+        d.event(&Event::Apply(owned("b", "llama", 8080, "", 0)));
+        assert!(
+            d.event(&Event::Apply(owned("b", "llama", 7000, OURS, 9)))
+                .is_empty()
+        );
+        let mut foreign = owned("f", "llama", 8080, "", 0);
         foreign.metadata.owner_references = None;
         d.event(&Event::Apply(foreign.clone()));
+        let mut changed = owned("f", "llama", 1, "kubectl-patch", 3);
+        changed.metadata.owner_references = None;
         assert!(
-            d.event(&Event::Delete(foreign)).is_empty(),
+            d.event(&Event::Apply(changed)).is_empty(),
             "no Model owns it"
         );
+        assert!(d.event(&Event::Delete(foreign)).is_empty());
     }
 
     #[test]
@@ -579,8 +687,8 @@ mod tests {
         let mut d = Drift::default();
         for e in [
             Event::Init,
-            Event::InitApply(owned("a", "llama", 8080)),
-            Event::InitApply(owned("b", "qwen", 8080)),
+            Event::InitApply(owned("a", "llama", 8080, "", 0)),
+            Event::InitApply(owned("b", "qwen", 8080, "", 0)),
             Event::InitDone,
         ] {
             assert!(d.event(&e).is_empty(), "the first list wakes nobody");
@@ -588,12 +696,16 @@ mod tests {
         // The watch lost its place; b was deleted and a edited meanwhile.
         assert!(d.event(&Event::Init).is_empty());
         assert_eq!(
-            names(d.event(&Event::InitApply(owned("a", "llama", 9999)))),
-            ["team/llama"]
+            woken(d.event(&Event::InitApply(owned("a", "llama", 9999, "helm", 4)))),
+            vec![("team/llama".to_string(), Cause::EditedBy("helm".into()))]
         );
-        assert_eq!(names(d.event(&Event::InitDone)), ["team/qwen"]);
+        assert_eq!(
+            woken(d.event(&Event::InitDone)),
+            vec![("team/qwen".to_string(), Cause::Deleted)]
+        );
         assert!(
-            d.event(&Event::Apply(owned("a", "llama", 9999))).is_empty(),
+            d.event(&Event::Apply(owned("a", "llama", 9999, "helm", 4)))
+                .is_empty(),
             "a as the re-list showed it"
         );
     }
