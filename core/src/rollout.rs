@@ -78,6 +78,12 @@ pub enum DeleteReason {
 }
 
 impl DeleteReason {
+    /// Whether the pod is deleted without grace (`gracePeriodSeconds: 0`):
+    /// no kubelet will confirm the deletion of a pod on a vanished node.
+    pub fn without_grace(self) -> bool {
+        matches!(self, Self::NodeGone | Self::Stranded)
+    }
+
     /// Event reason.
     pub fn as_str(self) -> &'static str {
         match self {

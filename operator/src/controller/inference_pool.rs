@@ -273,23 +273,26 @@ impl Drift {
     }
 
     fn applied(&mut self, p: &InferencePool) -> Option<(ObjectRef<Model>, Cause)> {
+        let key = ObjectRef::from_obj(p);
         let now = Seen {
             print: fingerprint(p),
             owner: owner(p),
             writers: writers(p),
         };
-        let before = self.seen.insert(ObjectRef::from_obj(p), now);
-        let (before, now) = (before?, self.seen.get(&ObjectRef::from_obj(p))?);
-        if before.print == now.print {
-            return None;
-        }
-        // Who wrote this change: the entries new or rewritten since.
-        let foreign = now
-            .writers
-            .iter()
-            .filter(|w| !before.writers.contains(w))
-            .find(|w| w.0 != labels::FIELD_MANAGER)?;
-        Some((now.owner.clone()?, Cause::EditedBy(foreign.0.clone())))
+        let wake = self.seen.get(&key).and_then(|before| {
+            if before.print == now.print {
+                return None;
+            }
+            // Who wrote this change: the entries new or rewritten since.
+            let foreign = now
+                .writers
+                .iter()
+                .filter(|w| !before.writers.contains(w))
+                .find(|w| w.0 != labels::FIELD_MANAGER)?;
+            Some((now.owner.clone()?, Cause::EditedBy(foreign.0.clone())))
+        });
+        self.seen.insert(key, now);
+        wake
     }
 }
 

@@ -667,8 +667,7 @@ async fn delete_replicas(
     writes: &mut Writes,
 ) {
     for (pod, reason) in &plan.rollout.delete {
-        let params = if matches!(reason, DeleteReason::NodeGone | DeleteReason::Stranded) {
-            // No kubelet will confirm the deletion of a pod on a vanished node.
+        let params = if reason.without_grace() {
             deleted.forced.insert(pod.clone());
             DeleteParams {
                 grace_period_seconds: Some(0),
