@@ -162,7 +162,7 @@ fn start_prometheus(dir: &std::path::Path, config: &str, web_config: Option<&str
 
 /// Polls `/-/ready` over plain HTTP until Prometheus answers 200, failing
 /// at once (with its log) if it exits.
-async fn wait_ready(p: &mut Prometheus) {
+async fn wait_ready(p: &mut Prometheus) -> strata_e2e::error::Result<()> {
     let addr: std::net::SocketAddr = p.url.trim_start_matches("http://").parse().expect("addr");
     let process = &mut p.process;
     wait::poll_until(
@@ -182,7 +182,26 @@ async fn wait_ready(p: &mut Prometheus) {
         },
     )
     .await
-    .expect("Prometheus ready");
+}
+
+/// Starts Prometheus (plain HTTP) and waits until it is ready. The port is
+/// picked free and released before Prometheus binds it, so another process
+/// may take it in between: then Prometheus exits with "address already in
+/// use" and it is started again on another port (three tries).
+async fn start_ready(dir: &std::path::Path, config: &str) -> Prometheus {
+    let mut tries = 0;
+    loop {
+        let mut prom = start_prometheus(dir, config, None);
+        match wait_ready(&mut prom).await {
+            Ok(()) => return prom,
+            Err(strata_e2e::error::Error::Exited { tail, .. })
+                if tries < 2 && tail.contains("address already in use") =>
+            {
+                tries += 1
+            }
+            Err(e) => panic!("Prometheus ready: {e:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -218,8 +237,7 @@ async fn prometheus_reads_the_models_pods_like_the_sidecars_do() {
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: strata-sidecars\n    static_configs:\n{targets}"
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut prom = start_prometheus(dir.path(), &config, None);
-    wait_ready(&mut prom).await;
+    let mut prom = start_ready(dir.path(), &config).await;
     let url = prom.url.clone();
 
     // Readiness: every target scraped successfully.
