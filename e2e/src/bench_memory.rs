@@ -624,13 +624,10 @@ impl Operator {
         resync: u64,
         env: &[(String, String)],
     ) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| BenchError::Process {
-                what: "finding a free port".into(),
-                reason: e.to_string(),
-            })?;
+        let port = crate::ports::free_port().map_err(|e| BenchError::Process {
+            what: "finding a free port".into(),
+            reason: e.to_string(),
+        })?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let out = std::fs::File::create(log).map_err(|e| BenchError::Process {
             what: format!("creating {}", log.display()),

@@ -1073,10 +1073,7 @@ async fn run_kube(
 }
 
 fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io("a free port on 127.0.0.1"))
+    crate::ports::free_port().map_err(io("a free port on 127.0.0.1"))
 }
 
 /// Starts the second kube-scheduler (profile [`MOST_ALLOCATED_SCHEDULER`])

@@ -35,7 +35,7 @@
 //! Every address is loopback.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -609,10 +609,7 @@ pub fn counter(text: &str, name: &str) -> f64 {
 // ---------------------------------------------------------------------------
 
 fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| step("a free port", e))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| step("a free port", e))
+    crate::ports::free_port().map_err(|e| step("a free port", e))
 }
 
 fn loopback(port: u16) -> SocketAddr {

@@ -23,7 +23,7 @@
 //! be paired across runs. Every address is loopback.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -413,12 +413,9 @@ pub async fn ensure_tools() -> Result<()> {
     Ok(())
 }
 
-/// A free loopback port (bound and released).
+/// A loopback port for a process started later ([`crate::ports`]).
 fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| step("a free port", e))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| step("a free port", e))
+    crate::ports::free_port().map_err(|e| step("a free port", e))
 }
 
 fn loopback(port: u16) -> SocketAddr {

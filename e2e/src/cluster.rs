@@ -5,7 +5,7 @@
 //! restarts a control plane's static pods) and serves the control socket
 //! that stops, pauses, kills and restarts them on request.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -100,9 +100,7 @@ pub struct Cluster {
 }
 
 fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io_err("127.0.0.1:0"))?;
-    let port = listener.local_addr().map_err(io_err("127.0.0.1:0"))?.port();
-    Ok(port)
+    crate::ports::free_port().map_err(io_err("a free port on 127.0.0.1"))
 }
 
 /// A kube client from a kubeconfig file.

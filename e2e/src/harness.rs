@@ -542,10 +542,12 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free port on 127.0.0.1 (bound, read, released).
+/// A port on 127.0.0.1 for a process that binds it later, chosen below the
+/// kernel's ephemeral range so that no outgoing connection takes it first
+/// ([`crate::ports`]); panics when none is free.
 pub fn free_port() -> u16 {
-    match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
-        Ok(a) => a.port(),
+    match crate::ports::free_port() {
+        Ok(port) => port,
         Err(e) => panic!("no free port on 127.0.0.1: {e}"),
     }
 }

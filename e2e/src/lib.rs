@@ -34,6 +34,7 @@ pub mod load;
 pub mod oci;
 pub mod pki;
 pub mod pod_images;
+pub mod ports;
 pub mod process;
 pub mod runner;
 pub mod sim;

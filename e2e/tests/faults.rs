@@ -293,10 +293,7 @@ impl Fixture {
             .join(format!("operator-{}-{identity}-{n}.log", self.case));
         let out = std::fs::File::create(&log).expect("log");
         let err = out.try_clone().expect("log");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = strata_e2e::harness::free_port();
         let mut args = vec![
             format!("--metrics-addr=127.0.0.1:{port}"),
             "--activator-addr=".into(),

@@ -61,11 +61,20 @@ async fn engine(State(seen): State<Seen>, req: axum::extract::Request) -> Respon
     }
 }
 
+/// A port for the sidecar to bind, below the kernel's ephemeral range (as
+/// strata-e2e's `ports` chooses them): a port from `bind(0)` is released
+/// before the sidecar binds it, and any outgoing connection could take it
+/// meanwhile.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    (0..512)
+        .map(|_| 10_000 + ((start + NEXT.fetch_add(1, Ordering::Relaxed)) % 20_000) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 30000")
 }
 
 struct Sidecar {
