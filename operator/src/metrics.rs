@@ -159,7 +159,7 @@ impl Metrics {
         let status_writes = IntCounterVec::new(
             Opts::new(
                 "strata_status_writes_total",
-                "Status writes by controller and result (written; unchanged: the cache already showed it, nothing sent; coalesced: waits behind a write on its way, replacing any other; failed: retried; rejected: refused by the API server as invalid, not retried while it stays the same).",
+                "Status writes by controller and result (written; unchanged: the cache already showed it, nothing sent; coalesced: waits behind a write on its way, replacing any other; failed: retried; rejected: refused by the API server as invalid, not retried while it stays the same; gone: the Model was deleted or replaced, not sent).",
             ),
             &["controller", "result"],
         )?;

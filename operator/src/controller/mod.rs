@@ -619,12 +619,14 @@ pub async fn run(
         wake_models.clone(),
         metrics.child_drift.with_label_values(&["InferencePool"]),
     );
+    let model_ctl = model_trigger(client.clone(), config.model_workers);
     let ctx = Arc::new(Context {
         service_creates: Arc::new(service_create::Background::new(wake_models.clone())),
         wake_models,
         write_slots: Arc::new(tokio::sync::Semaphore::new(model_writes::IN_FLIGHT)),
         model_status: status_write::Writer::new(
             client.clone(),
+            model_ctl.store(),
             lanes.clone(),
             metrics.status_writes.clone(),
         ),
@@ -652,7 +654,6 @@ pub async fn run(
     });
 
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let model_ctl = model_trigger(client.clone(), ctx.config.model_workers);
     let adapter_ctl = Controller::new(Api::<Adapter>::all(client), watcher::Config::default());
     let (model_store, adapter_store) = (model_ctl.store(), adapter_ctl.store());
     let mut subscribers = caches.pods.subscribers.into_iter();

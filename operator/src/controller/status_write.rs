@@ -31,6 +31,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use prometheus::IntCounterVec;
 use serde_json::Value;
@@ -245,10 +246,20 @@ impl Coalescer {
     }
 }
 
+/// Whether the cache shows `model` itself: its name with its UID.
+fn shows(models: &Store<Model>, model: &Model) -> bool {
+    models
+        .get(&ObjectRef::from_obj(model))
+        .is_some_and(|cached| cached.metadata.uid == model.metadata.uid)
+}
+
 /// Writes Model statuses in the background.
 pub struct Writer {
     coalescer: Mutex<Coalescer>,
     client: Client,
+    /// The Model cache: a write is sent only while it shows the Model the
+    /// status was computed for (same UID).
+    models: Store<Model>,
     /// Statuses wait for the operator's other writes (see [`Lanes`]).
     lanes: Lanes,
     /// `strata_status_writes_total`.
@@ -256,11 +267,18 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Writes with `client`, counting in `writes`.
-    pub fn new(client: Client, lanes: Lanes, writes: IntCounterVec) -> Arc<Self> {
+    /// Writes with `client` the statuses of the Models `models` shows,
+    /// counting in `writes`.
+    pub fn new(
+        client: Client,
+        models: Store<Model>,
+        lanes: Lanes,
+        writes: IntCounterVec,
+    ) -> Arc<Self> {
         Arc::new(Self {
             coalescer: Mutex::new(Coalescer::default()),
             client,
+            models,
             lanes,
             writes,
         })
@@ -304,36 +322,15 @@ impl Writer {
             let Some(status) = self.coalescer().sending(key) else {
                 return;
             };
-            let how = match apply_status(
-                &self.client,
-                model,
-                strata_core::labels::FIELD_MANAGER,
-                &status,
-            )
-            .await
-            {
-                Ok(()) => {
-                    self.count("written");
-                    Done::Written
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => Done::Gone,
-                Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
-                    self.count("rejected");
-                    tracing::error!(
-                        model = %key,
-                        name = %model.name_any(),
-                        code = e.code,
-                        reason = %e.reason,
-                        "the API server rejected the Model's status (not retried while the status stays the same): {}",
-                        e.message
-                    );
-                    Done::Rejected
-                }
-                Err(e) => {
-                    self.count("failed");
-                    tracing::warn!(model = %key, name = %model.name_any(), "writing the Model's status failed (retried): {e}");
-                    Done::Failed
-                }
+            let how = if !shows(&self.models, model) {
+                // Deleted, maybe replaced by a Model of the same name: a
+                // status write carries no UID precondition (the status
+                // subresource keeps the stored metadata), so it would land
+                // on the new one.
+                self.count("gone");
+                Done::Gone
+            } else {
+                self.send(key, model, &status).await
             };
             drop(turn);
             let Some(delay) = self.coalescer().done(key, how, Instant::now()) else {
@@ -341,6 +338,44 @@ impl Writer {
             };
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
+            }
+        }
+    }
+
+    /// One write of `status` to `model`.
+    async fn send(&self, key: &str, model: &Model, status: &Value) -> Done {
+        match apply_status(
+            &self.client,
+            model,
+            strata_core::labels::FIELD_MANAGER,
+            status,
+        )
+        .await
+        {
+            Ok(()) => {
+                self.count("written");
+                Done::Written
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                self.count("gone");
+                Done::Gone
+            }
+            Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
+                self.count("rejected");
+                tracing::error!(
+                    model = %key,
+                    name = %model.name_any(),
+                    code = e.code,
+                    reason = %e.reason,
+                    "the API server rejected the Model's status (not retried while the status stays the same): {}",
+                    e.message
+                );
+                Done::Rejected
+            }
+            Err(e) => {
+                self.count("failed");
+                tracing::warn!(model = %key, name = %model.name_any(), "writing the Model's status failed (retried): {e}");
+                Done::Failed
             }
         }
     }
@@ -361,6 +396,36 @@ impl Writer {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The sample Model, named `name` in namespace `ns` with `uid`.
+    fn model(name: &str, uid: &str) -> Model {
+        let text = include_str!("../../../samples/model-llama.yaml");
+        let mut model: Model =
+            serde_json::from_value(strata_crds::validation::yaml_to_json(text).expect("yaml"))
+                .expect("a Model");
+        model.metadata.name = Some(name.into());
+        model.metadata.namespace = Some("ns".into());
+        model.metadata.uid = Some(uid.into());
+        model
+    }
+
+    #[test]
+    fn a_status_is_for_the_model_the_cache_shows_by_uid() {
+        use kube::runtime::watcher::Event;
+        let (store, mut writer) = kube::runtime::reflector::store::<Model>();
+        let old = model("llama", "uid-1");
+        // Not in the cache (deleted before the write's turn): not sent.
+        assert!(!shows(&store, &old));
+        writer.apply_watcher_event(&Event::Apply(old.clone()));
+        assert!(shows(&store, &old));
+        // Deleted and created again under its name: the old Model's status
+        // must not land on the new one.
+        writer.apply_watcher_event(&Event::Delete(old.clone()));
+        let new = model("llama", "uid-2");
+        writer.apply_watcher_event(&Event::Apply(new.clone()));
+        assert!(!shows(&store, &old));
+        assert!(shows(&store, &new));
+    }
 
     #[test]
     fn a_rejected_status_is_not_sent_again_until_it_changes_or_the_hold_passes() {
