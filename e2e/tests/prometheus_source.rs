@@ -464,31 +464,51 @@ async fn prometheus_reads_the_models_pods_like_the_sidecars_do() {
 
 /// The https Prometheus URL, for the child.
 const TLS_URL: &str = "STRATA_TEST_TLS_PROMETHEUS_URL";
+/// The operator's Prometheus credentials file (`--prometheus-auth-file`),
+/// for the child.
+const TLS_AUTH_FILE: &str = "STRATA_TEST_PROMETHEUS_AUTH_FILE";
+/// The user Prometheus admits (`basic_auth_users`), and its password.
+const USER: &str = "strata";
+const PASSWORD: &str = "strata-test-password";
+/// bcrypt of PASSWORD (cost 4: checked on every request), made with
+/// Python's `bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=4))`.
+const PASSWORD_BCRYPT: &str = "$2b$04$UO2RclRtKmwxXFqydzHdmuxwVbgytYHntcCY0BbTuZmy/yk5NsZ1y";
 
 /// Runs in a child process with `SSL_CERT_FILE` naming the test CA (the
 /// operator's https client reads the system roots, which honour it; this
 /// process's own environment cannot be changed safely once threads run).
 #[tokio::test]
-#[ignore = "a helper run in a child process by https_prometheus_is_verified_against_the_system_roots"]
+#[ignore = "a helper run in a child process by https_prometheus_is_verified_against_the_system_roots_with_credentials"]
 async fn tls_child() {
-    let Ok(url) = std::env::var(TLS_URL) else {
+    let (Ok(url), Ok(auth_file)) = (std::env::var(TLS_URL), std::env::var(TLS_AUTH_FILE)) else {
         return;
     };
     // Prometheus may still be starting: poll until it answers over TLS.
+    // Without credentials it refuses, and says so.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match prometheus::query(&url, "tls", "vector(1)").await {
-            Ok(v) => {
-                assert_eq!(v, Some(1.0));
+            Err(Error::Status { status, .. }) => {
+                assert_eq!(status, 401, "no credentials: unauthorized");
                 break;
             }
-            Err(e) => assert!(
+            other => assert!(
                 Instant::now() < deadline,
-                "no answer over https within 30 s: {e}"
+                "no answer over https within 30 s: {other:?}"
             ),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // With the operator's credentials file, the queries carry them.
+    let n = strata_operator::prometheus_auth::install(std::path::Path::new(&auth_file))
+        .expect("the credentials file");
+    assert_eq!(n, 2);
+    assert_eq!(
+        prometheus::query(&url, "tls", "vector(1)")
+            .await
+            .expect("answered with credentials"),
+        Some(1.0)
+    );
     let r = prometheus::observe(&url, "t", &["chat-a"], WINDOW, INTERVAL, 0.95)
         .await
         .expect("observe over https");
@@ -497,7 +517,7 @@ async fn tls_child() {
 }
 
 #[tokio::test]
-async fn https_prometheus_is_verified_against_the_system_roots() {
+async fn https_prometheus_is_verified_against_the_system_roots_with_credentials() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A CA and a server certificate for 127.0.0.1 (the harness's PKI).
     let (_ca, pki) = strata_e2e::pki::Authority::create(
@@ -506,7 +526,7 @@ async fn https_prometheus_is_verified_against_the_system_roots() {
     )
     .expect("pki");
     let web = format!(
-        "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+        "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  {USER}: {PASSWORD_BCRYPT}\n",
         pki.apiserver.cert.display(),
         pki.apiserver.key.display()
     );
@@ -515,6 +535,17 @@ async fn https_prometheus_is_verified_against_the_system_roots() {
         "global:\n  scrape_interval: 1s\nscrape_configs: []\n",
         Some(&web),
     );
+    // The credentials for this Prometheus, and another server's (another
+    // port) that must not be sent to it.
+    let auth_file = dir.path().join("prometheus-auth.yaml");
+    std::fs::write(
+        &auth_file,
+        format!(
+            "endpoints:\n  - url: {}\n    basicAuth: {{username: {USER}, password: {PASSWORD}}}\n  - url: https://127.0.0.1:1\n    bearerToken: not-for-this-prometheus\n",
+            prom.url
+        ),
+    )
+    .expect("write the credentials file");
     let exe = std::env::current_exe().expect("current exe");
     let child = tokio::process::Command::new(exe)
         .args([
@@ -527,6 +558,7 @@ async fn https_prometheus_is_verified_against_the_system_roots() {
         .env("SSL_CERT_FILE", &pki.ca_cert)
         .env_remove("SSL_CERT_DIR")
         .env(TLS_URL, &prom.url)
+        .env(TLS_AUTH_FILE, &auth_file)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), child)

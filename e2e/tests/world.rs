@@ -1085,6 +1085,8 @@ async fn the_charts_network_policies_with_the_gateway_pass_the_api_servers_valid
         &models,
         "networkPolicy.clientsFrom[0].namespaceSelector.matchLabels.team=a",
         "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.monitoring=yes",
+        // And the operator's Prometheus credentials, mounted from a Secret.
+        "prometheusAuth.secretName=prometheus-credentials",
     ];
     let mut args = vec!["template", "strata", &chart, "--namespace", "strata-system"];
     for v in &values {
@@ -1098,9 +1100,35 @@ async fn the_charts_network_policies_with_the_gateway_pass_the_api_servers_valid
     let out = w.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered);
     assert!(out.status.success(), "dry-run apply: {}", text(&out));
 
-    let policies: Vec<Value> = rendered
+    let docs: Vec<Value> = rendered
         .split("\n---")
         .filter_map(|doc| serde_yaml_ng::from_str::<Value>(doc).ok())
+        .collect();
+    // The credentials file is where the operator is told to read it.
+    let operator = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "strata-operator")
+        .expect("the operator's Deployment");
+    let pod = &operator["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"],
+        "prometheus-credentials"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["volumeMounts"][0]["mountPath"],
+        "/etc/strata/prometheus-auth"
+    );
+    assert!(
+        container["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .any(|a| a == "--prometheus-auth-file=/etc/strata/prometheus-auth/endpoints.yaml"),
+        "{container}"
+    );
+    let policies: Vec<Value> = docs
+        .into_iter()
         .filter(|d| d["kind"] == "NetworkPolicy")
         .collect();
     let named = |name: &str| {

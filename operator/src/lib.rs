@@ -7,7 +7,9 @@
 //! the answer. [`controller`] holds the reconcilers (each a pipeline of
 //! phases, see its module docs); [`activator`] holds requests for Models
 //! at zero; [`leader`], [`server`] and [`metrics`] run the process;
-//! [`sidecar_client`] and [`pki`] talk to the sidecars' admin ports.
+//! [`sidecar_client`] and [`pki`] talk to the sidecars' admin ports;
+//! [`prometheus_auth`] holds the credentials of the Prometheus servers it
+//! queries.
 
 pub mod activator;
 pub mod controller;
@@ -16,6 +18,7 @@ pub mod fence;
 pub mod leader;
 pub mod metrics;
 pub mod pki;
+pub mod prometheus_auth;
 pub mod ratelimit;
 pub mod server;
 pub mod sidecar_client;

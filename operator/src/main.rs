@@ -120,6 +120,13 @@ struct Cli {
     /// The Prometheus that scrapes dcgm-exporter, for `--gpu-telemetry=dcgm`.
     #[arg(long)]
     dcgm_prometheus_url: Option<String>,
+    /// Credentials of the Prometheus servers queried (Models' metrics
+    /// sources, `--dcgm-prometheus-url`): a YAML file of `endpoints`, each
+    /// an https URL with `bearerToken`, `bearerTokenFile` or `basicAuth`;
+    /// a query gets the credentials of the endpoint its URL is under, and
+    /// no other (docs/autoscaling.md). Read again when it changes.
+    #[arg(long, env = "STRATA_PROMETHEUS_AUTH_FILE")]
+    prometheus_auth_file: Option<std::path::PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -214,6 +221,17 @@ async fn run(cli: Cli) -> ExitCode {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 
+    if let Some(path) = &cli.prometheus_auth_file {
+        match strata_operator::prometheus_auth::install(path) {
+            Ok(n) => {
+                tracing::info!(path = %path.display(), endpoints = n, "Prometheus credentials")
+            }
+            Err(e) => {
+                tracing::error!("--prometheus-auth-file: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let metrics = match Metrics::new() {
         Ok(m) => m,
         Err(e) => {

@@ -5,8 +5,10 @@
 //! `http://` URLs are queried in the clear. `https://` URLs are verified
 //! against the system's CA certificates (rustls-native-certs: the OS store,
 //! or the PEM file in `SSL_CERT_FILE` / the directories in `SSL_CERT_DIR`
-//! of the operator's environment); there are no client certificates or
-//! bearer tokens.
+//! of the operator's environment); a query to an endpoint configured in
+//! `--prometheus-auth-file` carries its bearer token or basic-auth
+//! credentials ([`crate::prometheus_auth`]); there are no client
+//! certificates.
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -67,6 +69,15 @@ pub enum Error {
         signal: &'static str,
         /// The transport error.
         message: String,
+    },
+    /// The configured credentials of its endpoint could not be read.
+    #[error("{signal} query: {source}")]
+    Credentials {
+        /// Which query.
+        signal: &'static str,
+        /// Why.
+        #[source]
+        source: crate::prometheus_auth::CredentialsError,
     },
     /// No answer within [`QUERY_TIMEOUT`].
     #[error("{signal} query: no answer within {timeout:?}")]
@@ -139,11 +150,27 @@ async fn fetch_with<C>(
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    let fetch = async {
-        let resp = client.get(uri).await.map_err(|e| Error::Unreachable {
+    let mut request = http::Request::get(uri.clone());
+    if let Some(auth) =
+        crate::prometheus_auth::header_for(&uri).map_err(|source| Error::Credentials {
             signal: name,
-            message: error_chain(&e),
-        })?;
+            source,
+        })?
+    {
+        request = request.header(http::header::AUTHORIZATION, auth);
+    }
+    let request = request.body(Empty::new()).map_err(|e| Error::Url {
+        url: uri.to_string(),
+        reason: e.to_string(),
+    })?;
+    let fetch = async {
+        let resp = client
+            .request(request)
+            .await
+            .map_err(|e| Error::Unreachable {
+                signal: name,
+                message: error_chain(&e),
+            })?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), max_body)
             .collect()
