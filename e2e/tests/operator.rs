@@ -871,19 +871,33 @@ async fn an_edited_or_deleted_pool_is_put_back(
     pools: &Api<strata_operator::controller::inference_pool::InferencePool>,
 ) {
     use strata_operator::controller::inference_pool::InferencePool;
-    // What the leader's watch saw changed by someone else (this operator's
-    // resync, 10 s, would put the pool back too, if slower: the counter
-    // tells the watch's wake-up apart).
+    // What the operator's watch saw changed by someone else (this
+    // operator's resync, 10 s, would put the pool back too, if slower: the
+    // counter tells the watch's wake-up apart). Summed over the operator's
+    // ready pods: a change of leader in between (this test's lease is 6 s)
+    // leaves the count with the pod that saw the edit.
     let drifted = || async {
-        let leader = operator_leader(client, TIMEOUT).await.expect("leader");
-        let m = strata_e2e::http::get(leader.metrics_addr(), "/metrics", Duration::from_secs(5))
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "strata-system");
+        let list = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=strata-operator"))
             .await
-            .expect("metrics");
-        strata_e2e::bench_memory::counter_sum(
-            &m.body,
-            "strata_child_drift_total",
-            &["kind=\"InferencePool\""],
-        )
+            .expect("the operator's pods");
+        let mut sum = 0.0;
+        for pod in list.items.iter().filter(|p| pod_ready(p)) {
+            let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) else {
+                continue;
+            };
+            let addr = format!("{ip}:8080").parse().expect("pod address");
+            let m = strata_e2e::http::get(addr, "/metrics", Duration::from_secs(5))
+                .await
+                .expect("metrics");
+            sum += strata_e2e::bench_memory::counter_sum(
+                &m.body,
+                "strata_child_drift_total",
+                &["kind=\"InferencePool\""],
+            );
+        }
+        sum
     };
     let before = drifted().await;
     pools
