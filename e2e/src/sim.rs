@@ -44,6 +44,12 @@
 //! is only the LRU of computed blocks), generated tokens are never cached,
 //! message roles and boundaries are not part of the tokens.
 //!
+//! LoRA adapters (`/v1/load_lora_adapter`, at most `max_loras`) are served
+//! under their names, and `vllm:lora_requests_info` is published as vLLM
+//! with `--enable-lora` publishes it ([`LoraInfo`]): the adapters with
+//! requests running and waiting as label values, a series per combination
+//! seen, its value the last time it was current.
+//!
 //! When a load file is configured, the simulated GPU utilization
 //! ([`utilization`]) is written there every 100 ms and whenever the number of
 //! running sequences changes, for the fake NVML library to report. With a
@@ -637,6 +643,57 @@ impl Metrics {
     }
 }
 
+/// `vllm:lora_requests_info`, as vLLM publishes it: a gauge whose labels
+/// are the adapters with requests running and waiting (and `max_lora`), set
+/// to the current time at every stats update, so that each combination of
+/// lists seen stays a series of its own, its value the last time it was
+/// current (readers take the series with the largest value). Here a stats
+/// update is a read of `/metrics`; the oldest series beyond
+/// [`LoraInfo::KEEP`] are dropped (vLLM keeps them all).
+#[derive(Debug, Default)]
+pub struct LoraInfo {
+    series: BTreeMap<(String, String), f64>,
+}
+
+impl LoraInfo {
+    /// Series kept.
+    pub const KEEP: usize = 32;
+
+    /// The lists `running` and `waiting` are current at `now` (Unix time).
+    pub fn seen(&mut self, running: String, waiting: String, now: f64) {
+        self.series.insert((running, waiting), now);
+        while self.series.len() > Self::KEEP {
+            let oldest = self
+                .series
+                .iter()
+                .min_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => self.series.remove(&k),
+                None => break,
+            };
+        }
+    }
+
+    /// Appends the gauge to `out`.
+    pub fn render(&self, out: &mut String, max_lora: usize) {
+        let _ = writeln!(
+            out,
+            "# HELP vllm:lora_requests_info Running stats on lora requests."
+        );
+        let _ = writeln!(out, "# TYPE vllm:lora_requests_info gauge");
+        for ((running, waiting), at) in &self.series {
+            let _ = writeln!(
+                out,
+                "vllm:lora_requests_info{{max_lora=\"{max_lora}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
+                label_value(running),
+                label_value(waiting),
+                float(*at)
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The simulator state
 // ---------------------------------------------------------------------------
@@ -659,6 +716,11 @@ struct Inner {
     waiting: AtomicUsize,
     /// Loaded LoRA adapters, name and path, in load order.
     loras: Mutex<Vec<(String, String)>>,
+    /// Requests for each adapter: (running, waiting).
+    lora_requests: Mutex<BTreeMap<String, (usize, usize)>>,
+    /// `vllm:lora_requests_info`'s series: (running, waiting) adapter
+    /// lists to the time they were last seen (see [`LoraInfo`]).
+    lora_info: Mutex<LoraInfo>,
     metrics: Mutex<Metrics>,
     /// The KV blocks of computed prompt prefixes (used when
     /// [`SimConfig::prefix_caching`] is on).
@@ -688,6 +750,8 @@ impl Simulator {
                 running,
                 waiting: AtomicUsize::new(0),
                 loras: Mutex::new(Vec::new()),
+                lora_requests: Mutex::new(BTreeMap::new()),
+                lora_info: Mutex::new(LoraInfo::default()),
                 metrics: Mutex::new(Metrics::new()),
                 next_id: AtomicU64::new(1),
             }),
@@ -717,12 +781,48 @@ impl Simulator {
     /// The `/metrics` text.
     pub fn metrics_text(&self) -> String {
         let metrics = lock(&self.inner.metrics).clone();
-        metrics.render(
+        let mut text = metrics.render(
             &self.inner.config.model,
             self.running(),
             self.waiting(),
             self.inner.config.max_batch,
-        )
+        );
+        let (running, waiting) = self.lora_lists();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let mut info = lock(&self.inner.lora_info);
+        info.seen(running, waiting, now);
+        info.render(&mut text, self.inner.config.max_loras);
+        text
+    }
+
+    /// The adapters with requests running, and with requests waiting, each
+    /// comma-separated in name order (vLLM's label values).
+    pub fn lora_lists(&self) -> (String, String) {
+        let requests = lock(&self.inner.lora_requests);
+        let list = |pick: fn(&(usize, usize)) -> usize| {
+            requests
+                .iter()
+                .filter(|(_, n)| pick(n) > 0)
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        (list(|n| n.0), list(|n| n.1))
+    }
+
+    /// Counts one request for `adapter` as running (`running`) or waiting,
+    /// by `delta`.
+    fn count_lora(&self, adapter: &str, running: bool, delta: isize) {
+        let mut requests = lock(&self.inner.lora_requests);
+        let entry = requests.entry(adapter.to_string()).or_default();
+        let n = if running { &mut entry.0 } else { &mut entry.1 };
+        *n = n.saturating_add_signed(delta);
+        if *entry == (0, 0) {
+            requests.remove(adapter);
+        }
     }
 
     /// Blocks in the prefix cache now.
@@ -865,19 +965,26 @@ enum SeqEvent {
     Finished,
 }
 
-/// Counts a request as waiting while it lives.
-struct WaitingGuard(Simulator);
+/// Counts a request as waiting while it lives (and for its adapter, if
+/// any).
+struct WaitingGuard(Simulator, Option<String>);
 
 impl WaitingGuard {
-    fn new(sim: &Simulator) -> Self {
+    fn new(sim: &Simulator, adapter: Option<&str>) -> Self {
         sim.inner.waiting.fetch_add(1, Ordering::SeqCst);
-        Self(sim.clone())
+        if let Some(a) = adapter {
+            sim.count_lora(a, false, 1);
+        }
+        Self(sim.clone(), adapter.map(str::to_string))
     }
 }
 
 impl Drop for WaitingGuard {
     fn drop(&mut self) {
         self.0.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        if let Some(a) = &self.1 {
+            self.0.count_lora(a, false, -1);
+        }
     }
 }
 
@@ -885,14 +992,23 @@ impl Drop for WaitingGuard {
 /// (released after the count goes down).
 struct RunningGuard {
     sim: Simulator,
+    adapter: Option<String>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl RunningGuard {
-    fn new(sim: &Simulator, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+    fn new(
+        sim: &Simulator,
+        adapter: Option<String>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
         sim.inner.running.send_modify(|n| *n += 1);
+        if let Some(a) = &adapter {
+            sim.count_lora(a, true, 1);
+        }
         Self {
             sim: sim.clone(),
+            adapter,
             _permit: permit,
         }
     }
@@ -900,6 +1016,9 @@ impl RunningGuard {
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
+        if let Some(a) = &self.adapter {
+            self.sim.count_lora(a, true, -1);
+        }
         self.sim
             .inner
             .running
@@ -921,11 +1040,12 @@ async fn run_sequence(
     sim: Simulator,
     arrived: Instant,
     prompt: Prompt,
+    adapter: Option<String>,
     completion_tokens: u32,
     tx: mpsc::UnboundedSender<SeqEvent>,
 ) {
     let prompt_tokens = prompt.tokens;
-    let waiting = WaitingGuard::new(&sim);
+    let waiting = WaitingGuard::new(&sim, adapter.as_deref());
     let permit = tokio::select! {
         p = sim.inner.admission.clone().acquire_owned() => match p {
             Ok(p) => p,
@@ -934,7 +1054,7 @@ async fn run_sequence(
         () = tx.closed() => return,
     };
     drop(waiting);
-    let running = RunningGuard::new(&sim, permit);
+    let running = RunningGuard::new(&sim, adapter, permit);
     if tx.send(SeqEvent::Admitted).is_err() {
         return;
     }
@@ -1185,10 +1305,12 @@ async fn run_job(sim: Simulator, job: Job, prompt: Prompt) -> Response {
     }
     let arrived = Instant::now();
     let (tx, rx) = mpsc::unbounded_channel();
+    let adapter = (job.model != sim.config().model).then(|| job.model.clone());
     tokio::spawn(run_sequence(
         sim.clone(),
         arrived,
         prompt,
+        adapter,
         job.completion_tokens,
         tx,
     ));

@@ -485,6 +485,71 @@ async fn lora_adapters_load_list_serve_and_unload() {
     assert!(s.sim.loras().is_empty());
 }
 
+/// The series of `vllm:lora_requests_info` with the largest value (the
+/// most recent, as readers pick it): its labels.
+fn latest_lora_info(m: &std::collections::BTreeMap<String, f64>) -> String {
+    m.iter()
+        .filter(|(k, _)| k.starts_with("vllm:lora_requests_info{"))
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(k, _)| k.clone())
+        .unwrap_or_else(|| panic!("no vllm:lora_requests_info in {m:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_requests_info_names_the_adapters_running_and_waiting() {
+    let s = start(SimConfig {
+        max_batch: 1,
+        itl_ms: 2.0,
+        ..SimConfig::new("llama")
+    })
+    .await;
+    for name in ["sql", "chat"] {
+        let load = json!({"lora_name": name, "lora_path": format!("/adapters/{name}")});
+        assert_eq!(
+            post(s.addr, "/v1/load_lora_adapter", &load).await.status,
+            200
+        );
+    }
+    // Nothing asked yet: one series with empty lists, as vLLM with
+    // --enable-lora publishes.
+    let idle = latest_lora_info(&metrics(s.addr).await);
+    assert_eq!(
+        idle,
+        "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}"
+    );
+    // sql runs (the batch holds one), chat waits behind it.
+    let (admitted_tx, admitted_rx) = oneshot::channel();
+    let a = tokio::spawn(stream_chat(
+        s.addr,
+        chat("sql", "hi", 150, true),
+        Some(admitted_tx),
+    ));
+    admitted_rx.await.expect("sql admitted");
+    let b = tokio::spawn(stream_chat(s.addr, chat("chat", "hi", 2, true), None));
+    let sim = s.sim.clone();
+    eventually("chat waiting behind sql", || {
+        let sim = sim.clone();
+        async move { sim.waiting() == 1 }
+    })
+    .await;
+    let busy = metrics(s.addr).await;
+    assert_eq!(
+        latest_lora_info(&busy),
+        "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"sql\",waiting_lora_adapters=\"chat\"}"
+    );
+    a.await.expect("sql");
+    b.await.expect("chat");
+    // Done: the newest series has empty lists again; the older ones stay,
+    // each with the time it was last current.
+    let after = metrics(s.addr).await;
+    assert_eq!(latest_lora_info(&after), idle);
+    let series = after
+        .keys()
+        .filter(|k| k.starts_with("vllm:lora_requests_info{"))
+        .count();
+    assert!(series >= 2, "{after:#?}");
+}
+
 #[tokio::test]
 async fn loading_more_than_max_loras_is_refused() {
     let s = start(SimConfig {

@@ -20,6 +20,7 @@ use strata_sidecar::server::{self, Intervals};
 
 struct Pair {
     api: std::net::SocketAddr,
+    engine: std::net::SocketAddr,
     metrics: Metrics,
     sim: Simulator,
     _stops: (
@@ -76,6 +77,7 @@ async fn start(config: SimConfig) -> Pair {
     }));
     Pair {
         api: api_addr,
+        engine: engine_addr,
         metrics,
         sim,
         _stops: (s1, s2),
@@ -84,9 +86,18 @@ async fn start(config: SimConfig) -> Pair {
 
 /// Streams one chat request; returns (client-side TTFT, total, events).
 async fn stream_chat(addr: std::net::SocketAddr, max_tokens: u32) -> (Duration, Duration, String) {
+    stream_chat_to(addr, "llama", max_tokens).await
+}
+
+/// [`stream_chat`] for `model` (the base model or an adapter).
+async fn stream_chat_to(
+    addr: std::net::SocketAddr,
+    model: &str,
+    max_tokens: u32,
+) -> (Duration, Duration, String) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let body = json!({"model": "llama", "stream": true, "max_tokens": max_tokens,
+    let body = json!({"model": model, "stream": true, "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": "a prompt of a few dozen characters, say forty"}]});
     let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
         .header("content-type", "application/json")
@@ -199,4 +210,122 @@ async fn queueing_under_load_shows_as_time_to_first_token() {
         "strata_request_time_to_first_token_seconds_bucket{adapter=\"\",model=\"llama\",le=\"0.05\"}",
     );
     assert!(fast < 9.0, "some requests waited: {fast} of 9 under 50 ms");
+}
+
+/// The sidecar's `strata_engine_lora_requests_info` lines.
+fn lora_series(pair: &Pair) -> Vec<String> {
+    pair.metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("strata_engine_lora_requests_info{"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Polls `check` every 50 ms for up to 10 s.
+async fn within_10s(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The engine's `vllm:lora_requests_info` (vLLM's label format) is
+/// published on the sidecar's admin port as one series, the engine's most
+/// recent, for a gateway's endpoint picker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_lora_requests_info_is_published_as_its_latest_series() {
+    let pair = start(SimConfig {
+        itl_ms: 20.0,
+        ..SimConfig::new("llama")
+    })
+    .await;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let load = json!({"lora_name": "sql", "lora_path": "/adapters/sql"});
+    let req = http::Request::post(format!("http://{}/v1/load_lora_adapter", pair.engine))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(load.to_string())))
+        .expect("req");
+    assert_eq!(client.request(req).await.expect("load").status(), 200);
+    let idle = r#"strata_engine_lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""}"#;
+    within_10s("the idle series", || {
+        let s = lora_series(&pair);
+        s.len() == 1 && s[0].starts_with(idle)
+    })
+    .await;
+    // A request for the adapter runs on the engine for about 2 s.
+    let engine = pair.engine;
+    let running = tokio::spawn(async move { stream_chat_to(engine, "sql", 100).await });
+    let busy = r#"strata_engine_lora_requests_info{max_lora="4",running_lora_adapters="sql",waiting_lora_adapters=""}"#;
+    within_10s("sql running", || {
+        let s = lora_series(&pair);
+        s.len() == 1 && s[0].starts_with(busy)
+    })
+    .await;
+    running.await.expect("the adapter's request");
+    // The engine still publishes the old series; the sidecar only the
+    // newest, whose value is a Unix time.
+    within_10s("the idle series again", || {
+        let s = lora_series(&pair);
+        s.len() == 1 && s[0].starts_with(idle)
+    })
+    .await;
+    let at = value(&pair.metrics.render(), idle);
+    assert!(at > 1.7e9, "a Unix time: {at}");
+}
+
+/// The endpoint picker's configuration in docs/examples names metrics the
+/// sidecar publishes (a renamed metric would leave a gateway's picker
+/// without the engines' load, silently).
+#[test]
+fn the_example_endpoint_picker_config_names_the_sidecars_metrics() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/epp-config.yaml");
+    let text = std::fs::read_to_string(path).expect("docs/examples/epp-config.yaml");
+    let config: serde_json::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    let plugins = config["plugins"].as_array().expect("plugins");
+    let extractor = plugins
+        .iter()
+        .find(|p| p["type"] == "core-metrics-extractor")
+        .expect("a core-metrics-extractor");
+    let vllm = &extractor["parameters"]["engineConfigs"][0];
+    assert_eq!(vllm["name"], "vllm", "the entry every unlabelled pod reads");
+    let metrics = Metrics::new().expect("metrics");
+    // A vector's family shows once it has a series (the engine published
+    // its LoRA metric).
+    metrics
+        .engine_lora_info
+        .with_label_values(&["4", "", ""])
+        .set(1.7e9);
+    let published = metrics.render();
+    for spec in [
+        "queuedRequestsSpec",
+        "runningRequestsSpec",
+        "kvUsageSpec",
+        "loraSpec",
+    ] {
+        let name = vllm[spec].as_str().unwrap_or_default();
+        assert!(
+            published.contains(&format!("# TYPE {name} gauge")),
+            "{spec}: {name:?} is not a gauge the sidecar publishes"
+        );
+    }
+    // The admin port, where those are, speaks TLS.
+    let source = plugins
+        .iter()
+        .find(|p| p["type"] == "metrics-data-source")
+        .expect("a metrics-data-source");
+    assert_eq!(source["parameters"]["scheme"], "https");
+    // Every plugin the profile and the data layer use is declared.
+    let declared: Vec<&str> = plugins.iter().filter_map(|p| p["type"].as_str()).collect();
+    let used = config["schedulingProfiles"][0]["plugins"]
+        .as_array()
+        .expect("profile plugins")
+        .iter()
+        .chain(config["dataLayer"]["sources"].as_array().expect("sources"))
+        .filter_map(|p| p["pluginRef"].as_str());
+    for r in used {
+        assert!(declared.contains(&r), "{r} is used but not declared");
+    }
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::App;
+use crate::engine::LoraInfo;
 use crate::promtext;
 
 /// Largest body of an adapter API call.
@@ -471,7 +472,10 @@ pub async fn watch_engine_health(app: Arc<App>, every: Duration) {
 /// Scrapes the engine's metrics for queue depth, running requests and KV-cache use.
 /// A missing or malformed endpoint reads as unknown (`strata_engine_metrics_up 0`).
 pub async fn scrape_engine(app: Arc<App>, every: Duration) {
+    // The label values of the LoRA series published now.
+    let mut lora_shown: Option<LoraInfo> = None;
     loop {
+        let mut lora = None;
         let stats = match app
             .call(
                 Method::GET,
@@ -483,6 +487,7 @@ pub async fn scrape_engine(app: Arc<App>, every: Duration) {
         {
             Ok((s, body)) if s.is_success() => {
                 let samples = promtext::parse(&String::from_utf8_lossy(&body));
+                lora = crate::engine::lora_info(&samples);
                 let (stats, rejected) = app.config.engine.raw_stats(&samples).sanitized();
                 for why in rejected {
                     app.metrics
@@ -509,13 +514,67 @@ pub async fn scrape_engine(app: Arc<App>, every: Duration) {
                 m.engine_kv_cache.set(f64::NAN);
             }
         }
+        show_lora_info(m, lora_shown.as_ref(), lora.as_ref());
+        lora_shown = lora;
         tokio::time::sleep(every).await;
+    }
+}
+
+/// Publishes the engine's most recent LoRA series `now` in place of
+/// `shown` (the new series is set before the old one goes, so that a scrape
+/// in between never finds none); nothing when the engine publishes none.
+fn show_lora_info(m: &crate::metrics::Metrics, shown: Option<&LoraInfo>, now: Option<&LoraInfo>) {
+    if let Some(now) = now {
+        m.engine_lora_info
+            .with_label_values(&now.labels())
+            .set(now.at);
+    }
+    if let Some(shown) = shown
+        && now.is_none_or(|n| n.labels() != shown.labels())
+    {
+        let _ = m.engine_lora_info.remove_label_values(&shown.labels());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_lora_series_is_published_the_engines_latest() {
+        let m = crate::metrics::Metrics::new().expect("metrics");
+        let info = |running: &str, at: f64| LoraInfo {
+            max_lora: "4".into(),
+            running: running.into(),
+            waiting: String::new(),
+            at,
+        };
+        let series = |m: &crate::metrics::Metrics| {
+            let text = m.render();
+            text.lines()
+                .filter(|l| l.starts_with("strata_engine_lora_requests_info{"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (info("sql", 1.0e9), info("chat", 2.0e9));
+        show_lora_info(&m, None, Some(&a));
+        assert_eq!(
+            series(&m),
+            [
+                "strata_engine_lora_requests_info{max_lora=\"4\",running_lora_adapters=\"sql\",waiting_lora_adapters=\"\"} 1000000000"
+            ]
+        );
+        // Other lists: the new series replaces the old one.
+        show_lora_info(&m, Some(&a), Some(&b));
+        assert_eq!(series(&m).len(), 1);
+        assert!(series(&m)[0].contains("running_lora_adapters=\"chat\""));
+        // The same lists seen again: its time moves.
+        show_lora_info(&m, Some(&b), Some(&info("chat", 3.0e9)));
+        assert!(series(&m)[0].ends_with(" 3000000000"), "{:?}", series(&m));
+        // The engine's metrics unreadable: none.
+        show_lora_info(&m, Some(&b), None);
+        assert!(series(&m).is_empty());
+    }
 
     #[test]
     fn reads_the_ids_an_engine_lists() {

@@ -119,9 +119,96 @@ impl EngineKind {
     }
 }
 
+/// vLLM's LoRA metric: which adapters have requests running and waiting.
+pub const LORA_INFO_METRIC: &str = "vllm:lora_requests_info";
+
+/// The longest label value of [`LORA_INFO_METRIC`] passed on (a list of
+/// adapter names); a longer one is dropped as implausible.
+pub const MAX_LORA_LABEL: usize = 4096;
+
+/// The most recent series of the engine's [`LORA_INFO_METRIC`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraInfo {
+    /// `max_lora`: adapters the engine holds on the GPU at once.
+    pub max_lora: String,
+    /// `running_lora_adapters`: comma-separated.
+    pub running: String,
+    /// `waiting_lora_adapters`: comma-separated.
+    pub waiting: String,
+    /// The value: when the engine last saw these lists (Unix time).
+    pub at: f64,
+}
+
+impl LoraInfo {
+    /// The label values, in the order of the sidecar's gauge.
+    pub fn labels(&self) -> [&str; 3] {
+        [&self.max_lora, &self.running, &self.waiting]
+    }
+}
+
+/// The series of [`LORA_INFO_METRIC`] with the largest value, as vLLM
+/// publishes it (one series per combination of lists seen, each valued
+/// with the time it was last current; the endpoint picker reads the most
+/// recent the same way). Series with a non-finite value, a `max_lora` that
+/// is not a number or a label over [`MAX_LORA_LABEL`] are skipped. Pure.
+pub fn lora_info(samples: &[Sample]) -> Option<LoraInfo> {
+    samples
+        .iter()
+        .filter(|s| s.name == LORA_INFO_METRIC && s.value.is_finite())
+        .filter_map(|s| {
+            let label = |k: &str| {
+                let v = s.labels.get(k).map(String::as_str).unwrap_or_default();
+                (v.len() <= MAX_LORA_LABEL).then(|| v.to_string())
+            };
+            let max_lora = label("max_lora")?;
+            if max_lora.is_empty()
+                || max_lora.len() > 9
+                || !max_lora.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            Some(LoraInfo {
+                max_lora,
+                running: label("running_lora_adapters")?,
+                waiting: label("waiting_lora_adapters")?,
+                at: s.value,
+            })
+        })
+        .max_by(|a, b| a.at.total_cmp(&b.at))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_most_recent_lora_info_series_is_read() {
+        let text = "# TYPE vllm:lora_requests_info gauge\n\
+            vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 1.7e9\n\
+            vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"sql,chat\",waiting_lora_adapters=\"x\"} 1.700000005e9\n\
+            vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"old\",waiting_lora_adapters=\"\"} 1.6e9\n";
+        let info = lora_info(&promtext::parse(text)).expect("a series");
+        assert_eq!(info.labels(), ["4", "sql,chat", "x"]);
+        assert_eq!(info.at, 1.700000005e9);
+        // None published (vLLM without --enable-lora, other engines).
+        assert_eq!(
+            lora_info(&promtext::parse("vllm:num_requests_running 1\n")),
+            None
+        );
+    }
+
+    #[test]
+    fn implausible_lora_info_series_are_skipped() {
+        let long = "a".repeat(MAX_LORA_LABEL + 1);
+        let text = format!(
+            "vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"{long}\",waiting_lora_adapters=\"\"}} 3e9\n\
+             vllm:lora_requests_info{{max_lora=\"four\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} 3e9\n\
+             vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} +Inf\n\
+             vllm:lora_requests_info{{max_lora=\"2\",running_lora_adapters=\"ok\",waiting_lora_adapters=\"\"}} 1e9\n"
+        );
+        let info = lora_info(&promtext::parse(&text)).expect("the plausible one");
+        assert_eq!(info.labels(), ["2", "ok", ""]);
+    }
 
     #[test]
     fn reads_each_engines_names() {

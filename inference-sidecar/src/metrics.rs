@@ -41,6 +41,8 @@ pub struct Metrics {
     pub engine_running: prometheus::Gauge,
     /// Engine KV-cache use.
     pub engine_kv_cache: prometheus::Gauge,
+    /// The engine's `vllm:lora_requests_info`, its most recent series.
+    pub engine_lora_info: GaugeVec,
     /// 1 when the engine's metrics were read at the last scrape.
     pub engine_metrics_up: IntGauge,
     /// 1 while the engine answers its health check.
@@ -136,6 +138,13 @@ impl Metrics {
             engine_kv_cache: prometheus::Gauge::new(
                 "strata_engine_kv_cache_usage_ratio",
                 "Engine KV-cache use, 0 to 1.",
+            )?,
+            engine_lora_info: GaugeVec::new(
+                Opts::new(
+                    "strata_engine_lora_requests_info",
+                    "The engine's vllm:lora_requests_info, its most recent series: the adapters with requests running and waiting (comma-separated) and max_lora as labels, the Unix time the engine last saw them as the value (for the endpoint picker's LoRA affinity).",
+                ),
+                &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             )?,
             engine_metrics_up: IntGauge::new(
                 "strata_engine_metrics_up",
@@ -239,6 +248,7 @@ impl Metrics {
         reg.register(Box::new(m.engine_queue.clone()))?;
         reg.register(Box::new(m.engine_running.clone()))?;
         reg.register(Box::new(m.engine_kv_cache.clone()))?;
+        reg.register(Box::new(m.engine_lora_info.clone()))?;
         reg.register(Box::new(m.engine_metrics_up.clone()))?;
         reg.register(Box::new(m.engine_up.clone()))?;
         reg.register(Box::new(m.gpu_visible.clone()))?;
