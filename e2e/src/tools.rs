@@ -77,35 +77,49 @@ pub const INFERENCE_POOL_CRD: &str = "inference.networking.k8s.io_inferencepools
 /// Go module proxy, checked against `e2e/tools/gie/go.sum`) and cached by
 /// `e2e/tools/build.sh gie`.
 pub fn ensure_inference_pool_crd() -> Result<PathBuf> {
+    ensure_component("gie", INFERENCE_POOL_CRD)
+}
+
+/// The Gateway API Inference Extension's endpoint picker (`epp`), at the
+/// version `e2e/tools/versions.env` pins: in `$STRATA_BIN_DIR` if it is
+/// there, otherwise built from its Go module (`e2e/tools/epp/go.sum`) and
+/// cached by `e2e/tools/build.sh epp`.
+pub fn ensure_endpoint_picker() -> Result<PathBuf> {
+    ensure_component("epp", "epp")
+}
+
+/// `file` of build.sh's `component`: from `$STRATA_BIN_DIR` when there,
+/// else made by `e2e/tools/build.sh <component>`.
+fn ensure_component(component: &str, file: &str) -> Result<PathBuf> {
     if let Ok(dir) = std::env::var("STRATA_BIN_DIR") {
-        let file = PathBuf::from(dir).join(INFERENCE_POOL_CRD);
-        if file.is_file() {
-            return Ok(file);
+        let path = PathBuf::from(dir).join(file);
+        if path.is_file() {
+            return Ok(path);
         }
     }
     let script = build_script();
     let out = Command::new("bash")
         .arg(&script)
-        .arg("gie")
+        .arg(component)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .map_err(|e| Error::Tools(format!("running {} gie: {e}", script.display())))?;
+        .map_err(|e| Error::Tools(format!("running {} {component}: {e}", script.display())))?;
     if !out.status.success() {
         return Err(Error::Tools(format!(
-            "{} gie failed ({})",
+            "{} {component} failed ({})",
             script.display(),
             out.status
         )));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let file = stdout
+    let path = stdout
         .lines()
         .last()
-        .map(|l| PathBuf::from(l.trim()).join(INFERENCE_POOL_CRD))
+        .map(|l| PathBuf::from(l.trim()).join(file))
         .ok_or_else(|| Error::Tools("build.sh printed no directory".into()))?;
-    if file.is_file() {
-        Ok(file)
+    if path.is_file() {
+        Ok(path)
     } else {
-        Err(Error::Tools(format!("{} is missing", file.display())))
+        Err(Error::Tools(format!("{} is missing", path.display())))
     }
 }

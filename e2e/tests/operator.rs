@@ -938,6 +938,81 @@ async fn an_edited_or_deleted_pool_is_put_back(
     .expect("the pool created again");
 }
 
+/// The extension's real endpoint picker (`epp` at the pinned version,
+/// built from its Go module), configured as docs/routing.md says (the
+/// example EndpointPickerConfig, the metrics port of the sidecars' admin
+/// port) for the pool `pool` in `ns`, counts its `replicas` as pods with
+/// fresh metrics: it read each sidecar's metrics over TLS under Strata's
+/// names (a name it cannot find leaves a pod's metrics stale, and the pod
+/// is not counted).
+async fn the_endpoint_picker_reads_the_sidecars(ns: &str, pool: &str, replicas: usize) {
+    let w = the_world();
+    let epp = strata_e2e::tools::ensure_endpoint_picker().expect("the endpoint picker");
+    let config =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/epp-config.yaml");
+    let [grpc, health, metrics] = [(); 3].map(|()| strata_e2e::harness::free_port());
+    let log = std::fs::File::create(w.info.log_dir.join(format!("epp-{ns}.log"))).expect("log");
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new(&epp)
+        .args([
+            format!("--pool-name={pool}"),
+            format!("--pool-namespace={ns}"),
+            "--pool-group=inference.networking.k8s.io".into(),
+            "--model-server-metrics-port=9090".into(),
+            format!("--config-file={}", config.display()),
+            format!("--grpc-port={grpc}"),
+            format!("--grpc-health-port={health}"),
+            format!("--metrics-port={metrics}"),
+            "--secure-serving=false".into(),
+            "--metrics-endpoint-auth=false".into(),
+            "--tracing=false".into(),
+            "--enable-pprof=false".into(),
+            "--refresh-prometheus-metrics-interval=500ms".into(),
+        ])
+        .env("KUBECONFIG", &w.info.kubeconfig)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the endpoint picker");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], metrics).into();
+    let ready = format!("name=\"{pool}\"");
+    let counted = poll_until(
+        "the endpoint picker to count the pool's pods with fresh metrics",
+        TIMEOUT,
+        Duration::from_millis(300),
+        || {
+            let ready = ready.clone();
+            async move {
+                let Ok(m) = strata_e2e::http::get(addr, "/metrics", Duration::from_secs(2)).await
+                else {
+                    return Ok(false);
+                };
+                let pods = strata_e2e::bench_memory::counter_sum(
+                    &m.body,
+                    "inference_pool_ready_pods",
+                    &[&ready],
+                );
+                Ok(pods >= replicas as f64)
+            }
+        },
+    )
+    .await;
+    let exited = child.try_wait().ok().flatten();
+    let _ = child.kill().await;
+    counted.unwrap_or_else(|e| {
+        panic!(
+            "{e}; the picker {} (its log: {})",
+            exited.map_or("ran".to_string(), |s| format!("exited: {s}")),
+            w.info.log_dir.join(format!("epp-{ns}.log")).display()
+        )
+    });
+    eprintln!(
+        "the endpoint picker counted {replicas} pod(s) with fresh metrics {:.1?} after its start",
+        started.elapsed()
+    );
+}
+
 /// A Model with `spec.routing.inferencePool`: before the Gateway API
 /// Inference Extension's CRD is installed it is served and says
 /// Degraded/InferencePoolUnavailable (and a Warning Event); once the real
@@ -1113,6 +1188,7 @@ async fn the_inference_pool_follows_its_model(client: &Client) {
             .unwrap_or_default();
         assert!(ports.contains(&8080), "{}: ports {ports:?}", p.name_any());
     }
+    the_endpoint_picker_reads_the_sidecars(&ns, "routed", own.len()).await;
 
     // The real schema: a pool without target ports is refused.
     let bad: kube::api::DynamicObject = serde_json::from_value(json!({

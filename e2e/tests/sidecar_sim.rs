@@ -281,7 +281,10 @@ async fn the_engines_lora_requests_info_is_published_as_its_latest_series() {
 /// without the engines' load, silently).
 #[test]
 fn the_example_endpoint_picker_config_names_the_sidecars_metrics() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/epp-config.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/examples/epp-config.yaml"
+    );
     let text = std::fs::read_to_string(path).expect("docs/examples/epp-config.yaml");
     let config: serde_json::Value = serde_yaml_ng::from_str(&text).expect("YAML");
     let plugins = config["plugins"].as_array().expect("plugins");

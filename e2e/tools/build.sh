@@ -4,12 +4,13 @@
 # caches the binaries outside the checkout, keyed by component version and
 # go.sum hash. A second run reuses them; a fresh machine builds them unattended.
 #
-# Usage: e2e/tools/build.sh [etcd|kube|kwok|helm|gie ...]   (default: all)
+# Usage: e2e/tools/build.sh [etcd|kube|kwok|helm|gie|epp ...]   (default: all)
 # Prints the directory holding the binaries on its last line of stdout.
 # `gie` builds nothing: it copies the Gateway API Inference Extension's
 # InferencePool CRD (inference.networking.k8s.io_inferencepools.yaml) from its
 # Go module (downloaded and checked against e2e/tools/gie/go.sum) into the
-# same directory.
+# same directory. `epp` builds that extension's endpoint picker (cmd/epp) at
+# the same version.
 # A component's patches (e2e/tools/<component>/patches/*.patch, each saying
 # why) are applied to a copy of its module, checked against go.sum first, and
 # the build replaces the module with that copy. Only fixes to upstream bugs
@@ -151,7 +152,7 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
 done
 
 components=("$@")
-[[ ${#components[@]} -eq 0 ]] && components=(etcd kube kwok helm gie)
+[[ ${#components[@]} -eq 0 ]] && components=(etcd kube kwok helm gie epp)
 for c in "${components[@]}"; do
   case "$c" in
     etcd) build etcd "$ETCD_VERSION" etcd -- -ldflags "-s -w" . ;;
@@ -165,6 +166,10 @@ for c in "${components[@]}"; do
             -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION $helm_k8s" helm.sh/helm/v3/cmd/helm ;;
     gie) fetch_file gie "$GIE_VERSION" sigs.k8s.io/gateway-api-inference-extension \
             config/crd/bases/inference.networking.k8s.io_inferencepools.yaml ;;
+    epp) if ! grep -q "^require sigs.k8s.io/gateway-api-inference-extension $GIE_VERSION\$" "$here/epp/go.mod"; then
+           log "epp: e2e/tools/epp/go.mod does not require the extension at $GIE_VERSION (versions.env)"; exit 2
+         fi
+         build epp "$GIE_VERSION" epp -- -ldflags "-s -w" sigs.k8s.io/gateway-api-inference-extension/cmd/epp ;;
     *) log "unknown component $c"; exit 2 ;;
   esac
 done
