@@ -48,7 +48,8 @@
 //! under their names, and `vllm:lora_requests_info` is published as vLLM
 //! with `--enable-lora` publishes it ([`LoraInfo`]): the adapters with
 //! requests running and waiting as label values, a series per combination
-//! seen, its value the last time it was current.
+//! seen, its value the last time it was current. `vllm:cache_config_info`
+//! carries the block size and the GPU blocks in its labels.
 //!
 //! When a load file is configured, the simulated GPU utilization
 //! ([`utilization`]) is written there every 100 ms and whenever the number of
@@ -795,7 +796,29 @@ impl Simulator {
         let mut info = lock(&self.inner.lora_info);
         info.seen(running, waiting, now);
         info.render(&mut text, self.inner.config.max_loras);
+        drop(info);
+        self.render_cache_config(&mut text);
         text
+    }
+
+    /// `vllm:cache_config_info`, as vLLM publishes its cache configuration:
+    /// value 1, the configuration in labels (here the ones a reader uses:
+    /// tokens per block, and blocks on the GPU, `--num-gpu-blocks-override`).
+    fn render_cache_config(&self, out: &mut String) {
+        let c = &self.inner.config;
+        let python_bool = |b: bool| if b { "True" } else { "False" };
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig"
+        );
+        let _ = writeln!(out, "# TYPE vllm:cache_config_info gauge");
+        let _ = writeln!(
+            out,
+            "vllm:cache_config_info{{block_size=\"{}\",cache_dtype=\"auto\",enable_prefix_caching=\"{}\",gpu_memory_utilization=\"0.9\",num_gpu_blocks=\"{}\"}} 1.0",
+            c.block_size,
+            python_bool(c.prefix_caching),
+            c.prefix_cache_blocks
+        );
     }
 
     /// The adapters with requests running, and with requests waiting, each

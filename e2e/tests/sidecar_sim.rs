@@ -274,6 +274,17 @@ async fn the_engines_lora_requests_info_is_published_as_its_latest_series() {
     .await;
     let at = value(&pair.metrics.render(), idle);
     assert!(at > 1.7e9, "a Unix time: {at}");
+    // And the engine's KV-cache configuration, for the picker's prefix
+    // index: the simulator's block size and GPU blocks.
+    let cache = format!(
+        "strata_engine_cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{}\"}} 1",
+        pair.sim.config().prefix_cache_blocks
+    );
+    assert!(
+        pair.metrics.render().lines().any(|l| l == cache),
+        "{cache} in {}",
+        pair.metrics.render()
+    );
 }
 
 /// The endpoint picker's configuration in docs/examples names metrics the
@@ -301,12 +312,17 @@ fn the_example_endpoint_picker_config_names_the_sidecars_metrics() {
         .engine_lora_info
         .with_label_values(&["4", "", ""])
         .set(1.7e9);
+    metrics
+        .engine_cache_info
+        .with_label_values(&["16", "1000"])
+        .set(1.0);
     let published = metrics.render();
     for spec in [
         "queuedRequestsSpec",
         "runningRequestsSpec",
         "kvUsageSpec",
         "loraSpec",
+        "cacheInfoSpec",
     ] {
         let name = vllm[spec].as_str().unwrap_or_default();
         assert!(

@@ -11,11 +11,12 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
+use prometheus::GaugeVec;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::App;
-use crate::engine::LoraInfo;
+use crate::engine::{CacheInfo, LoraInfo};
 use crate::promtext;
 
 /// Largest body of an adapter API call.
@@ -472,10 +473,12 @@ pub async fn watch_engine_health(app: Arc<App>, every: Duration) {
 /// Scrapes the engine's metrics for queue depth, running requests and KV-cache use.
 /// A missing or malformed endpoint reads as unknown (`strata_engine_metrics_up 0`).
 pub async fn scrape_engine(app: Arc<App>, every: Duration) {
-    // The label values of the LoRA series published now.
+    // What is published now of the engine's info metrics.
     let mut lora_shown: Option<LoraInfo> = None;
+    let mut cache_shown: Option<CacheInfo> = None;
     loop {
         let mut lora = None;
+        let mut cache = None;
         let stats = match app
             .call(
                 Method::GET,
@@ -488,6 +491,7 @@ pub async fn scrape_engine(app: Arc<App>, every: Duration) {
             Ok((s, body)) if s.is_success() => {
                 let samples = promtext::parse(&String::from_utf8_lossy(&body));
                 lora = crate::engine::lora_info(&samples);
+                cache = crate::engine::cache_info(&samples);
                 let (stats, rejected) = app.config.engine.raw_stats(&samples).sanitized();
                 for why in rejected {
                     app.metrics
@@ -514,25 +518,34 @@ pub async fn scrape_engine(app: Arc<App>, every: Duration) {
                 m.engine_kv_cache.set(f64::NAN);
             }
         }
-        show_lora_info(m, lora_shown.as_ref(), lora.as_ref());
+        replace_series(
+            &m.engine_lora_info,
+            lora_shown.as_ref().map(|i| i.labels().to_vec()),
+            lora.as_ref().map(|l| (l.labels().to_vec(), l.at)),
+        );
         lora_shown = lora;
+        replace_series(
+            &m.engine_cache_info,
+            cache_shown.as_ref().map(|i| i.labels().to_vec()),
+            cache.as_ref().map(|c| (c.labels().to_vec(), 1.0)),
+        );
+        cache_shown = cache;
         tokio::time::sleep(every).await;
     }
 }
 
-/// Publishes the engine's most recent LoRA series `now` in place of
-/// `shown` (the new series is set before the old one goes, so that a scrape
-/// in between never finds none); nothing when the engine publishes none.
-fn show_lora_info(m: &crate::metrics::Metrics, shown: Option<&LoraInfo>, now: Option<&LoraInfo>) {
-    if let Some(now) = now {
-        m.engine_lora_info
-            .with_label_values(&now.labels())
-            .set(now.at);
+/// Publishes in `gauge` the one series `now` (label values and value) in
+/// place of the series `shown` (the new one is set before the old one
+/// goes, so that a scrape in between never finds none); none when `now` is
+/// None (the engine publishes nothing of the kind, or could not be read).
+fn replace_series(gauge: &GaugeVec, shown: Option<Vec<&str>>, now: Option<(Vec<&str>, f64)>) {
+    if let Some((labels, value)) = &now {
+        gauge.with_label_values(labels).set(*value);
     }
     if let Some(shown) = shown
-        && now.is_none_or(|n| n.labels() != shown.labels())
+        && now.is_none_or(|(labels, _)| labels != shown)
     {
-        let _ = m.engine_lora_info.remove_label_values(&shown.labels());
+        let _ = gauge.remove_label_values(&shown);
     }
 }
 
@@ -556,8 +569,15 @@ mod tests {
                 .map(str::to_string)
                 .collect::<Vec<_>>()
         };
+        let show = |shown: Option<&LoraInfo>, now: Option<&LoraInfo>| {
+            replace_series(
+                &m.engine_lora_info,
+                shown.map(|l| l.labels().to_vec()),
+                now.map(|n| (n.labels().to_vec(), n.at)),
+            )
+        };
         let (a, b) = (info("sql", 1.0e9), info("chat", 2.0e9));
-        show_lora_info(&m, None, Some(&a));
+        show(None, Some(&a));
         assert_eq!(
             series(&m),
             [
@@ -565,14 +585,14 @@ mod tests {
             ]
         );
         // Other lists: the new series replaces the old one.
-        show_lora_info(&m, Some(&a), Some(&b));
+        show(Some(&a), Some(&b));
         assert_eq!(series(&m).len(), 1);
         assert!(series(&m)[0].contains("running_lora_adapters=\"chat\""));
         // The same lists seen again: its time moves.
-        show_lora_info(&m, Some(&b), Some(&info("chat", 3.0e9)));
+        show(Some(&b), Some(&info("chat", 3.0e9)));
         assert!(series(&m)[0].ends_with(" 3000000000"), "{:?}", series(&m));
         // The engine's metrics unreadable: none.
-        show_lora_info(&m, Some(&b), None);
+        show(Some(&b), None);
         assert!(series(&m).is_empty());
     }
 

@@ -161,10 +161,7 @@ pub fn lora_info(samples: &[Sample]) -> Option<LoraInfo> {
                 (v.len() <= MAX_LORA_LABEL).then(|| v.to_string())
             };
             let max_lora = label("max_lora")?;
-            if max_lora.is_empty()
-                || max_lora.len() > 9
-                || !max_lora.bytes().all(|b| b.is_ascii_digit())
-            {
+            if !digits(&max_lora, 9) {
                 return None;
             }
             Some(LoraInfo {
@@ -177,9 +174,77 @@ pub fn lora_info(samples: &[Sample]) -> Option<LoraInfo> {
         .max_by(|a, b| a.at.total_cmp(&b.at))
 }
 
+/// vLLM's KV-cache configuration, as an info metric (value 1, the
+/// configuration in its labels).
+pub const CACHE_INFO_METRIC: &str = "vllm:cache_config_info";
+
+/// What the sidecar passes on of the engine's [`CACHE_INFO_METRIC`]: what
+/// a gateway's endpoint picker reads to size its prefix-cache index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheInfo {
+    /// `block_size`: tokens per KV-cache block.
+    pub block_size: String,
+    /// `num_gpu_blocks`: KV-cache blocks on the GPU (empty when unknown).
+    pub num_gpu_blocks: String,
+}
+
+impl CacheInfo {
+    /// The label values, in the order of the sidecar's gauge.
+    pub fn labels(&self) -> [&str; 2] {
+        [&self.block_size, &self.num_gpu_blocks]
+    }
+}
+
+/// Whether `v` is a non-negative integer of at most `max` digits.
+fn digits(v: &str, max: usize) -> bool {
+    !v.is_empty() && v.len() <= max && v.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The engine's block size and GPU blocks from [`CACHE_INFO_METRIC`]: its
+/// first series whose `block_size` is a number (and `num_gpu_blocks` a
+/// number or absent). Pure.
+pub fn cache_info(samples: &[Sample]) -> Option<CacheInfo> {
+    samples
+        .iter()
+        .filter(|s| s.name == CACHE_INFO_METRIC)
+        .find_map(|s| {
+            let block_size = s.labels.get("block_size").filter(|v| digits(v, 9))?;
+            let num_gpu_blocks = match s.labels.get("num_gpu_blocks") {
+                Some(v) if digits(v, 12) => v.clone(),
+                Some(v) if v.is_empty() || v == "None" => String::new(),
+                Some(_) => return None,
+                None => String::new(),
+            };
+            Some(CacheInfo {
+                block_size: block_size.clone(),
+                num_gpu_blocks,
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_block_size_and_gpu_blocks_of_the_cache_config_are_read() {
+        let text = "vllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",enable_prefix_caching=\"True\",num_gpu_blocks=\"27000\"} 1.0\n";
+        let info = cache_info(&promtext::parse(text)).expect("cache info");
+        assert_eq!(info.labels(), ["16", "27000"]);
+        // Before the engine has profiled its memory vLLM says None.
+        let early = "vllm:cache_config_info{block_size=\"32\",num_gpu_blocks=\"None\"} 1.0\n";
+        assert_eq!(
+            cache_info(&promtext::parse(early)).expect("info").labels(),
+            ["32", ""]
+        );
+        for bad in [
+            "vllm:cache_config_info{block_size=\"x\",num_gpu_blocks=\"1\"} 1\n",
+            "vllm:cache_config_info{num_gpu_blocks=\"1\"} 1\n",
+            "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"-1\"} 1\n",
+        ] {
+            assert_eq!(cache_info(&promtext::parse(bad)), None, "{bad}");
+        }
+    }
 
     #[test]
     fn the_most_recent_lora_info_series_is_read() {

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub engine_kv_cache: prometheus::Gauge,
     /// The engine's `vllm:lora_requests_info`, its most recent series.
     pub engine_lora_info: GaugeVec,
+    /// The engine's `vllm:cache_config_info`: block size and GPU blocks.
+    pub engine_cache_info: GaugeVec,
     /// 1 when the engine's metrics were read at the last scrape.
     pub engine_metrics_up: IntGauge,
     /// 1 while the engine answers its health check.
@@ -145,6 +147,13 @@ impl Metrics {
                     "The engine's vllm:lora_requests_info, its most recent series: the adapters with requests running and waiting (comma-separated) and max_lora as labels, the Unix time the engine last saw them as the value (for the endpoint picker's LoRA affinity).",
                 ),
                 &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )?,
+            engine_cache_info: GaugeVec::new(
+                Opts::new(
+                    "strata_engine_cache_config_info",
+                    "The engine's KV-cache configuration (vllm:cache_config_info): tokens per block and blocks on the GPU as labels, value 1 (for the endpoint picker's prefix-cache index).",
+                ),
+                &["block_size", "num_gpu_blocks"],
             )?,
             engine_metrics_up: IntGauge::new(
                 "strata_engine_metrics_up",
@@ -249,6 +258,7 @@ impl Metrics {
         reg.register(Box::new(m.engine_running.clone()))?;
         reg.register(Box::new(m.engine_kv_cache.clone()))?;
         reg.register(Box::new(m.engine_lora_info.clone()))?;
+        reg.register(Box::new(m.engine_cache_info.clone()))?;
         reg.register(Box::new(m.engine_metrics_up.clone()))?;
         reg.register(Box::new(m.engine_up.clone()))?;
         reg.register(Box::new(m.gpu_visible.clone()))?;
