@@ -943,8 +943,9 @@ async fn an_edited_or_deleted_pool_is_put_back(
 /// example EndpointPickerConfig, the metrics port of the sidecars' admin
 /// port) for the pool `pool` in `ns`, counts its `replicas` as pods with
 /// fresh metrics: it read each sidecar's metrics over TLS under Strata's
-/// names (a name it cannot find leaves a pod's metrics stale, and the pod
-/// is not counted).
+/// names (when it finds none of them a pod's metrics stay stale, and the
+/// pod is not counted), and it found every one it was told to read (its
+/// log names each one missing).
 async fn the_endpoint_picker_reads_the_sidecars(ns: &str, pool: &str, replicas: usize) {
     let w = the_world();
     let epp = strata_e2e::tools::ensure_endpoint_picker().expect("the endpoint picker");
@@ -998,8 +999,22 @@ async fn the_endpoint_picker_reads_the_sidecars(ns: &str, pool: &str, replicas: 
         },
     )
     .await;
+    // A few more polls (every 50 ms), then its log: every metric the
+    // configuration names was found (a missing one is logged as "extract
+    // failed" for the pod, once).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let exited = child.try_wait().ok().flatten();
     let _ = child.kill().await;
+    let log =
+        std::fs::read_to_string(w.info.log_dir.join(format!("epp-{ns}.log"))).unwrap_or_default();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("extract failed"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "the picker found not every metric it was told to read: {failed:#?}"
+    );
     counted.unwrap_or_else(|e| {
         panic!(
             "{e}; the picker {} (its log: {})",
