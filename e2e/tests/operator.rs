@@ -949,8 +949,7 @@ async fn an_edited_or_deleted_pool_is_put_back(
 async fn the_endpoint_picker_reads_the_sidecars(ns: &str, pool: &str, replicas: usize) {
     let w = the_world();
     let epp = strata_e2e::tools::ensure_endpoint_picker().expect("the endpoint picker");
-    let config =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/epp-config.yaml");
+    let config = strata_e2e::harness::repo_path("docs/examples/epp-config.yaml");
     let [grpc, health, metrics] = [(); 3].map(|()| strata_e2e::harness::free_port());
     let log = std::fs::File::create(w.info.log_dir.join(format!("epp-{ns}.log"))).expect("log");
     let started = std::time::Instant::now();
@@ -999,9 +998,10 @@ async fn the_endpoint_picker_reads_the_sidecars(ns: &str, pool: &str, replicas: 
         },
     )
     .await;
-    // A few more polls (every 50 ms), then its log: every metric the
-    // configuration names was found (a missing one is logged as "extract
-    // failed" for the pod, once).
+    // The picker is ready; watch it for about 20 more polls (50 ms apart,
+    // an observation window, not a wait for readiness), then read its
+    // log: every metric the configuration names was found (a missing one
+    // is logged as "extract failed" for the pod, once).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let exited = child.try_wait().ok().flatten();
     let _ = child.kill().await;

@@ -222,13 +222,21 @@ fn lora_series(pair: &Pair) -> Vec<String> {
         .collect()
 }
 
-/// Polls `check` every 50 ms for up to 10 s.
-async fn within_10s(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Waits (10 s at most) until the sidecar publishes exactly one LoRA
+/// series, the one whose labels are `series`.
+async fn only_lora_series(pair: &Pair, series: &str, what: &str) {
+    strata_e2e::wait::poll_until(
+        what,
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let s = lora_series(pair);
+            let shown = s.len() == 1 && s[0].starts_with(series);
+            async move { Ok(shown) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The engine's `vllm:lora_requests_info` (vLLM's label format) is
@@ -250,28 +258,16 @@ async fn the_engines_lora_requests_info_is_published_as_its_latest_series() {
         .expect("req");
     assert_eq!(client.request(req).await.expect("load").status(), 200);
     let idle = r#"strata_engine_lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""}"#;
-    within_10s("the idle series", || {
-        let s = lora_series(&pair);
-        s.len() == 1 && s[0].starts_with(idle)
-    })
-    .await;
+    only_lora_series(&pair, idle, "the idle series").await;
     // A request for the adapter runs on the engine for about 2 s.
     let engine = pair.engine;
     let running = tokio::spawn(async move { stream_chat_to(engine, "sql", 100).await });
     let busy = r#"strata_engine_lora_requests_info{max_lora="4",running_lora_adapters="sql",waiting_lora_adapters=""}"#;
-    within_10s("sql running", || {
-        let s = lora_series(&pair);
-        s.len() == 1 && s[0].starts_with(busy)
-    })
-    .await;
+    only_lora_series(&pair, busy, "sql running").await;
     running.await.expect("the adapter's request");
     // The engine still publishes the old series; the sidecar only the
     // newest, whose value is a Unix time.
-    within_10s("the idle series again", || {
-        let s = lora_series(&pair);
-        s.len() == 1 && s[0].starts_with(idle)
-    })
-    .await;
+    only_lora_series(&pair, idle, "the idle series again").await;
     let at = value(&pair.metrics.render(), idle);
     assert!(at > 1.7e9, "a Unix time: {at}");
     // And the engine's KV-cache configuration, for the picker's prefix
@@ -292,12 +288,8 @@ async fn the_engines_lora_requests_info_is_published_as_its_latest_series() {
 /// without the engines' load, silently).
 #[test]
 fn the_example_endpoint_picker_config_names_the_sidecars_metrics() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/examples/epp-config.yaml"
-    );
-    let text = std::fs::read_to_string(path).expect("docs/examples/epp-config.yaml");
-    let config: serde_json::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    let config =
+        strata_e2e::harness::repo_yaml("docs/examples/epp-config.yaml").expect("the example");
     let plugins = config["plugins"].as_array().expect("plugins");
     let extractor = plugins
         .iter()

@@ -470,7 +470,8 @@ pub async fn watch_engine_health(app: Arc<App>, every: Duration) {
     }
 }
 
-/// Scrapes the engine's metrics for queue depth, running requests and KV-cache use.
+/// Scrapes the engine's metrics for queue depth, running requests and KV-cache use,
+/// and republishes its LoRA and cache-configuration info series (one each).
 /// A missing or malformed endpoint reads as unknown (`strata_engine_metrics_up 0`).
 pub async fn scrape_engine(app: Arc<App>, every: Duration) {
     // What is published now of the engine's info metrics.

@@ -209,6 +209,24 @@ fn main() -> ExitCode {
     strata_net::runtime::block_on(cli.worker_threads.map(usize::from), 4, run(cli))
 }
 
+/// Installs the Prometheus credentials of `--prometheus-auth-file`, if
+/// given; false (the reason logged) when the file is not valid.
+fn prometheus_credentials(path: Option<&std::path::Path>) -> bool {
+    let Some(path) = path else {
+        return true;
+    };
+    match strata_operator::prometheus_auth::install(path) {
+        Ok(n) => {
+            tracing::info!(path = %path.display(), endpoints = n, "Prometheus credentials");
+            true
+        }
+        Err(e) => {
+            tracing::error!("--prometheus-auth-file: {e}");
+            false
+        }
+    }
+}
+
 async fn run(cli: Cli) -> ExitCode {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -221,16 +239,8 @@ async fn run(cli: Cli) -> ExitCode {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 
-    if let Some(path) = &cli.prometheus_auth_file {
-        match strata_operator::prometheus_auth::install(path) {
-            Ok(n) => {
-                tracing::info!(path = %path.display(), endpoints = n, "Prometheus credentials")
-            }
-            Err(e) => {
-                tracing::error!("--prometheus-auth-file: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+    if !prometheus_credentials(cli.prometheus_auth_file.as_deref()) {
+        return ExitCode::FAILURE;
     }
     let metrics = match Metrics::new() {
         Ok(m) => m,

@@ -592,32 +592,35 @@ endpoints:
     fn bad_files_are_refused_with_the_reason() {
         let err = |text: &str| parse(text).expect_err(text).to_string();
         let one = |url: &str, rest: &str| format!("endpoints:\n  - url: {url}\n{rest}");
-        assert!(
-            err(&one("http://prom:9090", "    bearerToken: t")).contains("over https only"),
-            "credentials never travel in clear"
-        );
-        assert!(err(&one("https://prom", "")).contains("exactly one of"));
-        assert!(
-            err(&one(
+        // (url, the rest of the endpoint, what the error says)
+        let cases = [
+            // Credentials never travel in clear.
+            ("http://prom:9090", "    bearerToken: t", "over https only"),
+            ("https://prom", "", "exactly one of"),
+            (
                 "https://prom",
-                "    bearerToken: t\n    basicAuth: {username: u, password: p}"
-            ))
-            .contains("exactly one of")
-        );
-        assert!(err(&one("https://prom", "    bearerToken: \"a b\"")).contains("without spaces"));
-        assert!(err(&one("https://prom", "    bearerTokenFile: token")).contains("absolute"));
-        assert!(
-            err(&one(
+                "    bearerToken: t\n    basicAuth: {username: u, password: p}",
+                "exactly one of",
+            ),
+            ("https://prom", "    bearerToken: \"a b\"", "without spaces"),
+            ("https://prom", "    bearerTokenFile: token", "absolute"),
+            (
                 "https://prom",
-                "    basicAuth: {username: \"a:b\", password: p}"
-            ))
-            .contains("without ':'")
-        );
-        assert!(
-            err(&one("https://u:p@prom", "    bearerToken: t")).contains("credentials in the URL")
-        );
-        assert!(err(&one("https://prom/?x=1", "    bearerToken: t")).contains("query string"));
-        assert!(err(&one("https://prom", "    bearerTokn: t")).contains("unknown field"));
+                "    basicAuth: {username: \"a:b\", password: p}",
+                "without ':'",
+            ),
+            (
+                "https://u:p@prom",
+                "    bearerToken: t",
+                "credentials in the URL",
+            ),
+            ("https://prom/?x=1", "    bearerToken: t", "query string"),
+            ("https://prom", "    bearerTokn: t", "unknown field"),
+        ];
+        for (url, rest, says) in cases {
+            let e = err(&one(url, rest));
+            assert!(e.contains(says), "{url} {rest:?}: {e}");
+        }
         assert!(err("endpoint: []").contains("endpoints"));
         let twice = "endpoints:\n  - url: https://p/x/\n    bearerToken: a\n  - url: https://P:443/x\n    bearerToken: b\n";
         assert!(err(twice).contains("listed twice"));
