@@ -7,13 +7,15 @@
 //! Only the OpenAI inference API passes the proxy (strata_net::openai);
 //! everything it reads is bounded ([`app::Limits`]).
 //!
-//! Pure parts: [`sse`], [`measure`], [`request`], [`promtext`], [`engine`], and the
+//! Pure parts: [`sse`], [`measure`], [`request`], [`promtext`], [`engine`],
+//! [`framing`] (the engine's HTTP/1.1 answers), and the
 //! device selection and energy accounting in [`nvml`].
 
 pub mod admin;
 pub mod app;
 pub mod engine;
 pub mod fetch;
+pub mod framing;
 pub mod measure;
 pub mod metrics;
 pub mod nvml;

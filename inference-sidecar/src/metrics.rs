@@ -233,7 +233,7 @@ impl Metrics {
             engine_response_errors: IntCounterVec::new(
                 Opts::new(
                     "strata_engine_response_errors_total",
-                    "Engine answers cut short (timeout, event_too_large) or passed through unmeasured (unmeasured_large).",
+                    "Engine answers cut short (timeout, event_too_large), unreadable (malformed) or passed through unmeasured (unmeasured_large).",
                 ),
                 &["reason"],
             )?,

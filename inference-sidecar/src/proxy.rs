@@ -22,7 +22,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use http::{HeaderMap, StatusCode, header};
-use http_body_util::Full;
 use strata_net::body::{self, BodyLimits, Held};
 use strata_net::openai::{self, Endpoint, Route};
 use tokio::sync::OwnedSemaphorePermit;
@@ -315,38 +314,49 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
             );
         }
     };
-    let mut upstream_req = http::Request::new(Full::new(body));
+    let mut upstream_req = http::Request::new(body);
     *upstream_req.method_mut() = parts.method;
     *upstream_req.uri_mut() = uri;
     *upstream_req.headers_mut() = headers;
     let engine_timeout = app.config.limits.engine_timeout;
-    let (resp, exchange) =
-        match tokio::time::timeout(engine_timeout, app.engine.send(upstream_req)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                recorder.finish(None, "engine_unavailable");
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("the engine is unreachable: {e}"),
-                    "engine_unavailable",
-                );
-            }
-            Err(_) => {
-                recorder.finish(None, "engine_error");
-                app.metrics
-                    .engine_response_errors
-                    .with_label_values(&["timeout"])
-                    .inc();
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("the engine did not answer within {engine_timeout:?}"),
-                    "engine_error",
-                );
-            }
-        };
+    let resp = match tokio::time::timeout(engine_timeout, app.engine.send(upstream_req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e @ crate::upstream::UpstreamError::Framing(_))) => {
+            recorder.finish(None, "engine_error");
+            app.metrics
+                .engine_response_errors
+                .with_label_values(&["malformed"])
+                .inc();
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("the engine's answer cannot be read: {e}"),
+                "engine_error",
+            );
+        }
+        Ok(Err(e)) => {
+            recorder.finish(None, "engine_unavailable");
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("the engine is unreachable: {e}"),
+                "engine_unavailable",
+            );
+        }
+        Err(_) => {
+            recorder.finish(None, "engine_error");
+            app.metrics
+                .engine_response_errors
+                .with_label_values(&["timeout"])
+                .inc();
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the engine did not answer within {engine_timeout:?}"),
+                "engine_error",
+            );
+        }
+    };
     // The body is with the engine now.
     drop(held);
-    let (head, body) = resp.into_parts();
+    let (head, engine) = resp.into_parts();
     let status = head.status;
     let mut headers = head.headers;
     let length = headers.get(header::CONTENT_LENGTH).cloned();
@@ -357,8 +367,7 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
     strata_net::headers::strip_hop_by_hop(&mut headers);
     let limits = app.config.limits;
     let mut pass = Pass {
-        body,
-        exchange,
+        engine,
         idle: engine_timeout,
         silence: Box::pin(tokio::time::sleep(engine_timeout)),
         armed: false,
@@ -425,9 +434,8 @@ const MAX_GATHER_BYTES: usize = 64 * 1024;
 
 /// An engine answer on its way to the client.
 struct Pass {
-    body: hyper::body::Incoming,
-    /// The engine connection, polled with the body.
-    exchange: crate::upstream::Exchange,
+    /// The answer's body, read from the engine connection as it is polled.
+    engine: crate::upstream::Exchange,
     idle: std::time::Duration,
     /// The engine's silence: armed when no piece is there.
     silence: Pin<Box<tokio::time::Sleep>>,
@@ -440,36 +448,32 @@ impl Pass {
     /// The next data frame: None at the end, an error on failure or when
     /// the engine stays silent longer than allowed.
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, std::io::Error>> {
-        loop {
-            match self.exchange.poll_frame(&mut self.body, cx) {
-                Poll::Ready(None) => return Poll::Ready(Ok(None)),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(std::io::Error::other(e))),
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.armed = false;
-                        return Poll::Ready(Ok(Some(data)));
-                    }
+        match self.engine.poll_data(cx) {
+            Poll::Ready(None) => Poll::Ready(Ok(None)),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(std::io::Error::other(e))),
+            Poll::Ready(Some(Ok(data))) => {
+                self.armed = false;
+                Poll::Ready(Ok(Some(data)))
+            }
+            Poll::Pending => {
+                if !self.armed {
+                    self.armed = true;
+                    let deadline = tokio::time::Instant::now() + self.idle;
+                    self.silence.as_mut().reset(deadline);
                 }
-                Poll::Pending => {
-                    if !self.armed {
-                        self.armed = true;
-                        let deadline = tokio::time::Instant::now() + self.idle;
-                        self.silence.as_mut().reset(deadline);
-                    }
-                    if self.silence.as_mut().poll(cx).is_ready() {
-                        self.recorder
-                            .app
-                            .metrics
-                            .engine_response_errors
-                            .with_label_values(&["timeout"])
-                            .inc();
-                        return Poll::Ready(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the engine went silent",
-                        )));
-                    }
-                    return Poll::Pending;
+                if self.silence.as_mut().poll(cx).is_ready() {
+                    self.recorder
+                        .app
+                        .metrics
+                        .engine_response_errors
+                        .with_label_values(&["timeout"])
+                        .inc();
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the engine went silent",
+                    )));
                 }
+                Poll::Pending
             }
         }
     }
@@ -561,7 +565,7 @@ impl futures::Stream for WholeStream {
                 // last bytes go out (the client, told the length, may not
                 // wait for more, and the server stops polling this stream).
                 // An answer in one piece is read where it is, not copied.
-                if hyper::body::Body::is_end_stream(&st.pass.body) {
+                if st.pass.engine.is_end() {
                     let one_piece =
                         st.copy.as_ref().is_some_and(Vec::is_empty) && data.len() <= st.keep;
                     if !one_piece {

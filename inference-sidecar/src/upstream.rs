@@ -1,39 +1,50 @@
 //! The proxy's HTTP/1.1 connections to the engine, driven by the request
 //! that uses them.
 //!
-//! hyper's pooled client runs every connection as a task of its own and
-//! hands each piece of an answer over a channel: a request crosses tasks
-//! (and often threads) several times, and a streamed answer reaches the
-//! proxy one piece per wake-up, so that each server-sent event left in a
-//! write of its own. Here a connection ([`hyper::client::conn::http1`]) is
-//! polled by the request's own task, inside [`Exchange::poll_frame`]: what
-//! one read from the engine brought is decoded and handed on in the same
-//! poll, and the proxy forwards it in one write, as nginx does.
+//! The proxy speaks to one engine, in the same pod, over loopback: a
+//! request is written in one `writev` (head and body), the answer's head
+//! is parsed by `httparse` (hyper's own parser) and its body taken apart
+//! by [`crate::framing`], all inside the request's own task. What one read
+//! from the engine brought is decoded and handed on in the same poll, and
+//! the proxy forwards it in one write, as nginx does.
+//!
+//! Why not hyper's client, which the proxy used until 2026-12-05: its
+//! connection keeps, besides its buffers, a request channel (two blocks of
+//! tokio's unbounded channel, about 8 KiB) whether idle or busy, and runs a
+//! dispatcher between the request and the socket. At 512 concurrent
+//! requests that was about 11 MiB of the sidecar's peak heap and a share of
+//! its CPU per request (docs/benchmarks.md, P2). A connection here is the
+//! socket and, while an answer is read, one read buffer (none while idle).
+//! Clients still talk to hyper's server: only the engine, a known local
+//! peer, is spoken to by this module, and everything it sends is bounded
+//! (head size and field count, chunk lines, trailers; the body's pace by the
+//! proxy's silence timeout).
 //!
 //! Idle connections wait in a small LIFO pool: at most `max_idle`, none
-//! older than `idle_timeout`. An idle connection is not polled (nobody
-//! needs it), so one the engine closed meanwhile (uvicorn closes idle
-//! keep-alive connections after 5 s) is found out when it is taken: it is
-//! polled once, sees the end of the stream and is dropped; a request that
-//! a reused connection could not send is sent again on a new one (hyper
-//! gives it back when none of it was written).
+//! older than `idle_timeout`. An idle connection is not read (nobody needs
+//! it), so one the engine closed meanwhile (uvicorn closes idle keep-alive
+//! connections after 5 s) is found out when it is taken: a read that does
+//! not wait tells. A request that a reused connection could not deliver
+//! (the write failed, or the connection ended before any byte of an
+//! answer: the engine had closed it) is sent again on a new connection.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-type Body = Full<Bytes>;
-type Conn = http1::Connection<TokioIo<TcpStream>, Body>;
+use crate::framing::{self, Decoder, FramingError, Step};
+
+/// Bytes asked of a read from the engine at first.
+const READ_BYTES: usize = 8 * 1024;
+/// Most bytes asked of one read (reads that fill what they were given
+/// double it, up to this).
+const MAX_READ_BYTES: usize = 64 * 1024;
 
 /// Why the engine could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -55,15 +66,15 @@ pub enum UpstreamError {
     /// No connection within the connect timeout.
     #[error("connecting to {0}: timed out")]
     ConnectTimeout(String),
-    /// The HTTP exchange failed.
-    #[error("{0}")]
-    Http(#[from] hyper::Error),
-}
-
-/// One connection to the engine.
-struct EngineConn {
-    send: http1::SendRequest<Body>,
-    conn: Conn,
+    /// The engine closed the connection before answering.
+    #[error("the engine closed the connection without answering")]
+    Unanswered,
+    /// Writing the request or reading the answer failed.
+    #[error("talking to the engine: {0}")]
+    Io(#[from] std::io::Error),
+    /// The answer is not HTTP/1.1 as the proxy reads it.
+    #[error(transparent)]
+    Framing(#[from] FramingError),
 }
 
 /// Settings of a [`Pool`].
@@ -104,7 +115,7 @@ pub struct Pool {
     target: Result<Target, String>,
     limits: PoolLimits,
     /// Oldest first; taken from the back.
-    idle: Mutex<VecDeque<(EngineConn, Instant)>>,
+    idle: Mutex<VecDeque<(TcpStream, Instant)>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -138,6 +149,98 @@ fn target(url: &str) -> Option<Target> {
         host: http::HeaderValue::from_str(authority.as_str()).ok()?,
         prefix: uri.path().trim_end_matches('/').to_string(),
     })
+}
+
+/// A request's head as written to the engine: its method and URI (origin
+/// form), `Host` (the request's, else the engine's), its fields but those
+/// that frame a message (the body's length is written here), and
+/// `Content-Length` when there is a body or the method expects one.
+/// Nothing of it can break the framing: methods, URIs and field names and
+/// values were validated by `http` (no CR, LF or NUL).
+fn request_head(parts: &http::request::Parts, host: &http::HeaderValue, body: usize) -> Bytes {
+    use http::{Method, header};
+    let mut h = Vec::with_capacity(256);
+    h.extend_from_slice(parts.method.as_str().as_bytes());
+    h.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    h.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    h.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    h.extend_from_slice(parts.headers.get(header::HOST).unwrap_or(host).as_bytes());
+    h.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if [
+            header::HOST,
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+            header::CONNECTION,
+        ]
+        .contains(name)
+        {
+            continue;
+        }
+        h.extend_from_slice(name.as_str().as_bytes());
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(value.as_bytes());
+        h.extend_from_slice(b"\r\n");
+    }
+    if body > 0 || [Method::POST, Method::PUT, Method::PATCH].contains(&parts.method) {
+        h.extend_from_slice(format!("content-length: {body}\r\n").as_bytes());
+    }
+    h.extend_from_slice(b"\r\n");
+    Bytes::from(h)
+}
+
+/// One connection to the engine while it carries a request.
+struct EngineConn {
+    stream: TcpStream,
+    /// Bytes read and not yet decoded.
+    buf: BytesMut,
+    /// How much the next read asks for.
+    want: usize,
+}
+
+impl EngineConn {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+            want: READ_BYTES,
+        }
+    }
+
+    /// Reads more into the buffer: how many bytes (0: the engine closed).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            self.buf.reserve(self.want);
+            let room = self.buf.capacity() - self.buf.len();
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(n) => {
+                    if n >= room {
+                        self.want = (self.want * 2).min(MAX_READ_BYTES);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// Whether the engine closed an idle connection (or sent on it unasked):
+/// a read that does not wait finds the end, an error or bytes.
+fn closed(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// How one try of a request failed.
+struct Failure {
+    /// Whether the engine may have received the request (else it can be
+    /// sent again on another connection).
+    delivered: bool,
+    error: UpstreamError,
 }
 
 impl Pool {
@@ -181,7 +284,7 @@ impl Pool {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(EngineConn, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(TcpStream, Instant)>> {
         match self.idle.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -189,9 +292,9 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open.
-    fn take(&self) -> Option<EngineConn> {
+    fn take(&self) -> Option<TcpStream> {
         loop {
-            let (conn, expired) = {
+            let (stream, expired) = {
                 let mut idle = self.lock();
                 let now = Instant::now();
                 let mut expired = Vec::new();
@@ -205,33 +308,27 @@ impl Pool {
             };
             // Closed outside the lock.
             drop(expired);
-            let (mut c, _) = conn?;
-            // Polled once: a connection the engine closed ends now.
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            if c.send.is_closed() || Pin::new(&mut c.conn).poll(&mut cx).is_ready() {
-                continue;
+            let (stream, _) = stream?;
+            if !closed(&stream) {
+                return Some(stream);
             }
-            return Some(c);
         }
     }
 
     /// Keeps an idle connection, within the limits.
-    fn put(&self, c: EngineConn) {
-        if c.send.is_closed() {
-            return;
-        }
+    fn put(&self, stream: TcpStream) {
         let mut idle = self.lock();
         let rejected = if idle.len() >= self.limits.max_idle {
-            Some(c)
+            Some(stream)
         } else {
-            idle.push_back((c, Instant::now()));
+            idle.push_back((stream, Instant::now()));
             None
         };
         drop(idle);
         drop(rejected);
     }
 
-    async fn connect(&self) -> Result<EngineConn, UpstreamError> {
+    async fn connect(&self) -> Result<TcpStream, UpstreamError> {
         let addr = &self.target()?.addr;
         let stream = tokio::time::timeout(
             self.limits.connect_timeout,
@@ -244,130 +341,191 @@ impl Pool {
             source,
         })?;
         let _ = stream.set_nodelay(true);
-        let (send, conn) = http1::handshake(TokioIo::new(stream)).await?;
-        Ok(EngineConn { send, conn })
+        Ok(stream)
     }
 
-    /// Sends `req` (its URI the path and query; `Host` added when missing)
-    /// on a pooled or new connection and waits for the answer's head,
-    /// driving the connection meanwhile. The answer's body comes through
-    /// the returned [`Exchange`], which gives the connection back to the
-    /// pool once the body is complete.
+    /// Sends `req` (its URI the path and query) on a pooled or new
+    /// connection and waits for the answer's head. The answer's body comes
+    /// through the returned [`Exchange`], which gives the connection back
+    /// to the pool once the body is complete.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: http::Request<Body>,
-    ) -> Result<(http::Response<Incoming>, Exchange), UpstreamError> {
+        req: http::Request<Bytes>,
+    ) -> Result<http::Response<Exchange>, UpstreamError> {
         let host = &self.target()?.host;
-        if !req.headers().contains_key(http::header::HOST) {
-            req.headers_mut().insert(http::header::HOST, host.clone());
-        }
-        // A reused connection may have been closed by the engine in the
-        // meantime: its request, not sent, goes again on a new connection.
+        let head_request = req.method() == http::Method::HEAD;
+        let (parts, body) = req.into_parts();
+        let head = request_head(&parts, host, body.len());
         let mut reuse = true;
         loop {
-            let (c, reused) = match reuse.then(|| self.take()).flatten() {
-                Some(c) => (c, true),
+            let (stream, reused) = match reuse.then(|| self.take()).flatten() {
+                Some(s) => (s, true),
                 None => (self.connect().await?, false),
             };
-            let mut ex = Exchange {
-                pool: self.clone(),
-                conn: Some(c),
-            };
-            if let Err(e) = poll_fn(|cx| ex.poll_ready(cx)).await {
-                if reused {
-                    reuse = false;
-                    continue;
-                }
-                return Err(e.into());
-            }
-            let Some(c) = ex.conn.as_mut() else {
-                reuse = false;
-                continue;
-            };
-            let mut answer = std::pin::pin!(c.send.try_send_request(req));
-            let result = poll_fn(|cx| {
-                ex.drive(cx);
-                answer.as_mut().poll(cx)
-            })
-            .await;
-            match result {
-                Ok(resp) => return Ok((resp, ex)),
-                Err(mut e) => match e.take_message() {
-                    Some(r) if reused => {
-                        tracing::debug!("an idle engine connection was closed: {}", e.error());
-                        req = r;
-                        reuse = false;
+            let mut conn = EngineConn::new(stream);
+            match ask(&mut conn, &head, &body, head_request).await {
+                Ok(answer) => {
+                    let mut ex = Exchange {
+                        pool: self.clone(),
+                        conn: Some(conn),
+                        decoder: Decoder::new(answer.framing),
+                        keep_alive: answer.keep_alive,
+                    };
+                    if ex.decoder.is_done() {
+                        ex.release();
                     }
-                    _ => return Err(e.into_error().into()),
-                },
+                    let mut resp = http::Response::new(ex);
+                    *resp.status_mut() = answer.status;
+                    *resp.headers_mut() = answer.headers;
+                    return Ok(resp);
+                }
+                Err(f) if reused && !f.delivered => {
+                    tracing::debug!("an idle engine connection was closed: {}", f.error);
+                    reuse = false;
+                }
+                Err(f) => return Err(f.error),
+            }
+        }
+    }
+}
+
+/// Writes the request (head and body in one `writev` where they fit) and
+/// reads the answer's head.
+async fn ask(
+    conn: &mut EngineConn,
+    head: &Bytes,
+    body: &Bytes,
+    head_request: bool,
+) -> Result<framing::Head, Failure> {
+    let mut out = head.clone().chain(body.clone());
+    if let Err(e) = conn.stream.write_all_buf(&mut out).await {
+        return Err(Failure {
+            delivered: false,
+            error: e.into(),
+        });
+    }
+    loop {
+        match framing::parse_head(&mut conn.buf, head_request) {
+            Ok(Some(h)) => return Ok(h),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Failure {
+                    delivered: true,
+                    error: e.into(),
+                });
+            }
+        }
+        let read = poll_fn(|cx| conn.poll_read(cx)).await;
+        // The end, or a reset, before any byte of an answer: the engine
+        // had closed the connection (it does not close one it is
+        // answering on).
+        let nothing = conn.buf.is_empty();
+        match read {
+            Ok(0) => {
+                return Err(Failure {
+                    delivered: !nothing,
+                    error: if nothing {
+                        UpstreamError::Unanswered
+                    } else {
+                        FramingError::Truncated.into()
+                    },
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Failure {
+                    delivered: !nothing,
+                    error: e.into(),
+                });
             }
         }
     }
 }
 
 /// A request's hold on its engine connection while the answer's body
-/// streams: polling the body polls the connection.
+/// streams.
 pub struct Exchange {
     pool: Arc<Pool>,
     /// None once the connection ended (or went back to the pool).
     conn: Option<EngineConn>,
+    decoder: Decoder,
+    /// Whether the connection can carry another request after this one.
+    keep_alive: bool,
 }
 
 impl std::fmt::Debug for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Exchange")
             .field("open", &self.conn.is_some())
+            .field("done", &self.decoder.is_done())
             .finish()
     }
 }
 
 impl Exchange {
-    /// Polls the connection: it writes what is to be written, reads what
-    /// the engine sent and hands it to the body. A connection that ends
-    /// (closed, or failed: the body then reports the error) is dropped.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(c) = &mut self.conn
-            && let Poll::Ready(r) = Pin::new(&mut c.conn).poll(cx)
-        {
-            if let Err(e) = r {
-                tracing::debug!("engine connection: {e}");
-            }
-            self.conn = None;
-        }
+    /// Whether the whole body has been read (for a body of known length:
+    /// as soon as its last piece is handed out).
+    pub fn is_end(&self) -> bool {
+        self.decoder.is_done()
     }
 
-    /// Whether the connection can take a request (driving it meanwhile).
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
-        self.drive(cx);
-        match &mut self.conn {
-            Some(c) => c.send.poll_ready(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-
-    /// The next frame of `body` (the answer of this exchange), driving the
-    /// connection; at the end of the body the connection goes back to the
-    /// pool.
-    pub fn poll_frame(
+    /// The next piece of the body, reading from the engine as needed;
+    /// None at its end. Once complete, the connection goes back to the
+    /// pool (in the same poll as the last piece of a body of known
+    /// length, since a client told the length may stop polling).
+    pub fn poll_data(
         &mut self,
-        body: &mut Incoming,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        use hyper::body::Body as _;
-        self.drive(cx);
-        let frame = Pin::new(&mut *body).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if body.is_end_stream() => self.release(),
-            _ => {}
+    ) -> Poll<Option<Result<Bytes, UpstreamError>>> {
+        loop {
+            if self.decoder.is_done() {
+                self.release();
+                return Poll::Ready(None);
+            }
+            let Some(c) = self.conn.as_mut() else {
+                return Poll::Ready(Some(Err(FramingError::Truncated.into())));
+            };
+            match self.decoder.decode(&mut c.buf) {
+                Ok(Step::Data(data)) => {
+                    if self.decoder.is_done() {
+                        self.release();
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Ok(Step::End) => continue,
+                Ok(Step::More) => {}
+                Err(e) => return Poll::Ready(Some(Err(self.fail(e.into())))),
+            }
+            match c.poll_read(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    self.keep_alive = false;
+                    if let Err(e) = self.decoder.eof() {
+                        return Poll::Ready(Some(Err(self.fail(e.into()))));
+                    }
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(self.fail(e.into())))),
+            }
         }
-        frame
     }
 
-    /// Gives the connection back to the pool (the answer is complete).
+    /// Drops the connection after a failure.
+    fn fail(&mut self, e: UpstreamError) -> UpstreamError {
+        self.conn = None;
+        tracing::debug!("engine connection: {e}");
+        e
+    }
+
+    /// The answer is complete: the connection goes back to the pool if it
+    /// can carry another request and nothing came after the answer.
     fn release(&mut self) {
         if let Some(c) = self.conn.take() {
-            self.pool.put(c);
+            if self.keep_alive && c.buf.is_empty() {
+                self.pool.put(c.stream);
+            } else if !c.buf.is_empty() {
+                tracing::debug!("{}", FramingError::Trailing);
+            }
         }
     }
 }
@@ -416,5 +574,41 @@ mod tests {
             assert!(p.check().is_err(), "{url}");
             assert!(p.uri("/v1/models").is_err(), "{url}");
         }
+    }
+
+    #[test]
+    fn request_heads_carry_their_own_framing_only() {
+        let host = http::HeaderValue::from_static("127.0.0.1:8000");
+        let req = http::Request::post("/v1/chat/completions?x=1")
+            .header("content-type", "application/json")
+            .header("content-length", "999")
+            .header("transfer-encoding", "chunked")
+            .header("connection", "close")
+            .header("x-request-id", "abc")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        assert_eq!(
+            request_head(&parts, &host, 12),
+            "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:8000\r\ncontent-type: application/json\r\nx-request-id: abc\r\ncontent-length: 12\r\n\r\n"
+        );
+        // A POST without a body still says so; a GET does not.
+        let (parts, ()) = http::Request::post("/v1/completions")
+            .header("host", "engine")
+            .body(())
+            .expect("request")
+            .into_parts();
+        assert_eq!(
+            request_head(&parts, &host, 0),
+            "POST /v1/completions HTTP/1.1\r\nhost: engine\r\ncontent-length: 0\r\n\r\n"
+        );
+        let (parts, ()) = http::Request::get("/v1/models")
+            .body(())
+            .expect("request")
+            .into_parts();
+        assert_eq!(
+            request_head(&parts, &host, 0),
+            "GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n\r\n"
+        );
     }
 }

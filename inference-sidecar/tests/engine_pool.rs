@@ -3,7 +3,8 @@
 //! connections reused, idle ones the engine closed without a word not an
 //! error for the next request, at most `max_idle` kept, a stream's events
 //! that arrive together forwarded together, an engine gone mid-answer a cut
-//! stream.
+//! stream, answers framed every way HTTP/1.1 allows read whole, and answers
+//! that break its framing a 502.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +27,9 @@ enum After {
     /// Closes it, though the answer did not say so (as an engine whose
     /// keep-alive timeout passed).
     Close,
+    /// Takes the next request on it and closes it without an answer (as an
+    /// engine whose keep-alive timeout passed just as the request came).
+    DropNext,
 }
 
 /// What the engine saw of the proxy's requests (the sidecar's own health
@@ -81,6 +85,7 @@ async fn engine(
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut counted = false;
+                let mut answered = 0;
                 while let Some(head) = read_request(&mut conn, &mut buf).await {
                     if !head.starts_with("post /v1/chat/completions") {
                         // The sidecar's health check or metrics scrape.
@@ -95,6 +100,10 @@ async fn engine(
                         s.open.fetch_add(1, Ordering::SeqCst);
                     }
                     s.requests.fetch_add(1, Ordering::SeqCst);
+                    if after == After::DropNext && answered > 0 {
+                        break;
+                    }
+                    answered += 1;
                     tokio::time::sleep(delay).await;
                     if conn.write_all(answer).await.is_err() || after == After::Close {
                         tokio::time::sleep(linger).await;
@@ -325,4 +334,115 @@ async fn an_engine_gone_mid_stream_cuts_the_stream_and_the_connection_is_not_kep
     assert!(body.contains(events[0]), "{body}");
     assert!(!body.ends_with("0\r\n\r\n"), "the stream is cut: {body}");
     assert_eq!(sc.app.engine.idle_count(), 0);
+}
+
+#[tokio::test]
+async fn a_request_the_engine_dropped_on_a_kept_connection_goes_again_on_a_new_one() {
+    let (engine, seen) = engine(
+        After::DropNext,
+        Duration::ZERO,
+        Duration::ZERO,
+        whole_answer(),
+    )
+    .await;
+    let sc = sidecar(engine, 8).await;
+    for i in 0..5 {
+        let (status, body) = post(sc.api, CHAT).await;
+        assert_eq!((status, body.as_str()), (200, ANSWER), "request {i}");
+    }
+    // Every request after the first reached a connection that the engine
+    // then closed unanswered, and went again on a new one.
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 5);
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 9);
+}
+
+#[tokio::test]
+async fn answers_framed_every_way_http_allows_pass_whole() {
+    // Delimited by the end of the connection, after an interim answer.
+    let until_close = format!(
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{ANSWER}"
+    );
+    let until_close: &'static [u8] = Box::leak(until_close.into_bytes().into_boxed_slice());
+    let (engine_a, seen) = engine(After::Close, Duration::ZERO, Duration::ZERO, until_close).await;
+    let sc = sidecar(engine_a, 8).await;
+    for _ in 0..2 {
+        let (status, body) = post(sc.api, CHAT).await;
+        assert!(status == 200 && body.contains(ANSWER), "{status} {body}");
+    }
+    assert_eq!(
+        sc.app.engine.idle_count(),
+        0,
+        "a connection that ends its answer is not kept"
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+
+    // Chunked, with an extension and a trailer, in two chunks.
+    let (first, rest) = ANSWER.split_at(40);
+    let chunked = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x};ext=1\r\n{first}\r\n{:X}\r\n{rest}\r\n0\r\nx-trailer: 1\r\n\r\n",
+        first.len(),
+        rest.len()
+    );
+    let chunked: &'static [u8] = Box::leak(chunked.into_bytes().into_boxed_slice());
+    let (engine_b, seen) = engine(After::KeepAlive, Duration::ZERO, Duration::ZERO, chunked).await;
+    let sc = sidecar(engine_b, 8).await;
+    for _ in 0..3 {
+        let (status, body) = post(sc.api, CHAT).await;
+        assert!(
+            status == 200 && body.contains(first) && body.contains(rest),
+            "{status} {body}"
+        );
+        assert!(
+            !body.contains("x-trailer"),
+            "trailers are not forwarded: {body}"
+        );
+    }
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        1,
+        "kept and reused"
+    );
+    assert_eq!(sc.app.engine.idle_count(), 1);
+    // Read whole: the usage at its end was counted, once per answer.
+    let text = sc.app.metrics.render();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("strata_request_prompt_tokens_total") && l.ends_with(" 9")),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn answers_that_break_http_framing_are_a_502_and_the_connection_is_not_kept() {
+    let two_lengths: &'static [u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!";
+    let endless_head: &'static [u8] = Box::leak(
+        format!("HTTP/1.1 200 OK\r\nx-filler: {}", "a".repeat(70 * 1024))
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    for (answer, why) in [
+        (two_lengths, "Content-Length"),
+        (endless_head, "exceeds 65536 bytes"),
+    ] {
+        // The engine holds the connection open after its answer: the error
+        // is the answer's, not the end of the connection.
+        let (engine, _) =
+            engine(After::Close, Duration::ZERO, Duration::from_secs(3), answer).await;
+        let sc = sidecar(engine, 8).await;
+        let (status, body) = post(sc.api, CHAT).await;
+        assert_eq!(status, 502, "{body}");
+        assert!(
+            body.contains("the engine's answer cannot be read") && body.contains(why),
+            "{body}"
+        );
+        assert_eq!(sc.app.engine.idle_count(), 0);
+        let text = sc.app.metrics.render();
+        assert!(
+            text.lines().any(|l| l
+                .starts_with("strata_engine_response_errors_total{reason=\"malformed\"}")
+                && l.ends_with(" 1")),
+            "{text}"
+        );
+    }
 }
