@@ -96,7 +96,7 @@ impl Default for Limits {
                 max_connections: 2048,
                 ..strata_net::server::ServerLimits::default()
             },
-            max_idle_engine_connections: 128,
+            max_idle_engine_connections: 1024,
         }
     }
 }

@@ -106,8 +106,10 @@ struct Cli {
     #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
     max_response_parse_bytes: u64,
     /// Idle connections to the engine kept for the next requests at most
-    /// (closed after 30 s idle).
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    /// (closed after 30 s idle). As many as requests in flight by default:
+    /// fewer, and a burst of answers closes connections that the next burst
+    /// opens again (an idle one costs a socket, no buffer).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     max_idle_engine_connections: u64,
     /// PEM certificate of the admin port (TLS; with --admin-tls-key-file).
     #[arg(long, requires = "admin_tls_key_file")]
