@@ -581,6 +581,42 @@ mod tests {
         assert!(d.is_done(), "done as soon as the length is reached");
     }
 
+    /// What reading `wire` in pieces of `cut` bytes gives: the answer's
+    /// status and framing, its body, whether the body ended; or the error.
+    type Read = Result<(StatusCode, Framing, Vec<u8>, bool), FramingError>;
+
+    fn read_answer(wire: &[u8], cut: usize, head_request: bool) -> Read {
+        let mut buf = BytesMut::new();
+        let mut pieces = wire.chunks(cut.max(1));
+        let head = loop {
+            if let Some(h) = parse_head(&mut buf, head_request)? {
+                break h;
+            }
+            match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => return Err(FramingError::Truncated),
+            }
+        };
+        let mut d = Decoder::new(head.framing);
+        let mut body = Vec::new();
+        loop {
+            match d.decode(&mut buf)? {
+                Step::Data(b) => {
+                    assert!(!b.is_empty(), "no empty pieces");
+                    body.extend_from_slice(&b);
+                }
+                Step::End => return Ok((head.status, head.framing, body, true)),
+                Step::More => match pieces.next() {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => {
+                        let ended = d.eof().is_ok();
+                        return Ok((head.status, head.framing, body, ended));
+                    }
+                },
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn any_chunking_of_any_body_decodes_to_it(
@@ -606,6 +642,40 @@ mod tests {
             prop_assert_eq!(decode_in_pieces(Framing::Chunked, &wire, cut), Ok(body.clone()));
             let length = u64::try_from(body.len()).expect("small");
             prop_assert_eq!(decode_in_pieces(Framing::Length(length), &body, cut), Ok(body));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_read_in_any_pieces_read_as_in_one(
+            head in prop_oneof![
+                Just(&b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..]),
+                Just(&b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n"[..]),
+                Just(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\n\r\n"[..]),
+                Just(&b"HTTP/1.1 "[..]),
+                Just(&b""[..]),
+            ],
+            tail in proptest::collection::vec(
+                prop_oneof![
+                    Just(b'\r'), Just(b'\n'), Just(b'0'), Just(b'5'), Just(b'a'),
+                    Just(b';'), Just(b':'), Just(b' '), any::<u8>()
+                ],
+                0..600,
+            ),
+            cut in 1usize..40,
+            head_request in any::<bool>(),
+        ) {
+            let mut wire = head.to_vec();
+            wire.extend_from_slice(&tail);
+            let whole = read_answer(&wire, wire.len(), head_request);
+            let pieces = read_answer(&wire, cut, head_request);
+            prop_assert_eq!(&pieces, &whole);
+            if let Ok((_, framing, body, ended)) = whole {
+                prop_assert!(body.len() <= wire.len());
+                if let (Framing::Length(n), true) = (framing, ended) {
+                    prop_assert_eq!(body.len() as u64, n);
+                }
+            }
         }
     }
 }
