@@ -303,56 +303,10 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
     let mut recorder = Recorder::new(app.clone(), slot, served, adapter, label, start);
     let mut headers = parts.headers;
     strata_net::headers::strip_hop_by_hop(&mut headers);
-    let uri = match app.engine.uri(&upstream) {
-        Ok(u) => u,
-        Err(e) => {
-            recorder.finish(None, "client_error");
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("cannot forward: {e}"),
-                "invalid_request_error",
-            );
-        }
-    };
-    let mut upstream_req = http::Request::new(body);
-    *upstream_req.method_mut() = parts.method;
-    *upstream_req.uri_mut() = uri;
-    *upstream_req.headers_mut() = headers;
     let engine_timeout = app.config.limits.engine_timeout;
-    let resp = match tokio::time::timeout(engine_timeout, app.engine.send(upstream_req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e @ crate::upstream::UpstreamError::Framing(_))) => {
-            recorder.finish(None, "engine_error");
-            app.metrics
-                .engine_response_errors
-                .with_label_values(&["malformed"])
-                .inc();
-            return error(
-                StatusCode::BAD_GATEWAY,
-                format!("the engine's answer cannot be read: {e}"),
-                "engine_error",
-            );
-        }
-        Ok(Err(e)) => {
-            recorder.finish(None, "engine_unavailable");
-            return error(
-                StatusCode::BAD_GATEWAY,
-                format!("the engine is unreachable: {e}"),
-                "engine_unavailable",
-            );
-        }
-        Err(_) => {
-            recorder.finish(None, "engine_error");
-            app.metrics
-                .engine_response_errors
-                .with_label_values(&["timeout"])
-                .inc();
-            return error(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("the engine did not answer within {engine_timeout:?}"),
-                "engine_error",
-            );
-        }
+    let resp = match ask_engine(&app, &mut recorder, parts.method, headers, &upstream, body).await {
+        Ok(r) => r,
+        Err(answer) => return answer,
     };
     // The body is with the engine now.
     drop(held);
@@ -409,6 +363,70 @@ async fn forward(app: Arc<App>, req: Request, endpoint: Endpoint, upstream: Stri
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
+}
+
+/// Sends a request to the engine and waits for its answer's head; when that
+/// fails, the error answer for the client (the outcome recorded).
+async fn ask_engine(
+    app: &App,
+    recorder: &mut Recorder,
+    method: http::Method,
+    headers: HeaderMap,
+    upstream: &str,
+    body: Bytes,
+) -> Result<http::Response<crate::upstream::Exchange>, Response> {
+    let uri = match app.engine.uri(upstream) {
+        Ok(u) => u,
+        Err(e) => {
+            recorder.finish(None, "client_error");
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot forward: {e}"),
+                "invalid_request_error",
+            ));
+        }
+    };
+    let mut req = http::Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let engine_timeout = app.config.limits.engine_timeout;
+    let failed = match tokio::time::timeout(engine_timeout, app.engine.send(req)).await {
+        Ok(Ok(r)) => return Ok(r),
+        Ok(Err(e @ crate::upstream::UpstreamError::Framing(_))) => {
+            recorder.finish(None, "engine_error");
+            app.metrics
+                .engine_response_errors
+                .with_label_values(&["malformed"])
+                .inc();
+            error(
+                StatusCode::BAD_GATEWAY,
+                format!("the engine's answer cannot be read: {e}"),
+                "engine_error",
+            )
+        }
+        Ok(Err(e)) => {
+            recorder.finish(None, "engine_unavailable");
+            error(
+                StatusCode::BAD_GATEWAY,
+                format!("the engine is unreachable: {e}"),
+                "engine_unavailable",
+            )
+        }
+        Err(_) => {
+            recorder.finish(None, "engine_error");
+            app.metrics
+                .engine_response_errors
+                .with_label_values(&["timeout"])
+                .inc();
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the engine did not answer within {engine_timeout:?}"),
+                "engine_error",
+            )
+        }
+    };
+    Err(failed)
 }
 
 /// This replica's load on the answer's head, for the gateway
