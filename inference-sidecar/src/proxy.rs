@@ -468,7 +468,17 @@ impl Pass {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, std::io::Error>> {
         match self.engine.poll_data(cx) {
             Poll::Ready(None) => Poll::Ready(Ok(None)),
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(std::io::Error::other(e))),
+            Poll::Ready(Some(Err(e))) => {
+                if matches!(e, crate::upstream::UpstreamError::Framing(_)) {
+                    self.recorder
+                        .app
+                        .metrics
+                        .engine_response_errors
+                        .with_label_values(&["malformed"])
+                        .inc();
+                }
+                Poll::Ready(Err(std::io::Error::other(e)))
+            }
             Poll::Ready(Some(Ok(data))) => {
                 self.armed = false;
                 Poll::Ready(Ok(Some(data)))

@@ -446,3 +446,29 @@ async fn answers_that_break_http_framing_are_a_502_and_the_connection_is_not_kep
         );
     }
 }
+
+#[tokio::test]
+async fn an_answer_whose_body_breaks_the_chunked_framing_is_cut_and_counted() {
+    let bad_chunk: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n";
+    let (engine, _) = engine(
+        After::Close,
+        Duration::ZERO,
+        Duration::from_secs(3),
+        bad_chunk,
+    )
+    .await;
+    let sc = sidecar(engine, 8).await;
+    let (status, body) = post(sc.api, CHAT).await;
+    assert!(
+        !body.ends_with("0\r\n\r\n"),
+        "not a complete answer: {status} {body}"
+    );
+    assert_eq!(sc.app.engine.idle_count(), 0);
+    let text = sc.app.metrics.render();
+    assert!(
+        text.lines().any(|l| l
+            .starts_with("strata_engine_response_errors_total{reason=\"malformed\"}")
+            && l.ends_with(" 1")),
+        "{text}"
+    );
+}
