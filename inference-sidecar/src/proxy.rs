@@ -156,6 +156,14 @@ fn reject(app: &App, reason: &str) {
     app.metrics.rejected.with_label_values(&[reason]).inc();
 }
 
+/// Counts an engine answer cut short, unreadable or unmeasured.
+fn engine_error(app: &App, reason: &str) {
+    app.metrics
+        .engine_response_errors
+        .with_label_values(&[reason])
+        .inc();
+}
+
 /// What a request body says, after its bounded read.
 struct Incoming {
     body: Bytes,
@@ -395,10 +403,7 @@ async fn ask_engine(
         Ok(Ok(r)) => return Ok(r),
         Ok(Err(e @ crate::upstream::UpstreamError::Framing(_))) => {
             recorder.finish(None, "engine_error");
-            app.metrics
-                .engine_response_errors
-                .with_label_values(&["malformed"])
-                .inc();
+            engine_error(app, "malformed");
             error(
                 StatusCode::BAD_GATEWAY,
                 format!("the engine's answer cannot be read: {e}"),
@@ -415,10 +420,7 @@ async fn ask_engine(
         }
         Err(_) => {
             recorder.finish(None, "engine_error");
-            app.metrics
-                .engine_response_errors
-                .with_label_values(&["timeout"])
-                .inc();
+            engine_error(app, "timeout");
             error(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("the engine did not answer within {engine_timeout:?}"),
@@ -470,12 +472,7 @@ impl Pass {
             Poll::Ready(None) => Poll::Ready(Ok(None)),
             Poll::Ready(Some(Err(e))) => {
                 if matches!(e, crate::upstream::UpstreamError::Framing(_)) {
-                    self.recorder
-                        .app
-                        .metrics
-                        .engine_response_errors
-                        .with_label_values(&["malformed"])
-                        .inc();
+                    engine_error(&self.recorder.app, "malformed");
                 }
                 Poll::Ready(Err(std::io::Error::other(e)))
             }
@@ -490,12 +487,7 @@ impl Pass {
                     self.silence.as_mut().reset(deadline);
                 }
                 if self.silence.as_mut().poll(cx).is_ready() {
-                    self.recorder
-                        .app
-                        .metrics
-                        .engine_response_errors
-                        .with_label_values(&["timeout"])
-                        .inc();
+                    engine_error(&self.recorder.app, "timeout");
                     return Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "the engine went silent",
@@ -558,13 +550,7 @@ impl WholeStream {
             }
             None => {
                 // Too large to read for its counts: pass it on unmeasured.
-                self.pass
-                    .recorder
-                    .app
-                    .metrics
-                    .engine_response_errors
-                    .with_label_values(&["unmeasured_large"])
-                    .inc();
+                engine_error(&self.pass.recorder.app, "unmeasured_large");
                 self.copy = None;
                 self.held = Held::default();
             }
@@ -692,13 +678,7 @@ impl futures::Stream for SseStream {
             match st.pass.poll_data(cx) {
                 Poll::Ready(Ok(Some(data))) => {
                     if let Err(e) = st.feed(&data) {
-                        st.pass
-                            .recorder
-                            .app
-                            .metrics
-                            .engine_response_errors
-                            .with_label_values(&["event_too_large"])
-                            .inc();
+                        engine_error(&st.pass.recorder.app, "event_too_large");
                         st.end("engine_error");
                         st.failed = Some(std::io::Error::other(e));
                         break;

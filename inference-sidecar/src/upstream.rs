@@ -151,6 +151,15 @@ fn target(url: &str) -> Option<Target> {
     })
 }
 
+/// The request's fields that are not copied to the engine: the head
+/// written there frames the message itself.
+const NOT_COPIED: [http::HeaderName; 4] = [
+    http::header::HOST,
+    http::header::CONTENT_LENGTH,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONNECTION,
+];
+
 /// A request's head as written to the engine: its method and URI (origin
 /// form), `Host` (the request's, else the engine's), its fields but those
 /// that frame a message (the body's length is written here), and
@@ -159,6 +168,7 @@ fn target(url: &str) -> Option<Target> {
 /// values were validated by `http` (no CR, LF or NUL).
 fn request_head(parts: &http::request::Parts, host: &http::HeaderValue, body: usize) -> Bytes {
     use http::{Method, header};
+    use std::io::Write as _;
     let mut h = Vec::with_capacity(256);
     h.extend_from_slice(parts.method.as_str().as_bytes());
     h.push(b' ');
@@ -168,14 +178,7 @@ fn request_head(parts: &http::request::Parts, host: &http::HeaderValue, body: us
     h.extend_from_slice(parts.headers.get(header::HOST).unwrap_or(host).as_bytes());
     h.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
-        if [
-            header::HOST,
-            header::CONTENT_LENGTH,
-            header::TRANSFER_ENCODING,
-            header::CONNECTION,
-        ]
-        .contains(name)
-        {
+        if NOT_COPIED.contains(name) {
             continue;
         }
         h.extend_from_slice(name.as_str().as_bytes());
@@ -184,7 +187,8 @@ fn request_head(parts: &http::request::Parts, host: &http::HeaderValue, body: us
         h.extend_from_slice(b"\r\n");
     }
     if body > 0 || [Method::POST, Method::PUT, Method::PATCH].contains(&parts.method) {
-        h.extend_from_slice(format!("content-length: {body}\r\n").as_bytes());
+        // Writing to a Vec cannot fail.
+        let _ = write!(h, "content-length: {body}\r\n");
     }
     h.extend_from_slice(b"\r\n");
     Bytes::from(h)

@@ -205,6 +205,19 @@ async fn post(addr: SocketAddr, body: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Whether the sidecar's metrics hold a sample whose line starts with
+/// `prefix` (name and labels) and has value `value`.
+fn has_sample(sc: &Sidecar, prefix: &str, value: u64) -> bool {
+    let text = sc.app.metrics.render();
+    let found = text
+        .lines()
+        .any(|l| l.starts_with(prefix) && l.ends_with(&format!(" {value}")));
+    if !found {
+        eprintln!("{text}");
+    }
+    found
+}
+
 const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
 
 #[tokio::test]
@@ -308,12 +321,7 @@ async fn a_stream_sent_at_once_leaves_at_once_and_is_measured() {
         .map(|e| format!("data: {e}\n\n"))
         .collect();
     assert_eq!(body, format!("{:X}\r\n{want}\r\n0\r\n\r\n", want.len()));
-    let text = sc.app.metrics.render();
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("strata_request_generation_tokens_total") && l.ends_with(" 2")),
-        "{text}"
-    );
+    assert!(has_sample(&sc, "strata_request_generation_tokens_total", 2));
 }
 
 #[tokio::test]
@@ -404,12 +412,7 @@ async fn answers_framed_every_way_http_allows_pass_whole() {
     );
     assert_eq!(sc.app.engine.idle_count(), 1);
     // Read whole: the usage at its end was counted, once per answer.
-    let text = sc.app.metrics.render();
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("strata_request_prompt_tokens_total") && l.ends_with(" 9")),
-        "{text}"
-    );
+    assert!(has_sample(&sc, "strata_request_prompt_tokens_total", 9));
 }
 
 #[tokio::test]
@@ -437,13 +440,11 @@ async fn answers_that_break_http_framing_are_a_502_and_the_connection_is_not_kep
             "{body}"
         );
         assert_eq!(sc.app.engine.idle_count(), 0);
-        let text = sc.app.metrics.render();
-        assert!(
-            text.lines().any(|l| l
-                .starts_with("strata_engine_response_errors_total{reason=\"malformed\"}")
-                && l.ends_with(" 1")),
-            "{text}"
-        );
+        assert!(has_sample(
+            &sc,
+            "strata_engine_response_errors_total{reason=\"malformed\"}",
+            1
+        ));
     }
 }
 
@@ -464,11 +465,9 @@ async fn an_answer_whose_body_breaks_the_chunked_framing_is_cut_and_counted() {
         "not a complete answer: {status} {body}"
     );
     assert_eq!(sc.app.engine.idle_count(), 0);
-    let text = sc.app.metrics.render();
-    assert!(
-        text.lines().any(|l| l
-            .starts_with("strata_engine_response_errors_total{reason=\"malformed\"}")
-            && l.ends_with(" 1")),
-        "{text}"
-    );
+    assert!(has_sample(
+        &sc,
+        "strata_engine_response_errors_total{reason=\"malformed\"}",
+        1
+    ));
 }
