@@ -123,6 +123,11 @@ pub struct SimConfig {
     /// Most sequences prefilling at once (0: no limit); the others wait
     /// their turn after admission, first in first out.
     pub prefill_concurrency: usize,
+    /// How long an idle keep-alive connection stays open: uvicorn, vLLM's
+    /// HTTP server, closes it after `timeout_keep_alive` (5 s, vLLM's
+    /// `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`), and proxies in front of it must
+    /// cope.
+    pub keep_alive: Duration,
 }
 
 /// The prefix cache's default size in blocks: 16,384 blocks of 16 tokens,
@@ -150,6 +155,7 @@ impl SimConfig {
             block_size: 16,
             prefix_cache_blocks: DEFAULT_PREFIX_CACHE_BLOCKS,
             prefill_concurrency: 0,
+            keep_alive: Duration::from_secs(5),
         }
     }
 
@@ -959,15 +965,17 @@ pub async fn serve_simulator(
 ) -> std::io::Result<()> {
     let paths = sim.config().load_paths();
     let publisher = (!paths.is_empty()).then(|| sim.publish_loads(paths));
-    // No Nagle: a streamed answer is many small writes, and Nagle's wait
-    // for the client's delayed ACK would hold each event up to 40 ms (as a
-    // real engine's server, uvicorn, sets TCP_NODELAY too).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(listener, sim.router())
-        .with_graceful_shutdown(shutdown)
-        .await;
+    // As uvicorn: idle keep-alive connections closed after `keep_alive`,
+    // connections unbounded (uvicorn's `limit_concurrency` is unset), no
+    // Nagle (a streamed answer is many small writes, and Nagle's wait for
+    // the client's delayed ACK would hold each up to 40 ms; uvicorn sets
+    // TCP_NODELAY too; so does this server).
+    let limits = strata_net::server::ServerLimits {
+        max_connections: 1 << 20,
+        header_read_timeout: sim.config().keep_alive,
+        ..strata_net::server::ServerLimits::default()
+    };
+    let result = strata_net::server::serve(listener, sim.router(), limits, None, shutdown).await;
     if let Some(p) = publisher {
         p.abort();
     }

@@ -287,6 +287,40 @@ async fn health_and_models() {
 }
 
 #[tokio::test]
+async fn idle_keep_alive_connections_are_closed_as_uvicorn_does() {
+    let s = start(SimConfig {
+        keep_alive: Duration::from_millis(300),
+        ..fast("llama")
+    })
+    .await;
+    let mut conn = TcpStream::connect(s.addr).await.expect("connect");
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // Kept alive, then closed once idle for the keep-alive timeout.
+    let idle = Instant::now();
+    let end = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        idle.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn streaming_chat_sends_role_tokens_usage_and_done() {
     let s = start(fast("llama")).await;
     for include_usage in [false, true] {

@@ -331,7 +331,7 @@ impl Gateway {
         Arc::new(Self {
             routes,
             http: HttpClient::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_idle_timeout(strata_net::server::CLIENT_IDLE_TIMEOUT)
                 .build(c),
             budget: ByteBudget::new(settings.body_budget),
             settings,

@@ -80,6 +80,9 @@ pub struct Limits {
     pub server: strata_net::server::ServerLimits,
     /// Idle connections to the engine kept for the next requests at most.
     pub max_idle_engine_connections: usize,
+    /// How long an idle engine connection is kept: below the engine's own
+    /// keep-alive timeout, so the sidecar closes it first.
+    pub engine_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -97,6 +100,7 @@ impl Default for Limits {
                 ..strata_net::server::ServerLimits::default()
             },
             max_idle_engine_connections: 1024,
+            engine_idle_timeout: crate::upstream::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -161,13 +165,14 @@ impl App {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(config.limits.engine_idle_timeout)
             .pool_max_idle_per_host(4)
             .build(connector);
         let engine = Arc::new(crate::upstream::Pool::new(
             &config.engine_url,
             crate::upstream::PoolLimits {
                 max_idle: config.limits.max_idle_engine_connections,
+                idle_timeout: config.limits.engine_idle_timeout,
                 ..crate::upstream::PoolLimits::default()
             },
         ));

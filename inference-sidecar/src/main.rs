@@ -106,11 +106,16 @@ struct Cli {
     #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
     max_response_parse_bytes: u64,
     /// Idle connections to the engine kept for the next requests at most
-    /// (closed after 30 s idle). As many as requests in flight by default:
+    /// (closed after --engine-idle-timeout). As many as requests in flight by default:
     /// fewer, and a burst of answers closes connections that the next burst
     /// opens again (an idle one costs a socket, no buffer).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     max_idle_engine_connections: u64,
+    /// Seconds an idle connection to the engine is kept. Keep it below the
+    /// engine's own keep-alive timeout (uvicorn, under vLLM and SGLang:
+    /// 5 s), so the sidecar closes idle connections before the engine does.
+    #[arg(long, default_value_t = 4.0)]
+    engine_idle_timeout: f64,
     /// PEM certificate of the admin port (TLS; with --admin-tls-key-file).
     #[arg(long, requires = "admin_tls_key_file")]
     admin_tls_cert_file: Option<PathBuf>,
@@ -189,6 +194,7 @@ async fn run(cli: Cli) -> ExitCode {
                     ..ServerLimits::default()
                 },
                 max_idle_engine_connections: size(cli.max_idle_engine_connections),
+                engine_idle_timeout: secs(cli.engine_idle_timeout),
             },
             admin_tls: match (cli.admin_tls_cert_file, cli.admin_tls_key_file) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),

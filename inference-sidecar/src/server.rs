@@ -72,6 +72,7 @@ pub async fn run(
     let health = tokio::spawn(admin::watch_engine_health(app.clone(), intervals.health));
     let scrape = tokio::spawn(admin::scrape_engine(app.clone(), intervals.engine_metrics));
     let keep = tokio::spawn(admin::keep_adapters(app.clone(), intervals.adapters));
+    let sweep = tokio::spawn(app.engine.clone().sweep());
     let (tx, rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -97,6 +98,7 @@ pub async fn run(
     health.abort();
     scrape.abort();
     keep.abort();
+    sweep.abort();
     a?;
     b?;
     Ok(())

@@ -20,13 +20,22 @@
 //! (head size and field count, chunk lines, trailers; the body's pace by the
 //! proxy's silence timeout).
 //!
-//! Idle connections wait in a small LIFO pool: at most `max_idle`, none
-//! older than `idle_timeout`. An idle connection is not read (nobody needs
-//! it), so one the engine closed meanwhile (uvicorn closes idle keep-alive
-//! connections after 5 s) is found out when it is taken: a read that does
-//! not wait tells. A request that a reused connection could not deliver
-//! (the write failed, or the connection ended before any byte of an
-//! answer: the engine had closed it) is sent again on a new connection.
+//! Idle connections wait in a LIFO pool: at most `max_idle`, none older
+//! than `idle_timeout`, which is below the engine's own keep-alive timeout
+//! (uvicorn's, vLLM's and SGLang's server, closes an idle connection after
+//! 5 s; the default here is 4 s), so the proxy closes an idle connection
+//! before the engine does and never sends on one the engine is closing.
+//! [`Pool::sweep`] closes expired ones even when no request comes, so no
+//! socket waits in CLOSE_WAIT for the next burst. An idle connection is not
+//! read (nobody needs it), so one the engine closed anyway (it restarted)
+//! is found out when it is taken: a read that does not wait tells.
+//!
+//! A request that a reused connection did not deliver (the write failed)
+//! is sent again on a new connection. One the engine took and then closed
+//! the connection on before any byte of an answer is sent again only if
+//! it can be repeated (GET, HEAD, OPTIONS, TRACE, or an `Idempotency-Key`),
+//! as Go's transport does: a completion the engine read may be running,
+//! and sending it twice would run and bill it twice.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -45,6 +54,10 @@ const READ_BYTES: usize = 8 * 1024;
 /// Most bytes asked of one read (reads that fill what they were given
 /// double it, up to this).
 const MAX_READ_BYTES: usize = 64 * 1024;
+
+/// How long an idle engine connection is kept by default: below the 5 s
+/// after which uvicorn (vLLM's and SGLang's HTTP server) closes it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Why the engine could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +105,7 @@ impl Default for PoolLimits {
     fn default() -> Self {
         Self {
             max_idle: 64,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             connect_timeout: Duration::from_secs(2),
         }
     }
@@ -239,12 +252,33 @@ fn closed(stream: &TcpStream) -> bool {
     !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
+/// How far a failed try of a request got.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Reached {
+    /// The request was not all written: the engine cannot act on it.
+    NotSent,
+    /// Written, and the connection ended before any byte of an answer:
+    /// the engine may have read it (and may be running it).
+    Unanswered,
+    /// An answer had begun.
+    Answered,
+}
+
 /// How one try of a request failed.
 struct Failure {
-    /// Whether the engine may have received the request (else it can be
-    /// sent again on another connection).
-    delivered: bool,
+    reached: Reached,
     error: UpstreamError,
+}
+
+/// Whether a request may be sent twice (RFC 9110 9.2.2; Go's transport
+/// retries these, and any with an idempotency key, after a connection it
+/// reused ended unanswered).
+fn replayable(parts: &http::request::Parts) -> bool {
+    matches!(
+        parts.method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    ) || parts.headers.contains_key("idempotency-key")
+        || parts.headers.contains_key("x-idempotency-key")
 }
 
 impl Pool {
@@ -295,19 +329,26 @@ impl Pool {
         }
     }
 
+    /// Takes the idle connections older than the idle timeout out of
+    /// `idle` (oldest first, so they are at the front).
+    fn expired(&self, idle: &mut VecDeque<(TcpStream, Instant)>) -> Vec<(TcpStream, Instant)> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= self.limits.idle_timeout)
+        {
+            expired.extend(idle.pop_front());
+        }
+        expired
+    }
+
     /// The most recently used idle connection that is still open.
     fn take(&self) -> Option<TcpStream> {
         loop {
             let (stream, expired) = {
                 let mut idle = self.lock();
-                let now = Instant::now();
-                let mut expired = Vec::new();
-                while idle
-                    .front()
-                    .is_some_and(|(_, since)| now.duration_since(*since) > self.limits.idle_timeout)
-                {
-                    expired.extend(idle.pop_front());
-                }
+                let expired = self.expired(&mut idle);
                 (idle.pop_back(), expired)
             };
             // Closed outside the lock.
@@ -315,6 +356,25 @@ impl Pool {
             let (stream, _) = stream?;
             if !closed(&stream) {
                 return Some(stream);
+            }
+        }
+    }
+
+    /// Closes idle connections as they expire, whether or not requests
+    /// come; runs until dropped (the server aborts it at shutdown).
+    pub async fn sweep(self: Arc<Self>) {
+        // A connection lives at most a quarter of the timeout past it.
+        let every = (self.limits.idle_timeout / 4).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let expired = {
+                let mut idle = self.lock();
+                self.expired(&mut idle)
+            };
+            if !expired.is_empty() {
+                tracing::debug!(closed = expired.len(), "idle engine connections expired");
             }
         }
     }
@@ -359,6 +419,7 @@ impl Pool {
         let host = &self.target()?.host;
         let head_request = req.method() == http::Method::HEAD;
         let (parts, body) = req.into_parts();
+        let replayable = replayable(&parts);
         let head = request_head(&parts, host, body.len());
         let mut reuse = true;
         loop {
@@ -383,7 +444,11 @@ impl Pool {
                     *resp.headers_mut() = answer.headers;
                     return Ok(resp);
                 }
-                Err(f) if reused && !f.delivered => {
+                Err(f)
+                    if reused
+                        && (f.reached == Reached::NotSent
+                            || (f.reached == Reached::Unanswered && replayable)) =>
+                {
                     tracing::debug!("an idle engine connection was closed: {}", f.error);
                     reuse = false;
                 }
@@ -404,7 +469,7 @@ async fn ask(
     let mut out = head.clone().chain(body.clone());
     if let Err(e) = conn.stream.write_all_buf(&mut out).await {
         return Err(Failure {
-            delivered: false,
+            reached: Reached::NotSent,
             error: e.into(),
         });
     }
@@ -414,20 +479,24 @@ async fn ask(
             Ok(None) => {}
             Err(e) => {
                 return Err(Failure {
-                    delivered: true,
+                    reached: Reached::Answered,
                     error: e.into(),
                 });
             }
         }
         let read = poll_fn(|cx| conn.poll_read(cx)).await;
         // The end, or a reset, before any byte of an answer: the engine
-        // had closed the connection (it does not close one it is
-        // answering on).
+        // closed the connection, before or after it read the request.
         let nothing = conn.buf.is_empty();
+        let reached = if nothing {
+            Reached::Unanswered
+        } else {
+            Reached::Answered
+        };
         match read {
             Ok(0) => {
                 return Err(Failure {
-                    delivered: !nothing,
+                    reached,
                     error: if nothing {
                         UpstreamError::Unanswered
                     } else {
@@ -438,7 +507,7 @@ async fn ask(
             Ok(_) => {}
             Err(e) => {
                 return Err(Failure {
-                    delivered: !nothing,
+                    reached,
                     error: e.into(),
                 });
             }
@@ -614,5 +683,24 @@ mod tests {
             request_head(&parts, &host, 0),
             "GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn only_requests_that_may_run_twice_are_replayable() {
+        let parts = |method: &str, key: Option<&str>| {
+            let mut b = http::Request::builder().method(method).uri("/v1/x");
+            if let Some(k) = key {
+                b = b.header(k, "k-1");
+            }
+            b.body(()).expect("request").into_parts().0
+        };
+        for m in ["GET", "HEAD", "OPTIONS", "TRACE"] {
+            assert!(replayable(&parts(m, None)), "{m}");
+        }
+        for m in ["POST", "PUT", "DELETE", "PATCH"] {
+            assert!(!replayable(&parts(m, None)), "{m}");
+        }
+        assert!(replayable(&parts("POST", Some("Idempotency-Key"))));
+        assert!(replayable(&parts("POST", Some("x-idempotency-key"))));
     }
 }

@@ -28,7 +28,8 @@ enum After {
     /// keep-alive timeout passed).
     Close,
     /// Takes the next request on it and closes it without an answer (as an
-    /// engine whose keep-alive timeout passed just as the request came).
+    /// engine whose keep-alive timeout passed just as the request came, or
+    /// one that failed while it read it).
     DropNext,
 }
 
@@ -87,7 +88,9 @@ async fn engine(
                 let mut counted = false;
                 let mut answered = 0;
                 while let Some(head) = read_request(&mut conn, &mut buf).await {
-                    if !head.starts_with("post /v1/chat/completions") {
+                    if !head.starts_with("post /v1/chat/completions")
+                        && !head.starts_with("get /v1/models")
+                    {
                         // The sidecar's health check or metrics scrape.
                         let _ = conn
                             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
@@ -135,6 +138,10 @@ struct Sidecar {
 }
 
 async fn sidecar(engine: SocketAddr, max_idle: usize) -> Sidecar {
+    sidecar_with(engine, max_idle, Duration::from_secs(4)).await
+}
+
+async fn sidecar_with(engine: SocketAddr, max_idle: usize, idle_timeout: Duration) -> Sidecar {
     let app = Arc::new(App::new(
         Config {
             engine_url: format!("http://{engine}"),
@@ -147,6 +154,7 @@ async fn sidecar(engine: SocketAddr, max_idle: usize) -> Sidecar {
             hf_endpoint: "http://127.0.0.1:9".into(),
             limits: Limits {
                 max_idle_engine_connections: max_idle,
+                engine_idle_timeout: idle_timeout,
                 engine_timeout: Duration::from_secs(5),
                 ..Limits::default()
             },
@@ -344,8 +352,24 @@ async fn an_engine_gone_mid_stream_cuts_the_stream_and_the_connection_is_not_kep
     assert_eq!(sc.app.engine.idle_count(), 0);
 }
 
+/// One GET on a new client connection: the status.
+async fn get(addr: SocketAddr, path: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answered")
+        .expect("read");
+    out.get(9..12)
+        .and_then(|c| std::str::from_utf8(c).ok())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_default()
+}
+
 #[tokio::test]
-async fn a_request_the_engine_dropped_on_a_kept_connection_goes_again_on_a_new_one() {
+async fn a_repeatable_request_the_engine_dropped_on_a_kept_connection_goes_again_on_a_new_one() {
     let (engine, seen) = engine(
         After::DropNext,
         Duration::ZERO,
@@ -355,13 +379,84 @@ async fn a_request_the_engine_dropped_on_a_kept_connection_goes_again_on_a_new_o
     .await;
     let sc = sidecar(engine, 8).await;
     for i in 0..5 {
-        let (status, body) = post(sc.api, CHAT).await;
-        assert_eq!((status, body.as_str()), (200, ANSWER), "request {i}");
+        assert_eq!(get(sc.api, "/v1/models").await, 200, "request {i}");
     }
     // Every request after the first reached a connection that the engine
     // then closed unanswered, and went again on a new one.
     assert_eq!(seen.connections.load(Ordering::SeqCst), 5);
     assert_eq!(seen.requests.load(Ordering::SeqCst), 9);
+}
+
+#[tokio::test]
+async fn a_completion_the_engine_took_and_dropped_is_not_sent_twice() {
+    let (engine, seen) = engine(
+        After::DropNext,
+        Duration::ZERO,
+        Duration::ZERO,
+        whole_answer(),
+    )
+    .await;
+    let sc = sidecar(engine, 8).await;
+    let (status, body) = post(sc.api, CHAT).await;
+    assert_eq!((status, body.as_str()), (200, ANSWER));
+    // The engine read the second on the kept connection and closed it: it
+    // may be running it, so it is not sent again (a 502), and the next
+    // request goes on a new connection.
+    let (status, body) = post(sc.api, CHAT).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("without answering"), "{body}");
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 2, "sent once");
+    let (status, body) = post(sc.api, CHAT).await;
+    assert_eq!((status, body.as_str()), (200, ANSWER));
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 3);
+}
+
+/// Waits for `cond` (checked every 10 ms) for at most `secs`.
+async fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_when_they_expire_though_no_request_comes() {
+    let (engine, seen) = engine(
+        After::KeepAlive,
+        Duration::ZERO,
+        Duration::ZERO,
+        whole_answer(),
+    )
+    .await;
+    let sc = sidecar_with(engine, 8, Duration::from_millis(300)).await;
+    let sent = tokio::time::Instant::now();
+    let answers = futures::future::join_all((0..3).map(|_| post(sc.api, CHAT))).await;
+    for (status, body) in answers {
+        assert_eq!((status, body.as_str()), (200, ANSWER));
+    }
+    let opened = seen.connections.load(Ordering::SeqCst);
+    assert!(opened >= 1, "{opened}");
+    // The sidecar closes them (the engine sees each end) with no further
+    // request, within a quarter of the timeout past it.
+    assert!(
+        wait_for(5, || seen.open.load(Ordering::SeqCst) == 0).await,
+        "idle {} open {}",
+        sc.app.engine.idle_count(),
+        seen.open.load(Ordering::SeqCst)
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(300),
+        "not before the timeout"
+    );
+    assert_eq!(sc.app.engine.idle_count(), 0);
+    // The next request opens a new one.
+    assert_eq!(post(sc.api, CHAT).await.0, 200);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), opened + 1);
 }
 
 #[tokio::test]

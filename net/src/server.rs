@@ -24,6 +24,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+/// How long a client of these servers (the gateway and the activator,
+/// calling sidecars) keeps an idle connection: below the servers' default
+/// keep-alive timeout (`header_read_timeout`, 15 s), so the client closes
+/// an idle connection before the server does and never sends a request on
+/// one the server is closing (which, for a POST already written, would be
+/// a failed request: it cannot be sent again).
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Bounds of a server.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {

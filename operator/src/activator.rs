@@ -226,7 +226,7 @@ impl Activator {
         Self {
             client,
             http: HttpClient::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_idle_timeout(strata_net::server::CLIENT_IDLE_TIMEOUT)
                 .build(c),
             limits,
             metrics,

@@ -91,6 +91,10 @@ struct Cli {
     /// second are shared, as on a real GPU).
     #[arg(long, default_value_t = 0)]
     prefill_concurrency: usize,
+    /// Seconds an idle keep-alive connection stays open, from vLLM's
+    /// environment variable (uvicorn's `timeout_keep_alive`, 5 s).
+    #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5)]
+    http_timeout_keep_alive: u64,
     /// Prefill time per prompt token, in milliseconds (at speed 1).
     #[arg(long, default_value_t = 0.2)]
     prefill_ms_per_token: f64,
@@ -203,6 +207,7 @@ async fn main() -> ExitCode {
         block_size: cli.block_size,
         prefix_cache_blocks: cli.num_gpu_blocks_override,
         prefill_concurrency: cli.prefill_concurrency,
+        keep_alive: std::time::Duration::from_secs(cli.http_timeout_keep_alive),
     };
     if let Err(e) = config.validate() {
         tracing::error!("invalid configuration: {e}");
