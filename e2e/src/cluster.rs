@@ -398,7 +398,15 @@ async fn start_components(
                 format!("--service-account-private-key-file={}", pki.service_account_key.display()),
                 format!("--root-ca-file={}", pki.ca_cert.display()),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                s("--controllers=*,-node-ipam-controller,-cloud-node-lifecycle-controller,-service-lb-controller,-node-route-controller,-persistentvolume-attach-detach-controller,-persistentvolume-binder-controller,-persistentvolume-expander-controller,-ephemeral-volume-controller,-ttl-controller"),
+                // Without the Endpoints and EndpointSlice controllers: the
+                // API server refuses the loopback pod IPs of this world in
+                // both, so here they only retried rejected writes (over
+                // 4,000 creates and their Events in the idle phase of the
+                // 700-Model scale benchmark: docs/benchmarks.md, the API
+                // server's top requests), load a real cluster, whose
+                // writes succeed once, does not carry. Nothing in
+                // Strata reads Endpoints or EndpointSlices (docs/routing.md).
+                s("--controllers=*,-node-ipam-controller,-cloud-node-lifecycle-controller,-service-lb-controller,-node-route-controller,-persistentvolume-attach-detach-controller,-persistentvolume-binder-controller,-persistentvolume-expander-controller,-ephemeral-volume-controller,-ttl-controller,-endpoints-controller,-endpointslice-controller,-endpointslice-mirroring-controller"),
                 s("--concurrent-gc-syncs=10"),
                 s("--v=1"),
             ],
