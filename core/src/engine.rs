@@ -51,6 +51,37 @@ pub fn kind_name(engine: EngineType) -> &'static str {
     }
 }
 
+/// The sidecar's idle timeout for its connections to the engine
+/// (`--engine-idle-timeout`, seconds), where the engine's environment
+/// changes how long the engine keeps an idle connection: vLLM's HTTP server
+/// (uvicorn) closes one after `VLLM_HTTP_TIMEOUT_KEEP_ALIVE` seconds (5 by
+/// default, which the sidecar's default of 4 s already stays below). The
+/// sidecar must close first, so it gets a second less (a fifth less below
+/// 5 s). None: the sidecar's default (no such variable, a value from a
+/// Secret or ConfigMap the operator cannot read, not a positive number,
+/// another engine: SGLang's uvicorn and llama.cpp's server close after 5 s,
+/// TGI's server never).
+pub fn sidecar_idle_timeout(
+    engine: EngineType,
+    env: &[k8s_openapi::api::core::v1::EnvVar],
+) -> Option<f64> {
+    if engine != EngineType::VLlm {
+        return None;
+    }
+    let value = env
+        .iter()
+        .rev()
+        .find(|e| e.name == "VLLM_HTTP_TIMEOUT_KEEP_ALIVE")?
+        .value
+        .as_deref()?;
+    let secs: f64 = value.trim().parse().ok()?;
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return None;
+    }
+    let timeout = secs - (secs / 5.0).min(1.0);
+    (timeout < 4.0 || secs > 5.0).then_some(timeout)
+}
+
 /// How the weights reach the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightsLocation {
@@ -353,5 +384,32 @@ mod tests {
             }),
             WeightsLocation::Path("/models/a/b".into())
         );
+    }
+
+    #[test]
+    fn the_sidecar_closes_idle_engine_connections_before_vllm_does() {
+        use k8s_openapi::api::core::v1::EnvVar;
+        let env = |v: &str| {
+            vec![EnvVar {
+                name: "VLLM_HTTP_TIMEOUT_KEEP_ALIVE".into(),
+                value: Some(v.into()),
+                value_from: None,
+            }]
+        };
+        let t = |e: EngineType, v: &str| sidecar_idle_timeout(e, &env(v));
+        assert_eq!(t(EngineType::VLlm, "60"), Some(59.0));
+        assert_eq!(t(EngineType::VLlm, "2"), Some(1.6));
+        assert_eq!(t(EngineType::VLlm, " 1 "), Some(0.8));
+        // vLLM's default, or anything the sidecar's default stays below.
+        assert_eq!(t(EngineType::VLlm, "5"), None);
+        for bad in ["", "x", "0", "-3", "inf", "NaN", "1e9"] {
+            assert_eq!(t(EngineType::VLlm, bad), None, "{bad:?}");
+        }
+        assert_eq!(t(EngineType::SgLang, "60"), None);
+        assert_eq!(sidecar_idle_timeout(EngineType::VLlm, &[]), None);
+        // The last of two wins, as in a container's environment.
+        let mut two = env("60");
+        two.extend(env("3"));
+        assert_eq!(sidecar_idle_timeout(EngineType::VLlm, &two), Some(2.4));
     }
 }

@@ -328,6 +328,9 @@ impl ReplicaTemplate<'_> {
                 ..VolumeMount::default()
             });
         }
+        // Idle engine connections closed before the engine closes them,
+        // where its environment changes when that is.
+        let idle_timeout = engine::sidecar_idle_timeout(engine_type, &env);
         let engine_container = Container {
             name: s("engine"),
             image: Some(image),
@@ -353,6 +356,9 @@ impl ReplicaTemplate<'_> {
             format!("--engine-health-path={}", engine::health_path(engine_type)),
             format!("--served-model={served}"),
         ];
+        if let Some(t) = idle_timeout {
+            sidecar_args.push(format!("--engine-idle-timeout={t}"));
+        }
         // The Model's Secret: the admin port's certificate (the operator
         // calls it over TLS) and, for adapters, the operator's token.
         volumes.push(Volume {
@@ -870,6 +876,36 @@ mod tests {
             (owner.kind.as_str(), owner.controller),
             ("Model", Some(true))
         );
+    }
+
+    #[test]
+    fn the_sidecar_follows_vllms_keep_alive_from_the_engine_environment() {
+        use k8s_openapi::api::core::v1::EnvVar;
+        let idle_args = |m: &Model| -> Vec<String> {
+            engine_pod_spec(m).containers[1]
+                .args
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| a.starts_with("--engine-idle-timeout"))
+                .collect()
+        };
+        let keep_alive = |v: &str| EnvVar {
+            name: "VLLM_HTTP_TIMEOUT_KEEP_ALIVE".into(),
+            value: Some(v.into()),
+            value_from: None,
+        };
+        let mut m = model();
+        assert_eq!(
+            m.spec.engine.engine_type,
+            strata_crds::model::EngineType::VLlm
+        );
+        assert!(idle_args(&m).is_empty(), "vLLM's default: the sidecar's");
+        m.spec.engine.env.push(keep_alive("30"));
+        assert_eq!(idle_args(&m), ["--engine-idle-timeout=29"]);
+        // The pool's environment overrides the Model's.
+        m.spec.pools[0].env.push(keep_alive("2"));
+        assert_eq!(idle_args(&m), ["--engine-idle-timeout=1.6"]);
     }
 
     #[test]
