@@ -348,6 +348,42 @@ impl ReplicaTemplate<'_> {
             ..Container::default()
         };
 
+        let sidecar = self.sidecar_container(port, &served, idle_timeout, &mut volumes);
+
+        Ok(PodSpec {
+            containers: vec![engine_container, sidecar],
+            init_containers: (!init_containers.is_empty()).then_some(init_containers),
+            volumes: Some(volumes),
+            tolerations: (!self.tolerations.is_empty()).then(|| self.tolerations.to_vec()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(60),
+            security_context: Some(PodSecurityContext {
+                seccomp_profile: Some(SeccompProfile {
+                    type_: s("RuntimeDefault"),
+                    localhost_profile: None,
+                }),
+                // Volumes (the cache, fetched weights) writable by the engine's group.
+                fs_group: (!security.run_as_root)
+                    .then(|| security.run_as_user.unwrap_or(ENGINE_UID)),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        })
+    }
+
+    /// The sidecar container, in front of the engine on `port`; the volumes
+    /// it needs (the Model's Secret, the adapters' directory) are added to
+    /// `volumes`.
+    fn sidecar_container(
+        &self,
+        port: u16,
+        served: &str,
+        idle_timeout: Option<f64>,
+        volumes: &mut Vec<Volume>,
+    ) -> Container {
+        let spec = &self.model.spec;
+        let engine_type = spec.engine.engine_type;
         let mut sidecar_args = vec![
             format!("--listen=0.0.0.0:{SIDECAR_HTTP_PORT}"),
             format!("--admin-listen=0.0.0.0:{SIDECAR_ADMIN_PORT}"),
@@ -405,7 +441,7 @@ impl ReplicaTemplate<'_> {
             });
             sidecar_args.push(format!("--adapter-dir={ADAPTERS_DIR}"));
         }
-        let sidecar = Container {
+        Container {
             name: s("strata-sidecar"),
             image: Some(self.settings.sidecar_image.clone()),
             args: Some(sidecar_args),
@@ -464,28 +500,7 @@ impl ReplicaTemplate<'_> {
             }),
             security_context: Some(hardened()),
             ..Container::default()
-        };
-
-        Ok(PodSpec {
-            containers: vec![engine_container, sidecar],
-            init_containers: (!init_containers.is_empty()).then_some(init_containers),
-            volumes: Some(volumes),
-            tolerations: (!self.tolerations.is_empty()).then(|| self.tolerations.to_vec()),
-            automount_service_account_token: Some(false),
-            enable_service_links: Some(false),
-            termination_grace_period_seconds: Some(60),
-            security_context: Some(PodSecurityContext {
-                seccomp_profile: Some(SeccompProfile {
-                    type_: s("RuntimeDefault"),
-                    localhost_profile: None,
-                }),
-                // Volumes (the cache, fetched weights) writable by the engine's group.
-                fs_group: (!security.run_as_root)
-                    .then(|| security.run_as_user.unwrap_or(ENGINE_UID)),
-                ..PodSecurityContext::default()
-            }),
-            ..PodSpec::default()
-        })
+        }
     }
 
     /// The template hash: 10 hex digits of FNV-1a over the node-free pod spec.
