@@ -78,9 +78,14 @@ pub fn sidecar_idle_timeout(
     if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
         return None;
     }
-    let timeout = secs - (secs / 5.0).min(1.0);
-    (timeout < 4.0 || secs > 5.0).then_some(timeout)
+    // vLLM's default is what the sidecar's own default is made for.
+    (secs != VLLM_DEFAULT_KEEP_ALIVE_SECONDS).then_some(secs - (secs / 5.0).min(1.0))
 }
+
+/// vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE` when unset (uvicorn's own default);
+/// the sidecar's default `--engine-idle-timeout`, 4 s, is what
+/// [`sidecar_idle_timeout`] gives for it.
+const VLLM_DEFAULT_KEEP_ALIVE_SECONDS: f64 = 5.0;
 
 /// How the weights reach the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]

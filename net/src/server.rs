@@ -24,13 +24,18 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+/// The default time to receive a request's head, which is also how long
+/// an idle keep-alive connection stays open.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How long a client of these servers (the gateway and the activator,
-/// calling sidecars) keeps an idle connection: below the servers' default
-/// keep-alive timeout (`header_read_timeout`, 15 s), so the client closes
-/// an idle connection before the server does and never sends a request on
-/// one the server is closing (which, for a POST already written, would be
-/// a failed request: it cannot be sent again).
-pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// calling sidecars) keeps an idle connection: 5 s below the servers'
+/// default keep-alive timeout ([`DEFAULT_HEADER_READ_TIMEOUT`]), so the
+/// client closes an idle connection before the server does and never sends
+/// a request on one the server is closing (which, for a POST already
+/// written, would be a failed request: it cannot be sent again).
+pub const CLIENT_IDLE_TIMEOUT: Duration =
+    DEFAULT_HEADER_READ_TIMEOUT.saturating_sub(Duration::from_secs(5));
 
 /// Bounds of a server.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +57,7 @@ impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             max_connections: 4096,
-            header_read_timeout: Duration::from_secs(15),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_header_bytes: 64 * 1024,
             tls_handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(25),
