@@ -6,6 +6,8 @@
 //! stream, answers framed every way HTTP/1.1 allows read whole, and answers
 //! that break its framing a 502.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +20,8 @@ use strata_sidecar::app::{App, Config, Limits};
 use strata_sidecar::engine::EngineKind;
 use strata_sidecar::metrics::Metrics;
 use strata_sidecar::server::{self, Intervals};
+
+use common::until;
 
 /// How the raw engine treats a connection after an answer.
 #[derive(Clone, Copy, PartialEq)]
@@ -188,13 +192,10 @@ async fn sidecar_with(engine: SocketAddr, max_idle: usize, idle_timeout: Duratio
     }
 }
 
-/// One request on a new client connection: the status and the body.
-async fn post(addr: SocketAddr, body: &str) -> (u16, String) {
+/// One raw request on a new client connection (which it closes): the
+/// status and the body.
+async fn exchange(addr: SocketAddr, req: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
     s.write_all(req.as_bytes()).await.expect("write");
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
@@ -211,6 +212,21 @@ async fn post(addr: SocketAddr, body: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// One chat completion: the status and the body.
+async fn post(addr: SocketAddr, body: &str) -> (u16, String) {
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(addr, &req).await
+}
+
+/// One GET: the status.
+async fn get(addr: SocketAddr, path: &str) -> u16 {
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    exchange(addr, &req).await.0
 }
 
 /// Whether the sidecar's metrics hold a sample whose line starts with
@@ -280,11 +296,10 @@ async fn at_most_max_idle_connections_are_kept() {
     assert_eq!(seen.connections.load(Ordering::SeqCst), 8, "8 at once");
     assert_eq!(sc.app.engine.idle_count(), 2);
     // The engine sees the others closed.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while seen.open.load(Ordering::SeqCst) > 2 {
-        assert!(tokio::time::Instant::now() < deadline, "closed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the engine to see the others closed", async || {
+        seen.open.load(Ordering::SeqCst) <= 2
+    })
+    .await;
 }
 
 fn stream_answer(events: &[&str], end: bool) -> &'static [u8] {
@@ -352,22 +367,6 @@ async fn an_engine_gone_mid_stream_cuts_the_stream_and_the_connection_is_not_kep
     assert_eq!(sc.app.engine.idle_count(), 0);
 }
 
-/// One GET on a new client connection: the status.
-async fn get(addr: SocketAddr, path: &str) -> u16 {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("answered")
-        .expect("read");
-    out.get(9..12)
-        .and_then(|c| std::str::from_utf8(c).ok())
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_repeatable_request_the_engine_dropped_on_a_kept_connection_goes_again_on_a_new_one() {
     let (engine, seen) = engine(
@@ -412,18 +411,6 @@ async fn a_completion_the_engine_took_and_dropped_is_not_sent_twice() {
     assert_eq!(seen.requests.load(Ordering::SeqCst), 3);
 }
 
-/// Waits for `cond` (checked every 10 ms) for at most `secs`.
-async fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    cond()
-}
-
 #[tokio::test]
 async fn idle_connections_are_closed_when_they_expire_though_no_request_comes() {
     let (engine, seen) = engine(
@@ -443,12 +430,11 @@ async fn idle_connections_are_closed_when_they_expire_though_no_request_comes() 
     assert!(opened >= 1, "{opened}");
     // The sidecar closes them (the engine sees each end) with no further
     // request, within a quarter of the timeout past it.
-    assert!(
-        wait_for(5, || seen.open.load(Ordering::SeqCst) == 0).await,
-        "idle {} open {}",
-        sc.app.engine.idle_count(),
-        seen.open.load(Ordering::SeqCst)
-    );
+    until(
+        "the engine to see every idle connection closed",
+        async || seen.open.load(Ordering::SeqCst) == 0,
+    )
+    .await;
     assert!(
         sent.elapsed() >= Duration::from_millis(300),
         "not before the timeout"

@@ -3,11 +3,13 @@
 //! chunk the sidecar asked for), measurements land in /metrics, the adapter
 //! API needs the token, readiness follows the engine.
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -24,6 +26,8 @@ use strata_sidecar::app::{App, Config};
 use strata_sidecar::engine::EngineKind;
 use strata_sidecar::metrics::Metrics;
 use strata_sidecar::server::{self, Intervals};
+
+use common::until;
 
 /// The scripted engine's knobs and what it saw.
 #[derive(Default)]
@@ -267,14 +271,6 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-}
-
-async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
