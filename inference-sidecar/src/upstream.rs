@@ -419,7 +419,6 @@ impl Pool {
         let host = &self.target()?.host;
         let head_request = req.method() == http::Method::HEAD;
         let (parts, body) = req.into_parts();
-        let replayable = replayable(&parts);
         let head = request_head(&parts, host, body.len());
         let mut reuse = true;
         loop {
@@ -447,7 +446,7 @@ impl Pool {
                 Err(f)
                     if reused
                         && (f.reached == Reached::NotSent
-                            || (f.reached == Reached::Unanswered && replayable)) =>
+                            || (f.reached == Reached::Unanswered && replayable(&parts))) =>
                 {
                     tracing::debug!("an idle engine connection was closed: {}", f.error);
                     reuse = false;
