@@ -92,15 +92,31 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         let status =
             StatusCode::from_u16(code).map_err(|_| FramingError::Head(format!("status {code}")))?;
         let http11 = resp.version == Some(1);
-        let mut headers = HeaderMap::with_capacity(resp.headers.len());
-        for f in resp.headers.iter() {
-            let name = HeaderName::from_bytes(f.name.as_bytes())
-                .map_err(|_| FramingError::Head(format!("field name {:?}", f.name)))?;
-            let value = HeaderValue::from_bytes(f.value)
+        // The fields are read from the head's bytes once they are split
+        // off: each value a slice of them, not a copy (one allocation for
+        // the head instead of one per field; the body's pieces share the
+        // same buffer anyway).
+        let start = buf.as_ptr() as usize;
+        let at = |field: &[u8]| {
+            field.as_ptr() as usize - start..field.as_ptr() as usize - start + field.len()
+        };
+        let mut spans: [_; MAX_HEADERS] = std::array::from_fn(|_| (0..0, 0..0));
+        let count = resp.headers.len();
+        for (span, f) in spans.iter_mut().zip(resp.headers.iter()) {
+            *span = (at(f.name.as_bytes()), at(f.value));
+        }
+        let head = buf.split_to(n).freeze();
+        // One more than sent: the proxy adds its load header.
+        let mut headers = HeaderMap::with_capacity(count + 1);
+        for (name, value) in spans.into_iter().take(count) {
+            let raw = &head[name];
+            let name = HeaderName::from_bytes(raw).map_err(|_| {
+                FramingError::Head(format!("field name {:?}", String::from_utf8_lossy(raw)))
+            })?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value))
                 .map_err(|_| FramingError::Head(format!("the value of {name}")))?;
             headers.append(name, value);
         }
-        buf.advance(n);
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(FramingError::Upgrade);
         }

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -128,7 +128,7 @@ fn outcome(status: StatusCode) -> &'static str {
 }
 
 /// The API port's only handler: routes by the allowlist, then forwards.
-pub async fn entry(State(app): State<Arc<App>>, req: Request) -> Response {
+pub async fn entry(app: Arc<App>, req: Request) -> Response {
     let route = openai::route(req.method(), req.uri().path(), req.uri().query());
     match route {
         Route::Forward { endpoint, upstream } => forward(app, req, endpoint, upstream).await,

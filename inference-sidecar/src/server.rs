@@ -2,6 +2,7 @@
 //! port (probes, metrics, the token-guarded adapter API; TLS when the pod
 //! has a certificate). Both are bounded servers (strata_net::server).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +13,25 @@ use axum::routing::{delete, get};
 use crate::app::App;
 use crate::{admin, proxy};
 
-/// The API router (port 8080 in a pod).
-pub fn api_router(app: Arc<App>) -> Router {
-    Router::new().fallback(proxy::entry).with_state(app)
+/// The API port's service (port 8080 in a pod): every request goes to the
+/// proxy, which routes by the allowlist itself, so no router runs (nor the
+/// boxed futures and request extensions it would add to each request).
+pub fn api_service(
+    app: Arc<App>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<axum::response::Response, Infallible>>
+             + Send
+             + 'static,
+> + Clone
++ Send
++ 'static {
+    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        async move { Ok(proxy::entry(app, req.map(axum::body::Body::new)).await) }
+    })
 }
 
 /// The admin router (port 9090 in a pod).
@@ -78,8 +95,13 @@ pub async fn run(
         let _ = rx.wait_for(|v| *v).await;
     };
     let limits = app.config.limits.server;
-    let api_srv =
-        strata_net::server::serve(api, api_router(app.clone()), limits, None, wait(rx.clone()));
+    let api_srv = strata_net::server::serve_service(
+        api,
+        api_service(app.clone()),
+        limits,
+        None,
+        wait(rx.clone()),
+    );
     let admin_srv = strata_net::server::serve(
         admin,
         admin_router(app),

@@ -235,6 +235,37 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_service(
+        listener,
+        TowerToHyperService::new(router),
+        limits,
+        tls,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] for any hyper service: a port whose every request goes to one
+/// handler (the sidecar's proxy) needs no router, nor the boxed futures
+/// and request extensions a router adds to each request.
+pub async fn serve_service<S, B>(
+    listener: TcpListener,
+    service: S,
+    limits: ServerLimits,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
@@ -265,7 +296,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let service = service.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
