@@ -96,14 +96,20 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         // off: each value a slice of them, not a copy (one allocation for
         // the head instead of one per field; the body's pieces share the
         // same buffer anyway).
+        // httparse's fields are slices of `buf`; where one were not, it is
+        // refused, not sliced out of bounds.
         let start = buf.as_ptr() as usize;
         let at = |field: &[u8]| {
-            field.as_ptr() as usize - start..field.as_ptr() as usize - start + field.len()
+            let from = (field.as_ptr() as usize).checked_sub(start)?;
+            let to = from.checked_add(field.len()).filter(|&to| to <= n)?;
+            Some(from..to)
         };
         let mut spans: [_; MAX_HEADERS] = std::array::from_fn(|_| (0..0, 0..0));
         let count = resp.headers.len();
         for (span, f) in spans.iter_mut().zip(resp.headers.iter()) {
-            *span = (at(f.name.as_bytes()), at(f.value));
+            *span = at(f.name.as_bytes())
+                .zip(at(f.value))
+                .ok_or_else(|| FramingError::Head("a field outside the head".into()))?;
         }
         let head = buf.split_to(n).freeze();
         // One more than sent: the proxy adds its load header.
@@ -493,6 +499,31 @@ mod tests {
             head(&endless, false).err(),
             Some(FramingError::HeadTooLarge)
         );
+    }
+
+    #[test]
+    fn fields_are_kept_as_sent_and_the_body_left_in_the_buffer() {
+        let text = "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+                    HTTP/1.1 200 OK\r\nx-empty:\r\nset-cookie: a=1\r\n\
+                    Set-Cookie:  b=2 \t\r\nX-Custom-Name: v\r\ncontent-length: 2\r\n\r\nok";
+        let mut buf = BytesMut::from(text);
+        let h = parse_head(&mut buf, false)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.headers["x-empty"], "");
+        let cookies: Vec<_> = h.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(h.headers["x-custom-name"], "v");
+        assert!(
+            !h.headers.contains_key("link"),
+            "the interim answer's fields are not kept"
+        );
+        assert_eq!(h.headers.len(), 5);
+        assert_eq!(h.framing, Framing::Length(2));
+        assert_eq!(&buf[..], b"ok");
+        let bad = "HTTP/1.1 200 OK\r\nx: a\x7fb\r\n\r\n";
+        assert!(matches!(head(bad, false), Err(FramingError::Head(_))));
     }
 
     /// Decodes `wire` fed in pieces of `cut` bytes; the body and whether
