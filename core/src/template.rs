@@ -166,37 +166,8 @@ impl ReplicaTemplate<'_> {
         let (command, args) =
             engine::command_line(spec, Some(self.pool), &served, gpus, port, &weights);
 
-        // Environment: the Model's, then the pool's (overriding by name).
-        let mut env: Vec<EnvVar> = spec.engine.env.clone();
-        for e in &self.pool.env {
-            env.retain(|x| x.name != e.name);
-            env.push(e.clone());
-        }
-        // A home and caches the engine's user can write (the image's may
-        // belong to root), unless the Model sets them.
         let security = spec.engine.security.clone().unwrap_or_default();
-        if !security.run_as_root {
-            for (k, v) in [
-                ("HOME", CACHE_DIR.to_string()),
-                ("XDG_CACHE_HOME", CACHE_DIR.to_string()),
-                ("HF_HOME", format!("{CACHE_DIR}/huggingface")),
-            ] {
-                if !env.iter().any(|e| e.name == k) {
-                    env.push(EnvVar {
-                        name: s(k),
-                        value: Some(v),
-                        value_from: None,
-                    });
-                }
-            }
-        }
-        if spec.engine.engine_type == strata_crds::model::EngineType::Custom {
-            env.push(EnvVar {
-                name: s("PORT"),
-                value: Some(port.to_string()),
-                value_from: None,
-            });
-        }
+        let env = self.engine_env(&security, port);
         let env_from = spec.source.credentials_secret_ref.as_ref().map(|r| {
             vec![EnvFromSource {
                 secret_ref: Some(SecretEnvSource {
@@ -206,20 +177,7 @@ impl ReplicaTemplate<'_> {
                 ..EnvFromSource::default()
             }]
         });
-
-        let mut limits =
-            BTreeMap::from([(self.gpu_resource.to_string(), Quantity(gpus.to_string()))]);
-        let mut requests = limits.clone();
-        if let Some(r) = &spec.engine.resources {
-            for (k, v) in [("cpu", &r.cpu), ("memory", &r.memory)] {
-                if let Some(q) = v {
-                    requests.insert(s(k), q.clone());
-                    if k == "memory" {
-                        limits.insert(s(k), q.clone());
-                    }
-                }
-            }
-        }
+        let (limits, requests) = self.engine_resources(gpus);
 
         let mut volumes = vec![Volume {
             name: s("dshm"),
@@ -250,74 +208,7 @@ impl ReplicaTemplate<'_> {
                 ..VolumeMount::default()
             });
         }
-        let mut init_containers = Vec::new();
-        match &source {
-            SourceKind::Hf { .. } => {}
-            SourceKind::Pvc { claim, .. } => {
-                volumes.push(Volume {
-                    name: s("model"),
-                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                        claim_name: claim.clone(),
-                        read_only: Some(true),
-                    }),
-                    ..Volume::default()
-                });
-                mounts.push(VolumeMount {
-                    name: s("model"),
-                    mount_path: s(MODEL_DIR),
-                    read_only: Some(true),
-                    ..VolumeMount::default()
-                });
-            }
-            SourceKind::Oci { reference } => {
-                volumes.push(Volume {
-                    name: s("model"),
-                    image: Some(ImageVolumeSource {
-                        reference: Some(reference.clone()),
-                        pull_policy: Some(s("IfNotPresent")),
-                    }),
-                    ..Volume::default()
-                });
-                mounts.push(VolumeMount {
-                    name: s("model"),
-                    mount_path: s(MODEL_DIR),
-                    read_only: Some(true),
-                    ..VolumeMount::default()
-                });
-            }
-            SourceKind::Bucket { uri } => {
-                volumes.push(Volume {
-                    name: s("model"),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Volume::default()
-                });
-                mounts.push(VolumeMount {
-                    name: s("model"),
-                    mount_path: s(MODEL_DIR),
-                    read_only: Some(true),
-                    ..VolumeMount::default()
-                });
-                // rclone reads credentials from the standard AWS_* / GOOGLE_* variables.
-                let remote = if let Some(rest) = uri.strip_prefix("s3://") {
-                    format!(":s3,env_auth=true:{rest}")
-                } else {
-                    format!(":gcs,env_auth=true:{}", uri.trim_start_matches("gs://"))
-                };
-                init_containers.push(Container {
-                    name: s("fetch-weights"),
-                    image: Some(s(FETCH_IMAGE)),
-                    args: Some(vec![s("copy"), remote, s(MODEL_DIR), s("--transfers=16")]),
-                    env_from: env_from.clone(),
-                    volume_mounts: Some(vec![VolumeMount {
-                        name: s("model"),
-                        mount_path: s(MODEL_DIR),
-                        ..VolumeMount::default()
-                    }]),
-                    security_context: Some(hardened()),
-                    ..Container::default()
-                });
-            }
-        }
+        let init_containers = weights_volume(&source, env_from.as_ref(), &mut volumes, &mut mounts);
 
         if spec.adapters.is_some() {
             // Adapters the sidecar fetched (the volume is declared with the sidecar).
@@ -370,6 +261,64 @@ impl ReplicaTemplate<'_> {
             }),
             ..PodSpec::default()
         })
+    }
+
+    /// The engine's environment: the Model's, then the pool's (overriding
+    /// by name); a home and caches the engine's user can write unless it
+    /// runs as root (the image's may belong to root) or the Model sets
+    /// them; a custom engine's `PORT`.
+    fn engine_env(&self, security: &strata_crds::model::EngineSecurity, port: u16) -> Vec<EnvVar> {
+        let spec = &self.model.spec;
+        let mut env: Vec<EnvVar> = spec.engine.env.clone();
+        for e in &self.pool.env {
+            env.retain(|x| x.name != e.name);
+            env.push(e.clone());
+        }
+        if !security.run_as_root {
+            for (k, v) in [
+                ("HOME", CACHE_DIR.to_string()),
+                ("XDG_CACHE_HOME", CACHE_DIR.to_string()),
+                ("HF_HOME", format!("{CACHE_DIR}/huggingface")),
+            ] {
+                if !env.iter().any(|e| e.name == k) {
+                    env.push(EnvVar {
+                        name: s(k),
+                        value: Some(v),
+                        value_from: None,
+                    });
+                }
+            }
+        }
+        if spec.engine.engine_type == strata_crds::model::EngineType::Custom {
+            env.push(EnvVar {
+                name: s("PORT"),
+                value: Some(port.to_string()),
+                value_from: None,
+            });
+        }
+        env
+    }
+
+    /// The engine's limits and requests: `gpus` GPUs (both), the Model's
+    /// CPU (requested) and memory (requested and the limit).
+    fn engine_resources(
+        &self,
+        gpus: i64,
+    ) -> (BTreeMap<String, Quantity>, BTreeMap<String, Quantity>) {
+        let mut limits =
+            BTreeMap::from([(self.gpu_resource.to_string(), Quantity(gpus.to_string()))]);
+        let mut requests = limits.clone();
+        if let Some(r) = &self.model.spec.engine.resources {
+            for (k, v) in [("cpu", &r.cpu), ("memory", &r.memory)] {
+                if let Some(q) = v {
+                    requests.insert(s(k), q.clone());
+                    if k == "memory" {
+                        limits.insert(s(k), q.clone());
+                    }
+                }
+            }
+        }
+        (limits, requests)
     }
 
     /// The sidecar container, in front of the engine on `port`; the volumes
@@ -572,6 +521,82 @@ impl ReplicaTemplate<'_> {
             status: None,
         })
     }
+}
+
+/// The volume that holds the weights, where they are not downloaded by the
+/// engine itself (`hf://`), mounted read-only at [`MODEL_DIR`] in the
+/// engine: the claim, the image volume, or an emptyDir that an init
+/// container fills from the bucket (with the Model's credentials). The
+/// init containers are returned.
+fn weights_volume(
+    source: &SourceKind,
+    env_from: Option<&Vec<EnvFromSource>>,
+    volumes: &mut Vec<Volume>,
+    mounts: &mut Vec<VolumeMount>,
+) -> Vec<Container> {
+    let volume = |v: Volume| Volume {
+        name: s("model"),
+        ..v
+    };
+    let (model, init) = match source {
+        SourceKind::Hf { .. } => return Vec::new(),
+        SourceKind::Pvc { claim, .. } => (
+            volume(Volume {
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: Some(true),
+                }),
+                ..Volume::default()
+            }),
+            None,
+        ),
+        SourceKind::Oci { reference } => (
+            volume(Volume {
+                image: Some(ImageVolumeSource {
+                    reference: Some(reference.clone()),
+                    pull_policy: Some(s("IfNotPresent")),
+                }),
+                ..Volume::default()
+            }),
+            None,
+        ),
+        SourceKind::Bucket { uri } => {
+            // rclone reads credentials from the standard AWS_* / GOOGLE_* variables.
+            let remote = if let Some(rest) = uri.strip_prefix("s3://") {
+                format!(":s3,env_auth=true:{rest}")
+            } else {
+                format!(":gcs,env_auth=true:{}", uri.trim_start_matches("gs://"))
+            };
+            let fetch = Container {
+                name: s("fetch-weights"),
+                image: Some(s(FETCH_IMAGE)),
+                args: Some(vec![s("copy"), remote, s(MODEL_DIR), s("--transfers=16")]),
+                env_from: env_from.cloned(),
+                volume_mounts: Some(vec![VolumeMount {
+                    name: s("model"),
+                    mount_path: s(MODEL_DIR),
+                    ..VolumeMount::default()
+                }]),
+                security_context: Some(hardened()),
+                ..Container::default()
+            };
+            (
+                volume(Volume {
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                }),
+                Some(fetch),
+            )
+        }
+    };
+    volumes.push(model);
+    mounts.push(VolumeMount {
+        name: s("model"),
+        mount_path: s(MODEL_DIR),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    });
+    init.into_iter().collect()
 }
 
 /// A name for a pod whose `metadata.generateName` is `prefix`, as the API
